@@ -1,0 +1,417 @@
+//! The local-proxy bridge: one websocket to the tunneling service, relayed to local TCP and
+//! Unix sockets, in destination or source mode, reconnecting until the tunnel closes.
+//!
+//! `ws` owns the websocket (handshake, writer), `session` one websocket session, `streams`
+//! the stream/connection table (no I/O), `local` one local connection, `source` the
+//! listeners of source mode.
+
+pub mod local;
+pub mod session;
+pub mod source;
+pub mod streams;
+pub mod ws;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{Instrument, debug, error, info, warn};
+
+use crate::protocol::{self, Format, Mode};
+use crate::secret::Secret;
+use crate::services::ServiceMap;
+use session::{Session, SessionEnd};
+pub use source::SourceListeners;
+pub use ws::{DataEndpoint, HandshakeError};
+
+/// Timeouts, bounds and retry policies of a bridge, in one place.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub ping_interval: Duration,
+    /// Messages (each at most 64512 bytes) queued toward one local connection.
+    pub queue_depth: usize,
+    /// A connection whose queue stays full this long is reset (see `session::on_data`).
+    pub stall_timeout: Duration,
+    /// How long a reset connection may take to flush what is queued for it.
+    pub close_linger: Duration,
+    pub connect_attempts: u32,
+    pub connect_retry_delay: Duration,
+    pub connect_retry_max_delay: Duration,
+    pub connect_timeout: Duration,
+    /// Local connections open at once on one tunnel.
+    pub max_connections: usize,
+    /// Frames waiting for the websocket writer.
+    pub outgoing_depth: usize,
+    pub handshake_timeout: Duration,
+    pub reconnect_min_delay: Duration,
+    pub reconnect_max_delay: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            ping_interval: protocol::PING_INTERVAL,
+            queue_depth: 4,
+            stall_timeout: Duration::from_secs(5),
+            close_linger: Duration::from_secs(5),
+            connect_attempts: 5,
+            connect_retry_delay: Duration::from_millis(200),
+            connect_retry_max_delay: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(10),
+            max_connections: 128,
+            outgoing_depth: 32,
+            handshake_timeout: Duration::from_secs(15),
+            reconnect_min_delay: Duration::from_millis(500),
+            reconnect_max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters a test or the status report can read while the bridge runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub sessions: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub local_connects: AtomicU64,
+    pub connections_opened: AtomicU64,
+    pub refused_streams: AtomicU64,
+    pub stalls: AtomicU64,
+    pub stall_resets: AtomicU64,
+    /// High-water mark of the bytes queued toward any one local connection.
+    pub max_queued_bytes: AtomicUsize,
+    pub stream_resets_received: AtomicU64,
+    pub connection_resets_received: AtomicU64,
+    pub session_resets_received: AtomicU64,
+    pub resets_sent: AtomicU64,
+    pub pings_sent: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Connecting,
+    /// Websocket up, SERVICE_IDS not yet received.
+    Connected,
+    /// SERVICE_IDS received: streams can be opened.
+    Ready,
+    Ended,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct State {
+    pub phase: Phase,
+    /// Websocket sessions established so far.
+    pub sessions: u64,
+    pub channel_id: Option<String>,
+}
+
+pub enum Role {
+    Destination {
+        services: ServiceMap,
+    },
+    Source {
+        listeners: SourceListeners,
+        format: Format,
+    },
+}
+
+pub struct BridgeConfig {
+    pub role: Role,
+    pub endpoint: DataEndpoint,
+    /// Required for a `wss` endpoint.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub access_token: Secret,
+    /// Generated (UUIDv4) when absent, once for this access token, so reconnects with the
+    /// same token are accepted.
+    pub client_token: Option<Secret>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum BridgeEnd {
+    /// The service closed the websocket: CloseTunnel or the tunnel's lifetime ended.
+    ClosedByService {
+        code: u16,
+        reason: String,
+    },
+    Cancelled,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("{0}")]
+    Rejected(HandshakeError),
+    #[error("invalid access token: {0}")]
+    AccessToken(&'static str),
+    #[error(
+        "invalid client token: use 32-128 characters of letters, digits and '-' (a UUID works)"
+    )]
+    ClientToken,
+}
+
+pub struct Bridge {
+    cfg: BridgeConfig,
+    client_token: Secret,
+    stats: Arc<Stats>,
+    state: watch::Sender<State>,
+}
+
+/// Accepted clients waiting for the session (source mode).
+const ACCEPT_QUEUE: usize = 16;
+/// Time given to the writer to send a close frame when a session ends.
+const CLOSE_FLUSH: Duration = Duration::from_millis(500);
+
+impl Bridge {
+    pub fn new(cfg: BridgeConfig) -> Result<Self, BridgeError> {
+        if let Some(problem) = protocol::access_token_problem(cfg.access_token.expose()) {
+            return Err(BridgeError::AccessToken(problem));
+        }
+        let client_token = match &cfg.client_token {
+            Some(t) if protocol::is_valid_client_token(t.expose()) => t.clone(),
+            Some(_) => return Err(BridgeError::ClientToken),
+            None => Secret::new(uuid::Uuid::new_v4().to_string()),
+        };
+        let state = watch::Sender::new(State {
+            phase: Phase::Connecting,
+            sessions: 0,
+            channel_id: None,
+        });
+        Ok(Bridge {
+            cfg,
+            client_token,
+            stats: Arc::default(),
+            state,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.state.subscribe()
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self.cfg.role {
+            Role::Destination { .. } => Mode::Destination,
+            Role::Source { .. } => Mode::Source,
+        }
+    }
+
+    /// Runs until the service closes the tunnel, the handshake is rejected for good, or
+    /// `cancel` fires. Every local socket is closed when it returns.
+    pub async fn run(self, cancel: CancellationToken) -> Result<BridgeEnd, BridgeError> {
+        let span =
+            tracing::info_span!("bridge", mode = %self.mode(), token = %self.cfg.access_token);
+        let state = self.state.clone();
+        let result = self.run_inner(cancel).instrument(span).await;
+        state.send_modify(|s| s.phase = Phase::Ended);
+        result
+    }
+
+    async fn run_inner(mut self, cancel: CancellationToken) -> Result<BridgeEnd, BridgeError> {
+        let (accept_tx, mut accepts) = mpsc::channel(ACCEPT_QUEUE);
+        let mut listener_tasks = JoinSet::new();
+        let role = std::mem::replace(
+            &mut self.cfg.role,
+            Role::Destination {
+                services: ServiceMap::default(),
+            },
+        );
+        let (services, format) = match role {
+            Role::Destination { services } => (Some(services), Format::V3),
+            Role::Source { listeners, format } => {
+                listeners.log_addresses();
+                listeners.spawn(&mut listener_tasks, accept_tx);
+                (None, format)
+            }
+        };
+        let mut table = streams::StreamTable::default();
+        let mut failures: u32 = 0;
+        loop {
+            self.state.send_modify(|s| s.phase = Phase::Connecting);
+            let params = ws::HandshakeParams {
+                endpoint: &self.cfg.endpoint,
+                mode: self.mode_of(&services),
+                tls: self.cfg.tls.as_ref(),
+                access_token: &self.cfg.access_token,
+                client_token: &self.client_token,
+                timeout: self.cfg.limits.handshake_timeout,
+            };
+            let connected = tokio::select! {
+                _ = cancel.cancelled() => return Ok(BridgeEnd::Cancelled),
+                r = ws::connect(&params) => r,
+            };
+            match connected {
+                Ok(c) => {
+                    if failures > 0 {
+                        info!(
+                            attempts = failures + 1,
+                            "websocket connected after retrying"
+                        );
+                    }
+                    failures = 0;
+                    let role = match &services {
+                        Some(map) => session::Role::Destination(map),
+                        None => session::Role::Source(format),
+                    };
+                    match self
+                        .session(c, role, &mut table, &mut accepts, &cancel)
+                        .await
+                    {
+                        SessionEnd::Closed(frame) => {
+                            let (code, reason) = frame
+                                .map(|f| (u16::from(f.code), f.reason.to_string()))
+                                .unwrap_or((1005, String::new()));
+                            info!(code, reason = %reason, "the service closed the tunnel");
+                            return Ok(BridgeEnd::ClosedByService { code, reason });
+                        }
+                        SessionEnd::Cancelled => return Ok(BridgeEnd::Cancelled),
+                        SessionEnd::Lost(why) => warn!("{why}; reconnecting"),
+                        SessionEnd::Protocol(e) => {
+                            self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                            warn!("protocol error: {e}; reconnecting");
+                        }
+                    }
+                }
+                Err(e) if !e.is_retryable() => {
+                    error!("{e}; not retrying with this token");
+                    return Err(BridgeError::Rejected(e));
+                }
+                Err(e) => {
+                    // Log the first failure of a streak loudly, the rest quietly.
+                    if failures == 0 {
+                        warn!("{e}; retrying with backoff");
+                    } else {
+                        debug!(attempt = failures + 1, "{e}");
+                    }
+                    failures += 1;
+                    self.stats
+                        .handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let delay = reconnect_delay(
+                failures,
+                self.cfg.limits.reconnect_min_delay,
+                self.cfg.limits.reconnect_max_delay,
+            );
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(BridgeEnd::Cancelled),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn mode_of(&self, services: &Option<ServiceMap>) -> Mode {
+        if services.is_some() {
+            Mode::Destination
+        } else {
+            Mode::Source
+        }
+    }
+
+    async fn session(
+        &self,
+        c: ws::Connected,
+        role: session::Role<'_>,
+        table: &mut streams::StreamTable<local::ConnHandle>,
+        accepts: &mut mpsc::Receiver<source::Accepted>,
+        cancel: &CancellationToken,
+    ) -> SessionEnd {
+        info!(channel_id = c.channel_id.as_deref().unwrap_or("-"), endpoint = %self.cfg.endpoint, "websocket connected");
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        self.state.send_modify(|s| {
+            s.phase = Phase::Connected;
+            s.sessions += 1;
+            s.channel_id = c.channel_id.clone();
+        });
+        let (sink, incoming) = c.ws.split();
+        let limits = self.cfg.limits;
+        let (out_tx, out_rx) = mpsc::channel(limits.outgoing_depth.max(1));
+        let mut writer = AbortOnDropHandle::new(tokio::spawn(ws::write_loop(
+            sink,
+            out_rx,
+            limits.ping_interval,
+            self.stats.clone(),
+        )));
+        let mut session = Session {
+            role,
+            limits,
+            stats: &self.stats,
+            state: &self.state,
+            table,
+            out: out_tx.clone(),
+            tasks: JoinSet::new(),
+            tunnel_services: None,
+            next_id: 0,
+        };
+        let end = session.run(incoming, &mut writer, accepts, cancel).await;
+        session.shutdown().await;
+        drop(session);
+        let close = match &end {
+            SessionEnd::Cancelled => Some((1000, "agent stopping")),
+            SessionEnd::Protocol(_) => Some((1002, "protocol error")),
+            _ => None,
+        };
+        if let Some((code, reason)) = close {
+            let _ = out_tx.try_send(ws::Outbound::Close(code, reason));
+        }
+        drop(out_tx);
+        let _ = tokio::time::timeout(CLOSE_FLUSH, &mut writer).await;
+        end
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(max, min_delay x 2^failures)].
+pub fn reconnect_delay(failures: u32, min_delay: Duration, max_delay: Duration) -> Duration {
+    let ceiling = min_delay
+        .saturating_mul(1u32 << failures.min(16))
+        .min(max_delay);
+    ceiling.mul_f64(fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delay_grows_exponentially_with_jitter_and_is_capped() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        for failures in 0..40 {
+            let ceiling = (min * 2u32.pow(failures.min(16))).min(max);
+            for _ in 0..50 {
+                assert!(reconnect_delay(failures, min, max) <= ceiling);
+            }
+        }
+        let spread: Vec<_> = (0..50).map(|_| reconnect_delay(10, min, max)).collect();
+        assert!(spread.iter().any(|d| *d != spread[0]), "no jitter");
+    }
+
+    #[test]
+    fn malformed_client_token_is_refused_with_the_rule() {
+        let cfg = BridgeConfig {
+            role: Role::Destination {
+                services: ServiceMap::default(),
+            },
+            endpoint: DataEndpoint::for_region("us-east-1"),
+            tls: None,
+            access_token: Secret::new("token"),
+            client_token: Some(Secret::new("short")),
+            limits: Limits::default(),
+        };
+        assert!(matches!(Bridge::new(cfg), Err(BridgeError::ClientToken)));
+    }
+}

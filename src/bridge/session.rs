@@ -1,0 +1,502 @@
+//! One websocket session: reads tunnel frames, applies them to the stream table, opens and
+//! closes local connections, and reports local events back as resets. Ends on close, loss,
+//! protocol error or cancellation; every local connection of the session ends with it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures_util::StreamExt;
+use futures_util::stream::SplitStream;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::task::{JoinError, JoinSet};
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage, protocol::CloseFrame};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, trace, warn};
+
+use super::local::{ConnExit, ConnHandle, ConnTask, ExitCause, Open};
+use super::source::Accepted;
+use super::streams::{Route, StreamTable};
+use super::ws::{Outbound, WsStream};
+use super::{Limits, Phase, State, Stats};
+use crate::protocol::{
+    self, Format, FrameCodec, FrameReader, Incoming, Message, MessageType, Mode, ProtocolError,
+};
+use crate::services::ServiceMap;
+
+pub enum SessionEnd {
+    Closed(Option<CloseFrame>),
+    Cancelled,
+    Lost(String),
+    Protocol(ProtocolError),
+}
+
+/// What differs between the two ends.
+pub enum Role<'a> {
+    Destination(&'a ServiceMap),
+    Source(Format),
+}
+
+pub struct Session<'a> {
+    pub role: Role<'a>,
+    pub limits: Limits,
+    pub stats: &'a Arc<Stats>,
+    pub state: &'a tokio::sync::watch::Sender<State>,
+    pub table: &'a mut StreamTable<ConnHandle>,
+    pub out: mpsc::Sender<Outbound>,
+    pub tasks: JoinSet<ConnExit>,
+    /// Services of the tunnel, once SERVICE_IDS arrived.
+    pub tunnel_services: Option<Vec<String>>,
+    pub next_id: u64,
+}
+
+type Writer = tokio_util::task::AbortOnDropHandle<Result<(), tungstenite::Error>>;
+
+impl Session<'_> {
+    fn mode(&self) -> Mode {
+        match self.role {
+            Role::Destination(_) => Mode::Destination,
+            Role::Source(_) => Mode::Source,
+        }
+    }
+
+    pub async fn run(
+        &mut self,
+        mut incoming: SplitStream<WsStream>,
+        writer: &mut Writer,
+        accepts: &mut mpsc::Receiver<Accepted>,
+        cancel: &CancellationToken,
+    ) -> SessionEnd {
+        let mut reader = FrameReader::new(FrameCodec);
+        let accepting = matches!(self.role, Role::Source(_));
+        loop {
+            let ready = accepting && self.tunnel_services.is_some();
+            tokio::select! {
+                _ = cancel.cancelled() => return SessionEnd::Cancelled,
+                ws = incoming.next() => {
+                    if let Err(end) = self.on_ws(ws, &mut reader, cancel).await {
+                        return end;
+                    }
+                }
+                Some(exit) = self.tasks.join_next() => self.on_conn_exit(exit).await,
+                Some(accepted) = accepts.recv(), if ready => self.on_accept(accepted).await,
+                done = &mut *writer => {
+                    let why = match done {
+                        Ok(Ok(())) => "websocket writer stopped".to_owned(),
+                        Ok(Err(e)) => format!("websocket write failed: {e}"),
+                        Err(e) => format!("websocket writer failed: {e}"),
+                    };
+                    return SessionEnd::Lost(why);
+                }
+            }
+        }
+    }
+
+    /// Closes every local connection of the session and waits for their tasks to end.
+    pub async fn shutdown(&mut self) {
+        drop(self.table.reset_all());
+        self.tasks.shutdown().await;
+    }
+
+    async fn on_ws(
+        &mut self,
+        ws: Option<Result<WsMessage, tungstenite::Error>>,
+        reader: &mut FrameReader<FrameCodec>,
+        cancel: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
+        match ws {
+            None => Err(SessionEnd::Lost(
+                "websocket ended without a close frame".into(),
+            )),
+            Some(Err(e)) => Err(SessionEnd::Lost(format!("websocket read failed: {e}"))),
+            Some(Ok(WsMessage::Binary(data))) => {
+                reader.push(data).map_err(SessionEnd::Protocol)?;
+                while let Some(msg) = reader.next_frame().map_err(SessionEnd::Protocol)? {
+                    self.on_message(msg, cancel)
+                        .await
+                        .map_err(SessionEnd::Protocol)?;
+                }
+                Ok(())
+            }
+            Some(Ok(WsMessage::Text(_))) => Err(SessionEnd::Protocol(ProtocolError::TextFrame)),
+            Some(Ok(WsMessage::Close(frame))) => Err(SessionEnd::Closed(frame)),
+            // tungstenite answers pings itself; pongs need nothing.
+            Some(Ok(_)) => Ok(()),
+        }
+    }
+
+    async fn on_message(
+        &mut self,
+        msg: Message,
+        cancel: &CancellationToken,
+    ) -> Result<(), ProtocolError> {
+        let kind = match protocol::admit(self.mode(), &msg)? {
+            Incoming::Ignore => {
+                trace!(kind = msg.r#type, stream = msg.stream_id, "ignored message");
+                return Ok(());
+            }
+            Incoming::Handle(kind) => kind,
+        };
+        match kind {
+            MessageType::Data => self.on_data(msg, cancel).await,
+            MessageType::StreamStart => self.on_stream_start(msg).await,
+            MessageType::ConnectionStart => self.on_connection_start(msg).await,
+            MessageType::StreamReset => self.on_stream_reset(&msg),
+            MessageType::ConnectionReset => self.on_connection_reset(&msg),
+            MessageType::SessionReset => self.on_session_reset(),
+            MessageType::ServiceIds => self.on_service_ids(msg),
+            MessageType::Unknown => {}
+        }
+        Ok(())
+    }
+
+    async fn send(&self, msg: Message) {
+        // A closed writer ends the session through its own select arm.
+        let _ = self.out.send(Outbound::Frame(msg)).await;
+    }
+
+    /// Backpressure policy: a full connection queue pauses the websocket reader (and so the
+    /// whole tunnel) for at most `stall_timeout`; a connection whose local consumer makes no
+    /// progress for that long is reset so the other connections go on.
+    async fn on_data(&mut self, msg: Message, cancel: &CancellationToken) {
+        let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
+        let handle = match self.table.route(&service, stream, conn) {
+            Route::Deliver(h) => h,
+            Route::StaleStream => {
+                trace!(service = %service, stream, "stale stream: dropping DATA");
+                return;
+            }
+            Route::UnknownConnection => {
+                debug!(service = %service, stream, conn, "no such connection: dropping DATA");
+                return;
+            }
+        };
+        let len = msg.payload.len();
+        let payload = match handle.tx.try_send(msg.payload) {
+            Ok(()) => {
+                ConnHandle::note_queued(&handle.queued, len, self.stats);
+                return;
+            }
+            // The task is ending; its exit is handled in `on_conn_exit`.
+            Err(TrySendError::Closed(_)) => return,
+            Err(TrySendError::Full(p)) => p,
+        };
+        self.stats.stalls.fetch_add(1, Ordering::Relaxed);
+        let (tx, queued, id) = (handle.tx.clone(), handle.queued.clone(), handle.id);
+        let waited = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = tokio::time::timeout(self.limits.stall_timeout, tx.send(payload)) => r,
+        };
+        match waited {
+            Ok(Ok(())) => ConnHandle::note_queued(&queued, len, self.stats),
+            Ok(Err(_)) => {}
+            Err(_) => self.reset_stalled(&service, stream, conn, id).await,
+        }
+    }
+
+    async fn reset_stalled(&mut self, service: &str, stream: i32, conn: u32, id: u64) {
+        let Some(handle) = self.table.remove_if(service, conn, |h| h.id == id) else {
+            return;
+        };
+        handle.abort.abort();
+        self.stats.stall_resets.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            service = %service, stream, conn,
+            "local consumer stopped reading for {:?}: resetting this connection to keep the tunnel moving",
+            self.limits.stall_timeout
+        );
+        if conn == 0 {
+            drop(self.table.reset_stream(service, stream));
+        }
+        self.send(protocol::reset_on_local_close(stream, service, conn))
+            .await;
+    }
+
+    fn services(&self) -> &[String] {
+        self.tunnel_services.as_deref().unwrap_or(&[])
+    }
+
+    async fn on_stream_start(&mut self, msg: Message) {
+        let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
+        let Role::Destination(map) = self.role else {
+            return;
+        };
+        let Some(endpoint) = map.resolve(&service, self.services()).cloned() else {
+            warn!(
+                service = %service, stream,
+                "refusing stream: service {service:?} is not in the service map"
+            );
+            self.stats.refused_streams.fetch_add(1, Ordering::Relaxed);
+            self.send(Message::stream_reset(stream, &service)).await;
+            return;
+        };
+        let replaced = self.table.start_stream(&service, stream);
+        if !replaced.is_empty() {
+            info!(service = %service, stream, closed = replaced.len(), "new stream replaces the active one");
+        }
+        drop(replaced);
+        debug!(
+            service = %service, stream, conn,
+            format = ?protocol::format_of_stream_start(&service, conn), "stream start"
+        );
+        let open = Open::Connect {
+            endpoint,
+            by_stream_start: true,
+        };
+        self.open_local(service, stream, conn, open).await;
+    }
+
+    async fn on_connection_start(&mut self, msg: Message) {
+        let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
+        let Role::Destination(map) = self.role else {
+            return;
+        };
+        match self.table.active_stream(&service) {
+            None => {
+                // The source believes in a stream we do not have (we were reset, it was
+                // not): reset it so its next connection starts a fresh stream.
+                debug!(service = %service, stream, "CONNECTION_START without a stream: resetting it");
+                self.send(Message::stream_reset(stream, &service)).await;
+                return;
+            }
+            Some(active) if active != stream => {
+                trace!(service = %service, stream, active, "stale CONNECTION_START dropped");
+                return;
+            }
+            Some(_) => {}
+        }
+        if conn == 0 {
+            warn!(service = %service, stream, "CONNECTION_START without a connection id ignored");
+            return;
+        }
+        if self.table.contains(&service, conn) {
+            warn!(service = %service, stream, conn, "CONNECTION_START reuses a live connection id: resetting it");
+            drop(self.table.reset_connection(&service, stream, conn));
+            self.send(Message::connection_reset(stream, &service, conn))
+                .await;
+            return;
+        }
+        let Some(endpoint) = map.resolve(&service, self.services()).cloned() else {
+            self.send(Message::connection_reset(stream, &service, conn))
+                .await;
+            return;
+        };
+        let open = Open::Connect {
+            endpoint,
+            by_stream_start: false,
+        };
+        self.open_local(service, stream, conn, open).await;
+    }
+
+    /// Registers the connection (its queue exists at once, so DATA that arrives while the
+    /// local connect is under way waits in it) and starts its task.
+    async fn open_local(&mut self, service: String, stream: i32, conn: u32, open: Open) {
+        if self.table.connection_count() >= self.limits.max_connections {
+            warn!(
+                service = %service, stream, conn,
+                "refusing connection: {} connections already open on this tunnel", self.limits.max_connections
+            );
+            let by_stream_start = matches!(
+                open,
+                Open::Connect {
+                    by_stream_start: true,
+                    ..
+                }
+            );
+            let reset = protocol::reset_on_connect_failure(by_stream_start, stream, &service, conn);
+            self.send(reset).await;
+            return;
+        }
+        let (tx, rx) = mpsc::channel(self.limits.queue_depth.max(1));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let closing = CancellationToken::new();
+        self.next_id += 1;
+        let task = ConnTask {
+            id: self.next_id,
+            service: service.clone(),
+            stream_id: stream,
+            conn_id: conn,
+            rx,
+            queued: queued.clone(),
+            out: self.out.clone(),
+            closing: closing.clone(),
+            limits: self.limits,
+            stats: self.stats.clone(),
+        };
+        let abort = self.tasks.spawn(task.run(open));
+        let handle = ConnHandle {
+            id: self.next_id,
+            tx,
+            queued,
+            abort,
+            closing,
+        };
+        self.table.insert(&service, conn, handle);
+        self.stats
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_stream_reset(&mut self, msg: &Message) {
+        self.stats
+            .stream_resets_received
+            .fetch_add(1, Ordering::Relaxed);
+        match self.table.reset_stream(&msg.service_id, msg.stream_id) {
+            Some(closed) => info!(
+                service = %msg.service_id, stream = msg.stream_id, closed = closed.len(),
+                "stream reset by peer"
+            ),
+            None => trace!(service = %msg.service_id, stream = msg.stream_id, "stale STREAM_RESET"),
+        }
+    }
+
+    fn on_connection_reset(&mut self, msg: &Message) {
+        self.stats
+            .connection_resets_received
+            .fetch_add(1, Ordering::Relaxed);
+        let closed = self
+            .table
+            .reset_connection(&msg.service_id, msg.stream_id, msg.connection_id);
+        debug!(
+            service = %msg.service_id, stream = msg.stream_id, conn = msg.connection_id,
+            found = closed.is_some(), "connection reset by peer"
+        );
+    }
+
+    fn on_session_reset(&mut self) {
+        self.stats
+            .session_resets_received
+            .fetch_add(1, Ordering::Relaxed);
+        let closed = self.table.reset_all();
+        info!(
+            closed = closed.len(),
+            "session reset by the service: every stream closed"
+        );
+    }
+
+    fn on_service_ids(&mut self, msg: Message) {
+        if self.tunnel_services.is_some() {
+            debug!("SERVICE_IDS during the session ignored");
+            return;
+        }
+        let mut ids = msg.available_service_ids;
+        ids.dedup();
+        info!(services = ?ids, "tunnel services");
+        match &self.role {
+            Role::Destination(map) => {
+                for s in map.unmapped(&ids) {
+                    warn!(service = %s, "service {s:?} is not in the service map: its streams will be refused");
+                }
+            }
+            Role::Source(_) => {}
+        }
+        self.tunnel_services = Some(ids);
+        self.state.send_modify(|s| s.phase = Phase::Ready);
+    }
+
+    /// Source: a local client connected; open a stream, or another connection on it (V3).
+    async fn on_accept(&mut self, accepted: Accepted) {
+        let Role::Source(format) = self.role else {
+            return;
+        };
+        let Some(service) = self.wire_service(&accepted.service, format) else {
+            return;
+        };
+        if self.table.connection_count() >= self.limits.max_connections {
+            warn!(service = %service, "refusing local client: {} connections already open", self.limits.max_connections);
+            return;
+        }
+        let (stream, conn, msg) = match (self.table.active_stream(&service), format) {
+            (None, _) => {
+                let stream = self.table.open_stream(&service);
+                let conn = if format == Format::V3 {
+                    self.table.next_connection_id(&service)
+                } else {
+                    0
+                };
+                (stream, conn, Message::stream_start(stream, &service, conn))
+            }
+            (Some(stream), Format::V3) => {
+                let conn = self.table.next_connection_id(&service);
+                (
+                    stream,
+                    conn,
+                    Message::connection_start(stream, &service, conn),
+                )
+            }
+            (Some(_), _) => {
+                warn!(
+                    service = %service,
+                    "refusing local client: a {format:?} destination carries one connection per service at a time"
+                );
+                return;
+            }
+        };
+        debug!(service = %service, stream, conn, kind = ?msg.kind(), "opening tunnel connection");
+        self.send(msg).await;
+        self.open_local(service, stream, conn, Open::Accepted(accepted.stream))
+            .await;
+    }
+
+    /// The service id to put on the wire for a listener's service: none for V1 peers; the
+    /// tunnel's only service for the unnamed listener.
+    fn wire_service(&self, listener: &str, format: Format) -> Option<String> {
+        let services = self.services();
+        if format == Format::V1 {
+            return Some(String::new());
+        }
+        if listener.is_empty() {
+            return match services {
+                [one] => Some(one.clone()),
+                _ => {
+                    warn!(services = ?services, "refusing local client: an unnamed listener needs a tunnel with exactly one service; name the mappings");
+                    None
+                }
+            };
+        }
+        if !services.iter().any(|s| s == listener) {
+            warn!(service = %listener, tunnel = ?services, "refusing local client: the tunnel does not offer this service");
+            return None;
+        }
+        Some(listener.to_owned())
+    }
+
+    /// A connection task ended. If it ended on its own (not reset by the peer), tell the
+    /// peer, after the data the task already queued.
+    async fn on_conn_exit(&mut self, exit: Result<ConnExit, JoinError>) {
+        let Ok(exit) = exit else {
+            return; // aborted by us
+        };
+        let ConnExit {
+            id,
+            service,
+            stream_id: stream,
+            conn_id: conn,
+            cause,
+        } = exit;
+        if self
+            .table
+            .remove_if(&service, conn, |h| h.id == id)
+            .is_none()
+        {
+            return;
+        }
+        let reset = match cause {
+            ExitCause::ConnectFailed { by_stream_start } => {
+                if by_stream_start {
+                    drop(self.table.reset_stream(&service, stream));
+                }
+                protocol::reset_on_connect_failure(by_stream_start, stream, &service, conn)
+            }
+            ExitCause::LocalClosed => {
+                if conn == 0 {
+                    drop(self.table.reset_stream(&service, stream));
+                }
+                protocol::reset_on_local_close(stream, &service, conn)
+            }
+            ExitCause::Flushed => return,
+        };
+        debug!(service = %service, stream, conn, kind = ?reset.kind(), "local side ended");
+        self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
+        self.send(reset).await;
+    }
+}

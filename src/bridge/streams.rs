@@ -1,0 +1,238 @@
+//! The stream/connection table of one tunnel: which stream is active per service and which
+//! local connections belong to it. Pure state, no I/O: the session decides what to send.
+
+use std::collections::HashMap;
+
+#[derive(Debug)]
+struct ServiceStreams<H> {
+    active: Option<i32>,
+    conns: HashMap<u32, H>,
+    last_stream: i32,
+    last_conn: u32,
+}
+
+impl<H> Default for ServiceStreams<H> {
+    fn default() -> Self {
+        ServiceStreams {
+            active: None,
+            conns: HashMap::new(),
+            last_stream: 0,
+            last_conn: 0,
+        }
+    }
+}
+
+/// Where a DATA message goes.
+#[derive(Debug)]
+pub enum Route<'a, H> {
+    Deliver(&'a mut H),
+    /// The stream id is not the service's active stream: drop silently (spec §3.2).
+    StaleStream,
+    /// The stream is current but the connection is unknown (already closed): drop.
+    UnknownConnection,
+}
+
+/// `H` is whatever the session keeps per local connection; dropping it closes the connection.
+#[derive(Debug)]
+pub struct StreamTable<H> {
+    services: HashMap<String, ServiceStreams<H>>,
+}
+
+impl<H> Default for StreamTable<H> {
+    fn default() -> Self {
+        StreamTable {
+            services: HashMap::new(),
+        }
+    }
+}
+
+impl<H> StreamTable<H> {
+    pub fn active_stream(&self, service: &str) -> Option<i32> {
+        self.services.get(service).and_then(|s| s.active)
+    }
+
+    /// STREAM_START: `stream` becomes the service's active stream. The connections of the
+    /// stream it replaces are returned, to be closed.
+    pub fn start_stream(&mut self, service: &str, stream: i32) -> Vec<H> {
+        let s = self.services.entry(service.to_owned()).or_default();
+        s.active = Some(stream);
+        s.conns.drain().map(|(_, h)| h).collect()
+    }
+
+    /// Source side: the next stream id for a service (1, 2, ... wrapping to 1 after
+    /// i32::MAX), made active. Counters outlive resets so ids are not reused soon.
+    pub fn open_stream(&mut self, service: &str) -> i32 {
+        let s = self.services.entry(service.to_owned()).or_default();
+        s.last_stream = match s.last_stream.checked_add(1) {
+            Some(next) if next > 0 => next,
+            _ => 1,
+        };
+        s.active = Some(s.last_stream);
+        s.last_stream
+    }
+
+    /// Source side: the next connection id for a service, never 0 (0 means "absent").
+    pub fn next_connection_id(&mut self, service: &str) -> u32 {
+        let s = self.services.entry(service.to_owned()).or_default();
+        s.last_conn = s.last_conn.checked_add(1).unwrap_or(1);
+        s.last_conn
+    }
+
+    pub fn insert(&mut self, service: &str, conn: u32, handle: H) {
+        let s = self.services.entry(service.to_owned()).or_default();
+        s.conns.insert(conn, handle);
+    }
+
+    pub fn contains(&self, service: &str, conn: u32) -> bool {
+        self.services
+            .get(service)
+            .is_some_and(|s| s.conns.contains_key(&conn))
+    }
+
+    pub fn route(&mut self, service: &str, stream: i32, conn: u32) -> Route<'_, H> {
+        match self.services.get_mut(service) {
+            Some(s) if s.active == Some(stream) => match s.conns.get_mut(&conn) {
+                Some(h) => Route::Deliver(h),
+                None => Route::UnknownConnection,
+            },
+            _ => Route::StaleStream,
+        }
+    }
+
+    /// STREAM_RESET: if `stream` is the active one, unset it and return all its connections;
+    /// `None` (ignore) otherwise.
+    pub fn reset_stream(&mut self, service: &str, stream: i32) -> Option<Vec<H>> {
+        let s = self.services.get_mut(service)?;
+        if s.active != Some(stream) {
+            return None;
+        }
+        s.active = None;
+        Some(s.conns.drain().map(|(_, h)| h).collect())
+    }
+
+    /// CONNECTION_RESET: the one connection, if stream and connection match; the stream
+    /// stays active.
+    pub fn reset_connection(&mut self, service: &str, stream: i32, conn: u32) -> Option<H> {
+        let s = self.services.get_mut(service)?;
+        if s.active != Some(stream) {
+            return None;
+        }
+        s.conns.remove(&conn)
+    }
+
+    /// SESSION_RESET or session end: every connection of every service; ids keep counting.
+    pub fn reset_all(&mut self) -> Vec<H> {
+        self.services
+            .values_mut()
+            .flat_map(|s| {
+                s.active = None;
+                s.conns.drain().map(|(_, h)| h)
+            })
+            .collect()
+    }
+
+    /// Removes a connection only if `is_it` confirms it is the same one (not a successor
+    /// that reused the id).
+    pub fn remove_if(&mut self, service: &str, conn: u32, is_it: impl Fn(&H) -> bool) -> Option<H> {
+        let s = self.services.get_mut(service)?;
+        if !s.conns.get(&conn).is_some_and(is_it) {
+            return None;
+        }
+        s.conns.remove(&conn)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.services.values().map(|s| s.conns.len()).sum()
+    }
+
+    pub fn service_connection_count(&self, service: &str) -> usize {
+        self.services.get(service).map_or(0, |s| s.conns.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_for_a_stale_stream_or_unknown_connection_is_not_delivered() {
+        let mut t = StreamTable::default();
+        t.start_stream("SSH", 5);
+        t.insert("SSH", 1, "conn1");
+        assert!(matches!(t.route("SSH", 5, 1), Route::Deliver(&mut "conn1")));
+        assert!(matches!(t.route("SSH", 4, 1), Route::StaleStream));
+        assert!(matches!(t.route("SSH", 5, 2), Route::UnknownConnection));
+        assert!(matches!(t.route("HTTP", 5, 1), Route::StaleStream));
+    }
+
+    #[test]
+    fn a_new_stream_start_replaces_the_old_stream_and_its_connections() {
+        let mut t = StreamTable::default();
+        t.start_stream("SSH", 1);
+        t.insert("SSH", 1, "a");
+        t.insert("SSH", 2, "b");
+        let mut closed = t.start_stream("SSH", 2);
+        closed.sort();
+        assert_eq!(closed, ["a", "b"]);
+        assert_eq!(t.active_stream("SSH"), Some(2));
+        assert_eq!(t.connection_count(), 0);
+    }
+
+    #[test]
+    fn stream_reset_closes_every_connection_of_the_stream_only_if_it_matches() {
+        let mut t = StreamTable::default();
+        t.start_stream("SSH", 3);
+        t.insert("SSH", 1, "a");
+        t.insert("SSH", 2, "b");
+        t.start_stream("HTTP", 1);
+        t.insert("HTTP", 1, "h");
+        assert!(t.reset_stream("SSH", 2).is_none());
+        assert_eq!(t.reset_stream("SSH", 3).map(|v| v.len()), Some(2));
+        assert_eq!(t.active_stream("SSH"), None);
+        assert_eq!(t.connection_count(), 1);
+    }
+
+    #[test]
+    fn connection_reset_closes_one_connection_and_keeps_the_stream() {
+        let mut t = StreamTable::default();
+        t.start_stream("SSH", 3);
+        t.insert("SSH", 1, "a");
+        t.insert("SSH", 2, "b");
+        assert_eq!(t.reset_connection("SSH", 2, 1), None);
+        assert_eq!(t.reset_connection("SSH", 3, 1), Some("a"));
+        assert_eq!(t.active_stream("SSH"), Some(3));
+        assert!(t.contains("SSH", 2));
+    }
+
+    #[test]
+    fn session_reset_closes_everything_but_ids_keep_counting() {
+        let mut t = StreamTable::default();
+        assert_eq!(t.open_stream("SSH"), 1);
+        assert_eq!(t.next_connection_id("SSH"), 1);
+        t.insert("SSH", 1, "a");
+        t.open_stream("HTTP");
+        t.insert("HTTP", 1, "h");
+        assert_eq!(t.reset_all().len(), 2);
+        assert_eq!(t.active_stream("SSH"), None);
+        assert_eq!(t.open_stream("SSH"), 2);
+        assert_eq!(t.next_connection_id("SSH"), 2);
+    }
+
+    #[test]
+    fn source_stream_ids_wrap_to_one() {
+        let mut t: StreamTable<()> = StreamTable::default();
+        t.services.entry("S".into()).or_default().last_stream = i32::MAX;
+        assert_eq!(t.open_stream("S"), 1);
+        t.services.entry("S".into()).or_default().last_conn = u32::MAX;
+        assert_eq!(t.next_connection_id("S"), 1);
+    }
+
+    #[test]
+    fn remove_if_ignores_a_successor_with_the_same_id() {
+        let mut t = StreamTable::default();
+        t.start_stream("SSH", 1);
+        t.insert("SSH", 1, 10u64);
+        assert_eq!(t.remove_if("SSH", 1, |h| *h == 9), None);
+        assert_eq!(t.remove_if("SSH", 1, |h| *h == 10), Some(10));
+    }
+}

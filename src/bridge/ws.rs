@@ -1,0 +1,498 @@
+//! The websocket to the tunneling service: endpoint, upgrade handshake, and the writer task
+//! that batches tunnel frames into binary messages and keeps the link pinged.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use futures_util::SinkExt;
+use futures_util::stream::SplitSink;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_util::codec::Encoder;
+use tracing::error;
+
+use super::Stats;
+use crate::protocol::{
+    self, FrameCodec, LENGTH_PREFIX, MAX_HANDSHAKE_REQUEST, MAX_MESSAGE, MAX_WS_MESSAGE, Message,
+    Mode, SUBPROTOCOL_V3,
+};
+use crate::secret::Secret;
+
+/// Any byte stream a websocket can run over (plain TCP or TLS).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+pub type WsStream = WebSocketStream<Box<dyn Io>>;
+
+/// Websocket limits of the protocol, both directions (spec §1.4).
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE))
+        .read_buffer_size(MAX_WS_MESSAGE)
+        .write_buffer_size(0)
+}
+
+/// Where the data plane is: from the region, or an override.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl DataEndpoint {
+    pub fn for_region(region: &str) -> Self {
+        DataEndpoint {
+            host: protocol::data_plane_host(region),
+            port: 443,
+            tls: true,
+        }
+    }
+
+    /// `host[:port]` as localproxy's `-e` takes it (TLS, default port 443). A `ws://`
+    /// prefix selects plain websocket, which is only allowed to a loopback address.
+    pub fn parse_override(s: &str) -> Result<Self, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        let (tls, rest) = match lower.split_once("://") {
+            Some(("wss", r)) => (true, r),
+            Some(("ws", r)) => (false, r),
+            Some((scheme, _)) => {
+                return Err(format!("unsupported scheme {scheme:?}: use host[:port]"));
+            }
+            None => (true, lower.as_str()),
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            match v6.split_once(']') {
+                Some((h, "")) => (h, None),
+                Some((h, p)) => (h, Some(p.strip_prefix(':').ok_or("expected [v6]:port")?)),
+                None => return Err("unclosed '[' in IPv6 endpoint".into()),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h, Some(p)),
+                _ => (rest, None),
+            }
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("{s:?} is not host[:port]"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{p:?} is not a port number (1-65535)"))?,
+            None => 443,
+        };
+        if !tls && !is_loopback(host) {
+            return Err("plain ws:// is only allowed to a loopback address (testing)".into());
+        }
+        Ok(DataEndpoint {
+            host: host.to_owned(),
+            port,
+            tls,
+        })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn url(&self, mode: Mode) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!(
+            "{scheme}://{}/tunnel?local-proxy-mode={}",
+            self.authority(),
+            mode.as_str()
+        )
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl std::fmt::Display for DataEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        write!(f, "{scheme}://{}", self.authority())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("cannot reach {endpoint}: {source}")]
+    Connect { endpoint: String, source: io::Error },
+    #[error("TLS handshake with {endpoint} failed: {source}")]
+    Tls { endpoint: String, source: io::Error },
+    #[error("the service rejected the websocket upgrade: HTTP {status}: {body}")]
+    Rejected {
+        status: u16,
+        body: String,
+        channel_id: Option<String>,
+    },
+    #[error("the service did not echo subprotocol {SUBPROTOCOL_V3}: {0}")]
+    Subprotocol(String),
+    #[error("websocket handshake failed: {0}")]
+    Websocket(tungstenite::Error),
+    #[error(
+        "the handshake request would be {0} bytes; the service accepts at most {MAX_HANDSHAKE_REQUEST}: check the access token"
+    )]
+    RequestTooLarge(usize),
+    #[error("the handshake did not finish within {0:?}")]
+    Timeout(Duration),
+}
+
+impl HandshakeError {
+    /// Rule lives in `protocol::handshake_status_is_retryable`; transport trouble is retried.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            HandshakeError::Rejected { status, .. } => {
+                protocol::handshake_status_is_retryable(*status)
+            }
+            HandshakeError::RequestTooLarge(_) => false,
+            _ => true,
+        }
+    }
+}
+
+/// Everything a handshake needs.
+pub struct HandshakeParams<'a> {
+    pub endpoint: &'a DataEndpoint,
+    pub mode: Mode,
+    pub tls: Option<&'a Arc<rustls::ClientConfig>>,
+    pub access_token: &'a Secret,
+    pub client_token: &'a Secret,
+    pub timeout: Duration,
+}
+
+pub struct Connected {
+    pub ws: WsStream,
+    pub channel_id: Option<String>,
+}
+
+pub fn user_agent() -> String {
+    format!(
+        "securetunnel-agent/{} ({})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH
+    )
+}
+
+/// Builds the upgrade request (spec §1.2): subprotocol V3 offered, `access-token` and
+/// `client-token` headers, both marked sensitive.
+pub fn handshake_request(p: &HandshakeParams<'_>) -> Result<Request, HandshakeError> {
+    let mut req = p
+        .endpoint
+        .url(p.mode)
+        .into_client_request()
+        .map_err(HandshakeError::Websocket)?;
+    let headers = req.headers_mut();
+    headers.insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static(SUBPROTOCOL_V3),
+    );
+    let secret_header = |s: &Secret| {
+        let mut v = HeaderValue::from_str(s.expose()).map_err(|_| {
+            HandshakeError::Websocket(tungstenite::Error::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "token contains characters not allowed in an HTTP header",
+            )))
+        })?;
+        v.set_sensitive(true);
+        Ok::<_, HandshakeError>(v)
+    };
+    headers.insert("access-token", secret_header(p.access_token)?);
+    headers.insert("client-token", secret_header(p.client_token)?);
+    if let Ok(ua) = HeaderValue::from_str(&user_agent()) {
+        headers.insert("user-agent", ua);
+    }
+    let size = request_size(&req);
+    if size > MAX_HANDSHAKE_REQUEST {
+        return Err(HandshakeError::RequestTooLarge(size));
+    }
+    Ok(req)
+}
+
+/// Bytes of the HTTP/1.1 request as written on the wire.
+pub fn request_size<B>(req: &tungstenite::http::Request<B>) -> usize {
+    let target = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+    let line = "GET ".len() + target + " HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    // tungstenite adds Host, Connection, Upgrade, Sec-WebSocket-Version/Key itself.
+    let added = if req.headers().contains_key("sec-websocket-key") {
+        0
+    } else {
+        160
+    };
+    line + headers + added + 2
+}
+
+/// TCP, TLS (unless plain), then the websocket upgrade; bounded by `p.timeout`.
+pub async fn connect(p: &HandshakeParams<'_>) -> Result<Connected, HandshakeError> {
+    let req = handshake_request(p)?;
+    tokio::time::timeout(p.timeout, connect_inner(p, req))
+        .await
+        .map_err(|_| HandshakeError::Timeout(p.timeout))?
+}
+
+async fn connect_inner(p: &HandshakeParams<'_>, req: Request) -> Result<Connected, HandshakeError> {
+    let endpoint = p.endpoint.to_string();
+    let tcp = TcpStream::connect((p.endpoint.host.as_str(), p.endpoint.port))
+        .await
+        .map_err(|source| HandshakeError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Io> = match (p.endpoint.tls, p.tls) {
+        (true, Some(config)) => {
+            let name =
+                ServerName::try_from(p.endpoint.host.clone()).map_err(|e| HandshakeError::Tls {
+                    endpoint: endpoint.clone(),
+                    source: io::Error::new(io::ErrorKind::InvalidInput, e),
+                })?;
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|source| HandshakeError::Tls {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?;
+            Box::new(tls)
+        }
+        (true, None) => {
+            return Err(HandshakeError::Tls {
+                endpoint,
+                source: io::Error::other("no TLS configuration given for a wss endpoint"),
+            });
+        }
+        (false, _) => Box::new(tcp),
+    };
+    let (ws, response) = tokio_tungstenite::client_async_with_config(req, io, Some(ws_config()))
+        .await
+        .map_err(map_ws_error)?;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    match header("sec-websocket-protocol") {
+        Some(sp) if sp == SUBPROTOCOL_V3 => {}
+        other => return Err(HandshakeError::Subprotocol(format!("got {other:?}"))),
+    }
+    Ok(Connected {
+        ws,
+        channel_id: header("channel-id"),
+    })
+}
+
+fn map_ws_error(e: tungstenite::Error) -> HandshakeError {
+    match e {
+        tungstenite::Error::Http(resp) => HandshakeError::Rejected {
+            status: resp.status().as_u16(),
+            body: resp
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                .unwrap_or_default(),
+            channel_id: resp
+                .headers()
+                .get("channel-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        },
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(e),
+        ) => HandshakeError::Subprotocol(e.to_string()),
+        other => HandshakeError::Websocket(other),
+    }
+}
+
+/// What the session hands to the writer.
+#[derive(Debug)]
+pub enum Outbound {
+    Frame(Message),
+    /// Send a close frame and stop.
+    Close(u16, &'static str),
+}
+
+/// Largest encoded frame, prefix included.
+const MAX_FRAME: usize = LENGTH_PREFIX + MAX_MESSAGE;
+
+/// Writes queued frames, several to a websocket message when they are already waiting
+/// (never above `MAX_WS_MESSAGE`), and pings every `ping_every`. Ends when the session
+/// drops its sender or asks for a close.
+pub async fn write_loop(
+    mut sink: SplitSink<WsStream, WsMessage>,
+    mut rx: mpsc::Receiver<Outbound>,
+    ping_every: Duration,
+    stats: Arc<Stats>,
+) -> Result<(), tungstenite::Error> {
+    let mut buf = BytesMut::new();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => m,
+            _ = ping.tick() => {
+                sink.send(WsMessage::Ping(epoch_millis().into_bytes().into())).await?;
+                stats.pings_sent.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let mut close = None;
+        match first {
+            None => {
+                let _ = sink.close().await;
+                return Ok(());
+            }
+            Some(Outbound::Close(code, reason)) => close = Some((code, reason)),
+            Some(Outbound::Frame(msg)) => {
+                encode(&msg, &mut buf);
+                // Batch frames that are already waiting, while a largest frame still fits.
+                while buf.len() + MAX_FRAME <= MAX_WS_MESSAGE {
+                    match rx.try_recv() {
+                        Ok(Outbound::Frame(m)) => encode(&m, &mut buf),
+                        Ok(Outbound::Close(code, reason)) => {
+                            close = Some((code, reason));
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if !buf.is_empty() {
+                    sink.send(WsMessage::Binary(buf.split().freeze())).await?;
+                }
+            }
+        }
+        if let Some((code, reason)) = close {
+            let frame = CloseFrame {
+                code: code.into(),
+                reason: reason.into(),
+            };
+            let _ = sink.send(WsMessage::Close(Some(frame))).await;
+            return Ok(());
+        }
+    }
+}
+
+fn encode(msg: &Message, buf: &mut BytesMut) {
+    if let Err(e) = FrameCodec.encode(msg, buf) {
+        // Only reachable by a bug: outgoing payloads are read in chunks of MAX_PAYLOAD.
+        error!("dropping an outgoing message that cannot be framed: {e}");
+    }
+}
+
+fn epoch_millis() -> String {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_override_accepts_host_port_and_defaults_to_443_over_tls() {
+        let e = DataEndpoint::parse_override("Data.Example.com").unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.tls),
+            ("data.example.com", 443, true)
+        );
+        let e = DataEndpoint::parse_override("127.0.0.1:8443").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("127.0.0.1", 8443));
+        let e = DataEndpoint::parse_override("[::1]:9000").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("::1", 9000));
+        assert_eq!(
+            e.url(Mode::Source),
+            "wss://[::1]:9000/tunnel?local-proxy-mode=source"
+        );
+        let e = DataEndpoint::parse_override("ws://127.0.0.1:80").unwrap();
+        assert!(!e.tls);
+        assert!(DataEndpoint::parse_override("ws://example.com:80").is_err());
+        assert!(DataEndpoint::parse_override("host:0").is_err());
+        assert!(DataEndpoint::parse_override("http://host").is_err());
+    }
+
+    #[test]
+    fn region_url_is_the_destination_tunnel_path() {
+        assert_eq!(
+            DataEndpoint::for_region("eu-west-1").url(Mode::Destination),
+            "wss://data.tunneling.iot.eu-west-1.amazonaws.com:443/tunnel?local-proxy-mode=destination"
+        );
+    }
+
+    fn params<'a>(e: &'a DataEndpoint, t: &'a Secret, c: &'a Secret) -> HandshakeParams<'a> {
+        HandshakeParams {
+            endpoint: e,
+            mode: Mode::Destination,
+            tls: None,
+            access_token: t,
+            client_token: c,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn handshake_request_carries_tokens_as_sensitive_headers_and_offers_v3() {
+        let e = DataEndpoint::for_region("us-east-1");
+        let (t, c) = (
+            Secret::new("AQGA".repeat(200)),
+            Secret::new(uuid::Uuid::new_v4().to_string()),
+        );
+        let req = handshake_request(&params(&e, &t, &c)).unwrap();
+        let h = req.headers();
+        assert_eq!(h["sec-websocket-protocol"], SUBPROTOCOL_V3);
+        assert!(h["access-token"].is_sensitive());
+        assert!(h["client-token"].is_sensitive());
+        assert!(request_size(&req) < MAX_HANDSHAKE_REQUEST);
+        assert!(
+            !format!("{req:?}").contains("AQGA"),
+            "tokens leak through Debug"
+        );
+    }
+
+    #[test]
+    fn handshake_request_above_4_kib_is_refused_before_sending() {
+        let e = DataEndpoint::for_region("us-east-1");
+        let (t, c) = (
+            Secret::new("A".repeat(4096)),
+            Secret::new(uuid::Uuid::new_v4().to_string()),
+        );
+        assert!(matches!(
+            handshake_request(&params(&e, &t, &c)),
+            Err(HandshakeError::RequestTooLarge(n)) if n > MAX_HANDSHAKE_REQUEST
+        ));
+    }
+}

@@ -1,0 +1,279 @@
+//! Tunnel frames (u16 big-endian length + protobuf `Message`) over the byte stream that the
+//! websocket binary messages form together. Frame and websocket-message boundaries are
+//! unrelated: a frame may span messages and a message may hold several frames.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message as _;
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::{LENGTH_PREFIX, MAX_MESSAGE, MAX_PAYLOAD, MAX_WS_MESSAGE, Message, ProtocolError};
+
+/// Decodes `Message`s and encodes them with their length prefix.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FrameCodec;
+
+/// Splits whole frames (prefix included) without decoding them: the emulator relays verbatim.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RawFrameCodec;
+
+/// Rule (spec §2.1): the body length sits in a 2-byte big-endian prefix; take one whole body
+/// off the front of `src`, or nothing while it is incomplete.
+fn split_body(src: &mut BytesMut) -> Option<Bytes> {
+    if src.len() < LENGTH_PREFIX {
+        return None;
+    }
+    let len = u16::from_be_bytes([src[0], src[1]]) as usize;
+    if src.len() < LENGTH_PREFIX + len {
+        src.reserve(LENGTH_PREFIX + len - src.len());
+        return None;
+    }
+    src.advance(LENGTH_PREFIX);
+    Some(src.split_to(len).freeze())
+}
+
+impl Decoder for FrameCodec {
+    type Item = Message;
+    type Error = ProtocolError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
+        let Some(body) = split_body(src) else {
+            return Ok(None);
+        };
+        // Decoding from `Bytes` makes `payload` a slice of the received buffer: no copy.
+        let msg = Message::decode(body)?;
+        if msg.payload.len() > MAX_PAYLOAD {
+            return Err(ProtocolError::PayloadTooLarge(msg.payload.len()));
+        }
+        Ok(Some(msg))
+    }
+}
+
+impl Decoder for RawFrameCodec {
+    type Item = Bytes;
+    type Error = ProtocolError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError> {
+        if src.len() < LENGTH_PREFIX {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([src[0], src[1]]) as usize;
+        if src.len() < LENGTH_PREFIX + len {
+            return Ok(None);
+        }
+        Ok(Some(src.split_to(LENGTH_PREFIX + len).freeze()))
+    }
+}
+
+impl Encoder<&Message> for FrameCodec {
+    type Error = ProtocolError;
+
+    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), ProtocolError> {
+        if msg.payload.len() > MAX_PAYLOAD {
+            return Err(ProtocolError::PayloadTooLarge(msg.payload.len()));
+        }
+        let len = msg.encoded_len();
+        if len > MAX_MESSAGE {
+            return Err(ProtocolError::PayloadTooLarge(len));
+        }
+        dst.reserve(LENGTH_PREFIX + len);
+        dst.put_u16(len as u16);
+        msg.encode_raw(dst);
+        Ok(())
+    }
+}
+
+/// Encoded size of `msg` as a frame, prefix included.
+pub fn frame_len(msg: &Message) -> usize {
+    LENGTH_PREFIX + msg.encoded_len()
+}
+
+/// Turns websocket binary messages into decoded frames.
+#[derive(Debug, Default)]
+pub struct FrameReader<D = FrameCodec> {
+    buf: BytesMut,
+    codec: D,
+}
+
+impl<D: Decoder<Error = ProtocolError>> FrameReader<D> {
+    pub fn new(codec: D) -> Self {
+        FrameReader {
+            buf: BytesMut::new(),
+            codec,
+        }
+    }
+
+    /// Rule (spec §1.4): a websocket message above 131076 bytes is a protocol violation.
+    pub fn push(&mut self, data: Bytes) -> Result<(), ProtocolError> {
+        if data.len() > MAX_WS_MESSAGE {
+            return Err(ProtocolError::WsMessageTooLarge(data.len()));
+        }
+        if self.buf.is_empty() {
+            // Take the message's own allocation when nothing is pending: frames are then
+            // sliced out of it without copying.
+            self.buf = data
+                .try_into_mut()
+                .unwrap_or_else(|b| BytesMut::from(&b[..]));
+        } else {
+            self.buf.extend_from_slice(&data);
+        }
+        Ok(())
+    }
+
+    pub fn next_frame(&mut self) -> Result<Option<D::Item>, ProtocolError> {
+        self.codec.decode(&mut self.buf)
+    }
+
+    /// Bytes held that do not yet form a whole frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Forget a partial frame (after SESSION_RESET the stream restarts clean).
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::MessageType;
+    use proptest::prelude::*;
+
+    fn encode_all(msgs: &[Message]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for m in msgs {
+            FrameCodec.encode(m, &mut out).unwrap();
+        }
+        out
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        (
+            1i32..8,
+            any::<i32>(),
+            any::<bool>(),
+            prop::collection::vec(any::<u8>(), 0..3000),
+            "[a-zA-Z0-9:_-]{0,12}",
+            prop::collection::vec("[A-Z]{1,5}", 0..3),
+            any::<u32>(),
+        )
+            .prop_map(|(t, s, ig, p, svc, ids, c)| Message {
+                r#type: t,
+                stream_id: s,
+                ignorable: ig,
+                payload: p.into(),
+                service_id: svc,
+                available_service_ids: ids,
+                connection_id: c,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_of_a_frame_sequence_decodes_to_the_same_messages(
+            msgs in prop::collection::vec(arb_message(), 1..12),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+        ) {
+            let wire = encode_all(&msgs).freeze();
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(wire.len() + 1)).collect();
+            points.push(0);
+            points.push(wire.len());
+            points.sort_unstable();
+            let mut reader = FrameReader::new(FrameCodec);
+            let mut got = Vec::new();
+            for w in points.windows(2) {
+                reader.push(wire.slice(w[0]..w[1])).unwrap();
+                while let Some(m) = reader.next_frame().unwrap() {
+                    got.push(m);
+                }
+            }
+            prop_assert_eq!(got, msgs);
+            prop_assert_eq!(reader.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn frame_split_across_two_messages_and_two_frames_in_one() {
+        let a = Message::data(1, "SSH", 1, Bytes::from_static(b"hello"));
+        let b = Message::stream_reset(1, "SSH");
+        let wire = encode_all(&[a.clone(), b.clone(), a.clone()]).freeze();
+        let mut reader = FrameReader::new(FrameCodec);
+        reader.push(wire.slice(..3)).unwrap();
+        assert!(reader.next_frame().unwrap().is_none());
+        reader.push(wire.slice(3..)).unwrap();
+        let got: Vec<_> = std::iter::from_fn(|| reader.next_frame().unwrap()).collect();
+        assert_eq!(got, vec![a.clone(), b, a]);
+    }
+
+    #[test]
+    fn oversize_payload_is_rejected_on_encode_and_decode() {
+        let big = Message::data(1, "", 0, vec![7u8; MAX_PAYLOAD + 1].into());
+        assert!(matches!(
+            FrameCodec.encode(&big, &mut BytesMut::new()),
+            Err(ProtocolError::PayloadTooLarge(_))
+        ));
+        // Hand-build the oversize frame a broken peer might send.
+        let body = big.encode_to_vec();
+        let mut wire = BytesMut::new();
+        wire.put_u16(body.len() as u16);
+        wire.extend_from_slice(&body);
+        assert!(matches!(
+            FrameCodec.decode(&mut wire),
+            Err(ProtocolError::PayloadTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn largest_payload_fits_one_frame() {
+        let max = Message::data(
+            i32::MAX,
+            "x".repeat(128).as_str(),
+            u32::MAX,
+            vec![1u8; MAX_PAYLOAD].into(),
+        );
+        let mut out = BytesMut::new();
+        FrameCodec.encode(&max, &mut out).unwrap();
+        assert!(out.len() <= LENGTH_PREFIX + MAX_MESSAGE);
+        assert_eq!(frame_len(&max), out.len());
+    }
+
+    #[test]
+    fn websocket_message_above_131076_bytes_is_rejected() {
+        let mut reader = FrameReader::new(FrameCodec);
+        assert!(reader.push(Bytes::from(vec![0u8; MAX_WS_MESSAGE])).is_ok());
+        assert!(matches!(
+            reader.push(Bytes::from(vec![0u8; MAX_WS_MESSAGE + 1])),
+            Err(ProtocolError::WsMessageTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_body_is_a_malformed_error_not_a_panic() {
+        let mut reader = FrameReader::new(FrameCodec);
+        reader
+            .push(Bytes::from_static(&[0, 3, 0xff, 0xff, 0xff]))
+            .unwrap();
+        assert!(matches!(
+            reader.next_frame(),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn raw_codec_returns_whole_frames() {
+        let m = Message::stream_start(1, "SSH", 1);
+        let wire = encode_all(&[m.clone(), m]).freeze();
+        let mut reader = FrameReader::new(RawFrameCodec);
+        reader.push(wire.clone()).unwrap();
+        let first = reader.next_frame().unwrap().unwrap();
+        assert_eq!(first, wire.slice(..wire.len() / 2));
+        let decoded = FrameCodec
+            .decode(&mut BytesMut::from(&first[..]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(decoded.kind(), Some(MessageType::StreamStart));
+        assert!(reader.next_frame().unwrap().is_some());
+        assert!(reader.next_frame().unwrap().is_none());
+    }
+}

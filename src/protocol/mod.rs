@@ -1,0 +1,364 @@
+//! Every rule of the secure-tunneling wire protocol lives here, as a named constant or a
+//! function with a unit test named after the rule (spec §1-§3). Nothing else in the crate
+//! hard-codes a size, a subprotocol or a reset decision.
+
+pub mod codec;
+pub mod message;
+
+use std::time::Duration;
+
+pub use codec::{FrameCodec, FrameReader};
+pub use message::{Message, MessageType};
+
+/// Bytes of the big-endian length prefix in front of every tunnel frame.
+pub const LENGTH_PREFIX: usize = 2;
+/// Largest `payload` of one message; outgoing data is chunked to this.
+pub const MAX_PAYLOAD: usize = 64512;
+/// Largest serialized message the u16 prefix can describe.
+pub const MAX_MESSAGE: usize = u16::MAX as usize;
+/// Largest websocket message either side may send or accept (2 x 65538).
+pub const MAX_WS_MESSAGE: usize = 131_076;
+/// The whole HTTP upgrade request must stay under this, or the service rejects it.
+pub const MAX_HANDSHAKE_REQUEST: usize = 4096;
+/// Client-side bound on an access token (reference localproxy).
+pub const MAX_ACCESS_TOKEN: usize = 4096;
+/// Reference clients ping every 20 s; the service never requires pongs.
+pub const PING_INTERVAL: Duration = Duration::from_secs(20);
+
+pub const SUBPROTOCOL_V1: &str = "aws.iot.securetunneling-1.0";
+pub const SUBPROTOCOL_V2: &str = "aws.iot.securetunneling-2.0";
+pub const SUBPROTOCOL_V3: &str = "aws.iot.securetunneling-3.0";
+
+/// Which end of the tunnel this peer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Source,
+    Destination,
+}
+
+impl Mode {
+    /// The value of the `local-proxy-mode` query parameter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Source => "source",
+            Mode::Destination => "destination",
+        }
+    }
+
+    pub fn peer(self) -> Mode {
+        match self {
+            Mode::Source => Mode::Destination,
+            Mode::Destination => Mode::Source,
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Message format a peer speaks; compatibility lives in the message fields, not the subprotocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Format {
+    /// No service id, no connection id, one service.
+    V1,
+    /// Service ids, no connection ids.
+    V2,
+    /// Service ids and connection ids (simultaneous connections).
+    V3,
+}
+
+/// A violation of the wire protocol by the peer or the service: the session cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("text websocket frame received; the protocol only uses binary frames")]
+    TextFrame,
+    #[error("websocket message of {0} bytes exceeds the {MAX_WS_MESSAGE}-byte limit")]
+    WsMessageTooLarge(usize),
+    #[error("message payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    PayloadTooLarge(usize),
+    #[error("malformed tunnel message: {0}")]
+    Malformed(#[from] prost::DecodeError),
+    #[error("message type {0} is not known and not marked ignorable")]
+    UnknownType(i32),
+    #[error("{kind:?} is not valid toward a {mode} peer")]
+    UnexpectedType { kind: MessageType, mode: Mode },
+    #[error("{0:?} with stream id 0 is invalid")]
+    ZeroStreamId(MessageType),
+    #[error("i/o error while framing: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the session should do with a decoded message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Handle(MessageType),
+    /// Drop silently: an ignorable unknown type, or a stream-bound message for stream 0.
+    Ignore,
+}
+
+/// Rule (spec §3.1, §3.3): which messages a peer in `mode` accepts. Type 0 and unknown types
+/// not marked ignorable are errors; only the source opens streams and connections; only the
+/// service sends SESSION_RESET and SERVICE_IDS, so those are always accepted from it.
+pub fn admit(mode: Mode, msg: &Message) -> Result<Incoming, ProtocolError> {
+    let kind = match msg.kind() {
+        Some(MessageType::Unknown) | None if msg.ignorable => return Ok(Incoming::Ignore),
+        Some(MessageType::Unknown) | None => return Err(ProtocolError::UnknownType(msg.r#type)),
+        Some(kind) => kind,
+    };
+    if msg.payload.len() > MAX_PAYLOAD {
+        return Err(ProtocolError::PayloadTooLarge(msg.payload.len()));
+    }
+    let opens = matches!(
+        kind,
+        MessageType::StreamStart | MessageType::ConnectionStart
+    );
+    if opens && mode == Mode::Source {
+        return Err(ProtocolError::UnexpectedType { kind, mode });
+    }
+    if msg.stream_id == 0 {
+        if opens {
+            return Err(ProtocolError::ZeroStreamId(kind));
+        }
+        if matches!(
+            kind,
+            MessageType::Data | MessageType::StreamReset | MessageType::ConnectionReset
+        ) {
+            return Ok(Incoming::Ignore);
+        }
+    }
+    Ok(Incoming::Handle(kind))
+}
+
+/// Rule (spec §3.2): the message format implied by a STREAM_START.
+pub fn format_of_stream_start(service_id: &str, connection_id: u32) -> Format {
+    match (service_id.is_empty(), connection_id) {
+        (_, c) if c > 0 => Format::V3,
+        (false, _) => Format::V2,
+        (true, _) => Format::V1,
+    }
+}
+
+/// Rule (spec §3.4): a local connection that ends on its own is reported with CONNECTION_RESET
+/// to V3 peers and STREAM_RESET to V1/V2 peers (connection id 0), which ends their stream.
+pub fn reset_on_local_close(stream_id: i32, service_id: &str, connection_id: u32) -> Message {
+    if connection_id == 0 {
+        Message::stream_reset(stream_id, service_id)
+    } else {
+        Message::connection_reset(stream_id, service_id, connection_id)
+    }
+}
+
+/// Rule (spec §3.4): a local connect that fails answers STREAM_RESET when it was asked for by
+/// STREAM_START (the stream never came up) and CONNECTION_RESET for a CONNECTION_START.
+pub fn reset_on_connect_failure(
+    opened_by_stream_start: bool,
+    stream_id: i32,
+    service_id: &str,
+    connection_id: u32,
+) -> Message {
+    if opened_by_stream_start {
+        Message::stream_reset(stream_id, service_id)
+    } else {
+        reset_on_local_close(stream_id, service_id, connection_id)
+    }
+}
+
+/// Rule (spec §1.2): a rejected upgrade is retried only for 5xx (service trouble) and 429
+/// (connection rate limit); any other 4xx means the token or request is wrong and retrying
+/// with the same token cannot help.
+pub fn handshake_status_is_retryable(status: u16) -> bool {
+    status == 429 || (500..=599).contains(&status)
+}
+
+/// Rule (spec §1.2): client tokens are 32-128 characters of `[a-zA-Z0-9-]`.
+pub fn is_valid_client_token(token: &str) -> bool {
+    (32..=128).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Rule (spec §1.1): the data-plane host for a region; China regions live under `.com.cn`.
+pub fn data_plane_host(region: &str) -> String {
+    let suffix = if region.starts_with("cn-") {
+        "amazonaws.com.cn"
+    } else {
+        "amazonaws.com"
+    };
+    format!("data.tunneling.iot.{region}.{suffix}")
+}
+
+/// Rule (API `Service` shape): service ids are 1-128 characters of `[a-zA-Z0-9:_-]`.
+pub fn is_valid_service_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+}
+
+/// Rule (spec §1.2): the service rejects an access token that is empty, over 4096 bytes or
+/// carries control characters; catch it before it reaches the wire.
+pub fn access_token_problem(token: &str) -> Option<&'static str> {
+    if token.is_empty() {
+        Some("the access token is empty")
+    } else if token.len() > MAX_ACCESS_TOKEN {
+        Some("the access token is longer than 4096 bytes")
+    } else if token.chars().any(char::is_control) {
+        Some("the access token contains control characters")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: MessageType, stream: i32) -> Message {
+        Message {
+            r#type: kind as i32,
+            stream_id: stream,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn type_zero_and_unknown_types_are_errors_unless_ignorable() {
+        let mut m = msg(MessageType::Unknown, 1);
+        assert!(matches!(
+            admit(Mode::Destination, &m),
+            Err(ProtocolError::UnknownType(0))
+        ));
+        m.r#type = 42;
+        assert!(matches!(
+            admit(Mode::Destination, &m),
+            Err(ProtocolError::UnknownType(42))
+        ));
+        m.ignorable = true;
+        assert_eq!(admit(Mode::Destination, &m).unwrap(), Incoming::Ignore);
+    }
+
+    #[test]
+    fn only_a_destination_accepts_stream_and_connection_start() {
+        for kind in [MessageType::StreamStart, MessageType::ConnectionStart] {
+            let m = msg(kind, 1);
+            assert_eq!(
+                admit(Mode::Destination, &m).unwrap(),
+                Incoming::Handle(kind)
+            );
+            assert!(admit(Mode::Source, &m).is_err());
+        }
+    }
+
+    #[test]
+    fn stream_bound_messages_for_stream_zero_are_dropped_or_refused() {
+        for kind in [
+            MessageType::Data,
+            MessageType::StreamReset,
+            MessageType::ConnectionReset,
+        ] {
+            assert_eq!(
+                admit(Mode::Destination, &msg(kind, 0)).unwrap(),
+                Incoming::Ignore
+            );
+        }
+        assert!(matches!(
+            admit(Mode::Destination, &msg(MessageType::StreamStart, 0)),
+            Err(ProtocolError::ZeroStreamId(_))
+        ));
+        let session = msg(MessageType::SessionReset, 0);
+        assert_eq!(
+            admit(Mode::Source, &session).unwrap(),
+            Incoming::Handle(MessageType::SessionReset)
+        );
+    }
+
+    #[test]
+    fn payload_above_64512_bytes_is_rejected() {
+        let mut m = msg(MessageType::Data, 1);
+        m.payload = vec![0; MAX_PAYLOAD].into();
+        assert!(admit(Mode::Source, &m).is_ok());
+        m.payload = vec![0; MAX_PAYLOAD + 1].into();
+        assert!(matches!(
+            admit(Mode::Source, &m),
+            Err(ProtocolError::PayloadTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn stream_start_implies_the_peer_format() {
+        assert_eq!(format_of_stream_start("", 0), Format::V1);
+        assert_eq!(format_of_stream_start("SSH", 0), Format::V2);
+        assert_eq!(format_of_stream_start("SSH", 3), Format::V3);
+    }
+
+    #[test]
+    fn local_close_resets_the_connection_for_v3_and_the_stream_for_v1_v2() {
+        let v3 = reset_on_local_close(4, "SSH", 2);
+        assert_eq!(v3.kind(), Some(MessageType::ConnectionReset));
+        assert_eq!((v3.stream_id, v3.connection_id), (4, 2));
+        let v2 = reset_on_local_close(4, "SSH", 0);
+        assert_eq!(v2.kind(), Some(MessageType::StreamReset));
+        assert_eq!((v2.stream_id, v2.service_id.as_str()), (4, "SSH"));
+    }
+
+    #[test]
+    fn failed_connect_resets_the_stream_for_stream_start_and_the_connection_otherwise() {
+        let first = reset_on_connect_failure(true, 1, "SSH", 1);
+        assert_eq!(first.kind(), Some(MessageType::StreamReset));
+        let more = reset_on_connect_failure(false, 1, "SSH", 2);
+        assert_eq!(more.kind(), Some(MessageType::ConnectionReset));
+        assert_eq!(more.connection_id, 2);
+    }
+
+    #[test]
+    fn handshake_retried_for_5xx_and_429_only() {
+        for s in [500, 502, 503, 599, 429] {
+            assert!(handshake_status_is_retryable(s), "{s}");
+        }
+        for s in [400, 401, 403, 404, 410, 300, 200] {
+            assert!(!handshake_status_is_retryable(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn client_token_is_32_to_128_alphanumerics_or_dashes() {
+        assert!(is_valid_client_token(&uuid::Uuid::new_v4().to_string()));
+        assert!(!is_valid_client_token(&"a".repeat(31)));
+        assert!(is_valid_client_token(&"a".repeat(128)));
+        assert!(!is_valid_client_token(&"a".repeat(129)));
+        assert!(!is_valid_client_token(&format!("{}_", "a".repeat(40))));
+    }
+
+    #[test]
+    fn data_plane_host_uses_com_cn_for_china_regions() {
+        assert_eq!(
+            data_plane_host("us-east-1"),
+            "data.tunneling.iot.us-east-1.amazonaws.com"
+        );
+        assert_eq!(
+            data_plane_host("cn-north-1"),
+            "data.tunneling.iot.cn-north-1.amazonaws.com.cn"
+        );
+    }
+
+    #[test]
+    fn service_ids_follow_the_api_pattern() {
+        assert!(is_valid_service_id("SSH"));
+        assert!(is_valid_service_id("a:b_c-9"));
+        assert!(!is_valid_service_id(""));
+        assert!(!is_valid_service_id("no space"));
+        assert!(!is_valid_service_id(&"x".repeat(129)));
+    }
+
+    #[test]
+    fn access_token_must_be_non_empty_bounded_and_printable() {
+        assert!(access_token_problem("AQGA").is_none());
+        assert!(access_token_problem("").is_some());
+        assert!(access_token_problem(&"a".repeat(4097)).is_some());
+        assert!(access_token_problem("a\nb").is_some());
+    }
+}

@@ -1,0 +1,59 @@
+//! Secrets (access and client tokens) in a newtype that never prints its value and is wiped
+//! from memory when dropped.
+
+use std::fmt;
+
+use zeroize::Zeroizing;
+
+/// A token that must never reach a log, argv or a child's environment.
+/// Debug and Display show `token:<8 hex>`, a SHA-256 prefix that lets an operator tell two
+/// tokens apart in logs without revealing either.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(Zeroizing::new(value.into()))
+    }
+
+    /// The raw value, for the one place that must send it (the handshake header).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn fingerprint(&self) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes());
+        digest.as_ref()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "token:{}", self.fingerprint())
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_never_show_the_value() {
+        let s = Secret::new("AQGAAXiVzSmRsecret");
+        for shown in [format!("{s}"), format!("{s:?}"), format!("{:?}", Some(&s))] {
+            assert!(!shown.contains("AQGA"), "{shown}");
+            assert!(shown.starts_with("token:") || shown.starts_with("Some(token:"));
+        }
+        assert_eq!(s.fingerprint().len(), 8);
+        assert_ne!(s.fingerprint(), Secret::new("other").fingerprint());
+    }
+}

@@ -1,0 +1,357 @@
+//! The service map: which local endpoint serves each tunnel service id. It is an allow-list:
+//! a service that is not in the map is never connected anywhere.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::protocol::is_valid_service_id;
+
+/// Host used for an endpoint given as a bare port (what the reference localproxy does).
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+
+/// A local TCP or Unix-socket endpoint, to connect to (destination) or listen on (source).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalEndpoint {
+    /// Host name or IP literal (without brackets) and port; names resolve at connect time.
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceMapError {
+    #[error(
+        "service id {0:?} is invalid: use 1-128 characters of letters, digits, ':', '_' or '-'"
+    )]
+    BadServiceId(String),
+    #[error("service {service:?}: endpoint {value:?} is invalid: {problem}")]
+    BadEndpoint {
+        service: String,
+        value: String,
+        problem: String,
+    },
+    #[error("service {0:?} is mapped twice; keep one mapping per service")]
+    Duplicate(String),
+    #[error(
+        "an unnamed mapping such as \"22\" must be the only mapping; name each one (SSH=22,HTTP=80)"
+    )]
+    MixedUnnamed,
+    #[error("the service map is empty: map at least one service, e.g. SSH=22")]
+    Empty,
+}
+
+impl LocalEndpoint {
+    /// Parses `port`, `host:port`, `[v6]:port` or a Unix socket path (anything with a '/').
+    /// A bare port uses `default_host`. Port 0 is refused unless `allow_port_zero`
+    /// (a source listener that picks a free port).
+    pub fn parse(s: &str, default_host: &str, allow_port_zero: bool) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty endpoint".into());
+        }
+        if s.contains('/') {
+            return Ok(LocalEndpoint::Unix(PathBuf::from(s)));
+        }
+        let port_of = |p: &str| -> Result<u16, String> {
+            match p.parse::<u16>() {
+                Ok(0) if !allow_port_zero => Err("port 0 is not a valid destination".into()),
+                Ok(port) => Ok(port),
+                Err(_) => Err(format!("{p:?} is not a port number (1-65535)")),
+            }
+        };
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            return Ok(LocalEndpoint::Tcp {
+                host: default_host.to_owned(),
+                port: port_of(s)?,
+            });
+        }
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, p) = rest
+                .split_once("]:")
+                .ok_or("IPv6 endpoints are written [address]:port")?;
+            h.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("{h:?} is not an IPv6 address"))?;
+            (h, p)
+        } else {
+            match s.split_once(':') {
+                Some((h, p)) if !p.contains(':') && !h.is_empty() => (h, p),
+                Some(_) => return Err("IPv6 endpoints are written [address]:port".into()),
+                None => return Err("expected a port, host:port, [v6]:port or a socket path".into()),
+            }
+        };
+        Ok(LocalEndpoint::Tcp {
+            host: host.to_owned(),
+            port: port_of(port)?,
+        })
+    }
+}
+
+impl fmt::Display for LocalEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LocalEndpoint::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            LocalEndpoint::Tcp { host, port } => write!(f, "{host}:{port}"),
+            LocalEndpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Service id -> local endpoint, plus the reference localproxy's single unnamed mapping
+/// (`-d 22`), which serves V1 streams and a tunnel's only service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "BTreeMap<String, RawEndpoint>")]
+pub struct ServiceMap {
+    named: BTreeMap<String, LocalEndpoint>,
+    unnamed: Option<LocalEndpoint>,
+}
+
+/// A TOML value of the map: `SSH = 22` or `HTTP = "10.0.0.2:8080"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum RawEndpoint {
+    Port(i64),
+    Text(String),
+}
+
+impl TryFrom<BTreeMap<String, RawEndpoint>> for ServiceMap {
+    type Error = ServiceMapError;
+
+    fn try_from(raw: BTreeMap<String, RawEndpoint>) -> Result<Self, Self::Error> {
+        let mut map = ServiceMap::default();
+        for (service, value) in raw {
+            let text = match value {
+                RawEndpoint::Port(p) => p.to_string(),
+                RawEndpoint::Text(t) => t,
+            };
+            map.insert_named(&service, &text, DEFAULT_HOST, false)?;
+        }
+        Ok(map)
+    }
+}
+
+impl ServiceMap {
+    pub fn from_toml_str(s: &str) -> Result<Self, String> {
+        toml::from_str(s).map_err(|e| e.to_string())
+    }
+
+    /// Parses the localproxy mapping syntax: `SSH=22,HTTP=10.0.0.1:80` or one unnamed `22`.
+    pub fn parse_mappings(
+        s: &str,
+        default_host: &str,
+        allow_port_zero: bool,
+    ) -> Result<Self, ServiceMapError> {
+        let items: Vec<&str> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .collect();
+        let mut map = ServiceMap::default();
+        for item in &items {
+            match item.split_once('=') {
+                Some((service, value)) => {
+                    map.insert_named(service.trim(), value, default_host, allow_port_zero)?
+                }
+                None if items.len() == 1 => {
+                    let ep = LocalEndpoint::parse(item, default_host, allow_port_zero).map_err(
+                        |problem| ServiceMapError::BadEndpoint {
+                            service: String::new(),
+                            value: (*item).into(),
+                            problem,
+                        },
+                    )?;
+                    map.unnamed = Some(ep);
+                }
+                None => return Err(ServiceMapError::MixedUnnamed),
+            }
+        }
+        if map.is_empty() {
+            return Err(ServiceMapError::Empty);
+        }
+        Ok(map)
+    }
+
+    fn insert_named(
+        &mut self,
+        service: &str,
+        value: &str,
+        default_host: &str,
+        allow_port_zero: bool,
+    ) -> Result<(), ServiceMapError> {
+        if !is_valid_service_id(service) {
+            return Err(ServiceMapError::BadServiceId(service.into()));
+        }
+        let ep = LocalEndpoint::parse(value, default_host, allow_port_zero).map_err(|problem| {
+            ServiceMapError::BadEndpoint {
+                service: service.into(),
+                value: value.into(),
+                problem,
+            }
+        })?;
+        if self.named.insert(service.to_owned(), ep).is_some() {
+            return Err(ServiceMapError::Duplicate(service.into()));
+        }
+        Ok(())
+    }
+
+    pub fn with(mut self, service: &str, endpoint: LocalEndpoint) -> Self {
+        self.named.insert(service.to_owned(), endpoint);
+        self
+    }
+
+    pub fn unnamed(endpoint: LocalEndpoint) -> Self {
+        ServiceMap {
+            named: BTreeMap::new(),
+            unnamed: Some(endpoint),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty() && self.unnamed.is_none()
+    }
+
+    pub fn named(&self) -> impl Iterator<Item = (&str, &LocalEndpoint)> {
+        self.named.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn unnamed_endpoint(&self) -> Option<&LocalEndpoint> {
+        self.unnamed.as_ref()
+    }
+
+    /// The endpoint serving `service_id` in a tunnel whose services are `tunnel_services`
+    /// (empty when the service never said). Rule (spec §3.3 SERVICE_IDS): the unnamed
+    /// mapping serves V1 streams (empty id) and the tunnel's only service; a V1 stream in a
+    /// one-service tunnel may also use that service's named mapping.
+    pub fn resolve(&self, service_id: &str, tunnel_services: &[String]) -> Option<&LocalEndpoint> {
+        if let Some(ep) = self.named.get(service_id) {
+            return Some(ep);
+        }
+        let only = match tunnel_services {
+            [one] => Some(one.as_str()),
+            _ => None,
+        };
+        if service_id.is_empty() {
+            return self
+                .unnamed
+                .as_ref()
+                .or_else(|| only.and_then(|s| self.named.get(s)));
+        }
+        if only == Some(service_id) {
+            return self.unnamed.as_ref();
+        }
+        None
+    }
+
+    /// Tunnel services this map cannot serve: their streams will be refused.
+    pub fn unmapped<'a>(&self, tunnel_services: &'a [String]) -> Vec<&'a str> {
+        tunnel_services
+            .iter()
+            .filter(|s| self.resolve(s, tunnel_services).is_none())
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+impl FromStr for ServiceMap {
+    type Err = ServiceMapError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ServiceMap::parse_mappings(s, DEFAULT_HOST, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, port: u16) -> LocalEndpoint {
+        LocalEndpoint::Tcp {
+            host: host.into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn toml_map_accepts_ports_hosts_ipv6_names_and_unix_paths() {
+        let map = ServiceMap::from_toml_str(
+            r#"
+            SSH = 22
+            HTTP = "10.0.0.2:8080"
+            DBG = "[::1]:2222"
+            WEB = "localhost:8080"
+            APP = "/run/app.sock"
+            "#,
+        )
+        .unwrap();
+        let t: Vec<String> = vec![];
+        assert_eq!(map.resolve("SSH", &t), Some(&tcp("127.0.0.1", 22)));
+        assert_eq!(map.resolve("HTTP", &t), Some(&tcp("10.0.0.2", 8080)));
+        assert_eq!(map.resolve("DBG", &t), Some(&tcp("::1", 2222)));
+        assert_eq!(map.resolve("WEB", &t), Some(&tcp("localhost", 8080)));
+        assert_eq!(
+            map.resolve("APP", &t),
+            Some(&LocalEndpoint::Unix("/run/app.sock".into()))
+        );
+        assert_eq!(map.resolve("FTP", &t), None);
+        assert_eq!(tcp("::1", 2222).to_string(), "[::1]:2222");
+    }
+
+    #[test]
+    fn toml_errors_name_the_service_and_the_problem() {
+        let err = ServiceMap::from_toml_str("SSH = 70000").unwrap_err();
+        assert!(err.contains("SSH") && err.contains("70000"), "{err}");
+        let err = ServiceMap::from_toml_str(r#""bad name" = 22"#).unwrap_err();
+        assert!(err.contains("bad name"), "{err}");
+        let err = ServiceMap::from_toml_str(r#"X = "::1:22""#).unwrap_err();
+        assert!(err.contains("[address]:port"), "{err}");
+    }
+
+    #[test]
+    fn cli_mappings_follow_localproxy_syntax() {
+        let map: ServiceMap = "SSH=22, HTTP=10.0.0.1:80".parse().unwrap();
+        assert_eq!(map.named().count(), 2);
+        let one: ServiceMap = "22".parse().unwrap();
+        assert_eq!(one.unnamed_endpoint(), Some(&tcp("127.0.0.1", 22)));
+        assert_eq!(
+            "22,SSH=23".parse::<ServiceMap>(),
+            Err(ServiceMapError::MixedUnnamed)
+        );
+        assert_eq!(
+            "SSH=22,SSH=23".parse::<ServiceMap>(),
+            Err(ServiceMapError::Duplicate("SSH".into()))
+        );
+        assert!("SSH=0".parse::<ServiceMap>().is_err());
+        assert!(ServiceMap::parse_mappings("SSH=0", "127.0.0.1", true).is_ok());
+        assert_eq!("".parse::<ServiceMap>(), Err(ServiceMapError::Empty));
+    }
+
+    #[test]
+    fn unnamed_mapping_serves_v1_streams_and_the_only_service() {
+        let map = ServiceMap::unnamed(tcp("127.0.0.1", 22));
+        let one = vec!["SSH".to_string()];
+        let two = vec!["SSH".to_string(), "HTTP".to_string()];
+        assert!(map.resolve("", &one).is_some());
+        assert!(map.resolve("SSH", &one).is_some());
+        assert!(map.resolve("SSH", &two).is_none());
+        assert!(map.resolve("", &two).is_some());
+    }
+
+    #[test]
+    fn v1_stream_uses_the_named_mapping_of_a_one_service_tunnel() {
+        let map: ServiceMap = "SSH=22".parse().unwrap();
+        assert!(map.resolve("", &["SSH".to_string()]).is_some());
+        assert!(map.resolve("", &[]).is_none());
+    }
+
+    #[test]
+    fn unmapped_lists_services_that_will_be_refused() {
+        let map: ServiceMap = "SSH=22".parse().unwrap();
+        let t = vec!["SSH".to_string(), "VNC".to_string()];
+        assert_eq!(map.unmapped(&t), vec!["VNC"]);
+    }
+}
