@@ -1,1 +1,476 @@
+//! A stand-in for the AWS IoT Secure Tunneling data plane, for tests and the demo (never
+//! part of the device binary). It checks tokens as the service does, relays tunnel frames
+//! verbatim between one source and one destination per tunnel, and has fault switches.
 
+mod handshake;
+mod peer;
+pub mod pki;
+mod pong_filter;
+pub mod state;
+pub mod testkit;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_util::codec::Encoder;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, info};
+
+use crate::bridge::ws::ws_config;
+use crate::protocol::{FrameCodec, Message, MessageType, Mode, SUBPROTOCOL_V1};
+pub use handshake::{CLIENT_TOKEN_MISMATCH, PREVIOUSLY_USED};
+pub use state::TunnelTokens;
+use state::{PeerCmd, PeerHandle, State};
+
+/// Frames waiting for one peer's writer.
+const PEER_QUEUE: usize = 64;
+
+pub enum EmulatorTls {
+    /// Mint a CA and a server certificate for localhost / 127.0.0.1 / ::1.
+    Generate,
+    Pem {
+        cert_pem: String,
+        key_pem: String,
+    },
+    /// Plain `ws://` (loopback testing only).
+    Plain,
+}
+
+pub struct EmulatorConfig {
+    pub listen: SocketAddr,
+    pub tls: EmulatorTls,
+}
+
+impl EmulatorConfig {
+    pub fn loopback(tls: EmulatorTls) -> Self {
+        EmulatorConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("certificate: {0}")]
+    Certificate(String),
+}
+
+/// State shared by the accept loop, the peers and the handle.
+pub struct Shared {
+    state: Mutex<State>,
+    /// Bumped on every peer change, so waiters wake without polling.
+    changes: watch::Sender<u64>,
+    reframe: AtomicBool,
+    drop_pongs: Arc<AtomicBool>,
+    next_peer: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn peer_tx(&self, tunnel: &str, mode: Mode) -> Option<mpsc::Sender<PeerCmd>> {
+        let st = self.lock();
+        st.tunnel(tunnel)?.peer(mode).map(|p| p.tx.clone())
+    }
+
+    /// Follows the source's streams, to reset them toward a replaced peer's partner.
+    fn track(&self, tunnel: &str, from: Mode, msg: &Message) {
+        let kind = msg.kind();
+        if !matches!(
+            kind,
+            Some(MessageType::StreamStart) | Some(MessageType::StreamReset)
+        ) {
+            return;
+        }
+        let mut st = self.lock();
+        let Some(t) = st.tunnel_mut(tunnel) else {
+            return;
+        };
+        match kind {
+            Some(MessageType::StreamStart) if from == Mode::Source => {
+                t.active_streams
+                    .insert(msg.service_id.clone(), msg.stream_id);
+            }
+            Some(MessageType::StreamReset)
+                if t.active_streams.get(&msg.service_id) == Some(&msg.stream_id) =>
+            {
+                t.active_streams.remove(&msg.service_id);
+            }
+            _ => {}
+        }
+    }
+
+    fn peer_gone(&self, tunnel: &str, mode: Mode, id: u64) {
+        let cleared = self
+            .lock()
+            .tunnel_mut(tunnel)
+            .is_some_and(|t| t.clear_peer(mode, id));
+        if cleared {
+            self.changed();
+        }
+    }
+}
+
+pub struct Emulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    tls: bool,
+    ca_pem: Option<String>,
+    _accept: AbortOnDropHandle<()>,
+}
+
+impl Emulator {
+    pub async fn start(cfg: EmulatorConfig) -> Result<Emulator, EmulatorError> {
+        let (acceptor, ca_pem) = tls_acceptor(cfg.tls)?;
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| EmulatorError::Listen {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| EmulatorError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changes: watch::Sender::new(0),
+            reframe: AtomicBool::new(false),
+            drop_pongs: Arc::new(AtomicBool::new(false)),
+            next_peer: AtomicU64::new(1),
+        });
+        let tls = acceptor.is_some();
+        let accept = tokio::spawn(accept_loop(listener, acceptor, shared.clone()));
+        info!(%addr, tls, "tunneling service emulator listening");
+        Ok(Emulator {
+            shared,
+            addr,
+            tls,
+            ca_pem,
+            _accept: AbortOnDropHandle::new(accept),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The value for `-e/--proxy-endpoint` (or `DataEndpoint::parse_override`).
+    pub fn endpoint(&self) -> String {
+        if self.tls {
+            self.addr.to_string()
+        } else {
+            format!("ws://{}", self.addr)
+        }
+    }
+
+    /// PEM of the CA that signed the generated server certificate.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    pub fn open_tunnel(&self, services: &[&str], lifetime: Duration) -> TunnelTokens {
+        let tokens = self.shared.lock().open_tunnel(services, lifetime, None);
+        let (shared, id) = (Arc::downgrade(&self.shared), tokens.tunnel_id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(lifetime).await;
+            if let Some(shared) = shared.upgrade() {
+                close_tunnel(&shared, &id, "tunnel lifetime ended");
+            }
+        });
+        tokens
+    }
+
+    /// Revokes the mode's token and returns a new one.
+    pub fn rotate(&self, tunnel_id: &str, mode: Mode) -> Option<String> {
+        self.shared.lock().rotate(tunnel_id, mode)
+    }
+
+    /// CloseTunnel: both peers get a close frame; the tunnel's tokens stop working.
+    pub fn close_tunnel(&self, tunnel_id: &str) {
+        close_tunnel(&self.shared, tunnel_id, "tunnel closed");
+    }
+
+    /// Waits until `mode` of the tunnel is connected (or disconnected, with `connected` false).
+    pub async fn wait_peer(&self, tunnel_id: &str, mode: Mode, connected: bool) {
+        let mut rx = self.shared.changes.subscribe();
+        loop {
+            let now = self
+                .shared
+                .lock()
+                .tunnel(tunnel_id)
+                .is_some_and(|t| t.peer(mode).is_some());
+            if now == connected || rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn is_connected(&self, tunnel_id: &str, mode: Mode) -> bool {
+        self.shared
+            .lock()
+            .tunnel(tunnel_id)
+            .is_some_and(|t| t.peer(mode).is_some())
+    }
+
+    /// Handshakes that presented this token, accepted or not.
+    pub fn handshakes_for_token(&self, token: &str) -> u64 {
+        self.shared.lock().handshakes_for_token(token)
+    }
+
+    /// The stream the source has open for a service, as the emulator saw it.
+    pub fn active_stream(&self, tunnel_id: &str, service: &str) -> Option<i32> {
+        self.shared
+            .lock()
+            .tunnel(tunnel_id)?
+            .active_streams
+            .get(service)
+            .copied()
+    }
+
+    /// Fault: cut a peer's connection without a close frame.
+    pub fn drop_peer(&self, tunnel_id: &str, mode: Mode) {
+        if let Some(p) = self.peer(tunnel_id, mode) {
+            p.kill.cancel();
+        }
+    }
+
+    /// Fault: send a tunnel message (e.g. SESSION_RESET, STREAM_RESET) to a peer.
+    pub async fn inject(&self, tunnel_id: &str, mode: Mode, msg: &Message) -> bool {
+        let mut raw = BytesMut::new();
+        if FrameCodec.encode(msg, &mut raw).is_err() {
+            return false;
+        }
+        self.send_to(tunnel_id, mode, PeerCmd::Frame(raw.freeze()))
+            .await
+    }
+
+    /// Fault: send any websocket message (a text frame, malformed bytes) to a peer.
+    pub async fn inject_ws(&self, tunnel_id: &str, mode: Mode, msg: WsMessage) -> bool {
+        self.send_to(tunnel_id, mode, PeerCmd::Ws(msg)).await
+    }
+
+    /// Fault: cut relayed byte streams at random points and merge frames into messages.
+    pub fn set_reframe(&self, on: bool) {
+        self.shared.reframe.store(on, Ordering::Relaxed);
+    }
+
+    /// Fault: answer the next `n` handshakes with `status`.
+    pub fn fail_next_handshakes(&self, n: u32, status: u16) {
+        self.shared.lock().fail_next_handshakes(n, status);
+    }
+
+    /// Fault: stop answering pings (pongs are dropped on the way out).
+    pub fn set_answer_pings(&self, on: bool) {
+        self.shared.drop_pongs.store(!on, Ordering::Relaxed);
+    }
+
+    fn peer(&self, tunnel_id: &str, mode: Mode) -> Option<PeerHandle> {
+        self.shared.lock().tunnel(tunnel_id)?.peer(mode).cloned()
+    }
+
+    async fn send_to(&self, tunnel_id: &str, mode: Mode, cmd: PeerCmd) -> bool {
+        match self.peer(tunnel_id, mode) {
+            Some(p) => p.tx.send(cmd).await.is_ok(),
+            None => false,
+        }
+    }
+}
+
+fn close_tunnel(shared: &Shared, tunnel_id: &str, reason: &str) {
+    let peers = shared.lock().close_tunnel(tunnel_id);
+    for p in peers {
+        if p.tx
+            .try_send(PeerCmd::Close(1000, reason.to_owned()))
+            .is_err()
+        {
+            p.kill.cancel();
+        }
+    }
+    info!(tunnel = %tunnel_id, reason, "tunnel closed");
+    shared.changed();
+}
+
+fn tls_acceptor(tls: EmulatorTls) -> Result<(Option<TlsAcceptor>, Option<String>), EmulatorError> {
+    let cert_err = |e: &dyn std::fmt::Display| EmulatorError::Certificate(e.to_string());
+    let (issued, ca_pem) = match tls {
+        EmulatorTls::Plain => return Ok((None, None)),
+        EmulatorTls::Pem { cert_pem, key_pem } => (pki::Issued { cert_pem, key_pem }, None),
+        EmulatorTls::Generate => {
+            let ca = pki::TestPki::new("securetunnel emulator CA").map_err(|e| cert_err(&e))?;
+            (ca.server(&[]).map_err(|e| cert_err(&e))?, Some(ca.ca_pem()))
+        }
+    };
+    let key = issued.key_der().map_err(|e| cert_err(&e))?;
+    let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cert_err(&e))?
+        .with_no_client_auth()
+        .with_single_cert(issued.cert_der(), key)
+        .map_err(|e| cert_err(&e))?;
+    Ok((Some(TlsAcceptor::from(Arc::new(config))), ca_pem))
+}
+
+async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    conns.spawn(serve(tcp, tls.clone(), shared.clone()));
+                }
+                Err(e) => {
+                    debug!("emulator accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next() => {}
+        }
+    }
+}
+
+async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let io: peer::PeerIo = match tls {
+        Some(acceptor) => match acceptor.accept(tcp).await {
+            Ok(s) => Box::new(pong_filter::PongFilter::new(s, shared.drop_pongs.clone())),
+            Err(e) => {
+                debug!("emulator TLS handshake failed: {e}");
+                return;
+            }
+        },
+        None => Box::new(pong_filter::PongFilter::new(tcp, shared.drop_pongs.clone())),
+    };
+    let mut decision = None;
+    // The callback's signature is tungstenite's.
+    #[allow(clippy::result_large_err)]
+    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let channel_id = uuid::Uuid::new_v4().to_string();
+        let verdict = handshake::decide(&mut shared.lock(), req);
+        let channel = HeaderValue::from_str(&channel_id).unwrap_or(HeaderValue::from_static("-"));
+        match verdict {
+            Ok(accepted) => {
+                let h = resp.headers_mut();
+                h.insert(
+                    "sec-websocket-protocol",
+                    HeaderValue::from_static(accepted.subprotocol),
+                );
+                h.insert("channel-id", channel);
+                decision = Some(accepted);
+                Ok(resp)
+            }
+            Err(rejected) => {
+                debug!(status = rejected.status, body = %rejected.body, "emulator rejected a handshake");
+                let mut err = ErrorResponse::new(Some(rejected.body));
+                *err.status_mut() =
+                    StatusCode::from_u16(rejected.status).unwrap_or(StatusCode::BAD_REQUEST);
+                err.headers_mut().insert("channel-id", channel);
+                Err(err)
+            }
+        }
+    };
+    let ws = match tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(ws_config()))
+        .await
+    {
+        Ok(ws) => ws,
+        Err(e) => {
+            debug!("emulator websocket handshake ended: {e}");
+            return;
+        }
+    };
+    let Some(accepted) = decision else { return };
+    let (tunnel_id, mode) = (accepted.tunnel_id, accepted.mode);
+    let id = shared.next_peer.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(PEER_QUEUE);
+    let kill = CancellationToken::new();
+    let handle = PeerHandle {
+        id,
+        tx: tx.clone(),
+        kill: kill.clone(),
+        subprotocol: accepted.subprotocol,
+    };
+    if !register(&shared, &tunnel_id, mode, handle) {
+        return;
+    }
+    peer::run(shared, tunnel_id, mode, id, ws, (tx, rx), kill).await;
+}
+
+/// Installs a newly connected peer: SERVICE_IDS first (V2/V3 peers), the replaced peer
+/// closed, and STREAM_RESET for the open streams sent to the other side.
+fn register(shared: &Shared, tunnel_id: &str, mode: Mode, peer: PeerHandle) -> bool {
+    let (old, other, resets) = {
+        let mut st = shared.lock();
+        let Some(t) = st.tunnel_mut(tunnel_id).filter(|t| !t.closed) else {
+            return false;
+        };
+        if peer.subprotocol != SUBPROTOCOL_V1 {
+            let mut raw = BytesMut::new();
+            if FrameCodec
+                .encode(&Message::service_ids(&t.services), &mut raw)
+                .is_ok()
+            {
+                // The queue is new and empty: this cannot fail.
+                let _ = peer.tx.try_send(PeerCmd::Frame(raw.freeze()));
+            }
+        }
+        let old = t.set_peer(mode, peer);
+        let resets: Vec<Message> = if old.is_some() {
+            t.active_streams
+                .drain()
+                .map(|(service, stream)| Message::stream_reset(stream, &service))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (old, t.peer(mode.peer()).cloned(), resets)
+    };
+    if let Some(old) = old {
+        info!(tunnel = %tunnel_id, %mode, "peer replaced by a new connection");
+        if old
+            .tx
+            .try_send(PeerCmd::Close(1000, "replaced by a new connection".into()))
+            .is_err()
+        {
+            old.kill.cancel();
+        }
+    }
+    if let Some(other) = other {
+        for msg in resets {
+            let mut raw = BytesMut::new();
+            if FrameCodec.encode(&msg, &mut raw).is_ok()
+                && other.tx.try_send(PeerCmd::Frame(raw.freeze())).is_err()
+            {
+                debug!("could not queue STREAM_RESET for the other peer");
+            }
+        }
+    }
+    shared.changed();
+    true
+}

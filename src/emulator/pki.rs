@@ -1,0 +1,77 @@
+//! A throwaway PKI minted in-process with rcgen: a CA, server certificates for loopback
+//! names, client certificates whose CN is a thing name. Certificates are X.509 v3 with SANs,
+//! as rustls requires (see test-rig §2).
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub struct TestPki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its PKCS#8 key, in PEM.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Issued {
+    pub fn cert_der(&self) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    pub fn key_der(&self) -> Result<PrivateKeyDer<'static>, rustls::pki_types::pem::Error> {
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+    }
+}
+
+impl TestPki {
+    pub fn new(name: &str) -> Result<Self, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        Ok(TestPki { ca })
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
+    /// Server certificate for `localhost`, 127.0.0.1 and ::1 plus `extra` names.
+    pub fn server(&self, extra: &[&str]) -> Result<Issued, rcgen::Error> {
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".into(), "::1".into()];
+        names.extend(extra.iter().map(|s| s.to_string()));
+        let mut params = CertificateParams::new(names)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params)
+    }
+
+    /// Client certificate whose CN (and so its MQTT identity) is `cn`.
+    pub fn client(&self, cn: &str) -> Result<Issued, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params)
+    }
+
+    fn issue(&self, params: CertificateParams) -> Result<Issued, rcgen::Error> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.ca)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}

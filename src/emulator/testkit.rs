@@ -1,0 +1,151 @@
+//! Local services and checked transfers for the integration tests and the demo.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ring::digest::{Context, SHA256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
+
+/// An echo service; counts the connections it accepted.
+pub struct EchoService {
+    pub addr: Option<SocketAddr>,
+    pub accepted: Arc<AtomicU64>,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl EchoService {
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+async fn echo<S: AsyncRead + AsyncWrite>(s: S) {
+    let (mut r, mut w) = tokio::io::split(s);
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
+}
+
+pub async fn echo_tcp(bind: &str) -> io::Result<EchoService> {
+    let listener = TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            conns.spawn(echo(s));
+        }
+    });
+    Ok(EchoService {
+        addr: Some(addr),
+        accepted,
+        _task: AbortOnDropHandle::new(task),
+    })
+}
+
+pub fn echo_unix(path: &Path) -> io::Result<EchoService> {
+    let listener = UnixListener::bind(path)?;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            conns.spawn(echo(s));
+        }
+    });
+    Ok(EchoService {
+        addr: None,
+        accepted,
+        _task: AbortOnDropHandle::new(task),
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct TransferReport {
+    pub bytes: u64,
+    pub elapsed: Duration,
+    pub sha256: String,
+}
+
+impl TransferReport {
+    pub fn mib_per_s(&self) -> f64 {
+        self.bytes as f64 / (1 << 20) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `size` pseudo-random bytes (from `seed`) through an echo path while reading the
+/// echo back; fails unless the echo has the same length and SHA-256 as what was sent.
+pub async fn echo_transfer<S>(stream: S, size: usize, seed: u64) -> io::Result<TransferReport>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let start = Instant::now();
+    let (mut r, mut w) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut sent = Context::new(&SHA256);
+        let mut buf = vec![0u8; 48 * 1024];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(buf.len());
+            rng.fill(&mut buf[..n]);
+            sent.update(&buf[..n]);
+            w.write_all(&buf[..n]).await?;
+            left -= n;
+        }
+        w.flush().await?;
+        Ok::<_, io::Error>((sent.finish(), w))
+    });
+    let mut got = Context::new(&SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0usize;
+    while received < size {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("echo ended after {received} of {size} bytes"),
+            ));
+        }
+        got.update(&buf[..n]);
+        received += n;
+    }
+    let (sent, _w) = writer.await.map_err(io::Error::other)??;
+    let (sent, got) = (hex(sent.as_ref()), hex(got.finish().as_ref()));
+    if sent != got || received != size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "echo differs: sent {size} bytes sha256 {sent}, got {received} bytes sha256 {got}"
+            ),
+        ));
+    }
+    Ok(TransferReport {
+        bytes: size as u64,
+        elapsed: start.elapsed(),
+        sha256: sent,
+    })
+}
+
+/// Waits until the peer closes the connection (EOF or error), discarding data.
+pub async fn wait_closed<S: AsyncRead + Unpin>(s: &mut S) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+    }
+}
