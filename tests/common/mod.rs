@@ -97,13 +97,12 @@ impl Running {
 pub fn spawn_bridge(cfg: BridgeConfig) -> Running {
     let bridge = Bridge::new(cfg).expect("valid bridge config");
     let cancel = CancellationToken::new();
-    let running = Running {
+    Running {
         stats: bridge.stats(),
         state: bridge.state(),
         cancel: cancel.clone(),
         task: tokio::spawn(bridge.run(cancel)),
-    };
-    running
+    }
 }
 
 pub fn config(emu: &Emulator, token: &str, role: Role, limits: Limits) -> BridgeConfig {
