@@ -45,6 +45,14 @@ impl ReadHalf {
             ReadHalf::Unix(r) => r.try_read_buf(buf),
         }
     }
+
+    /// Makes the close that follows a TCP reset (RST): unsent data is discarded at once
+    /// instead of lingering in kernel buffers for a consumer that does not read.
+    fn reset_on_close(&self) {
+        if let ReadHalf::Tcp(r) = self {
+            let _ = r.as_ref().set_zero_linger();
+        }
+    }
 }
 
 type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
@@ -108,13 +116,13 @@ pub struct ConnExit {
 }
 
 /// What the session keeps per connection. Dropping it asks the task to flush what is
-/// queued toward the local socket and close it.
+/// queued toward the local socket and close it; `reset` drops the queue and resets it.
 #[derive(Debug)]
 pub struct ConnHandle {
     pub id: u64,
     pub tx: mpsc::Sender<Bytes>,
     pub queued: Arc<AtomicUsize>,
-    pub abort: tokio::task::AbortHandle,
+    pub reset: CancellationToken,
     pub closing: CancellationToken,
 }
 
@@ -141,6 +149,7 @@ pub struct ConnTask {
     pub queued: Arc<AtomicUsize>,
     pub out: mpsc::Sender<Outbound>,
     pub closing: CancellationToken,
+    pub reset: CancellationToken,
     pub limits: Limits,
     pub stats: Arc<Stats>,
 }
@@ -194,6 +203,7 @@ impl ConnTask {
             debug!(%endpoint, attempt, "local connect failed, retrying: {err}");
             tokio::select! {
                 _ = self.closing.cancelled() => return None,
+                _ = self.reset.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(self.limits.connect_retry_max_delay);
@@ -213,6 +223,11 @@ impl ConnTask {
         let down = pump_down(&mut writer, &mut self.rx, &self.queued);
         tokio::pin!(up, down);
         tokio::select! {
+            biased;
+            _ = self.reset.cancelled() => {
+                reader.reset_on_close();
+                ExitCause::Flushed
+            }
             r = &mut up => {
                 if let Err(e) = r {
                     debug!(conn = self.conn_id, "local read ended: {e}");
@@ -273,8 +288,9 @@ async fn pump_down(
     queued: &AtomicUsize,
 ) -> io::Result<()> {
     while let Some(chunk) = rx.recv().await {
-        queued.fetch_sub(chunk.len(), Ordering::Relaxed);
         writer.write_all(&chunk).await?;
+        // Counted until written: the chunk in hand is memory held for this connection too.
+        queued.fetch_sub(chunk.len(), Ordering::Relaxed);
     }
     writer.shutdown().await
 }

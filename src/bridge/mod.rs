@@ -52,6 +52,13 @@ pub struct Limits {
     pub reconnect_max_delay: Duration,
 }
 
+impl Limits {
+    /// Most bytes held toward one local connection: its queue plus the chunk being written.
+    pub fn connection_buffer_bound(&self) -> usize {
+        (self.queue_depth.max(1) + 1) * protocol::MAX_PAYLOAD
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -83,7 +90,8 @@ pub struct Stats {
     pub refused_streams: AtomicU64,
     pub stalls: AtomicU64,
     pub stall_resets: AtomicU64,
-    /// High-water mark of the bytes queued toward any one local connection.
+    /// High-water mark of the bytes held toward any one local connection (queued or being
+    /// written); never above `Limits::connection_buffer_bound`.
     pub max_queued_bytes: AtomicUsize,
     pub stream_resets_received: AtomicU64,
     pub connection_resets_received: AtomicU64,
@@ -357,6 +365,7 @@ impl Bridge {
             tasks: JoinSet::new(),
             tunnel_services: None,
             next_id: 0,
+            waiting: Default::default(),
         };
         let end = session.run(incoming, &mut writer, accepts, cancel).await;
         session.shutdown().await;

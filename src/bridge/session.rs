@@ -13,7 +13,9 @@ use tokio_tungstenite::tungstenite::{self, Message as WsMessage, protocol::Close
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
-use super::local::{ConnExit, ConnHandle, ConnTask, ExitCause, Open};
+use std::collections::{HashMap, VecDeque};
+
+use super::local::{ConnExit, ConnHandle, ConnTask, ExitCause, LocalStream, Open};
 use super::source::Accepted;
 use super::streams::{Route, StreamTable};
 use super::ws::{Outbound, WsStream};
@@ -28,6 +30,18 @@ pub enum SessionEnd {
     Cancelled,
     Lost(String),
     Protocol(ProtocolError),
+}
+
+/// A service whose waiting client can go now: its stream has ended.
+fn next_waiting(
+    waiting: &HashMap<String, VecDeque<LocalStream>>,
+    table: &StreamTable<ConnHandle>,
+) -> std::future::Ready<Option<String>> {
+    let free = waiting
+        .keys()
+        .find(|s| table.active_stream(s).is_none())
+        .cloned();
+    std::future::ready(free)
 }
 
 /// What differs between the two ends.
@@ -47,6 +61,8 @@ pub struct Session<'a> {
     /// Services of the tunnel, once SERVICE_IDS arrived.
     pub tunnel_services: Option<Vec<String>>,
     pub next_id: u64,
+    /// Source, V1/V2 peers: clients waiting for the service's one connection to end.
+    pub waiting: HashMap<String, VecDeque<LocalStream>>,
 }
 
 type Writer = tokio_util::task::AbortOnDropHandle<Result<(), tungstenite::Error>>;
@@ -79,6 +95,9 @@ impl Session<'_> {
                 }
                 Some(exit) = self.tasks.join_next() => self.on_conn_exit(exit).await,
                 Some(accepted) = accepts.recv(), if ready => self.on_accept(accepted).await,
+                Some(service) = next_waiting(&self.waiting, self.table), if !self.waiting.is_empty() => {
+                    self.resume_waiting(service).await
+                }
                 done = &mut *writer => {
                     let why = match done {
                         Ok(Ok(())) => "websocket writer stopped".to_owned(),
@@ -171,23 +190,29 @@ impl Session<'_> {
             }
         };
         let len = msg.payload.len();
-        let payload = match handle.tx.try_send(msg.payload) {
-            Ok(()) => {
+        // Count the bytes before the message becomes visible to the receiver, which
+        // subtracts them: a permit first, then the count, then the send.
+        match handle.tx.try_reserve() {
+            Ok(permit) => {
                 ConnHandle::note_queued(&handle.queued, len, self.stats);
+                permit.send(msg.payload);
                 return;
             }
             // The task is ending; its exit is handled in `on_conn_exit`.
-            Err(TrySendError::Closed(_)) => return,
-            Err(TrySendError::Full(p)) => p,
-        };
+            Err(TrySendError::Closed(())) => return,
+            Err(TrySendError::Full(())) => {}
+        }
         self.stats.stalls.fetch_add(1, Ordering::Relaxed);
         let (tx, queued, id) = (handle.tx.clone(), handle.queued.clone(), handle.id);
         let waited = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(self.limits.stall_timeout, tx.send(payload)) => r,
+            r = tokio::time::timeout(self.limits.stall_timeout, tx.reserve()) => r,
         };
         match waited {
-            Ok(Ok(())) => ConnHandle::note_queued(&queued, len, self.stats),
+            Ok(Ok(permit)) => {
+                ConnHandle::note_queued(&queued, len, self.stats);
+                permit.send(msg.payload);
+            }
             Ok(Err(_)) => {}
             Err(_) => self.reset_stalled(&service, stream, conn, id).await,
         }
@@ -197,7 +222,7 @@ impl Session<'_> {
         let Some(handle) = self.table.remove_if(service, conn, |h| h.id == id) else {
             return;
         };
-        handle.abort.abort();
+        handle.reset.cancel();
         self.stats.stall_resets.fetch_add(1, Ordering::Relaxed);
         warn!(
             service = %service, stream, conn,
@@ -308,7 +333,7 @@ impl Session<'_> {
         }
         let (tx, rx) = mpsc::channel(self.limits.queue_depth.max(1));
         let queued = Arc::new(AtomicUsize::new(0));
-        let closing = CancellationToken::new();
+        let (closing, reset) = (CancellationToken::new(), CancellationToken::new());
         self.next_id += 1;
         let task = ConnTask {
             id: self.next_id,
@@ -319,15 +344,16 @@ impl Session<'_> {
             queued: queued.clone(),
             out: self.out.clone(),
             closing: closing.clone(),
+            reset: reset.clone(),
             limits: self.limits,
             stats: self.stats.clone(),
         };
-        let abort = self.tasks.spawn(task.run(open));
+        self.tasks.spawn(task.run(open));
         let handle = ConnHandle {
             id: self.next_id,
             tx,
             queued,
-            abort,
+            reset,
             closing,
         };
         self.table.insert(&service, conn, handle);
@@ -401,12 +427,56 @@ impl Session<'_> {
         let Some(service) = self.wire_service(&accepted.service, format) else {
             return;
         };
-        if self.table.connection_count() >= self.limits.max_connections {
+        let waiting: usize = self.waiting.values().map(VecDeque::len).sum();
+        if self.table.connection_count() + waiting >= self.limits.max_connections {
             warn!(service = %service, "refusing local client: {} connections already open", self.limits.max_connections);
             return;
         }
-        let (stream, conn, msg) = match (self.table.active_stream(&service), format) {
-            (None, _) => {
+        if format != Format::V3 && self.table.active_stream(&service).is_some() {
+            // Like the reference proxy: the client waits until the active one ends.
+            debug!(service = %service, "client waits: a {format:?} destination carries one connection per service at a time");
+            self.waiting
+                .entry(service)
+                .or_default()
+                .push_back(accepted.stream);
+            return;
+        }
+        self.open_source_connection(service, format, accepted.stream)
+            .await;
+    }
+
+    async fn resume_waiting(&mut self, service: String) {
+        let Role::Source(format) = self.role else {
+            return;
+        };
+        let Some(queue) = self.waiting.get_mut(&service) else {
+            return;
+        };
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            self.waiting.remove(&service);
+        }
+        if let Some(stream) = next {
+            self.open_source_connection(service, format, stream).await;
+        }
+    }
+
+    async fn open_source_connection(
+        &mut self,
+        service: String,
+        format: Format,
+        local: LocalStream,
+    ) {
+        let (stream, conn, msg) = match self.table.active_stream(&service) {
+            Some(stream) if format == Format::V3 => {
+                let conn = self.table.next_connection_id(&service);
+                (
+                    stream,
+                    conn,
+                    Message::connection_start(stream, &service, conn),
+                )
+            }
+            _ => {
                 let stream = self.table.open_stream(&service);
                 let conn = if format == Format::V3 {
                     self.table.next_connection_id(&service)
@@ -415,25 +485,10 @@ impl Session<'_> {
                 };
                 (stream, conn, Message::stream_start(stream, &service, conn))
             }
-            (Some(stream), Format::V3) => {
-                let conn = self.table.next_connection_id(&service);
-                (
-                    stream,
-                    conn,
-                    Message::connection_start(stream, &service, conn),
-                )
-            }
-            (Some(_), _) => {
-                warn!(
-                    service = %service,
-                    "refusing local client: a {format:?} destination carries one connection per service at a time"
-                );
-                return;
-            }
         };
         debug!(service = %service, stream, conn, kind = ?msg.kind(), "opening tunnel connection");
         self.send(msg).await;
-        self.open_local(service, stream, conn, Open::Accepted(accepted.stream))
+        self.open_local(service, stream, conn, Open::Accepted(local))
             .await;
     }
 

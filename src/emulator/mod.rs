@@ -423,7 +423,7 @@ async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
 }
 
 /// Installs a newly connected peer: SERVICE_IDS first (V2/V3 peers), the replaced peer
-/// closed, and STREAM_RESET for the open streams sent to the other side.
+/// closed, and STREAM_RESET for the open streams sent to the other side (spec §3.5).
 fn register(shared: &Shared, tunnel_id: &str, mode: Mode, peer: PeerHandle) -> bool {
     let (old, other, resets) = {
         let mut st = shared.lock();
@@ -441,14 +441,12 @@ fn register(shared: &Shared, tunnel_id: &str, mode: Mode, peer: PeerHandle) -> b
             }
         }
         let old = t.set_peer(mode, peer);
-        let resets: Vec<Message> = if old.is_some() {
-            t.active_streams
-                .drain()
-                .map(|(service, stream)| Message::stream_reset(stream, &service))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // A (re)connected peer knows none of the open streams: reset them on the other side.
+        let resets: Vec<Message> = t
+            .active_streams
+            .drain()
+            .map(|(service, stream)| Message::stream_reset(stream, &service))
+            .collect();
         (old, t.peer(mode.peer()).cloned(), resets)
     };
     if let Some(old) = old {

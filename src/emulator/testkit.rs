@@ -8,22 +8,47 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ring::digest::{Context, SHA256};
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
-use tokio::task::JoinSet;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
-/// An echo service; counts the connections it accepted.
+/// A local service for tests. Dropping it stops accepting; connections already accepted
+/// live on until their client closes them.
 pub struct EchoService {
     pub addr: Option<SocketAddr>,
-    pub accepted: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+    closed: watch::Receiver<u64>,
     _task: AbortOnDropHandle<()>,
+}
+
+/// What the service does with each connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    Echo,
+    /// Never reads: a stuck consumer.
+    Stuck,
 }
 
 impl EchoService {
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
     }
+
+    /// Waits until `n` connections have ended (the other side closed them).
+    pub async fn wait_closed(&mut self, n: u64) {
+        let _ = self.closed.wait_for(|c| *c >= n).await;
+    }
+
+    pub fn closed(&self) -> u64 {
+        *self.closed.borrow()
+    }
+}
+
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
 }
 
 async fn echo<S: AsyncRead + AsyncWrite>(s: S) {
@@ -32,41 +57,67 @@ async fn echo<S: AsyncRead + AsyncWrite>(s: S) {
     let _ = w.shutdown().await;
 }
 
-pub async fn echo_tcp(bind: &str) -> io::Result<EchoService> {
-    let listener = TcpListener::bind(bind).await?;
-    let addr = listener.local_addr()?;
+async fn serve(conn: Conn, how: Behaviour, closed: Arc<watch::Sender<u64>>) {
+    match (how, conn) {
+        (Behaviour::Echo, Conn::Tcp(s)) => echo(s).await,
+        (Behaviour::Echo, Conn::Unix(s)) => echo(s).await,
+        // Never reads; ends when the peer resets the connection.
+        (Behaviour::Stuck, Conn::Tcp(s)) => {
+            let _ = s.ready(Interest::ERROR).await;
+        }
+        (Behaviour::Stuck, Conn::Unix(s)) => {
+            let _ = s.ready(Interest::ERROR).await;
+        }
+    }
+    closed.send_modify(|c| *c += 1);
+}
+
+enum AnyListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+fn spawn_service(listener: AnyListener, how: Behaviour, addr: Option<SocketAddr>) -> EchoService {
     let accepted = Arc::new(AtomicU64::new(0));
+    let (closed_tx, closed) = watch::channel(0);
+    let closed_tx = Arc::new(closed_tx);
     let count = accepted.clone();
     let task = tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        while let Ok((s, _)) = listener.accept().await {
+        loop {
+            let conn = match &listener {
+                AnyListener::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
+                AnyListener::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+            };
+            let Ok(conn) = conn else { return };
             count.fetch_add(1, Ordering::Relaxed);
-            conns.spawn(echo(s));
+            tokio::spawn(serve(conn, how, closed_tx.clone()));
         }
     });
-    Ok(EchoService {
-        addr: Some(addr),
+    EchoService {
+        addr,
         accepted,
+        closed,
         _task: AbortOnDropHandle::new(task),
-    })
+    }
+}
+
+pub async fn echo_tcp(bind: &str) -> io::Result<EchoService> {
+    service_tcp(bind, Behaviour::Echo).await
+}
+
+pub async fn service_tcp(bind: &str, how: Behaviour) -> io::Result<EchoService> {
+    let listener = TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    Ok(spawn_service(AnyListener::Tcp(listener), how, Some(addr)))
 }
 
 pub fn echo_unix(path: &Path) -> io::Result<EchoService> {
     let listener = UnixListener::bind(path)?;
-    let accepted = Arc::new(AtomicU64::new(0));
-    let count = accepted.clone();
-    let task = tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        while let Ok((s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::Relaxed);
-            conns.spawn(echo(s));
-        }
-    });
-    Ok(EchoService {
-        addr: None,
-        accepted,
-        _task: AbortOnDropHandle::new(task),
-    })
+    Ok(spawn_service(
+        AnyListener::Unix(listener),
+        Behaviour::Echo,
+        None,
+    ))
 }
 
 #[derive(Debug, Clone)]

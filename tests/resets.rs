@@ -1,0 +1,256 @@
+//! Resets, refusals and closes: every local socket ends as the protocol says, and the
+//! tunnel keeps working afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use securetunnel_agent::bridge::{BridgeEnd, Limits};
+use securetunnel_agent::emulator::testkit::{
+    Behaviour, echo_tcp, echo_transfer, echo_unix, service_tcp, wait_closed,
+};
+use securetunnel_agent::protocol::{Format, Message, Mode};
+use securetunnel_agent::services::{LocalEndpoint, ServiceMap};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn tcp(addr: std::net::SocketAddr) -> LocalEndpoint {
+    LocalEndpoint::Tcp {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    }
+}
+
+/// A client with some bytes echoed through the tunnel, so its stream is up end to end.
+async fn live_client(addr: std::net::SocketAddr) -> TcpStream {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("echo of a live client", c.read_exact(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_local_service_gives_stream_reset_and_the_next_connection_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("app.sock");
+    let map = ServiceMap::default().with("APP", LocalEndpoint::Unix(sock.clone()));
+    let t = tunnel(&["APP"], map, "APP=0", Format::V3).await;
+
+    let mut refused = TcpStream::connect(t.addrs.get("APP")).await.unwrap();
+    refused.write_all(b"hello").await.unwrap();
+    within(
+        "source closes the refused client",
+        wait_closed(&mut refused),
+    )
+    .await;
+    assert_eq!(get(&t.src.stats.stream_resets_received), 1);
+    assert_eq!(get(&t.dest.stats.local_connects), 2, "bounded retries");
+
+    let echo = echo_unix(&sock).unwrap();
+    let client = TcpStream::connect(t.addrs.get("APP")).await.unwrap();
+    within("next connection", echo_transfer(client, 64 << 10, 1))
+        .await
+        .unwrap();
+    assert_eq!(echo.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_connection_start_gives_connection_reset_and_the_next_connection_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("app.sock");
+    let map = ServiceMap::default().with("APP", LocalEndpoint::Unix(sock.clone()));
+    let t = tunnel(&["APP"], map, "APP=0", Format::V3).await;
+    let echo = echo_unix(&sock).unwrap();
+    let mut first = live_client(t.addrs.get("APP")).await;
+
+    // The service stops listening: the second connection of the stream cannot be opened.
+    drop(echo);
+    std::fs::remove_file(&sock).unwrap();
+    let mut second = TcpStream::connect(t.addrs.get("APP")).await.unwrap();
+    second.write_all(b"x").await.unwrap();
+    within("source closes the second client", wait_closed(&mut second)).await;
+    assert_eq!(get(&t.src.stats.connection_resets_received), 1);
+    assert_eq!(
+        get(&t.src.stats.stream_resets_received),
+        0,
+        "the stream stays up"
+    );
+
+    // The first connection is untouched; a third one works once the service is back.
+    first.write_all(b"more").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("first still echoes", first.read_exact(&mut buf))
+        .await
+        .unwrap();
+    let echo = echo_unix(&sock).unwrap();
+    let third = TcpStream::connect(t.addrs.get("APP")).await.unwrap();
+    within("third connection", echo_transfer(third, 64 << 10, 2))
+        .await
+        .unwrap();
+    assert_eq!(echo.accepted(), 1);
+}
+
+async fn reset_mid_transfer_closes_local_sockets(reset: Message, by_stream: bool) {
+    let mut echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
+    let t = tunnel(&["SSH"], map, "SSH=0", Format::V3).await;
+    let a = live_client(t.addrs.get("SSH")).await;
+    let b = live_client(t.addrs.get("SSH")).await;
+    let stream = t.emu.active_stream(&t.tokens.tunnel_id, "SSH").unwrap();
+    let reset = if by_stream {
+        Message::stream_reset(stream, "SSH")
+    } else {
+        reset
+    };
+    // Keep bytes flowing on `a` while the reset lands.
+    let (mut ar, mut aw) = a.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![1u8; 16 << 10];
+        while aw.write_all(&chunk).await.is_ok() {}
+    });
+    let mut first = [0u8; 1];
+    ar.read_exact(&mut first).await.unwrap();
+    for mode in [Mode::Destination, Mode::Source] {
+        assert!(t.emu.inject(&t.tokens.tunnel_id, mode, &reset).await);
+    }
+    within("destination closes its local sockets", echo.wait_closed(2)).await;
+    within("source closes client a", wait_closed(&mut ar)).await;
+    let (mut br, _bw) = b.into_split();
+    within("source closes client b", wait_closed(&mut br)).await;
+    within("writer stops", writer).await.unwrap();
+
+    let next = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+    within("next connection", echo_transfer(next, 256 << 10, 9))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_reset_mid_transfer_closes_every_connection_of_the_stream() {
+    reset_mid_transfer_closes_local_sockets(Message::session_reset(), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_reset_mid_transfer_closes_every_connection() {
+    reset_mid_transfer_closes_local_sockets(Message::session_reset(), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_frame_ends_the_destination_within_1s_with_every_local_socket_closed() {
+    let mut echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
+    let t = tunnel(&["SSH"], map, "SSH=0", Format::V3).await;
+    let _clients = [
+        live_client(t.addrs.get("SSH")).await,
+        live_client(t.addrs.get("SSH")).await,
+        live_client(t.addrs.get("SSH")).await,
+    ];
+    t.emu.close_tunnel(&t.tokens.tunnel_id);
+    let end = tokio::time::timeout(Duration::from_secs(1), t.dest.task)
+        .await
+        .expect("destination ends within 1 s")
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(end, BridgeEnd::ClosedByService { code: 1000, .. }),
+        "{end:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(1), echo.wait_closed(3))
+        .await
+        .expect("every local socket closed within 1 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmapped_service_is_refused_with_no_connect_attempt() {
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
+    let t = tunnel(&["SSH", "FTP"], map, "SSH=0,FTP=0", Format::V3).await;
+    let mut ftp = TcpStream::connect(t.addrs.get("FTP")).await.unwrap();
+    ftp.write_all(b"USER x\r\n").await.unwrap();
+    within("source closes the refused client", wait_closed(&mut ftp)).await;
+    assert_eq!(get(&t.dest.stats.refused_streams), 1);
+    assert_eq!(get(&t.dest.stats.local_connects), 0, "no connect attempt");
+    assert_eq!(get(&t.src.stats.stream_resets_received), 1);
+
+    let ssh = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+    within("mapped service works", echo_transfer(ssh, 64 << 10, 4))
+        .await
+        .unwrap();
+    assert_eq!(get(&t.dest.stats.local_connects), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_consumer_is_reset_by_policy_while_another_connection_moves_32_mib() {
+    let mut stuck = service_tcp("127.0.0.1:0", Behaviour::Stuck).await.unwrap();
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = ServiceMap::default()
+        .with("STUCK", tcp(stuck.addr.unwrap()))
+        .with("FAST", tcp(echo.addr.unwrap()));
+    let limits = Limits {
+        stall_timeout: Duration::from_millis(300),
+        ..test_limits()
+    };
+    let t = tunnel_with(
+        &["STUCK", "FAST"],
+        map,
+        "STUCK=0,FAST=0",
+        Format::V3,
+        limits,
+        true,
+    )
+    .await;
+
+    let s = TcpStream::connect(t.addrs.get("STUCK")).await.unwrap();
+    let (mut sr, mut sw) = s.into_split();
+    let flood = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 << 10];
+        let mut sent = 0usize;
+        while sw.write_all(&chunk).await.is_ok() {
+            sent += chunk.len();
+        }
+        sent
+    });
+    let fast = TcpStream::connect(t.addrs.get("FAST")).await.unwrap();
+    let report = within(
+        "32 MiB beside a stuck consumer",
+        echo_transfer(fast, 32 << 20, 5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.bytes, 32 << 20);
+
+    within("stuck client closed by the source", wait_closed(&mut sr)).await;
+    within("stuck local socket reset", stuck.wait_closed(1)).await;
+    let flooded = within("flood ends", flood).await.unwrap();
+    let bound = limits.connection_buffer_bound();
+    let peak = t
+        .dest
+        .stats
+        .max_queued_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("stuck client sent {flooded} bytes; peak queue {peak} of {bound}");
+    assert!(peak <= bound, "queue peaked at {peak} > bound {bound}");
+    assert!(peak > 0);
+    assert_eq!(get(&t.dest.stats.stall_resets), 1);
+    assert_eq!(get(&t.src.stats.connection_resets_received), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_reconnect_resets_the_sources_streams_and_the_next_connection_works() {
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
+    let mut t = tunnel(&["SSH"], map, "SSH=0", Format::V3).await;
+    let mut old = live_client(t.addrs.get("SSH")).await;
+    t.emu.drop_peer(&t.tokens.tunnel_id, Mode::Destination);
+    t.dest.wait_sessions(2).await;
+    within("old client closed", wait_closed(&mut old)).await;
+    let next = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+    within("after reconnect", echo_transfer(next, 256 << 10, 6))
+        .await
+        .unwrap();
+}
