@@ -98,6 +98,7 @@ pub struct Stats {
     pub session_resets_received: AtomicU64,
     pub resets_sent: AtomicU64,
     pub pings_sent: AtomicU64,
+    pub pongs_received: AtomicU64,
 }
 
 impl Stats {
@@ -379,7 +380,10 @@ impl Bridge {
             let _ = out_tx.try_send(ws::Outbound::Close(code, reason));
         }
         drop(out_tx);
-        let _ = tokio::time::timeout(CLOSE_FLUSH, &mut writer).await;
+        // The session may already have consumed the writer's result.
+        if !writer.is_finished() {
+            let _ = tokio::time::timeout(CLOSE_FLUSH, &mut writer).await;
+        }
         end
     }
 }

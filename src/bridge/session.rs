@@ -138,7 +138,12 @@ impl Session<'_> {
             }
             Some(Ok(WsMessage::Text(_))) => Err(SessionEnd::Protocol(ProtocolError::TextFrame)),
             Some(Ok(WsMessage::Close(frame))) => Err(SessionEnd::Closed(frame)),
-            // tungstenite answers pings itself; pongs need nothing.
+            Some(Ok(WsMessage::Pong(_))) => {
+                // Informational only: the service may not answer pings (spec §1.5).
+                self.stats.pongs_received.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            // tungstenite answers pings itself.
             Some(Ok(_)) => Ok(()),
         }
     }

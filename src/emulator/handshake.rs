@@ -79,6 +79,10 @@ fn access_token(req: &Request) -> Result<String, Rejected> {
 /// Applies every upgrade rule; on success the token is marked used (bound to the client
 /// token, if one came) and counted.
 pub fn decide(state: &mut State, req: &Request) -> Result<Accepted, Rejected> {
+    // Every handshake that presents a token counts for it, whatever the verdict.
+    if let Ok(token) = access_token(req) {
+        state.count_handshake(&token);
+    }
     if let Some(status) = state.take_injected_failure() {
         return Err(reject(status, "Injected failure (emulator fault switch)"));
     }
@@ -131,7 +135,6 @@ pub fn decide(state: &mut State, req: &Request) -> Result<Accepted, Rejected> {
             ));
         }
     };
-    state.count_handshake(&token);
     let (tunnel_id, token_mode, usage) = match state.lookup_token(&token) {
         Some(found) => found,
         None => {

@@ -358,16 +358,17 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
 
 async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
-    let io: peer::PeerIo = match tls {
+    let io: Box<dyn crate::bridge::ws::Io> = match tls {
         Some(acceptor) => match acceptor.accept(tcp).await {
-            Ok(s) => Box::new(pong_filter::PongFilter::new(s, shared.drop_pongs.clone())),
+            Ok(s) => Box::new(s),
             Err(e) => {
                 debug!("emulator TLS handshake failed: {e}");
                 return;
             }
         },
-        None => Box::new(pong_filter::PongFilter::new(tcp, shared.drop_pongs.clone())),
+        None => Box::new(tcp),
     };
+    let io = pong_filter::PongFilter::new(io, shared.drop_pongs.clone());
     let mut decision = None;
     // The callback's signature is tungstenite's.
     #[allow(clippy::result_large_err)]
@@ -396,8 +397,12 @@ async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
             }
         }
     };
-    let ws = match tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(ws_config()))
-        .await
+    let mut ws = match tokio_tungstenite::accept_hdr_async_with_config(
+        io,
+        callback,
+        Some(ws_config()),
+    )
+    .await
     {
         Ok(ws) => ws,
         Err(e) => {
@@ -405,6 +410,7 @@ async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
             return;
         }
     };
+    ws.get_mut().start_framing();
     let Some(accepted) = decision else { return };
     let (tunnel_id, mode) = (accepted.tunnel_id, accepted.mode);
     let id = shared.next_peer.fetch_add(1, Ordering::Relaxed);

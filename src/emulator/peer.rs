@@ -22,7 +22,7 @@ use crate::protocol::{
     FrameReader, LENGTH_PREFIX, MAX_PAYLOAD, MAX_WS_MESSAGE, Message, MessageType, Mode,
 };
 
-pub type PeerIo = Box<dyn crate::bridge::ws::Io>;
+pub type PeerIo = super::pong_filter::PongFilter<Box<dyn crate::bridge::ws::Io>>;
 pub type PeerWs = WebSocketStream<PeerIo>;
 
 /// Rule (spec §3.1, service side): what a client may send. Returns the decoded message.

@@ -22,6 +22,8 @@ pub struct PongFilter<S> {
     /// Payload bytes left in the current frame, once its header is complete.
     remaining: Option<u64>,
     dropping: bool,
+    /// Off during the HTTP upgrade, whose bytes are not websocket frames.
+    framing: bool,
 }
 
 impl<S> PongFilter<S> {
@@ -35,7 +37,13 @@ impl<S> PongFilter<S> {
             hdr_written: 0,
             remaining: None,
             dropping: false,
+            framing: false,
         }
+    }
+
+    /// Call once the upgrade response is written: from here on the stream is frames.
+    pub fn start_framing(&mut self) {
+        self.framing = true;
     }
 
     fn absorb_header(&mut self, buf: &[u8]) -> usize {
@@ -110,6 +118,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PongFilter<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if !this.framing {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
         ready!(this.poll_pending_header(cx))?;
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
@@ -164,6 +175,7 @@ mod tests {
     async fn filtered(on: bool, input: &[u8], step: usize) -> Vec<u8> {
         let mut out = Vec::new();
         let mut f = PongFilter::new(&mut out, Arc::new(AtomicBool::new(on)));
+        f.start_framing();
         for chunk in input.chunks(step) {
             f.write_all(chunk).await.unwrap();
         }
@@ -187,5 +199,78 @@ mod tests {
             assert_eq!(filtered(true, &input, step).await, expected, "step {step}");
             assert_eq!(filtered(false, &input, step).await, input, "step {step}");
         }
+    }
+}
+
+#[cfg(test)]
+mod partial_writes {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Accepts a random number of bytes per call and is sometimes not ready.
+    struct Choppy {
+        out: Vec<u8>,
+        rng: fastrand::Rng,
+    }
+
+    impl AsyncWrite for Choppy {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.rng.u8(..) < 64 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = self.rng.usize(1..=buf.len().min(50));
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn partial_and_pending_inner_writes_keep_the_stream_intact() {
+        let mut input = Vec::new();
+        let mut expected = Vec::new();
+        let mut rng = fastrand::Rng::with_seed(3);
+        for i in 0..200 {
+            let pong = i % 3 == 0;
+            let len = rng.usize(0..400);
+            let mut f = vec![0x80 | if pong { OPCODE_PONG } else { 0x2 }];
+            if len < 126 {
+                f.push(len as u8);
+            } else {
+                f.push(126);
+                f.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            f.extend((0..len).map(|_| rng.u8(..)));
+            input.extend_from_slice(&f);
+            if !pong {
+                expected.extend_from_slice(&f);
+            }
+        }
+        let mut f = PongFilter::new(
+            Choppy {
+                out: Vec::new(),
+                rng: fastrand::Rng::with_seed(9),
+            },
+            Arc::new(AtomicBool::new(true)),
+        );
+        f.start_framing();
+        let mut pos = 0;
+        while pos < input.len() {
+            let n = (pos + rng.usize(1..700)).min(input.len());
+            f.write_all(&input[pos..n]).await.unwrap();
+            pos = n;
+        }
+        f.flush().await.unwrap();
+        assert_eq!(f.inner.out, expected);
     }
 }

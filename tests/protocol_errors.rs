@@ -1,0 +1,182 @@
+//! Protocol violations, handshake failures and keepalive: errors are handled, never panics.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use securetunnel_agent::bridge::{BridgeError, HandshakeError, Limits, Phase};
+use securetunnel_agent::emulator::CLIENT_TOKEN_MISMATCH;
+use securetunnel_agent::emulator::testkit::{echo_tcp, echo_transfer};
+use securetunnel_agent::protocol::{Format, Message, Mode};
+use securetunnel_agent::secret::Secret;
+use securetunnel_agent::services::{LocalEndpoint, ServiceMap};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+fn tcp(addr: std::net::SocketAddr) -> LocalEndpoint {
+    LocalEndpoint::Tcp {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    }
+}
+
+async fn echo_tunnel() -> (Tunnel, securetunnel_agent::emulator::testkit::EchoService) {
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
+    (tunnel(&["SSH"], map, "SSH=0", Format::V3).await, echo)
+}
+
+async fn violation_ends_the_session_and_the_destination_reconnects(bad: WsMessage) {
+    let (mut t, _echo) = echo_tunnel().await;
+    assert!(
+        t.emu
+            .inject_ws(&t.tokens.tunnel_id, Mode::Destination, bad)
+            .await
+    );
+    t.dest.wait_sessions(2).await;
+    assert_eq!(get(&t.dest.stats.protocol_errors), 1);
+    let client = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+    within(
+        "transfer after reconnect",
+        echo_transfer(client, 256 << 10, 1),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_frame_is_a_protocol_error_not_a_panic() {
+    violation_ends_the_session_and_the_destination_reconnects(WsMessage::text("hello")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_is_a_protocol_error_not_a_panic() {
+    let garbage = vec![0u8, 3, 0xff, 0xff, 0xff];
+    violation_ends_the_session_and_the_destination_reconnects(WsMessage::binary(garbage)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_message_type_is_a_protocol_error_unless_ignorable() {
+    let (mut t, _echo) = echo_tunnel().await;
+    let mut unknown = Message::stream_reset(1, "SSH");
+    unknown.r#type = 42;
+    unknown.ignorable = true;
+    assert!(
+        t.emu
+            .inject(&t.tokens.tunnel_id, Mode::Destination, &unknown)
+            .await
+    );
+    // Traffic after the ignorable message shares its ordered path: it was skipped.
+    let client = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+    within("transfer", echo_transfer(client, 64 << 10, 2))
+        .await
+        .unwrap();
+    assert_eq!(get(&t.dest.stats.protocol_errors), 0);
+    assert_eq!(get(&t.dest.stats.sessions), 1);
+
+    unknown.ignorable = false;
+    assert!(
+        t.emu
+            .inject(&t.tokens.tunnel_id, Mode::Destination, &unknown)
+            .await
+    );
+    t.dest.wait_sessions(2).await;
+    assert_eq!(get(&t.dest.stats.protocol_errors), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_5xx_is_retried_with_backoff() {
+    let emu = emulator(true).await;
+    let tokens = emu.open_tunnel(&["SSH"], Duration::from_secs(600));
+    emu.fail_next_handshakes(2, 503);
+    let mut dest = destination(&emu, &tokens, ServiceMap::default());
+    dest.wait_phase(Phase::Ready).await;
+    assert_eq!(get(&dest.stats.handshake_failures), 2);
+    assert_eq!(get(&dest.stats.sessions), 1);
+    assert_eq!(
+        emu.handshakes_for_token(&tokens.destination_access_token),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_4xx_ends_the_bridge_without_retry() {
+    let emu = emulator(true).await;
+    let tokens = emu.open_tunnel(&["SSH"], Duration::from_secs(600));
+    emu.fail_next_handshakes(1, 403);
+    let dest = destination(&emu, &tokens, ServiceMap::default());
+    let end = within("bridge gives up", dest.task).await.unwrap();
+    assert!(
+        matches!(
+            end,
+            Err(BridgeError::Rejected(HandshakeError::Rejected {
+                status: 403,
+                ..
+            }))
+        ),
+        "{end:?}"
+    );
+    assert_eq!(
+        emu.handshakes_for_token(&tokens.destination_access_token),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_destination_with_another_client_token_is_refused_and_the_first_keeps_running() {
+    let emu = emulator(true).await;
+    let tokens = emu.open_tunnel(&["SSH"], Duration::from_secs(600));
+    let mut first = destination(&emu, &tokens, ServiceMap::default());
+    first.wait_phase(Phase::Ready).await;
+    let mut cfg = config(
+        &emu,
+        &tokens.destination_access_token,
+        securetunnel_agent::bridge::Role::Destination {
+            services: ServiceMap::default(),
+        },
+        test_limits(),
+    );
+    cfg.client_token = Some(Secret::new(uuid::Uuid::new_v4().to_string()));
+    let second = spawn_bridge(cfg);
+    match within("second bridge refused", second.task).await.unwrap() {
+        Err(BridgeError::Rejected(HandshakeError::Rejected {
+            status: 400, body, ..
+        })) => {
+            assert_eq!(body, CLIENT_TOKEN_MISMATCH)
+        }
+        other => panic!("expected a 400 rejection, got {other:?}"),
+    }
+    assert!(emu.is_connected(&tokens.tunnel_id, Mode::Destination));
+    assert_eq!(first.state.borrow().sessions, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_pings_do_not_end_the_session() {
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
+    let limits = Limits {
+        ping_interval: Duration::from_millis(20),
+        ..test_limits()
+    };
+    let t = tunnel_with(&["SSH"], map, "SSH=0", Format::V3, limits, true).await;
+    t.emu.set_answer_pings(false);
+    let pongs_before = get(&t.dest.stats.pongs_received);
+    let pings_before = get(&t.dest.stats.pings_sent);
+    // Traffic is the clock: keep moving data until several pings went unanswered.
+    let mut seed = 0;
+    while get(&t.dest.stats.pings_sent) < pings_before + 5 {
+        let client = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+        within("transfer", echo_transfer(client, 1 << 20, seed))
+            .await
+            .unwrap();
+        seed += 1;
+    }
+    assert_eq!(
+        get(&t.dest.stats.pongs_received),
+        pongs_before,
+        "pongs were not dropped"
+    );
+    assert_eq!(get(&t.dest.stats.sessions), 1);
+    assert_eq!(t.dest.state.borrow().phase, Phase::Ready);
+}
