@@ -1,1 +1,312 @@
+//! The command line. `local-proxy` takes the reference localproxy's options, so people who
+//! run it today can switch without relearning anything.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::bridge::{
+    Bridge, BridgeConfig, BridgeEnd, BridgeError, DataEndpoint, Limits, Role, SourceListeners,
+};
+use crate::protocol::{self, Format};
+use crate::secret::Secret;
+use crate::services::{DEFAULT_HOST, ServiceMap};
+use crate::tls::{TlsOptions, client_config};
+
+pub const ENV_ACCESS_TOKEN: &str = "AWSIOT_TUNNEL_ACCESS_TOKEN";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "securetunnel-agent",
+    version,
+    about = "AWS IoT Secure Tunneling agent and local proxy"
+)]
+pub struct Cli {
+    /// Log level as in localproxy: 0 off, 1-2 errors, 3 warnings, 4 info, 5 debug, 6 trace.
+    #[arg(short = 'v', long, global = true, default_value_t = 4)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one tunnel end, like the reference localproxy (token from AWSIOT_TUNNEL_ACCESS_TOKEN).
+    LocalProxy(LocalProxyArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ClientType {
+    #[value(name = "V1", alias = "v1")]
+    V1,
+    #[value(name = "V2", alias = "v2")]
+    V2,
+}
+
+#[derive(Args, Debug)]
+pub struct LocalProxyArgs {
+    /// AWS region of the tunnel (builds data.tunneling.iot.<region>.amazonaws.com).
+    #[arg(
+        short = 'r',
+        long,
+        env = "AWSIOT_TUNNEL_REGION",
+        conflicts_with = "proxy_endpoint"
+    )]
+    pub region: Option<String>,
+    /// Data-plane endpoint host[:port] instead of the region's (ws://127.0.0.1:port for a local emulator).
+    #[arg(short = 'e', long, env = "AWSIOT_TUNNEL_ENDPOINT")]
+    pub proxy_endpoint: Option<String>,
+    /// Source mode: listen per service, e.g. SSH=5555,HTTP=8080 (or one port).
+    #[arg(
+        short = 's',
+        long = "source-listen-port",
+        conflicts_with = "destination"
+    )]
+    pub source: Option<String>,
+    /// Destination mode: where each service goes, e.g. SSH=22,HTTP=10.0.0.1:80,APP=/run/app.sock.
+    #[arg(short = 'd', long = "destination-app")]
+    pub destination: Option<String>,
+    /// Access token. Visible to other users in the process list: prefer AWSIOT_TUNNEL_ACCESS_TOKEN.
+    #[arg(short = 't', long)]
+    pub access_token: Option<String>,
+    /// Client token (32-128 of [a-zA-Z0-9-]); generated when absent so reconnects work.
+    #[arg(
+        short = 'i',
+        long,
+        env = "AWSIOT_TUNNEL_CLIENT_TOKEN",
+        hide_env_values = true
+    )]
+    pub client_token: Option<String>,
+    /// PEM file, or directory of PEM files, trusted in addition to the platform roots.
+    #[arg(short = 'c', long)]
+    pub capath: Option<PathBuf>,
+    /// Skip server certificate verification (testing only).
+    #[arg(short = 'k', long = "no-ssl-host-verify")]
+    pub no_ssl_host_verify: bool,
+    /// Source mode: speak the message format of an older destination.
+    #[arg(short = 'y', long, value_enum)]
+    pub destination_client_type: Option<ClientType>,
+    /// Source: listen address; destination: host for port-only mappings.
+    #[arg(short = 'b', long)]
+    pub local_bind_address: Option<String>,
+    /// Reset a connection whose local consumer reads nothing for this many milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub stall_timeout_ms: u64,
+}
+
+/// A problem with the command line: printed with what to do, exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+fn usage(msg: impl Into<String>) -> UsageError {
+    UsageError(msg.into())
+}
+
+impl LocalProxyArgs {
+    pub fn endpoint(&self) -> Result<DataEndpoint, UsageError> {
+        match (&self.region, &self.proxy_endpoint) {
+            (_, Some(e)) => DataEndpoint::parse_override(e)
+                .map_err(|p| usage(format!("-e/--proxy-endpoint {e:?}: {p}"))),
+            (Some(r), None) if protocol::is_valid_region(r) => Ok(DataEndpoint::for_region(r)),
+            (Some(r), None) => Err(usage(format!(
+                "-r/--region {r:?} is not a region name such as us-east-1"
+            ))),
+            (None, None) => Err(usage(
+                "give the tunnel's region with -r (or an endpoint with -e host[:port])",
+            )),
+        }
+    }
+
+    pub fn access_token(&self) -> Result<Secret, UsageError> {
+        let token = match &self.access_token {
+            Some(t) => {
+                warn!(
+                    "access token given with -t: other users can read it in the process list; use {ENV_ACCESS_TOKEN} instead"
+                );
+                Secret::new(t.as_str())
+            }
+            None => Secret::new(
+                std::env::var(ENV_ACCESS_TOKEN)
+                    .map_err(|_| usage(format!("no access token: set {ENV_ACCESS_TOKEN}")))?,
+            ),
+        };
+        if let Some(problem) = protocol::access_token_problem(token.expose()) {
+            return Err(usage(format!("{problem}; check {ENV_ACCESS_TOKEN}")));
+        }
+        Ok(token)
+    }
+
+    pub fn tls(
+        &self,
+        endpoint: &DataEndpoint,
+    ) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, UsageError> {
+        if !endpoint.tls {
+            return Ok(None);
+        }
+        let mut opts = TlsOptions::platform();
+        if let Some(path) = &self.capath {
+            opts.add_ca_path(path)
+                .map_err(|e| usage(format!("-c/--capath: {e}")))?;
+        }
+        if self.no_ssl_host_verify {
+            warn!(
+                "!!! -k: the server certificate is NOT verified. Anyone on the network path can read and change this tunnel. Use only against a test endpoint. !!!"
+            );
+            opts.insecure_skip_verify = true;
+        }
+        client_config(&opts)
+            .map(Some)
+            .map_err(|e| usage(e.to_string()))
+    }
+
+    /// Builds the bridge configuration; binds source listeners now so a taken port fails early.
+    pub async fn bridge_config(&self) -> Result<BridgeConfig, UsageError> {
+        let endpoint = self.endpoint()?;
+        let host = self.local_bind_address.as_deref().unwrap_or(DEFAULT_HOST);
+        let role = match (&self.source, &self.destination) {
+            (Some(s), None) => {
+                let map = ServiceMap::parse_mappings(s, host, true)
+                    .map_err(|e| usage(format!("-s: {e}")))?;
+                let format = match self.destination_client_type {
+                    Some(ClientType::V1) if map.named().count() > 1 => {
+                        return Err(usage("-y V1 carries one service: give a single -s mapping"));
+                    }
+                    Some(ClientType::V1) => Format::V1,
+                    Some(ClientType::V2) => Format::V2,
+                    None => Format::V3,
+                };
+                let listeners = SourceListeners::bind(&map)
+                    .await
+                    .map_err(|e| usage(e.to_string()))?;
+                Role::Source { listeners, format }
+            }
+            (None, Some(d)) => {
+                if self.destination_client_type.is_some() {
+                    warn!("-y/--destination-client-type only applies in source mode; ignored");
+                }
+                let services = ServiceMap::parse_mappings(d, host, false)
+                    .map_err(|e| usage(format!("-d: {e}")))?;
+                Role::Destination { services }
+            }
+            _ => {
+                return Err(usage(
+                    "choose a mode: -s for source (listen) or -d for destination (connect)",
+                ));
+            }
+        };
+        let limits = Limits {
+            stall_timeout: std::time::Duration::from_millis(self.stall_timeout_ms.max(1)),
+            ..Limits::default()
+        };
+        Ok(BridgeConfig {
+            role,
+            tls: self.tls(&endpoint)?,
+            endpoint,
+            access_token: self.access_token()?,
+            client_token: self.client_token.as_deref().map(Secret::new),
+            limits,
+        })
+    }
+}
+
+/// Runs `local-proxy` until the tunnel closes or a signal arrives.
+pub async fn local_proxy(args: LocalProxyArgs, cancel: CancellationToken) -> ExitCode {
+    // Usage problems go straight to stderr: they must show even with logging off.
+    let cfg = match args.bridge_config().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("securetunnel-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let bridge = match Bridge::new(cfg) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("securetunnel-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    info!(mode = %bridge.mode(), "starting local proxy");
+    match bridge.run(cancel).await {
+        Ok(BridgeEnd::ClosedByService { .. }) | Ok(BridgeEnd::Cancelled) => ExitCode::SUCCESS,
+        Err(BridgeError::Rejected(_)) => ExitCode::from(3),
+        Err(e) => {
+            error!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// tracing to stderr at the localproxy-style level.
+pub fn init_logging(verbose: u8) {
+    use tracing::level_filters::LevelFilter;
+    let level = match verbose {
+        0 => LevelFilter::OFF,
+        1 | 2 => LevelFilter::ERROR,
+        3 => LevelFilter::WARN,
+        4 => LevelFilter::INFO,
+        5 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> LocalProxyArgs {
+        let mut argv = vec!["securetunnel-agent", "local-proxy"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::LocalProxy(a) => a,
+        }
+    }
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn localproxy_flags_are_accepted() {
+        let a = parse(&[
+            "-r",
+            "us-east-1",
+            "-d",
+            "SSH=22,HTTP=10.0.0.1:80",
+            "-i",
+            "x",
+            "-c",
+            "/tmp/ca.pem",
+            "-k",
+        ]);
+        assert_eq!(a.region.as_deref(), Some("us-east-1"));
+        assert_eq!(a.destination.as_deref(), Some("SSH=22,HTTP=10.0.0.1:80"));
+        assert!(a.no_ssl_host_verify);
+        let a = parse(&["-e", "127.0.0.1:8443", "-s", "5555", "-y", "V2"]);
+        assert_eq!(a.destination_client_type, Some(ClientType::V2));
+        assert_eq!(a.endpoint().unwrap().port, 8443);
+    }
+
+    #[test]
+    fn region_and_endpoint_problems_say_what_to_give() {
+        let err = parse(&["-d", "22"]).endpoint().unwrap_err().to_string();
+        assert!(err.contains("-r"), "{err}");
+        let err = parse(&["-r", "useast1", "-d", "22"])
+            .endpoint()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("useast1"), "{err}");
+        assert!(Cli::try_parse_from(["x", "local-proxy", "-s", "1", "-d", "2"]).is_err());
+    }
+}

@@ -5,7 +5,8 @@
 //! - [`services`]: the service map (service id -> local endpoint), an allow-list.
 //! - [`bridge`]: websocket <-> local connections, destination and source mode.
 //! - [`tls`], [`secret`]: TLS client configuration; tokens that never leak.
-//! - [`cli`]: the command line (`local-proxy`, options as the reference localproxy).
+//! - [`cli`], [`signals`]: the command line (`local-proxy`, options as the reference
+//!   localproxy) and SIGINT/SIGTERM as cancellation.
 //! - `emulator` (feature `emulator`): a stand-in for the tunneling service, for tests.
 
 pub mod bridge;
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod protocol;
 pub mod secret;
 pub mod services;
+pub mod signals;
 pub mod tls;
 
 #[cfg(feature = "emulator")]

@@ -1,3 +1,33 @@
-fn main() {
-    println!("Hello, world!");
+//! securetunnel-agent: parses the command line and wires the library together.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use securetunnel_agent::cli::{self, Cli, Command};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    cli::init_logging(args.verbose);
+    // One thread: a gateway has few cores and the relay is I/O-bound.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("securetunnel-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        if let Err(e) = securetunnel_agent::signals::cancel_on_signals(cancel.clone()) {
+            eprintln!("securetunnel-agent: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+        match args.command {
+            Command::LocalProxy(a) => cli::local_proxy(a, cancel).await,
+        }
+    })
 }

@@ -199,6 +199,22 @@ pub fn is_valid_service_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
 }
 
+/// Rule (spec §5): region names look like `us-east-1`, `cn-north-1`, `us-gov-west-1`:
+/// two letters, one or more lowercase words, a number.
+pub fn is_valid_region(region: &str) -> bool {
+    let parts: Vec<&str> = region.split('-').collect();
+    let Some((last, rest)) = parts.split_last() else {
+        return false;
+    };
+    rest.len() >= 2
+        && rest[0].len() == 2
+        && rest
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && !last.is_empty()
+        && last.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Rule (spec §1.2): the service rejects an access token that is empty, over 4096 bytes or
 /// carries control characters; catch it before it reaches the wire.
 pub fn access_token_problem(token: &str) -> Option<&'static str> {
@@ -352,6 +368,25 @@ mod tests {
         assert!(!is_valid_service_id(""));
         assert!(!is_valid_service_id("no space"));
         assert!(!is_valid_service_id(&"x".repeat(129)));
+    }
+
+    #[test]
+    fn region_names_are_two_letters_words_and_a_number() {
+        for r in ["us-east-1", "cn-north-1", "us-gov-west-1", "ap-southeast-2"] {
+            assert!(is_valid_region(r), "{r}");
+        }
+        for r in [
+            "",
+            "us",
+            "us-east",
+            "US-EAST-1",
+            "useast-1",
+            "us-east-x",
+            "us--1",
+            "u-east-1",
+        ] {
+            assert!(!is_valid_region(r), "{r}");
+        }
     }
 
     #[test]

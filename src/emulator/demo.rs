@@ -1,0 +1,216 @@
+//! The local demo: the emulator, a local echo service, and the agent binary started twice
+//! (destination and source) as the reference localproxy would be; one sha256-checked
+//! transfer; then the service closes the tunnel and both processes exit.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use super::testkit::{echo_tcp, echo_transfer};
+use super::{Emulator, EmulatorConfig, EmulatorTls};
+use crate::cli::ENV_ACCESS_TOKEN;
+use crate::protocol::Mode;
+
+pub struct DemoOptions {
+    /// The `securetunnel-agent` binary.
+    pub agent: PathBuf,
+    pub bytes: usize,
+    pub work_dir: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct DemoReport {
+    pub sha256: String,
+    pub mib_per_s: f64,
+    pub dest_peak_rss_kib: Option<u64>,
+    pub dest_cpu_s: Option<f64>,
+}
+
+type DemoResult<T> = Result<T, String>;
+
+fn step(n: u32, text: &str) {
+    println!("[{n}/6] {text}");
+}
+
+fn spawn_agent(opts: &DemoOptions, name: &str, token: &str, args: &[String]) -> DemoResult<Child> {
+    let log = std::fs::File::create(opts.work_dir.join(format!("{name}.log")))
+        .map_err(|e| e.to_string())?;
+    Command::new(&opts.agent)
+        .arg("local-proxy")
+        .args(args)
+        .env(ENV_ACCESS_TOKEN, token)
+        .env_remove("AWSIOT_TUNNEL_CLIENT_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot start {}: {e} (build it with cargo build --release)",
+                opts.agent.display()
+            )
+        })
+}
+
+/// Peak resident set (VmHWM) of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// User + system CPU seconds of a process (USER_HZ is 100 on Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+async fn wait_exit(child: &mut Child, name: &str) -> DemoResult<i32> {
+    match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        Ok(Ok(status)) => Ok(status.code().unwrap_or(-1)),
+        Ok(Err(e)) => Err(format!("{name}: {e}")),
+        Err(_) => Err(format!("{name} did not exit after the tunnel closed")),
+    }
+}
+
+fn free_port() -> DemoResult<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
+    let emu = Emulator::start(EmulatorConfig::loopback(EmulatorTls::Generate))
+        .await
+        .map_err(|e| e.to_string())?;
+    let ca = opts.work_dir.join("emulator-ca.pem");
+    std::fs::write(&ca, emu.ca_pem().unwrap_or_default()).map_err(|e| e.to_string())?;
+    emu.set_reframe(true);
+    step(
+        1,
+        &format!(
+            "tunneling-service emulator on wss://{} (re-framing on)",
+            emu.addr()
+        ),
+    );
+
+    let t = emu.open_tunnel(&["ECHO"], Duration::from_secs(600));
+    let echo = echo_tcp("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let echo_addr = echo.addr.ok_or("echo service has no address")?;
+    step(
+        2,
+        &format!(
+            "tunnel {} opened for service ECHO -> local echo service {echo_addr}",
+            t.tunnel_id
+        ),
+    );
+
+    let common = |m: &str, map: String| -> Vec<String> {
+        let endpoint = emu.endpoint();
+        vec![
+            "-e".into(),
+            endpoint,
+            "-c".into(),
+            ca.display().to_string(),
+            m.into(),
+            map,
+            "-v".into(),
+            "4".into(),
+        ]
+    };
+    let mut dest = spawn_agent(
+        opts,
+        "destination",
+        &t.destination_access_token,
+        &common("-d", format!("ECHO={echo_addr}")),
+    )?;
+    let dest_pid = dest.id().ok_or("destination exited at once")?;
+    wait_peer(&emu, &t.tunnel_id, Mode::Destination).await?;
+    step(3, &format!("destination agent (pid {dest_pid}) connected"));
+
+    let port = free_port()?;
+    let mut src = spawn_agent(
+        opts,
+        "source",
+        &t.source_access_token,
+        &common("-s", format!("ECHO={port}")),
+    )?;
+    wait_peer(&emu, &t.tunnel_id, Mode::Source).await?;
+    step(
+        4,
+        &format!(
+            "source local proxy (pid {}) connected, listening on 127.0.0.1:{port}",
+            src.id().unwrap_or(0)
+        ),
+    );
+
+    let cpu_before = cpu_seconds(dest_pid);
+    let client = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let report = echo_transfer(client, opts.bytes, 42)
+        .await
+        .map_err(|e| e.to_string())?;
+    let dest_cpu_s = cpu_seconds(dest_pid).zip(cpu_before).map(|(a, b)| a - b);
+    let dest_peak_rss_kib = peak_rss_kib(dest_pid);
+    let mib = opts.bytes >> 20;
+    step(
+        5,
+        &format!(
+            "{mib} MiB echoed through the tunnel: sha256 {} matches ({:.0} MiB/s each way)",
+            report.sha256,
+            report.mib_per_s()
+        ),
+    );
+    if let (Some(rss), Some(cpu)) = (dest_peak_rss_kib, dest_cpu_s) {
+        let gib = 2.0 * opts.bytes as f64 / (1u64 << 30) as f64;
+        println!(
+            "      destination: peak RSS {:.1} MiB; CPU {cpu:.2} s for {} MiB relayed ({:.2} s/GiB)",
+            rss as f64 / 1024.0,
+            2 * mib,
+            cpu / gib
+        );
+    }
+
+    emu.close_tunnel(&t.tunnel_id);
+    let (d, s) = (
+        wait_exit(&mut dest, "destination").await?,
+        wait_exit(&mut src, "source").await?,
+    );
+    step(
+        6,
+        &format!("service closed the tunnel: destination exited {d}, source exited {s}"),
+    );
+    if d != 0 || s != 0 {
+        return Err(format!(
+            "unexpected exit status; logs in {}",
+            opts.work_dir.display()
+        ));
+    }
+    Ok(DemoReport {
+        mib_per_s: report.mib_per_s(),
+        sha256: report.sha256,
+        dest_peak_rss_kib,
+        dest_cpu_s,
+    })
+}
+
+async fn wait_peer(emu: &Emulator, tunnel: &str, mode: Mode) -> DemoResult<()> {
+    tokio::time::timeout(Duration::from_secs(20), emu.wait_peer(tunnel, mode, true))
+        .await
+        .map_err(|_| format!("the {mode} did not connect within 20 s"))
+}
+
+/// The agent binary next to the running executable (both are built by `cargo build`).
+pub fn sibling_agent() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.join("securetunnel-agent");
+    Path::exists(&path).then_some(path)
+}
