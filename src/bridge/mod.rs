@@ -71,7 +71,7 @@ impl Default for Limits {
             connect_retry_max_delay: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(10),
             max_connections: 128,
-            outgoing_depth: 32,
+            outgoing_depth: 8,
             handshake_timeout: Duration::from_secs(15),
             reconnect_min_delay: Duration::from_millis(500),
             reconnect_max_delay: Duration::from_secs(30),
