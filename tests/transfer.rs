@@ -111,3 +111,126 @@ async fn plain_ws_endpoint_works_on_loopback() {
         .await
         .unwrap();
 }
+
+/// A source written by hand (not this project's engine) that speaks the V1 subprotocol and
+/// V1 messages: no service id, no connection id, no SERVICE_IDS from the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_rolled_v1_subprotocol_source_talks_to_our_destination() {
+    use futures_util::{SinkExt, StreamExt};
+    use securetunnel_agent::protocol::{
+        FrameCodec, FrameReader, Message, MessageType, SUBPROTOCOL_V1,
+    };
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_util::codec::Encoder;
+
+    let mut echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let emu = emulator(false).await;
+    let t = emu.open_tunnel(&["SSH"], std::time::Duration::from_secs(600));
+    let map = ServiceMap::unnamed(tcp(echo.addr.unwrap()));
+    let mut dest = destination(&emu, &t, map);
+    dest.wait_phase(securetunnel_agent::bridge::Phase::Ready)
+        .await;
+
+    let mut req = format!("ws://{}/tunnel?local-proxy-mode=source", emu.addr())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", SUBPROTOCOL_V1.parse().unwrap());
+    req.headers_mut()
+        .insert("access-token", t.source_access_token.parse().unwrap());
+    let tcp_stream = TcpStream::connect(emu.addr()).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp_stream)
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], SUBPROTOCOL_V1);
+    let frames = |msgs: &[Message]| {
+        let mut b = bytes::BytesMut::new();
+        for m in msgs {
+            FrameCodec.encode(m, &mut b).unwrap();
+        }
+        Ws::binary(b.freeze())
+    };
+    let hello = bytes::Bytes::from_static(b"hello over v1");
+    ws.send(frames(&[
+        Message::stream_start(1, "", 0),
+        Message::data(1, "", 0, hello.clone()),
+    ]))
+    .await
+    .unwrap();
+    let mut reader = FrameReader::new(FrameCodec);
+    let mut echoed = Vec::new();
+    while echoed.len() < hello.len() {
+        match within("echo over v1", ws.next()).await.unwrap().unwrap() {
+            Ws::Binary(b) => reader.push(b).unwrap(),
+            other => panic!("unexpected {other:?}"),
+        }
+        while let Some(m) = reader.next_frame().unwrap() {
+            assert_eq!(
+                m.kind(),
+                Some(MessageType::Data),
+                "a V1 peer gets no SERVICE_IDS"
+            );
+            assert_eq!(
+                (m.stream_id, m.service_id.as_str(), m.connection_id),
+                (1, "", 0)
+            );
+            echoed.extend_from_slice(&m.payload);
+        }
+    }
+    assert_eq!(echoed, hello);
+    ws.send(frames(&[Message::stream_reset(1, "")]))
+        .await
+        .unwrap();
+    within("destination closes the local socket", echo.wait_closed(1)).await;
+}
+
+/// A second destination presenting the same token and client token (a reconnect from
+/// elsewhere) replaces the first: the first is closed, the source's streams are reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacing_destination_closes_the_old_one_and_resets_the_sources_streams() {
+    use securetunnel_agent::bridge::{BridgeEnd, Phase};
+    use securetunnel_agent::emulator::testkit::wait_closed;
+    use securetunnel_agent::secret::Secret;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
+    let client_token = uuid::Uuid::new_v4().to_string();
+    let emu = emulator(true).await;
+    let t = emu.open_tunnel(&["SSH"], std::time::Duration::from_secs(600));
+    let role = || securetunnel_agent::bridge::Role::Destination {
+        services: map.clone(),
+    };
+    let mut cfg = config(&emu, &t.destination_access_token, role(), test_limits());
+    cfg.client_token = Some(Secret::new(client_token.as_str()));
+    let mut first = spawn_bridge(cfg);
+    first.wait_phase(Phase::Ready).await;
+    let (mut src, addrs) = source(&emu, &t, "SSH=0", Format::V3).await;
+    src.wait_phase(Phase::Ready).await;
+    let mut client = TcpStream::connect(addrs.get("SSH")).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("echo", client.read_exact(&mut buf)).await.unwrap();
+
+    let mut cfg = config(&emu, &t.destination_access_token, role(), test_limits());
+    cfg.client_token = Some(Secret::new(client_token.as_str()));
+    let mut second = spawn_bridge(cfg);
+    second.wait_phase(Phase::Ready).await;
+    let end = within("first destination ends", first.task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&end, BridgeEnd::ClosedByService { reason, .. } if reason.contains("replaced")),
+        "{end:?}"
+    );
+    within("source closes the old client", wait_closed(&mut client)).await;
+    let next = TcpStream::connect(addrs.get("SSH")).await.unwrap();
+    within(
+        "through the new destination",
+        echo_transfer(next, 256 << 10, 8),
+    )
+    .await
+    .unwrap();
+}
