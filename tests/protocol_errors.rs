@@ -10,16 +10,9 @@ use securetunnel_agent::emulator::CLIENT_TOKEN_MISMATCH;
 use securetunnel_agent::emulator::testkit::{echo_tcp, echo_transfer};
 use securetunnel_agent::protocol::{Format, Message, Mode};
 use securetunnel_agent::secret::Secret;
-use securetunnel_agent::services::{LocalEndpoint, ServiceMap};
+use securetunnel_agent::services::ServiceMap;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-
-fn tcp(addr: std::net::SocketAddr) -> LocalEndpoint {
-    LocalEndpoint::Tcp {
-        host: addr.ip().to_string(),
-        port: addr.port(),
-    }
-}
 
 async fn echo_tunnel() -> (Tunnel, securetunnel_agent::emulator::testkit::EchoService) {
     let echo = echo_tcp("127.0.0.1:0").await.unwrap();

@@ -15,25 +15,6 @@ use securetunnel_agent::services::{LocalEndpoint, ServiceMap};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn tcp(addr: std::net::SocketAddr) -> LocalEndpoint {
-    LocalEndpoint::Tcp {
-        host: addr.ip().to_string(),
-        port: addr.port(),
-    }
-}
-
-/// A client with some bytes echoed through the tunnel, so its stream is up end to end.
-async fn live_client(addr: std::net::SocketAddr) -> TcpStream {
-    let mut c = TcpStream::connect(addr).await.unwrap();
-    c.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    within("echo of a live client", c.read_exact(&mut buf))
-        .await
-        .unwrap();
-    assert_eq!(&buf, b"ping");
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusing_local_service_gives_stream_reset_and_the_next_connection_works() {
     let dir = tempfile::tempdir().unwrap();

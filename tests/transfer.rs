@@ -8,13 +8,6 @@ use securetunnel_agent::protocol::Format;
 use securetunnel_agent::services::{LocalEndpoint, ServiceMap};
 use tokio::net::TcpStream;
 
-fn tcp(addr: std::net::SocketAddr) -> LocalEndpoint {
-    LocalEndpoint::Tcp {
-        host: addr.ip().to_string(),
-        port: addr.port(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_64_mib_transfer_over_wss_with_reframing_is_byte_exact() {
     let echo = echo_tcp("127.0.0.1:0").await.unwrap();
@@ -192,7 +185,6 @@ async fn a_replacing_destination_closes_the_old_one_and_resets_the_sources_strea
     use securetunnel_agent::bridge::{BridgeEnd, Phase};
     use securetunnel_agent::emulator::testkit::wait_closed;
     use securetunnel_agent::secret::Secret;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let echo = echo_tcp("127.0.0.1:0").await.unwrap();
     let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
@@ -208,10 +200,7 @@ async fn a_replacing_destination_closes_the_old_one_and_resets_the_sources_strea
     first.wait_phase(Phase::Ready).await;
     let (mut src, addrs) = source(&emu, &t, "SSH=0", Format::V3).await;
     src.wait_phase(Phase::Ready).await;
-    let mut client = TcpStream::connect(addrs.get("SSH")).await.unwrap();
-    client.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    within("echo", client.read_exact(&mut buf)).await.unwrap();
+    let mut client = live_client(addrs.get("SSH")).await;
 
     let mut cfg = config(&emu, &t.destination_access_token, role(), test_limits());
     cfg.client_token = Some(Secret::new(client_token.as_str()));

@@ -170,8 +170,17 @@ pub enum BridgeError {
 }
 
 pub struct Bridge {
-    cfg: BridgeConfig,
+    role: Role,
+    link: Link,
+}
+
+/// Everything about the websocket side that stays the same across reconnects.
+struct Link {
+    endpoint: DataEndpoint,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    access_token: Secret,
     client_token: Secret,
+    limits: Limits,
     stats: Arc<Stats>,
     state: watch::Sender<State>,
 }
@@ -197,23 +206,29 @@ impl Bridge {
             channel_id: None,
         });
         Ok(Bridge {
-            cfg,
-            client_token,
-            stats: Arc::default(),
-            state,
+            role: cfg.role,
+            link: Link {
+                endpoint: cfg.endpoint,
+                tls: cfg.tls,
+                access_token: cfg.access_token,
+                client_token,
+                limits: cfg.limits,
+                stats: Arc::default(),
+                state,
+            },
         })
     }
 
     pub fn stats(&self) -> Arc<Stats> {
-        self.stats.clone()
+        self.link.stats.clone()
     }
 
     pub fn state(&self) -> watch::Receiver<State> {
-        self.state.subscribe()
+        self.link.state.subscribe()
     }
 
     pub fn mode(&self) -> Mode {
-        match self.cfg.role {
+        match self.role {
             Role::Destination { .. } => Mode::Destination,
             Role::Source { .. } => Mode::Source,
         }
@@ -223,22 +238,24 @@ impl Bridge {
     /// `cancel` fires. Every local socket is closed when it returns.
     pub async fn run(self, cancel: CancellationToken) -> Result<BridgeEnd, BridgeError> {
         let span =
-            tracing::info_span!("bridge", mode = %self.mode(), token = %self.cfg.access_token);
-        let state = self.state.clone();
-        let result = self.run_inner(cancel).instrument(span).await;
-        state.send_modify(|s| s.phase = Phase::Ended);
+            tracing::info_span!("bridge", mode = %self.mode(), token = %self.link.access_token);
+        let mode = self.mode();
+        let Bridge { role, link } = self;
+        let result = link.run(role, mode, cancel).instrument(span).await;
+        link.state.send_modify(|s| s.phase = Phase::Ended);
         result
     }
+}
 
-    async fn run_inner(mut self, cancel: CancellationToken) -> Result<BridgeEnd, BridgeError> {
+impl Link {
+    async fn run(
+        &self,
+        role: Role,
+        mode: Mode,
+        cancel: CancellationToken,
+    ) -> Result<BridgeEnd, BridgeError> {
         let (accept_tx, mut accepts) = mpsc::channel(ACCEPT_QUEUE);
         let mut listener_tasks = JoinSet::new();
-        let role = std::mem::replace(
-            &mut self.cfg.role,
-            Role::Destination {
-                services: ServiceMap::default(),
-            },
-        );
         let (services, format) = match role {
             Role::Destination { services } => (Some(services), Format::V3),
             Role::Source { listeners, format } => {
@@ -252,12 +269,12 @@ impl Bridge {
         loop {
             self.state.send_modify(|s| s.phase = Phase::Connecting);
             let params = ws::HandshakeParams {
-                endpoint: &self.cfg.endpoint,
-                mode: self.mode_of(&services),
-                tls: self.cfg.tls.as_ref(),
-                access_token: &self.cfg.access_token,
+                endpoint: &self.endpoint,
+                mode,
+                tls: self.tls.as_ref(),
+                access_token: &self.access_token,
                 client_token: &self.client_token,
-                timeout: self.cfg.limits.handshake_timeout,
+                timeout: self.limits.handshake_timeout,
             };
             let connected = tokio::select! {
                 _ = cancel.cancelled() => return Ok(BridgeEnd::Cancelled),
@@ -314,21 +331,13 @@ impl Bridge {
             }
             let delay = reconnect_delay(
                 failures,
-                self.cfg.limits.reconnect_min_delay,
-                self.cfg.limits.reconnect_max_delay,
+                self.limits.reconnect_min_delay,
+                self.limits.reconnect_max_delay,
             );
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(BridgeEnd::Cancelled),
                 _ = tokio::time::sleep(delay) => {}
             }
-        }
-    }
-
-    fn mode_of(&self, services: &Option<ServiceMap>) -> Mode {
-        if services.is_some() {
-            Mode::Destination
-        } else {
-            Mode::Source
         }
     }
 
@@ -340,7 +349,7 @@ impl Bridge {
         accepts: &mut mpsc::Receiver<source::Accepted>,
         cancel: &CancellationToken,
     ) -> SessionEnd {
-        info!(channel_id = c.channel_id.as_deref().unwrap_or("-"), endpoint = %self.cfg.endpoint, "websocket connected");
+        info!(channel_id = c.channel_id.as_deref().unwrap_or("-"), endpoint = %self.endpoint, "websocket connected");
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.state.send_modify(|s| {
             s.phase = Phase::Connected;
@@ -348,7 +357,7 @@ impl Bridge {
             s.channel_id = c.channel_id.clone();
         });
         let (sink, incoming) = c.ws.split();
-        let limits = self.cfg.limits;
+        let limits = self.limits;
         let (out_tx, out_rx) = mpsc::channel(limits.outgoing_depth.max(1));
         let mut writer = AbortOnDropHandle::new(tokio::spawn(ws::write_loop(
             sink,

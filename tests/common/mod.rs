@@ -218,3 +218,23 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
         .await
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
+
+pub fn tcp(addr: std::net::SocketAddr) -> securetunnel_agent::services::LocalEndpoint {
+    securetunnel_agent::services::LocalEndpoint::Tcp {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    }
+}
+
+/// A client with some bytes echoed through the tunnel, so its stream is up end to end.
+pub async fn live_client(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("echo of a live client", c.read_exact(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+    c
+}
