@@ -91,8 +91,12 @@ pub enum Open {
         endpoint: LocalEndpoint,
         by_stream_start: bool,
     },
-    /// Source: a client connected to our listener.
-    Accepted(LocalStream),
+    /// Source: a client connected to our listener. Its data waits for `started`: the
+    /// session has queued its STREAM_START or CONNECTION_START.
+    Accepted {
+        local: LocalStream,
+        started: tokio::sync::oneshot::Receiver<()>,
+    },
 }
 
 #[derive(Debug)]
@@ -157,7 +161,13 @@ pub struct ConnTask {
 impl ConnTask {
     pub async fn run(mut self, open: Open) -> ConnExit {
         let stream = match open {
-            Open::Accepted(s) => s,
+            Open::Accepted { local, started } => {
+                if started.await.is_err() {
+                    // The session ended first: nothing was announced to the peer.
+                    return self.exit(ExitCause::Flushed);
+                }
+                local
+            }
             Open::Connect {
                 endpoint,
                 by_stream_start,

@@ -376,6 +376,7 @@ impl Link {
             tunnel_services: None,
             next_id: 0,
             waiting: Default::default(),
+            backlog: Default::default(),
         };
         let end = session.run(incoming, &mut writer, accepts, cancel).await;
         session.shutdown().await;

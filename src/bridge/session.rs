@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::oneshot;
 use tokio::task::{JoinError, JoinSet};
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, protocol::CloseFrame};
 use tokio_util::sync::CancellationToken;
@@ -63,6 +64,9 @@ pub struct Session<'a> {
     pub next_id: u64,
     /// Source, V1/V2 peers: clients waiting for the service's one connection to end.
     pub waiting: HashMap<String, VecDeque<LocalStream>>,
+    /// Control messages waiting for room in the writer's queue. Bounded by construction:
+    /// each comes from one event on one of at most `max_connections` connections.
+    pub backlog: VecDeque<(Message, Option<oneshot::Sender<()>>)>,
 }
 
 type Writer = tokio_util::task::AbortOnDropHandle<Result<(), tungstenite::Error>>;
@@ -84,6 +88,8 @@ impl Session<'_> {
     ) -> SessionEnd {
         let mut reader = FrameReader::new(FrameCodec);
         let accepting = matches!(self.role, Role::Source(_));
+        // A second handle, so a send permit does not borrow `self`.
+        let out = self.out.clone();
         loop {
             let ready = accepting && self.tunnel_services.is_some();
             tokio::select! {
@@ -93,10 +99,18 @@ impl Session<'_> {
                         return end;
                     }
                 }
-                Some(exit) = self.tasks.join_next() => self.on_conn_exit(exit).await,
-                Some(accepted) = accepts.recv(), if ready => self.on_accept(accepted).await,
+                Some(exit) = self.tasks.join_next() => self.on_conn_exit(exit),
+                Some(accepted) = accepts.recv(), if ready => self.on_accept(accepted),
                 Some(service) = next_waiting(&self.waiting, self.table), if !self.waiting.is_empty() => {
-                    self.resume_waiting(service).await
+                    self.resume_waiting(service)
+                }
+                Ok(permit) = out.reserve(), if !self.backlog.is_empty() => {
+                    if let Some((msg, queued)) = self.backlog.pop_front() {
+                        permit.send(Outbound::Frame(msg));
+                        if let Some(q) = queued {
+                            let _ = q.send(());
+                        }
+                    }
                 }
                 done = &mut *writer => {
                     let why = match done {
@@ -162,8 +176,8 @@ impl Session<'_> {
         };
         match kind {
             MessageType::Data => self.on_data(msg, cancel).await,
-            MessageType::StreamStart => self.on_stream_start(msg).await,
-            MessageType::ConnectionStart => self.on_connection_start(msg).await,
+            MessageType::StreamStart => self.on_stream_start(msg),
+            MessageType::ConnectionStart => self.on_connection_start(msg),
             MessageType::StreamReset => self.on_stream_reset(&msg),
             MessageType::ConnectionReset => self.on_connection_reset(&msg),
             MessageType::SessionReset => self.on_session_reset(),
@@ -173,9 +187,31 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn send(&self, msg: Message) {
-        // A closed writer ends the session through its own select arm.
-        let _ = self.out.send(Outbound::Frame(msg)).await;
+    /// Queues a control message without ever waiting: the session is the websocket's only
+    /// reader, and blocking it on the writer could close a wait cycle through the service's
+    /// relay. Order is kept: once anything is in the backlog, everything goes behind it.
+    fn send(&mut self, msg: Message) {
+        self.send_then(msg, None);
+    }
+
+    /// As `send`; `queued` fires once the message is in the writer's queue.
+    fn send_then(&mut self, msg: Message, queued: Option<oneshot::Sender<()>>) {
+        if self.backlog.is_empty() {
+            match self.out.try_send(Outbound::Frame(msg)) {
+                Ok(()) => {
+                    if let Some(q) = queued {
+                        let _ = q.send(());
+                    }
+                }
+                Err(TrySendError::Full(Outbound::Frame(msg))) => {
+                    self.backlog.push_back((msg, queued))
+                }
+                // A closed writer ends the session through its own select arm.
+                Err(_) => {}
+            }
+        } else {
+            self.backlog.push_back((msg, queued));
+        }
     }
 
     /// Backpressure policy: a full connection queue pauses the websocket reader (and so the
@@ -219,11 +255,11 @@ impl Session<'_> {
                 permit.send(msg.payload);
             }
             Ok(Err(_)) => {}
-            Err(_) => self.reset_stalled(&service, stream, conn, id).await,
+            Err(_) => self.reset_stalled(&service, stream, conn, id),
         }
     }
 
-    async fn reset_stalled(&mut self, service: &str, stream: i32, conn: u32, id: u64) {
+    fn reset_stalled(&mut self, service: &str, stream: i32, conn: u32, id: u64) {
         let Some(handle) = self.table.remove_if(service, conn, |h| h.id == id) else {
             return;
         };
@@ -237,15 +273,14 @@ impl Session<'_> {
         if conn == 0 {
             drop(self.table.reset_stream(service, stream));
         }
-        self.send(protocol::reset_on_local_close(stream, service, conn))
-            .await;
+        self.send(protocol::reset_on_local_close(stream, service, conn));
     }
 
     fn services(&self) -> &[String] {
         self.tunnel_services.as_deref().unwrap_or(&[])
     }
 
-    async fn on_stream_start(&mut self, msg: Message) {
+    fn on_stream_start(&mut self, msg: Message) {
         let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
         let Role::Destination(map) = self.role else {
             return;
@@ -256,7 +291,7 @@ impl Session<'_> {
                 "refusing stream: service {service:?} is not in the service map"
             );
             self.stats.refused_streams.fetch_add(1, Ordering::Relaxed);
-            self.send(Message::stream_reset(stream, &service)).await;
+            self.send(Message::stream_reset(stream, &service));
             return;
         };
         let replaced = self.table.start_stream(&service, stream);
@@ -272,10 +307,10 @@ impl Session<'_> {
             endpoint,
             by_stream_start: true,
         };
-        self.open_local(service, stream, conn, open).await;
+        self.open_local(service, stream, conn, open);
     }
 
-    async fn on_connection_start(&mut self, msg: Message) {
+    fn on_connection_start(&mut self, msg: Message) {
         let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
         let Role::Destination(map) = self.role else {
             return;
@@ -285,7 +320,7 @@ impl Session<'_> {
                 // The source believes in a stream we do not have (we were reset, it was
                 // not): reset it so its next connection starts a fresh stream.
                 debug!(service = %service, stream, "CONNECTION_START without a stream: resetting it");
-                self.send(Message::stream_reset(stream, &service)).await;
+                self.send(Message::stream_reset(stream, &service));
                 return;
             }
             Some(active) if active != stream => {
@@ -301,25 +336,23 @@ impl Session<'_> {
         if self.table.contains(&service, conn) {
             warn!(service = %service, stream, conn, "CONNECTION_START reuses a live connection id: resetting it");
             drop(self.table.reset_connection(&service, stream, conn));
-            self.send(Message::connection_reset(stream, &service, conn))
-                .await;
+            self.send(Message::connection_reset(stream, &service, conn));
             return;
         }
         let Some(endpoint) = map.resolve(&service, self.services()).cloned() else {
-            self.send(Message::connection_reset(stream, &service, conn))
-                .await;
+            self.send(Message::connection_reset(stream, &service, conn));
             return;
         };
         let open = Open::Connect {
             endpoint,
             by_stream_start: false,
         };
-        self.open_local(service, stream, conn, open).await;
+        self.open_local(service, stream, conn, open);
     }
 
     /// Registers the connection (its queue exists at once, so DATA that arrives while the
     /// local connect is under way waits in it) and starts its task.
-    async fn open_local(&mut self, service: String, stream: i32, conn: u32, open: Open) {
+    fn open_local(&mut self, service: String, stream: i32, conn: u32, open: Open) {
         if self.table.connection_count() >= self.limits.max_connections {
             warn!(
                 service = %service, stream, conn,
@@ -333,7 +366,7 @@ impl Session<'_> {
                 }
             );
             let reset = protocol::reset_on_connect_failure(by_stream_start, stream, &service, conn);
-            self.send(reset).await;
+            self.send(reset);
             return;
         }
         let (tx, rx) = mpsc::channel(self.limits.queue_depth.max(1));
@@ -425,7 +458,7 @@ impl Session<'_> {
     }
 
     /// Source: a local client connected; open a stream, or another connection on it (V3).
-    async fn on_accept(&mut self, accepted: Accepted) {
+    fn on_accept(&mut self, accepted: Accepted) {
         let Role::Source(format) = self.role else {
             return;
         };
@@ -446,11 +479,10 @@ impl Session<'_> {
                 .push_back(accepted.stream);
             return;
         }
-        self.open_source_connection(service, format, accepted.stream)
-            .await;
+        self.open_source_connection(service, format, accepted.stream);
     }
 
-    async fn resume_waiting(&mut self, service: String) {
+    fn resume_waiting(&mut self, service: String) {
         let Role::Source(format) = self.role else {
             return;
         };
@@ -462,16 +494,11 @@ impl Session<'_> {
             self.waiting.remove(&service);
         }
         if let Some(stream) = next {
-            self.open_source_connection(service, format, stream).await;
+            self.open_source_connection(service, format, stream);
         }
     }
 
-    async fn open_source_connection(
-        &mut self,
-        service: String,
-        format: Format,
-        local: LocalStream,
-    ) {
+    fn open_source_connection(&mut self, service: String, format: Format, local: LocalStream) {
         let (stream, conn, msg) = match self.table.active_stream(&service) {
             Some(stream) if format == Format::V3 => {
                 let conn = self.table.next_connection_id(&service);
@@ -492,9 +519,11 @@ impl Session<'_> {
             }
         };
         debug!(service = %service, stream, conn, kind = ?msg.kind(), "opening tunnel connection");
-        self.send(msg).await;
-        self.open_local(service, stream, conn, Open::Accepted(local))
-            .await;
+        // Starts keep their order; the task sends data only once its start is queued.
+        let (queued, started) = oneshot::channel();
+        self.send_then(msg, Some(queued));
+        let open = Open::Accepted { local, started };
+        self.open_local(service, stream, conn, open);
     }
 
     /// The service id to put on the wire for a listener's service: none for V1 peers; the
@@ -522,7 +551,7 @@ impl Session<'_> {
 
     /// A connection task ended. If it ended on its own (not reset by the peer), tell the
     /// peer, after the data the task already queued.
-    async fn on_conn_exit(&mut self, exit: Result<ConnExit, JoinError>) {
+    fn on_conn_exit(&mut self, exit: Result<ConnExit, JoinError>) {
         let Ok(exit) = exit else {
             return; // aborted by us
         };
@@ -557,6 +586,6 @@ impl Session<'_> {
         };
         debug!(service = %service, stream, conn, kind = ?reset.kind(), "local side ended");
         self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
-        self.send(reset).await;
+        self.send(reset);
     }
 }
