@@ -173,3 +173,36 @@ async fn unanswered_pings_do_not_end_the_session() {
     assert_eq!(get(&t.dest.stats.sessions), 1);
     assert_eq!(t.dest.state.borrow().phase, Phase::Ready);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_echo_the_subprotocol_is_refused_and_retried() {
+    use securetunnel_agent::bridge::{BridgeConfig, DataEndpoint, Role};
+    init_logs();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = spawn_bridge(BridgeConfig {
+        role: Role::Destination {
+            services: ServiceMap::default(),
+        },
+        endpoint: DataEndpoint::parse_override(&format!("ws://{addr}")).unwrap(),
+        tls: None,
+        access_token: Secret::new("token"),
+        client_token: None,
+        limits: test_limits(),
+    });
+    // A plain websocket server: it completes the upgrade without Sec-WebSocket-Protocol.
+    for attempt in 1..=2 {
+        let (tcp, _) = within("the bridge (re)connects", listener.accept())
+            .await
+            .unwrap();
+        let accepted = tokio_tungstenite::accept_async(tcp).await;
+        assert!(accepted.is_ok(), "attempt {attempt}: {accepted:?}");
+    }
+    assert_eq!(
+        get(&dest.stats.sessions),
+        0,
+        "a session without the subprotocol was used"
+    );
+    assert!(get(&dest.stats.handshake_failures) >= 1);
+    assert_eq!(dest.state.borrow().phase, Phase::Connecting);
+}
