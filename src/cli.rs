@@ -28,14 +28,63 @@ pub struct Cli {
     /// Log level as in localproxy: 0 off, 1-2 errors, 3 warnings, 4 info, 5 debug, 6 trace.
     #[arg(short = 'v', long, global = true, default_value_t = 4)]
     pub verbose: u8,
+    /// The agent's configuration file.
+    #[arg(long, global = true, default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the agent: follow the thing's tunnel notifications and serve every tunnel.
+    Run,
+    /// Load and validate the configuration and the files it names; print a summary.
+    CheckConfig,
     /// Run one tunnel end, like the reference localproxy (token from AWSIOT_TUNNEL_ACCESS_TOKEN).
-    LocalProxy(LocalProxyArgs),
+    LocalProxy(Box<LocalProxyArgs>),
+}
+
+/// Loads the config and its files, printing every problem; `None` if any.
+fn load_checked(path: &std::path::Path) -> Option<(crate::config::Config, crate::config::Checked)> {
+    let cfg = match crate::config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("securetunnel-agent: {} is not usable:\n{e}", path.display());
+            return None;
+        }
+    };
+    match crate::config::check_files(&cfg) {
+        Ok(checked) => Some((cfg, checked)),
+        Err(e) => {
+            eprintln!("securetunnel-agent: {} is not usable:\n{e}", path.display());
+            None
+        }
+    }
+}
+
+/// `check-config`: exit 0 and a redacted summary, or every problem and exit 2.
+pub fn check_config(path: &std::path::Path) -> ExitCode {
+    let Some((_, checked)) = load_checked(path) else {
+        return ExitCode::from(2);
+    };
+    println!("{}: OK", path.display());
+    for (k, v) in &checked.summary {
+        println!("  {k:<16} {v}");
+    }
+    for w in &checked.warnings {
+        println!("warning: {w}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// `run`: the agent until SIGINT/SIGTERM.
+pub async fn run_agent(path: &std::path::Path, cancel: CancellationToken) -> ExitCode {
+    let Some((cfg, checked)) = load_checked(path) else {
+        return ExitCode::from(2);
+    };
+    crate::agent::Agent::run(cfg, checked, cancel).await;
+    ExitCode::SUCCESS
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -267,7 +316,8 @@ mod tests {
         let mut argv = vec!["securetunnel-agent", "local-proxy"];
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::LocalProxy(a) => a,
+            Command::LocalProxy(a) => *a,
+            other => panic!("{other:?}"),
         }
     }
 

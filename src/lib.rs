@@ -9,12 +9,17 @@
 //!   localproxy) and SIGINT/SIGTERM as cancellation.
 //! - `emulator` (feature `emulator`): a stand-in for the tunneling service, for tests.
 
+pub mod agent;
 pub mod bridge;
 pub mod cli;
+pub mod config;
+pub mod notify;
 pub mod protocol;
 pub mod secret;
 pub mod services;
+pub mod session;
 pub mod signals;
+pub mod status;
 pub mod tls;
 
 #[cfg(feature = "emulator")]

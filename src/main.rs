@@ -8,6 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args = Cli::parse();
+    if let Command::CheckConfig = args.command {
+        return cli::check_config(&args.config);
+    }
     cli::init_logging(args.verbose);
     // One thread: a gateway has few cores and the relay is I/O-bound.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -27,7 +30,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
         match args.command {
-            Command::LocalProxy(a) => cli::local_proxy(a, cancel).await,
+            Command::Run => cli::run_agent(&args.config, cancel).await,
+            Command::CheckConfig => cli::check_config(&args.config),
+            Command::LocalProxy(a) => cli::local_proxy(*a, cancel).await,
         }
     })
 }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use securetunnel_agent::emulator::pki::{Issued, mutual_tls_client};
+use securetunnel_agent::emulator::publisher::PublisherConfig;
 use securetunnel_agent::emulator::{Emulator, EmulatorConfig, EmulatorTls};
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +46,47 @@ struct Args {
     /// Answer the first N handshakes with STATUS, as N:STATUS.
     #[arg(long, value_parser = parse_failures)]
     fail_handshakes: Option<(u32, u16)>,
+    /// Serve the AWS-compatible control plane (boto3, aws-cli) on a free loopback port.
+    #[arg(long)]
+    control_plane: bool,
+    /// Region in notifies and ARNs.
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    /// Time scale: seconds that one minute of tunnel lifetime lasts.
+    #[arg(long, default_value_t = 60.0)]
+    minute_secs: f64,
+    /// Disconnect a peer at once when its token is rotated.
+    #[arg(long)]
+    disconnect_on_rotate: bool,
+    /// MQTT broker (host:port, mutual TLS) to publish notifies to.
+    #[arg(long, requires_all = ["mqtt_cert", "mqtt_key", "mqtt_ca"])]
+    mqtt: Option<String>,
+    #[arg(long)]
+    mqtt_cert: Option<PathBuf>,
+    #[arg(long)]
+    mqtt_key: Option<PathBuf>,
+    #[arg(long)]
+    mqtt_ca: Option<PathBuf>,
+}
+
+fn publisher(args: &Args) -> Result<Option<PublisherConfig>, Box<dyn std::error::Error>> {
+    let (Some(broker), Some(cert), Some(key), Some(ca)) =
+        (&args.mqtt, &args.mqtt_cert, &args.mqtt_key, &args.mqtt_ca)
+    else {
+        return Ok(None);
+    };
+    let (host, port) = broker.rsplit_once(':').ok_or("--mqtt takes host:port")?;
+    let identity = Issued {
+        cert_pem: std::fs::read_to_string(cert)?,
+        key_pem: std::fs::read_to_string(key)?,
+    };
+    let tls = mutual_tls_client(&std::fs::read_to_string(ca)?, &identity)?;
+    Ok(Some(PublisherConfig {
+        host: host.to_owned(),
+        port: port.parse()?,
+        client_id: format!("securetunnel-emulator-{}", std::process::id()),
+        tls,
+    }))
 }
 
 fn parse_failures(s: &str) -> Result<(u32, u16), String> {
@@ -91,11 +134,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         _ => EmulatorTls::Generate,
     };
-    let emu = Emulator::start(EmulatorConfig {
+    let config = EmulatorConfig {
         listen: args.listen,
         tls,
-    })
-    .await?;
+        control_plane: args.control_plane,
+        region: args.region.clone(),
+        minute: Duration::from_secs_f64(args.minute_secs.max(0.001)),
+        publisher: publisher(&args)?,
+        max_open_tunnels: 1000,
+    };
+    let emu = Emulator::start(config).await?;
+    emu.set_disconnect_on_rotate(args.disconnect_on_rotate);
     if let (Some(path), Some(pem)) = (&args.ca_out, emu.ca_pem()) {
         std::fs::write(path, pem)?;
     }
@@ -104,7 +153,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some((n, status)) = args.fail_handshakes {
         emu.fail_next_handshakes(n, status);
     }
-    let started = serde_json::json!({"event": "listening", "endpoint": emu.endpoint(), "caPath": args.ca_out});
+    let started = serde_json::json!({
+        "event": "listening",
+        "endpoint": emu.endpoint(),
+        "controlEndpoint": emu.control_endpoint(),
+        "caPath": args.ca_out,
+    });
     println!("{started}");
     for services in &args.tunnels {
         let names: Vec<&str> = services.split(',').map(str::trim).collect();

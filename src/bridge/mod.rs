@@ -1,12 +1,12 @@
 //! The local-proxy bridge: one websocket to the tunneling service, relayed to local TCP and
 //! Unix sockets, in destination or source mode, reconnecting until the tunnel closes.
 //!
-//! `ws` owns the websocket (handshake, writer), `session` one websocket session, `streams`
+//! `ws` owns the websocket (handshake, writer), `relay` one websocket session, `streams`
 //! the stream/connection table (no I/O), `local` one local connection, `source` the
 //! listeners of source mode.
 
 pub mod local;
-pub mod session;
+pub mod relay;
 pub mod source;
 pub mod streams;
 pub mod ws;
@@ -25,7 +25,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::protocol::{self, Format, Mode};
 use crate::secret::Secret;
 use crate::services::ServiceMap;
-use session::{Session, SessionEnd};
+use relay::{Session, SessionEnd};
 pub use source::SourceListeners;
 pub use ws::{DataEndpoint, HandshakeError};
 
@@ -290,8 +290,8 @@ impl Link {
                     }
                     failures = 0;
                     let role = match &services {
-                        Some(map) => session::Role::Destination(map),
-                        None => session::Role::Source(format),
+                        Some(map) => relay::Role::Destination(map),
+                        None => relay::Role::Source(format),
                     };
                     match self
                         .session(c, role, &mut table, &mut accepts, &cancel)
@@ -344,7 +344,7 @@ impl Link {
     async fn session(
         &self,
         c: ws::Connected,
-        role: session::Role<'_>,
+        role: relay::Role<'_>,
         table: &mut streams::StreamTable<local::ConnHandle>,
         accepts: &mut mpsc::Receiver<source::Accepted>,
         cancel: &CancellationToken,

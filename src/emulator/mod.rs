@@ -2,11 +2,13 @@
 //! part of the device binary). It checks tokens as the service does, relays tunnel frames
 //! verbatim between one source and one destination per tunnel, and has fault switches.
 
+pub mod control;
 pub mod demo;
 mod handshake;
 mod peer;
 pub mod pki;
 mod pong_filter;
+pub mod publisher;
 pub mod state;
 pub mod testkit;
 
@@ -26,7 +28,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::bridge::ws::ws_config;
 use crate::protocol::{FrameCodec, Message, MessageType, Mode, SUBPROTOCOL_V1};
@@ -51,6 +53,15 @@ pub enum EmulatorTls {
 pub struct EmulatorConfig {
     pub listen: SocketAddr,
     pub tls: EmulatorTls,
+    /// Serve the AWS-compatible control plane (HTTP) on a free loopback port.
+    pub control_plane: bool,
+    /// Region reported in notifies and ARNs.
+    pub region: String,
+    /// How long a "minute" of tunnel lifetime lasts (time-scale switch for tests).
+    pub minute: Duration,
+    /// Where OpenTunnel/RotateTunnelAccessToken publish notifies.
+    pub publisher: Option<publisher::PublisherConfig>,
+    pub max_open_tunnels: usize,
 }
 
 impl EmulatorConfig {
@@ -58,6 +69,11 @@ impl EmulatorConfig {
         EmulatorConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls,
+            control_plane: false,
+            region: "us-east-1".into(),
+            minute: Duration::from_secs(60),
+            publisher: None,
+            max_open_tunnels: 1000,
         }
     }
 }
@@ -81,6 +97,11 @@ pub struct Shared {
     reframe: AtomicBool,
     drop_pongs: Arc<AtomicBool>,
     next_peer: AtomicU64,
+    disconnect_on_rotate: AtomicBool,
+    region: String,
+    minute: Duration,
+    max_open_tunnels: usize,
+    publisher: Option<publisher::Publisher>,
 }
 
 impl Shared {
@@ -125,6 +146,46 @@ impl Shared {
         }
     }
 
+    fn arn(&self, tunnel_id: &str) -> String {
+        format!(
+            "arn:aws:iot:{}:123456789012:tunnel/{tunnel_id}",
+            self.region
+        )
+    }
+
+    /// Publishes the destination notify, when a broker is configured.
+    async fn notify(&self, thing: &str, token: &str, services: &[String]) {
+        let Some(p) = &self.publisher else {
+            debug!(thing, "no MQTT broker configured: notify not published");
+            return;
+        };
+        if let Err(e) = p.publish_notify(thing, token, &self.region, services).await {
+            warn!(thing, "notify not published: {e}");
+        }
+    }
+
+    /// Revokes and reissues a token; with the switch on, the peer that used the old one is
+    /// disconnected at once (spec §5.1 leaves the real behaviour open).
+    fn rotate(&self, tunnel_id: &str, mode: Mode) -> Option<String> {
+        let (token, peer) = {
+            let mut st = self.lock();
+            let token = st.rotate(tunnel_id, mode)?;
+            (
+                token,
+                st.tunnel(tunnel_id).and_then(|t| t.peer(mode).cloned()),
+            )
+        };
+        if let Some(p) = peer.filter(|_| self.disconnect_on_rotate.load(Ordering::Relaxed)) {
+            if p.tx
+                .try_send(PeerCmd::Close(1000, "access token rotated".into()))
+                .is_err()
+            {
+                p.kill.cancel();
+            }
+        }
+        Some(token)
+    }
+
     fn peer_gone(&self, tunnel: &str, mode: Mode, id: u64) {
         let cleared = self
             .lock()
@@ -141,7 +202,9 @@ pub struct Emulator {
     addr: SocketAddr,
     tls: bool,
     ca_pem: Option<String>,
+    control_addr: Option<SocketAddr>,
     _accept: AbortOnDropHandle<()>,
+    _control: Option<AbortOnDropHandle<()>>,
 }
 
 impl Emulator {
@@ -160,23 +223,82 @@ impl Emulator {
                 addr: cfg.listen,
                 source,
             })?;
+        let control = if cfg.control_plane {
+            let any = SocketAddr::from(([127, 0, 0, 1], 0));
+            let l = TcpListener::bind(any)
+                .await
+                .map_err(|source| EmulatorError::Listen { addr: any, source })?;
+            let a = l
+                .local_addr()
+                .map_err(|source| EmulatorError::Listen { addr: any, source })?;
+            Some((l, a))
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             changes: watch::Sender::new(0),
             reframe: AtomicBool::new(false),
             drop_pongs: Arc::new(AtomicBool::new(false)),
             next_peer: AtomicU64::new(1),
+            disconnect_on_rotate: AtomicBool::new(false),
+            region: cfg.region,
+            minute: cfg.minute,
+            max_open_tunnels: cfg.max_open_tunnels,
+            publisher: cfg.publisher.map(publisher::Publisher::start),
         });
         let tls = acceptor.is_some();
         let accept = tokio::spawn(accept_loop(listener, acceptor, shared.clone()));
         info!(%addr, tls, "tunneling service emulator listening");
+        let (control_addr, control_task) = match control {
+            Some((l, a)) => {
+                info!(addr = %a, "control plane listening");
+                (
+                    Some(a),
+                    Some(AbortOnDropHandle::new(tokio::spawn(control::serve(
+                        l,
+                        shared.clone(),
+                    )))),
+                )
+            }
+            None => (None, None),
+        };
         Ok(Emulator {
             shared,
             addr,
             tls,
             ca_pem,
+            control_addr,
             _accept: AbortOnDropHandle::new(accept),
+            _control: control_task,
         })
+    }
+
+    /// `http://127.0.0.1:<port>`, the `--endpoint-url` for boto3 and aws-cli.
+    pub fn control_endpoint(&self) -> Option<String> {
+        self.control_addr.map(|a| format!("http://{a}"))
+    }
+
+    /// Waits until the notify publisher is connected to its broker.
+    pub async fn wait_publisher(&self) {
+        if let Some(p) = &self.shared.publisher {
+            p.wait_connected().await;
+        }
+    }
+
+    /// Publishes any payload on any topic through the emulator's MQTT identity (tests).
+    pub async fn publish_raw(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match &self.shared.publisher {
+            Some(p) => p.publish(topic, payload).await,
+            None => Err("no publisher configured".into()),
+        }
+    }
+
+    /// Switch: disconnect the peer whose token is rotated, at once.
+    pub fn set_disconnect_on_rotate(&self, on: bool) {
+        self.shared
+            .disconnect_on_rotate
+            .store(on, Ordering::Relaxed);
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -199,19 +321,38 @@ impl Emulator {
 
     pub fn open_tunnel(&self, services: &[&str], lifetime: Duration) -> TunnelTokens {
         let tokens = self.shared.lock().open_tunnel(services, lifetime, None);
-        let (shared, id) = (Arc::downgrade(&self.shared), tokens.tunnel_id.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(lifetime).await;
-            if let Some(shared) = shared.upgrade() {
-                close_tunnel(&shared, &id, "tunnel lifetime ended");
-            }
-        });
+        close_at_lifetime(&self.shared, &tokens.tunnel_id, lifetime);
         tokens
     }
 
     /// Revokes the mode's token and returns a new one.
     pub fn rotate(&self, tunnel_id: &str, mode: Mode) -> Option<String> {
-        self.shared.lock().rotate(tunnel_id, mode)
+        self.shared.rotate(tunnel_id, mode)
+    }
+
+    /// The token of the peer connected in `mode`, if that peer's handshake used `token`.
+    pub fn peer_token_is(&self, tunnel_id: &str, mode: Mode, token: &str) -> bool {
+        let st = self.shared.lock();
+        st.tunnel(tunnel_id)
+            .is_some_and(|t| t.peer(mode).is_some() && t.token(mode) == token)
+    }
+
+    /// Waits until any change (peer connected or gone, tunnel closed) and returns.
+    pub async fn changed(&self) {
+        let mut rx = self.shared.changes.subscribe();
+        let _ = rx.changed().await;
+    }
+
+    /// Subscribes to changes, for waiting on conditions without missing one.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    pub fn tunnel_is_open(&self, tunnel_id: &str) -> bool {
+        self.shared
+            .lock()
+            .tunnel(tunnel_id)
+            .is_some_and(|t| !t.closed)
     }
 
     /// CloseTunnel: both peers get a close frame; the tunnel's tokens stop working.
@@ -303,6 +444,25 @@ impl Emulator {
             None => false,
         }
     }
+}
+
+/// Opens a tunnel from the control plane: lifetime in (scaled) minutes.
+fn open_tunnel(shared: &Arc<Shared>, spec: state::TunnelSpec) -> TunnelTokens {
+    let lifetime = shared.minute * spec.timeout_minutes;
+    let tokens = shared.lock().open_with(spec, lifetime);
+    close_at_lifetime(shared, &tokens.tunnel_id, lifetime);
+    tokens
+}
+
+/// Rotation never extends this: the deadline is fixed when the tunnel opens.
+fn close_at_lifetime(shared: &Arc<Shared>, tunnel_id: &str, lifetime: Duration) {
+    let (shared, id) = (Arc::downgrade(shared), tunnel_id.to_owned());
+    tokio::spawn(async move {
+        tokio::time::sleep(lifetime).await;
+        if let Some(shared) = shared.upgrade() {
+            close_tunnel(&shared, &id, "tunnel lifetime ended");
+        }
+    });
 }
 
 fn close_tunnel(shared: &Shared, tunnel_id: &str, reason: &str) {

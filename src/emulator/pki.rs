@@ -75,3 +75,24 @@ impl TestPki {
         })
     }
 }
+
+/// A rustls client config trusting `ca_pem` and presenting `identity` (mutual TLS).
+pub fn mutual_tls_client(
+    ca_pem: &str,
+    identity: &Issued,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(c.map_err(|e| format!("{e:?}"))?)
+            .map_err(|e| e.to_string())?;
+    }
+    let key = identity.key_der().map_err(|e| format!("{e:?}"))?;
+    let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.cert_der(), key)
+        .map_err(|e| e.to_string())?;
+    Ok(std::sync::Arc::new(config))
+}

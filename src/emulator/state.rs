@@ -40,13 +40,26 @@ struct Slot {
     last_updated: SystemTime,
 }
 
+/// What OpenTunnel was given, as DescribeTunnel returns it.
+#[derive(Debug, Clone, Default)]
+pub struct TunnelSpec {
+    pub description: Option<String>,
+    pub tags: Vec<(String, String)>,
+    pub thing_name: Option<String>,
+    /// `None` when OpenTunnel had no destinationConfig.
+    pub services: Option<Vec<String>>,
+    pub timeout_minutes: u32,
+}
+
 #[derive(Debug)]
 pub struct Tunnel {
     pub id: String,
     pub services: Vec<String>,
     pub thing_name: Option<String>,
+    pub spec: TunnelSpec,
     pub closed: bool,
     pub created_at: SystemTime,
+    pub last_updated_at: SystemTime,
     pub lifetime: Duration,
     slots: [Slot; 2],
     /// service id -> stream id, as opened by the source's STREAM_START.
@@ -139,6 +152,16 @@ impl State {
         lifetime: Duration,
         thing_name: Option<&str>,
     ) -> TunnelTokens {
+        let spec = TunnelSpec {
+            thing_name: thing_name.map(str::to_owned),
+            services: Some(services.iter().map(|s| s.to_string()).collect()),
+            timeout_minutes: (lifetime.as_secs() / 60).clamp(1, 720) as u32,
+            ..TunnelSpec::default()
+        };
+        self.open_with(spec, lifetime)
+    }
+
+    pub fn open_with(&mut self, spec: TunnelSpec, lifetime: Duration) -> TunnelTokens {
         let id = uuid::Uuid::new_v4().to_string();
         let now = SystemTime::now();
         let slot = |token: String| Slot {
@@ -163,10 +186,12 @@ impl State {
             id.clone(),
             Tunnel {
                 id: id.clone(),
-                services: services.iter().map(|s| s.to_string()).collect(),
-                thing_name: thing_name.map(str::to_owned),
+                services: spec.services.clone().unwrap_or_default(),
+                thing_name: spec.thing_name.clone(),
+                spec,
                 closed: false,
                 created_at: now,
+                last_updated_at: now,
                 lifetime,
                 slots: [slot(src.clone()), slot(dst.clone())],
                 active_streams: HashMap::new(),
@@ -183,6 +208,7 @@ impl State {
     pub fn rotate(&mut self, tunnel_id: &str, mode: Mode) -> Option<String> {
         let tunnel = self.tunnels.get_mut(tunnel_id).filter(|t| !t.closed)?;
         let new = new_token();
+        tunnel.last_updated_at = SystemTime::now();
         let slot = &mut tunnel.slots[idx(mode)];
         let old = std::mem::replace(&mut slot.token, new.clone());
         slot.used = false;
@@ -207,6 +233,7 @@ impl State {
             return Vec::new();
         };
         t.closed = true;
+        t.last_updated_at = SystemTime::now();
         t.active_streams.clear();
         t.slots.iter_mut().filter_map(|s| s.peer.take()).collect()
     }
@@ -267,5 +294,18 @@ impl State {
 
     pub fn tunnels(&self) -> impl Iterator<Item = &Tunnel> {
         self.tunnels.values()
+    }
+
+    /// CloseTunnel with `delete`: the tunnel's data goes at once.
+    pub fn delete_tunnel(&mut self, tunnel_id: &str) {
+        if let Some(t) = self.tunnels.remove(tunnel_id) {
+            for slot in &t.slots {
+                self.tokens.remove(&slot.token);
+            }
+        }
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.tunnels.values().filter(|t| !t.closed).count()
     }
 }

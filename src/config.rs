@@ -1,0 +1,690 @@
+//! The agent's configuration file (`/etc/securetunnel-agent/agent.toml`): parsed strictly
+//! (unknown keys are errors), validated into a `Config` with nothing left optional that must
+//! be set later, and checked against the files it names (`check-config`).
+
+use std::fmt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+use crate::bridge::DataEndpoint;
+use crate::protocol;
+use crate::services::ServiceMap;
+use crate::tls::{TlsOptions, client_config, provider};
+
+pub const DEFAULT_PATH: &str = "/etc/securetunnel-agent/agent.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/securetunnel-agent";
+/// The service's ceiling on a tunnel's lifetime (720 minutes).
+pub const MAX_LIFETIME_MINUTES: u64 = 720;
+/// AWS IoT Core's ALPN protocol for MQTT over port 443.
+pub const MQTT_ALPN_443: &[u8] = b"x-amzn-mqtt-ca";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    thing_name: String,
+    mqtt: RawMqtt,
+    #[serde(default)]
+    tunnel: RawTunnel,
+    #[serde(default)]
+    services: ServiceMap,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    rotation: RawRotation,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    endpoint: String,
+    #[serde(default = "default_mqtt_port")]
+    port: u16,
+    client_id: Option<String>,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: Option<PathBuf>,
+    #[serde(default = "default_keep_alive")]
+    keep_alive_secs: u64,
+}
+
+fn default_mqtt_port() -> u16 {
+    8883
+}
+
+fn default_keep_alive() -> u64 {
+    30
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    endpoint: Option<String>,
+    ca: Option<PathBuf>,
+    #[serde(default = "default_stall_ms")]
+    stall_timeout_ms: u64,
+}
+
+fn default_stall_ms() -> u64 {
+    5000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_max_tunnels")]
+    max_tunnels: usize,
+    #[serde(default = "default_max_connections")]
+    max_connections_per_tunnel: usize,
+    #[serde(default = "default_max_lifetime")]
+    max_lifetime_minutes: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_tunnels: default_max_tunnels(),
+            max_connections_per_tunnel: default_max_connections(),
+            max_lifetime_minutes: default_max_lifetime(),
+        }
+    }
+}
+
+fn default_max_tunnels() -> usize {
+    10
+}
+
+fn default_max_connections() -> usize {
+    128
+}
+
+fn default_max_lifetime() -> u64 {
+    MAX_LIFETIME_MINUTES
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRotation {
+    #[serde(default)]
+    policy: RotationPolicy,
+}
+
+/// What a new token for a tunnel that already has a live session does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RotationPolicy {
+    /// Restart the session's bridge with the new token (the old one is revoked).
+    #[default]
+    Replace,
+    /// Keep the old session until it ends and start another beside it.
+    Parallel,
+}
+
+#[derive(Clone, Debug)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: Option<PathBuf>,
+    pub keep_alive: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct TunnelConfig {
+    /// Data-plane endpoint override; by default the notify's region decides.
+    pub endpoint: Option<DataEndpoint>,
+    pub ca: Option<PathBuf>,
+    pub stall_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct AgentLimits {
+    pub max_tunnels: usize,
+    pub max_connections_per_tunnel: usize,
+    pub max_lifetime: Duration,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub thing_name: String,
+    pub mqtt: MqttConfig,
+    pub tunnel: TunnelConfig,
+    pub services: ServiceMap,
+    pub limits: AgentLimits,
+    pub rotation: RotationPolicy,
+    pub state_dir: PathBuf,
+}
+
+impl Config {
+    pub fn notify_topic(&self) -> String {
+        format!("$aws/things/{}/tunnels/notify", self.thing_name)
+    }
+}
+
+/// One problem, naming the key, what is wrong with its value, and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.problem)?;
+        if !self.fix.is_empty() {
+            write!(f, "; {}", self.fix)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_owned(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Several problems at once, so an operator fixes them in one go.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates the file; does not open the certificate files (see `check_files`).
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![err(
+            &path.display().to_string(),
+            format!("cannot read the configuration: {e}"),
+            "create it (example: config/agent.toml) or pass --config",
+        )])
+    })?;
+    parse(&text, path)
+}
+
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let key = path.display().to_string();
+        ConfigErrors(vec![err(
+            &key,
+            e.message().to_owned() + &location(text, e.span()),
+            "",
+        )])
+    })?;
+    validate(raw, path)
+}
+
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(s) => {
+            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let names = "use 1-128 characters of letters, digits, ':', '_' or '-'";
+    if !protocol::is_valid_service_id(&raw.thing_name) {
+        errors.push(err(
+            "thing_name",
+            format!("{:?} is not a valid thing name", raw.thing_name),
+            names,
+        ));
+    }
+    let m = &raw.mqtt;
+    if m.endpoint.is_empty()
+        || m.endpoint.contains("://")
+        || m.endpoint.contains(':')
+        || m.endpoint.contains('/')
+    {
+        errors.push(err(
+            "mqtt.endpoint",
+            format!("{:?} is not a host name", m.endpoint),
+            "give the AWS IoT Core data endpoint host only, e.g. a1b2c3-ats.iot.eu-west-1.amazonaws.com; the port goes in mqtt.port",
+        ));
+    }
+    if m.port == 0 {
+        errors.push(err(
+            "mqtt.port",
+            "0 is not a port",
+            "use 8883, or 443 (ALPN x-amzn-mqtt-ca)",
+        ));
+    }
+    let client_id = m
+        .client_id
+        .clone()
+        .unwrap_or_else(|| raw.thing_name.clone());
+    if client_id.is_empty() || client_id.len() > 128 {
+        errors.push(err(
+            "mqtt.client_id",
+            "must be 1-128 characters",
+            "leave it out to use the thing name",
+        ));
+    }
+    if !(5..=1200).contains(&m.keep_alive_secs) {
+        errors.push(err(
+            "mqtt.keep_alive_secs",
+            format!("{} is out of range", m.keep_alive_secs),
+            "use 30-1200 seconds (AWS IoT Core's range)",
+        ));
+    }
+    let endpoint = match raw
+        .tunnel
+        .endpoint
+        .as_deref()
+        .map(DataEndpoint::parse_override)
+    {
+        Some(Ok(e)) => Some(e),
+        Some(Err(p)) => {
+            errors.push(err(
+                "tunnel.endpoint",
+                p,
+                "give host[:port], or leave it out to use the notify's region",
+            ));
+            None
+        }
+        None => None,
+    };
+    if raw.tunnel.stall_timeout_ms < 100 {
+        errors.push(err(
+            "tunnel.stall_timeout_ms",
+            format!("{} ms is too short", raw.tunnel.stall_timeout_ms),
+            "use at least 100 (default 5000)",
+        ));
+    }
+    if raw.services.is_empty() {
+        errors.push(err(
+            "services",
+            "no service is mapped, so every tunnel would be refused",
+            "add e.g. SSH = 22 under [services]",
+        ));
+    }
+    let l = &raw.limits;
+    if !(1..=100).contains(&l.max_tunnels) {
+        errors.push(err(
+            "limits.max_tunnels",
+            format!("{} is out of range", l.max_tunnels),
+            "use 1-100 (default 10)",
+        ));
+    }
+    if !(1..=1024).contains(&l.max_connections_per_tunnel) {
+        errors.push(err(
+            "limits.max_connections_per_tunnel",
+            format!("{} is out of range", l.max_connections_per_tunnel),
+            "use 1-1024 (default 128)",
+        ));
+    }
+    if !(1..=MAX_LIFETIME_MINUTES).contains(&l.max_lifetime_minutes) {
+        errors.push(err(
+            "limits.max_lifetime_minutes",
+            format!("{} is out of range", l.max_lifetime_minutes),
+            "use 1-720 minutes (the service closes every tunnel after 720)",
+        ));
+    }
+    if !raw.state_dir.is_absolute() {
+        errors.push(err(
+            "state_dir",
+            format!("{} is not an absolute path", raw.state_dir.display()),
+            format!("use e.g. {DEFAULT_STATE_DIR}"),
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Config {
+        path: path.to_owned(),
+        mqtt: MqttConfig {
+            host: raw.mqtt.endpoint,
+            port: raw.mqtt.port,
+            client_id,
+            cert: raw.mqtt.cert,
+            key: raw.mqtt.key,
+            ca: raw.mqtt.ca,
+            keep_alive: Duration::from_secs(raw.mqtt.keep_alive_secs),
+        },
+        thing_name: raw.thing_name,
+        tunnel: TunnelConfig {
+            endpoint,
+            ca: raw.tunnel.ca,
+            stall_timeout: Duration::from_millis(raw.tunnel.stall_timeout_ms),
+        },
+        services: raw.services,
+        limits: AgentLimits {
+            max_tunnels: raw.limits.max_tunnels,
+            max_connections_per_tunnel: raw.limits.max_connections_per_tunnel,
+            max_lifetime: Duration::from_secs(raw.limits.max_lifetime_minutes * 60),
+        },
+        rotation: raw.rotation.policy,
+        state_dir: raw.state_dir,
+    })
+}
+
+/// What the files named by a config turned into.
+pub struct Checked {
+    pub mqtt_tls: Arc<rustls::ClientConfig>,
+    pub tunnel_tls: Arc<rustls::ClientConfig>,
+    pub warnings: Vec<String>,
+    pub summary: Vec<(String, String)>,
+}
+
+fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            err(
+                key,
+                format!("{}: {}", path.display(), pem_problem(&e)),
+                "give a PEM certificate file",
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(err(
+            key,
+            format!("{} holds no PEM certificate", path.display()),
+            "give a PEM certificate file",
+        ));
+    }
+    Ok(certs)
+}
+
+fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(io) => io.to_string(),
+        other => format!("not valid PEM ({other:?})"),
+    }
+}
+
+/// Opens every file the config names: certificates parse, the key loads (PKCS#8, SEC1 or
+/// PKCS#1) and belongs to the certificate, and the TLS configurations build.
+pub fn check_files(cfg: &Config) -> Result<Checked, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let cert = read_certs("mqtt.cert", &cfg.mqtt.cert)
+        .map_err(|e| errors.push(e))
+        .ok();
+    let key = PrivateKeyDer::from_pem_file(&cfg.mqtt.key)
+        .map_err(|e| {
+            errors.push(err(
+                "mqtt.key",
+                format!("{}: {}", cfg.mqtt.key.display(), pem_problem(&e)),
+                "give the device's private key in PEM (PKCS#8, SEC1 or PKCS#1)",
+            ))
+        })
+        .ok();
+    if let Ok(meta) = std::fs::metadata(&cfg.mqtt.key) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o044 != 0 {
+            warnings.push(format!(
+                "mqtt.key: {} is readable by group or others (mode {mode:04o}); run chmod 600 on it",
+                cfg.mqtt.key.display()
+            ));
+        }
+    }
+    let mut mqtt_trust = TlsOptions::platform();
+    if let Some(ca) = &cfg.mqtt.ca {
+        if let Err(e) = read_certs("mqtt.ca", ca).map(|c| mqtt_trust.extra_roots.extend(c)) {
+            errors.push(e);
+        }
+    }
+    let mut tunnel_trust = TlsOptions::platform();
+    if let Some(ca) = &cfg.tunnel.ca {
+        if let Err(e) = tunnel_trust.add_ca_path(ca) {
+            errors.push(err(
+                "tunnel.ca",
+                e.to_string(),
+                "give a PEM file or a directory of PEM files",
+            ));
+        }
+    }
+    let mut mqtt_tls = None;
+    if let (Some(cert), Some(key)) = (cert, key) {
+        match mqtt_client_config(cfg, &mqtt_trust, cert, key) {
+            Ok(c) => mqtt_tls = Some(c),
+            Err(e) => errors.push(e),
+        }
+    }
+    let tunnel_tls = client_config(&tunnel_trust)
+        .map_err(|e| errors.push(err("tunnel.ca", e.to_string(), "")))
+        .ok();
+    match (errors.is_empty(), mqtt_tls, tunnel_tls) {
+        (true, Some(mqtt_tls), Some(tunnel_tls)) => Ok(Checked {
+            mqtt_tls,
+            tunnel_tls,
+            warnings,
+            summary: summary(cfg),
+        }),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+fn mqtt_client_config(
+    cfg: &Config,
+    trust: &TlsOptions,
+    cert: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if trust.platform_roots {
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    }
+    for c in &trust.extra_roots {
+        roots
+            .add(c.clone())
+            .map_err(|e| err("mqtt.ca", e.to_string(), "give a valid CA certificate"))?;
+    }
+    if roots.is_empty() {
+        return Err(err(
+            "mqtt.ca",
+            "no trusted CA certificate",
+            "set mqtt.ca to AmazonRootCA1.pem",
+        ));
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("mqtt", e.to_string(), ""))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(cert, key)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => err(
+                "mqtt.key",
+                format!(
+                    "{} does not belong to the certificate {}",
+                    cfg.mqtt.key.display(),
+                    cfg.mqtt.cert.display()
+                ),
+                "use the private key that was created with this certificate",
+            ),
+            other => err(
+                "mqtt.key",
+                other.to_string(),
+                "give the device's private key in PEM",
+            ),
+        })?;
+    if cfg.mqtt.port == 443 {
+        config.alpn_protocols = vec![MQTT_ALPN_443.to_vec()];
+    }
+    Ok(Arc::new(config))
+}
+
+/// What `check-config` prints: no secrets (there are none in the file; keys stay on disk).
+fn summary(cfg: &Config) -> Vec<(String, String)> {
+    let services: Vec<String> = cfg
+        .services
+        .named()
+        .map(|(s, e)| format!("{s} -> {e}"))
+        .chain(
+            cfg.services
+                .unnamed_endpoint()
+                .map(|e| format!("(unnamed) -> {e}")),
+        )
+        .collect();
+    let tunnel = match &cfg.tunnel.endpoint {
+        Some(e) => format!("{e} (override)"),
+        None => "data.tunneling.iot.<region>.amazonaws.com:443, region from each notify".into(),
+    };
+    vec![
+        ("thing name".into(), cfg.thing_name.clone()),
+        ("notify topic".into(), cfg.notify_topic()),
+        (
+            "MQTT".into(),
+            format!(
+                "{}:{} as client {:?}, mutual TLS{}",
+                cfg.mqtt.host,
+                cfg.mqtt.port,
+                cfg.mqtt.client_id,
+                if cfg.mqtt.port == 443 {
+                    ", ALPN x-amzn-mqtt-ca"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        ("certificate".into(), cfg.mqtt.cert.display().to_string()),
+        (
+            "private key".into(),
+            format!("{} (matches the certificate)", cfg.mqtt.key.display()),
+        ),
+        (
+            "MQTT CA".into(),
+            cfg.mqtt
+                .ca
+                .as_ref()
+                .map_or("platform CA store".into(), |p| p.display().to_string()),
+        ),
+        ("tunnel endpoint".into(), tunnel),
+        (
+            "tunnel CA".into(),
+            cfg.tunnel
+                .ca
+                .as_ref()
+                .map_or("platform CA store".into(), |p| {
+                    format!("{} + platform CA store", p.display())
+                }),
+        ),
+        ("services".into(), services.join(", ")),
+        (
+            "limits".into(),
+            format!(
+                "{} tunnels, {} connections each, lifetime at most {} min, stall reset after {} ms",
+                cfg.limits.max_tunnels,
+                cfg.limits.max_connections_per_tunnel,
+                cfg.limits.max_lifetime.as_secs() / 60,
+                cfg.tunnel.stall_timeout.as_millis()
+            ),
+        ),
+        (
+            "rotation".into(),
+            format!("{:?}", cfg.rotation).to_lowercase(),
+        ),
+        ("state dir".into(), cfg.state_dir.display().to_string()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+        thing_name = "gw-1"
+        [mqtt]
+        endpoint = "a1b2c3-ats.iot.eu-west-1.amazonaws.com"
+        cert = "/etc/x/cert.pem"
+        key = "/etc/x/key.pem"
+        [services]
+        SSH = 22
+    "#;
+
+    fn parse_str(s: &str) -> Result<Config, ConfigErrors> {
+        parse(s, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn defaults_are_named_and_applied() {
+        let c = parse_str(MIN).unwrap();
+        assert_eq!(c.mqtt.port, 8883);
+        assert_eq!(c.mqtt.client_id, "gw-1");
+        assert_eq!(c.limits.max_tunnels, 10);
+        assert_eq!(c.limits.max_lifetime, Duration::from_secs(720 * 60));
+        assert_eq!(c.rotation, RotationPolicy::Replace);
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.notify_topic(), "$aws/things/gw-1/tunnels/notify");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name_and_line() {
+        let e = parse_str(&format!("{MIN}\n[limits]\nmax_tunels = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_tunels") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn each_invalid_value_names_key_problem_and_fix() {
+        let bad = MIN.replace("gw-1", "gw 1").replace(
+            "a1b2c3-ats.iot.eu-west-1.amazonaws.com",
+            "mqtts://host:8883",
+        ) + "[limits]\nmax_lifetime_minutes = 721\nmax_tunnels = 0\n";
+        let e = parse_str(&bad).unwrap_err();
+        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "thing_name",
+                "mqtt.endpoint",
+                "limits.max_tunnels",
+                "limits.max_lifetime_minutes"
+            ]
+        );
+        assert!(e.0.iter().all(|e| !e.fix.is_empty()));
+    }
+
+    #[test]
+    fn a_bad_service_mapping_names_the_service() {
+        let e = parse_str(&MIN.replace("SSH = 22", "SSH = 70000"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SSH") && e.contains("70000"), "{e}");
+    }
+
+    #[test]
+    fn rotation_policy_parallel_is_opt_in() {
+        let c = parse_str(&format!("{MIN}\n[rotation]\npolicy = \"parallel\"\n")).unwrap();
+        assert_eq!(c.rotation, RotationPolicy::Parallel);
+        assert!(parse_str(&format!("{MIN}\n[rotation]\npolicy = \"both\"\n")).is_err());
+    }
+}

@@ -1,0 +1,67 @@
+//! What the agent is doing, for operators and supervisors: a JSON snapshot written
+//! atomically to `<state_dir>/status.json` whenever the tunnel table changes. Tokens appear
+//! only as `token:<hash>`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::session::Entry;
+
+#[derive(Debug, Serialize)]
+pub struct TunnelStatus {
+    pub id: u64,
+    pub region: String,
+    pub services: Vec<String>,
+    pub token: String,
+    pub rotations: u32,
+    pub age_secs: u64,
+    pub expires_in_secs: u64,
+    pub phase: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub mqtt: String,
+    pub tunnels: Vec<TunnelStatus>,
+}
+
+impl TunnelStatus {
+    pub fn of(e: &Entry, phase: &str, now: Instant) -> Self {
+        TunnelStatus {
+            id: e.id,
+            region: e.key.region.clone(),
+            services: e.key.services.clone(),
+            token: e.token.clone(),
+            rotations: e.rotations,
+            age_secs: now.saturating_duration_since(e.started).as_secs(),
+            expires_in_secs: e.deadline.saturating_duration_since(now).as_secs(),
+            phase: phase.to_owned(),
+        }
+    }
+}
+
+pub struct StatusFile {
+    path: PathBuf,
+}
+
+impl StatusFile {
+    pub fn new(state_dir: &Path) -> Self {
+        StatusFile {
+            path: state_dir.join("status.json"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Write-then-rename, so a reader never sees half a file.
+    pub fn write(&self, snapshot: &Snapshot) -> std::io::Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(snapshot).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
