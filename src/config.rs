@@ -67,13 +67,23 @@ fn default_keep_alive() -> u64 {
     30
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTunnel {
     endpoint: Option<String>,
     ca: Option<PathBuf>,
     #[serde(default = "default_stall_ms")]
     stall_timeout_ms: u64,
+}
+
+impl Default for RawTunnel {
+    fn default() -> Self {
+        RawTunnel {
+            endpoint: None,
+            ca: None,
+            stall_timeout_ms: default_stall_ms(),
+        }
+    }
 }
 
 fn default_stall_ms() -> u64 {
@@ -636,6 +646,7 @@ mod tests {
     #[test]
     fn defaults_are_named_and_applied() {
         let c = parse_str(MIN).unwrap();
+        assert_eq!(c.tunnel.stall_timeout, Duration::from_secs(5));
         assert_eq!(c.mqtt.port, 8883);
         assert_eq!(c.mqtt.client_id, "gw-1");
         assert_eq!(c.limits.max_tunnels, 10);
