@@ -1,5 +1,6 @@
 //! Every example file in config/ parses, so the documentation cannot drift from the code.
 
+use securetunnel_agent::config;
 use securetunnel_agent::services::ServiceMap;
 
 #[test]

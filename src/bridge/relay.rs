@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tokio::task::{JoinError, JoinSet};
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, protocol::CloseFrame};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, trace, warn};
+use tracing::{Instrument, debug, info, trace, warn};
 
 use std::collections::{HashMap, VecDeque};
 
@@ -386,7 +386,9 @@ impl Session<'_> {
             limits: self.limits,
             stats: self.stats.clone(),
         };
-        self.tasks.spawn(task.run(open));
+        // Inherit the session's span so connection logs carry the tunnel and token.
+        self.tasks
+            .spawn(task.run(open).instrument(tracing::Span::current()));
         let handle = ConnHandle {
             id: self.next_id,
             tx,

@@ -2,6 +2,8 @@
 //! wait for events. Every test gets its own ports and tunnels, so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod rig;
+
 use std::sync::Arc;
 use std::time::Duration;
 

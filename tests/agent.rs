@@ -1,0 +1,351 @@
+//! The agent end to end: mosquitto (mutual TLS, ACLs), the emulator's control plane driven by
+//! boto3, the agent as its own process with a config file, and this project's source side.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::rig::{AgentProc, Rig, RigOptions, within_deadline};
+use common::*;
+use securetunnel_agent::bridge::Phase;
+use securetunnel_agent::emulator::testkit::{EchoService, echo_tcp, echo_transfer};
+use securetunnel_agent::emulator::{Emulator, TunnelTokens};
+use securetunnel_agent::protocol::{Format, Mode};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+
+/// Waits until `cond` holds on the emulator, re-checking on each of its changes.
+async fn until(emu: &Emulator, what: &str, cond: impl Fn(&Emulator) -> bool) {
+    let mut changes = emu.changes();
+    within_deadline(what, async {
+        while !cond(emu) {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+fn tokens(open: &Value) -> TunnelTokens {
+    TunnelTokens {
+        tunnel_id: open["tunnelId"].as_str().unwrap().into(),
+        source_access_token: open["sourceAccessToken"].as_str().unwrap().into(),
+        destination_access_token: open["destinationAccessToken"].as_str().unwrap().into(),
+    }
+}
+
+fn dest_config(thing: &str, services: &[&str]) -> Value {
+    json!({"thingName": thing, "services": services})
+}
+
+async fn open(rig: &Rig, thing: &str, services: &[&str], minutes: u32) -> TunnelTokens {
+    let r = rig
+        .api(
+            "open_tunnel",
+            json!({
+                "description": "e2e",
+                "destinationConfig": dest_config(thing, services),
+                "timeoutConfig": {"maxLifetimeTimeoutMinutes": minutes},
+            }),
+        )
+        .await
+        .unwrap();
+    tokens(&r)
+}
+
+/// Agent for `thing` serving every service in `services` from one echo service.
+async fn agent(rig: &Rig, thing: &str, services: &[&str], extra: &str) -> (AgentProc, EchoService) {
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map: String = services
+        .iter()
+        .map(|s| format!("{s} = \"{}\"\n", echo.addr.unwrap()))
+        .collect();
+    let cfg = rig.agent_config(thing, &map, extra);
+    let mut a = rig.spawn_agent(&cfg);
+    a.expect("subscribed to tunnel notifications").await;
+    (a, echo)
+}
+
+async fn transfer(addrs: &SourceListenersAddrs, service: &str, seed: u64) {
+    let c = TcpStream::connect(addrs.get(service)).await.unwrap();
+    within(
+        "transfer through the agent",
+        echo_transfer(c, 1 << 20, seed),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_rotate_and_close_drive_the_agents_bridge() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, _echo) = agent(&rig, "gw-1", &["SSH"], "").await;
+
+    // OpenTunnel -> notify -> the agent connects; data flows.
+    let t = open(&rig, "gw-1", &["SSH"], 30).await;
+    agent.expect("session started").await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "agent connects", |e| {
+        e.peer_token_is(&id, Mode::Destination, &t.destination_access_token)
+    })
+    .await;
+    let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
+    src.wait_phase(Phase::Ready).await;
+    transfer(&addrs, "SSH", 1).await;
+
+    // Rotate DESTINATION: the agent restarts its bridge with the new token.
+    let r = rig
+        .api(
+            "rotate_tunnel_access_token",
+            json!({"tunnelId": id, "clientMode": "DESTINATION", "destinationConfig": dest_config("gw-1", &["SSH"])}),
+        )
+        .await
+        .unwrap();
+    let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
+    assert!(r.get("sourceAccessToken").is_none());
+    agent
+        .expect("rotation: restarting the bridge with the new token")
+        .await;
+    until(&rig.emu, "agent reconnects with the new token", |e| {
+        e.peer_token_is(&id, Mode::Destination, &new_dest)
+    })
+    .await;
+    let old_handshakes = rig.emu.handshakes_for_token(&t.destination_access_token);
+    transfer(&addrs, "SSH", 2).await;
+    assert_eq!(
+        rig.emu.handshakes_for_token(&t.destination_access_token),
+        old_handshakes,
+        "the revoked token was presented again"
+    );
+    assert_eq!(rig.emu.handshakes_for_token(&new_dest), 1);
+
+    // Rotate ALL: the agent follows; the source side restarts with its new token.
+    let r = rig
+        .api(
+            "rotate_tunnel_access_token",
+            json!({"tunnelId": id, "clientMode": "ALL", "destinationConfig": dest_config("gw-1", &["SSH"])}),
+        )
+        .await
+        .unwrap();
+    let all_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
+    agent
+        .expect("rotation: restarting the bridge with the new token")
+        .await;
+    until(&rig.emu, "agent follows ALL", |e| {
+        e.peer_token_is(&id, Mode::Destination, &all_dest)
+    })
+    .await;
+    src.stop().await.unwrap();
+    let t2 = TunnelTokens {
+        tunnel_id: id.clone(),
+        source_access_token: r["sourceAccessToken"].as_str().unwrap().into(),
+        destination_access_token: all_dest.clone(),
+    };
+    let (mut src, addrs) = source(&rig.emu, &t2, "SSH=0", Format::V3).await;
+    src.wait_phase(Phase::Ready).await;
+    transfer(&addrs, "SSH", 3).await;
+    assert_eq!(
+        rig.emu.handshakes_for_token(&new_dest),
+        1,
+        "the revoked token was presented again"
+    );
+    assert_eq!(agent.status()["tunnels"].as_array().unwrap().len(), 1);
+    assert_eq!(agent.status()["tunnels"][0]["rotations"], 2);
+
+    // CloseTunnel: the session ends and leaves the table.
+    rig.api("close_tunnel", json!({"tunnelId": id}))
+        .await
+        .unwrap();
+    let line = agent.expect("session ended").await;
+    assert!(line.contains("closed by the service"), "{line}");
+    assert_eq!(agent.status()["tunnels"], json!([]));
+    assert!(
+        !agent.log.text().contains(&t.destination_access_token[..40]),
+        "a token reached the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_notify_twice_makes_one_session_and_one_handshake() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, _echo) = agent(&rig, "gw-dup", &["SSH"], "").await;
+    let t = rig.emu.open_tunnel(&["SSH"], Duration::from_secs(600));
+    let notify = json!({
+        "clientAccessToken": t.destination_access_token,
+        "clientMode": "destination",
+        "region": "us-east-1",
+        "services": ["SSH"],
+    })
+    .to_string()
+    .into_bytes();
+    let topic = "$aws/things/gw-dup/tunnels/notify";
+    rig.emu.publish_raw(topic, notify.clone()).await.unwrap();
+    rig.emu.publish_raw(topic, notify).await.unwrap();
+    agent.expect("session started").await;
+    agent.expect("duplicate notify ignored").await;
+    until(&rig.emu, "agent connects", |e| {
+        e.is_connected(&t.tunnel_id, Mode::Destination)
+    })
+    .await;
+    assert_eq!(agent.count("session started"), 1);
+    assert_eq!(rig.emu.handshakes_for_token(&t.destination_access_token), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_max_tunnels_the_fourth_is_refused_and_three_work() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let services = ["S1", "S2", "S3", "S4"];
+    let (mut agent, _echo) = agent(&rig, "gw-max", &services, "[limits]\nmax_tunnels = 3\n").await;
+    let mut tunnels = Vec::new();
+    for s in &services[..3] {
+        tunnels.push((s, open(&rig, "gw-max", &[s], 30).await));
+        agent.expect("session started").await;
+    }
+    let fourth = open(&rig, "gw-max", &["S4"], 30).await;
+    let line = agent.expect("notify refused").await;
+    assert!(line.contains("3 tunnels are already live"), "{line}");
+    for (i, (s, t)) in tunnels.iter().enumerate() {
+        let id = t.tunnel_id.clone();
+        until(&rig.emu, "agent connects", |e| {
+            e.is_connected(&id, Mode::Destination)
+        })
+        .await;
+        let (mut src, addrs) = source(&rig.emu, t, &format!("{s}=0"), Format::V3).await;
+        src.wait_phase(Phase::Ready).await;
+        transfer(&addrs, s, i as u64).await;
+    }
+    assert!(!rig.emu.is_connected(&fourth.tunnel_id, Mode::Destination));
+    assert_eq!(
+        rig.emu
+            .handshakes_for_token(&fourth.destination_access_token),
+        0
+    );
+    assert_eq!(agent.status()["tunnels"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_restart_the_agent_resubscribes_and_follows_a_rotation() {
+    let mut rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, _echo) = agent(&rig, "gw-mq", &["SSH"], "").await;
+    let t = open(&rig, "gw-mq", &["SSH"], 30).await;
+    agent.expect("session started").await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+
+    rig.mosquitto.restart().await;
+    agent.expect("MQTT connection failed").await;
+    agent.expect("subscribed to tunnel notifications").await;
+    within_deadline("publisher reconnects", rig.emu.wait_publisher()).await;
+
+    let r = rig
+        .api(
+            "rotate_tunnel_access_token",
+            json!({"tunnelId": id, "clientMode": "DESTINATION", "destinationConfig": dest_config("gw-mq", &["SSH"])}),
+        )
+        .await
+        .unwrap();
+    let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
+    agent
+        .expect("rotation: restarting the bridge with the new token")
+        .await;
+    until(&rig.emu, "agent follows the rotation", |e| {
+        e.peer_token_is(&id, Mode::Destination, &new_dest)
+    })
+    .await;
+    let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
+    src.wait_phase(Phase::Ready).await;
+    transfer(&addrs, "SSH", 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_notifies_are_each_refused_and_the_agent_keeps_serving() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, _echo) = agent(&rig, "gw-bad", &["SSH"], "").await;
+    let t = open(&rig, "gw-bad", &["SSH"], 30).await;
+    agent.expect("session started").await;
+    let topic = "$aws/things/gw-bad/tunnels/notify";
+    let notify = |mode: &str, token: &str, services: Value| {
+        json!({"clientAccessToken": token, "clientMode": mode, "region": "us-east-1", "services": services})
+            .to_string()
+            .into_bytes()
+    };
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            notify("source", "AQGAx", json!(["SSH"])),
+            "clientMode is \"source\"",
+        ),
+        (
+            notify("destination", "", json!(["SSH"])),
+            "the access token is empty",
+        ),
+        (
+            notify("destination", "AQGAy", json!(["A", "B", "C", "D"])),
+            "4 services listed",
+        ),
+        (
+            notify("destination", "AQGAz", json!(["FTP"])),
+            "none of the tunnel's services is in the service map",
+        ),
+        (
+            b"{\"clientAccessToken\": ".to_vec(),
+            "payload is not a JSON object",
+        ),
+        (vec![0xff, 0xfe, 0xfd], "payload is not UTF-8"),
+    ];
+    for (payload, reason) in cases {
+        rig.emu.publish_raw(topic, payload).await.unwrap();
+        let line = agent.expect("notify refused").await;
+        assert!(line.contains(reason), "expected {reason:?} in {line}");
+    }
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
+    src.wait_phase(Phase::Ready).await;
+    transfer(&addrs, "SSH", 5).await;
+    assert_eq!(agent.count("session started"), 1);
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent exited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_halfway_does_not_extend_the_tunnels_lifetime() {
+    // Time scale: one minute of lifetime lasts 4 s.
+    let minute = Duration::from_secs(4);
+    let rig = Rig::start(RigOptions { minute }).await;
+    let (mut agent, _echo) = agent(&rig, "gw-life", &["SSH"], "").await;
+    let opened = Instant::now();
+    let t = open(&rig, "gw-life", &["SSH"], 1).await;
+    agent.expect("session started").await;
+    // Let half the lifetime pass: time itself is what this test is about.
+    tokio::time::sleep(minute / 2).await;
+    rig.api(
+        "rotate_tunnel_access_token",
+        json!({"tunnelId": t.tunnel_id, "clientMode": "DESTINATION", "destinationConfig": dest_config("gw-life", &["SSH"])}),
+    )
+    .await
+    .unwrap();
+    agent
+        .expect("rotation: restarting the bridge with the new token")
+        .await;
+    let line = agent.expect("session ended").await;
+    let lived = opened.elapsed();
+    assert!(line.contains("closed by the service"), "{line}");
+    assert!(
+        lived >= minute - Duration::from_millis(200),
+        "ended early: {lived:?}"
+    );
+    assert!(
+        lived < minute + minute / 2,
+        "rotation extended the lifetime: {lived:?}"
+    );
+    assert_eq!(agent.status()["tunnels"], json!([]));
+}

@@ -1,0 +1,386 @@
+//! The end-to-end rig: mosquitto with mutual TLS and per-thing ACLs, the emulator with its
+//! control plane publishing notifies to it, the agent as its own process with a config file,
+//! and boto3 / aws-cli from the project's venv. Everything on free loopback ports.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use securetunnel_agent::emulator::pki::{Issued, TestPki, mutual_tls_client};
+use securetunnel_agent::emulator::publisher::PublisherConfig;
+use securetunnel_agent::emulator::{Emulator, EmulatorConfig, EmulatorTls};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use super::{DEADLINE, init_logs};
+
+pub const ADMIN: &str = "tunnel-admin";
+
+/// Lines a child process writes, kept and awaitable.
+#[derive(Clone)]
+pub struct LogTail {
+    lines: Arc<Mutex<Vec<String>>>,
+    count: watch::Receiver<usize>,
+}
+
+impl LogTail {
+    pub fn follow<R: AsyncRead + Unpin + Send + 'static>(reader: R, echo: &'static str) -> LogTail {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, count) = watch::channel(0);
+        let store = lines.clone();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(reader).lines();
+            while let Ok(Some(line)) = r.next_line().await {
+                eprintln!("[{echo}] {line}");
+                let n = {
+                    let mut v = store.lock().unwrap();
+                    v.push(line);
+                    v.len()
+                };
+                tx.send_replace(n);
+            }
+        });
+        LogTail { lines, count }
+    }
+
+    /// Index and text of the first line at or after `from` that matches.
+    pub async fn wait(
+        &self,
+        from: usize,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> (usize, String) {
+        let mut count = self.count.clone();
+        let found = tokio::time::timeout(DEADLINE, async {
+            loop {
+                {
+                    let v = self.lines.lock().unwrap();
+                    if let Some((i, l)) = v.iter().enumerate().skip(from).find(|(_, l)| pred(l)) {
+                        return Some((i, l.clone()));
+                    }
+                }
+                if count.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        match found {
+            Ok(Some(hit)) => hit,
+            _ => panic!("no log line {what:?}; log so far:\n{}", self.text()),
+        }
+    }
+
+    pub fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| pred(l))
+            .count()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+pub struct Files {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub ca_pem: String,
+    pub server: Issued,
+    pub admin: Issued,
+    pki: TestPki,
+}
+
+impl Files {
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// Certificate and key of a thing, written as `<thing>.crt` / `<thing>.key` (0600).
+    pub fn thing(&self, thing: &str) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let id = self.pki.client(thing).unwrap();
+        let cert = Self::write(&self.dir, &format!("{thing}.crt"), &id.cert_pem);
+        let key = Self::write(&self.dir, &format!("{thing}.key"), &id.key_pem);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (cert, key)
+    }
+}
+
+pub struct Mosquitto {
+    pub port: u16,
+    conf: PathBuf,
+    child: Option<Child>,
+    pub log: LogTail,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Mosquitto {
+    pub async fn start(files: &Files) -> Mosquitto {
+        let server_crt = Files::write(&files.dir, "server.crt", &files.server.cert_pem);
+        let server_key = Files::write(&files.dir, "server.key", &files.server.key_pem);
+        let acl = Files::write(
+            &files.dir,
+            "acl",
+            &format!(
+                "pattern read $aws/things/%u/tunnels/notify\nuser {ADMIN}\ntopic write $aws/things/+/tunnels/notify\n"
+            ),
+        );
+        // A free port can be taken between the probe and mosquitto's bind: retry then.
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = Files::write(
+                &files.dir,
+                "mosquitto.conf",
+                &format!(
+                    "per_listener_settings false\npersistence false\nlog_dest stderr\nlog_type all\nuser root\n\
+                     listener {port} 127.0.0.1\nprotocol mqtt\ncafile {}\ncertfile {}\nkeyfile {}\n\
+                     require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.2\n\
+                     allow_anonymous false\nacl_file {}\n",
+                    files.ca.display(),
+                    server_crt.display(),
+                    server_key.display(),
+                    acl.display()
+                ),
+            );
+            let mut m = Mosquitto {
+                port,
+                conf,
+                child: None,
+                log: LogTail::follow(tokio::io::empty(), "mosquitto"),
+            };
+            if m.spawn().await {
+                return m;
+            }
+        }
+        panic!("mosquitto did not start on any free port");
+    }
+
+    async fn spawn(&mut self) -> bool {
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto is installed (.ci/run installs it)");
+        self.log = LogTail::follow(child.stderr.take().unwrap(), "mosquitto");
+        let (_, line) = self
+            .log
+            .wait(0, "mosquitto running or failing", |l| {
+                l.contains(" running") || l.contains("Error")
+            })
+            .await;
+        self.child = Some(child);
+        !line.contains("Error")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Same port, fresh broker: no session survives (persistence is off).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        assert!(
+            self.spawn().await,
+            "mosquitto restarts on port {}",
+            self.port
+        );
+    }
+}
+
+pub struct Rig {
+    pub files: Files,
+    pub mosquitto: Mosquitto,
+    pub emu: Emulator,
+    pub emu_ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub struct RigOptions {
+    /// One "minute" of tunnel lifetime.
+    pub minute: Duration,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        RigOptions {
+            minute: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Rig {
+    pub async fn start(opts: RigOptions) -> Rig {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = TestPki::new("rig CA").unwrap();
+        let ca_pem = pki.ca_pem();
+        let files = Files {
+            dir: dir.path().to_owned(),
+            ca: Files::write(dir.path(), "ca.crt", &ca_pem),
+            server: pki.server(&[]).unwrap(),
+            admin: pki.client(ADMIN).unwrap(),
+            ca_pem,
+            pki,
+        };
+        let mosquitto = Mosquitto::start(&files).await;
+        let mut cfg = EmulatorConfig::loopback(EmulatorTls::Generate);
+        cfg.control_plane = true;
+        cfg.minute = opts.minute;
+        cfg.publisher = Some(PublisherConfig {
+            host: "127.0.0.1".into(),
+            port: mosquitto.port,
+            client_id: format!("{ADMIN}-{}", uuid::Uuid::new_v4().simple()),
+            tls: mutual_tls_client(&files.ca_pem, &files.admin).unwrap(),
+        });
+        let emu = Emulator::start(cfg).await.unwrap();
+        let emu_ca = Files::write(dir.path(), "emulator-ca.pem", emu.ca_pem().unwrap());
+        within_deadline("emulator publisher connects", emu.wait_publisher()).await;
+        Rig {
+            files,
+            mosquitto,
+            emu,
+            emu_ca,
+            _dir: dir,
+        }
+    }
+
+    /// Writes an agent config for `thing` with the given `[services]` body and extra TOML.
+    pub fn agent_config(&self, thing: &str, services: &str, extra: &str) -> PathBuf {
+        let (cert, key) = self.files.thing(thing);
+        let state = self.files.dir.join(format!("state-{thing}"));
+        let text = format!(
+            "thing_name = \"{thing}\"\nstate_dir = \"{}\"\n\n[mqtt]\nendpoint = \"127.0.0.1\"\nport = {}\n\
+             cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nkeep_alive_secs = 5\n\n[tunnel]\nendpoint = \"{}\"\n\
+             ca = \"{}\"\n\n[services]\n{services}\n\n{extra}\n",
+            state.display(),
+            self.mosquitto.port,
+            cert.display(),
+            key.display(),
+            self.files.ca.display(),
+            self.emu.endpoint(),
+            self.emu_ca.display(),
+        );
+        Files::write(&self.files.dir, &format!("{thing}.toml"), &text)
+    }
+
+    pub fn spawn_agent(&self, config: &Path) -> AgentProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
+            .args(["run", "-v", "5", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let log = LogTail::follow(child.stderr.take().unwrap(), "agent");
+        let state_dir = config.with_file_name(format!(
+            "state-{}",
+            config.file_stem().unwrap().to_string_lossy()
+        ));
+        AgentProc {
+            child,
+            log,
+            cursor: 0,
+            state_dir,
+        }
+    }
+
+    /// One control-plane call through boto3; `Err((code, message))` for a service error.
+    pub async fn api(&self, op: &str, params: Value) -> Result<Value, (String, String)> {
+        let out = Command::new(python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/tunnels.py"))
+            .arg(self.emu.control_endpoint().unwrap())
+            .arg(op)
+            .arg(params.to_string())
+            .output()
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "boto3 printed no JSON: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        if out.status.success() {
+            Ok(v)
+        } else {
+            Err((
+                v["error"].as_str().unwrap_or("").into(),
+                v["message"].as_str().unwrap_or("").into(),
+            ))
+        }
+    }
+}
+
+pub fn venv_bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".venv/bin")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run .ci/run once (it creates .venv with boto3 and awscli)",
+        p.display()
+    );
+    p
+}
+
+pub fn python() -> PathBuf {
+    venv_bin("python")
+}
+
+pub async fn within_deadline<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+pub struct AgentProc {
+    pub child: Child,
+    pub log: LogTail,
+    cursor: usize,
+    state_dir: PathBuf,
+}
+
+impl AgentProc {
+    /// Waits for the next line (after the last one waited for) containing `text`.
+    pub async fn expect(&mut self, text: &str) -> String {
+        let (i, line) = self.log.wait(self.cursor, text, |l| l.contains(text)).await;
+        self.cursor = i + 1;
+        line
+    }
+
+    pub fn count(&self, text: &str) -> usize {
+        self.log.count(|l| l.contains(text))
+    }
+
+    pub fn status(&self) -> Value {
+        let text = std::fs::read_to_string(self.state_dir.join("status.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+}
