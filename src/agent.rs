@@ -106,6 +106,8 @@ impl Agent {
             warn!(unmapped = ?unmapped, "services not in the service map: their streams will be refused; the others are served");
         }
         let key = TunnelKey::new(&n.region, &n.services);
+        // State (status.json) is written before the log line that announces it: whoever
+        // follows the log may read the state at once.
         match self.table.decide(key, &n.token, Instant::now()) {
             Decision::Duplicate => info!(token = %n.token, "duplicate notify ignored (same token)"),
             Decision::Stale => {
@@ -115,18 +117,22 @@ impl Agent {
                 warn!(region = %n.region, services = ?n.services, "notify refused: {why}")
             }
             Decision::Start { id, deadline } => {
-                info!(session = id, region = %n.region, services = ?n.services, token = %n.token, "session started");
+                let (region, services, token) =
+                    (n.region.clone(), n.services.clone(), n.token.to_string());
                 self.start_bridge(id, n, deadline);
+                self.write_status();
+                info!(session = id, region = %region, services = ?services, token = %token, "session started");
             }
             Decision::Rotate { old, id, deadline } => {
-                info!(session = id, replaces = old, token = %n.token, "rotation: restarting the bridge with the new token");
                 if let Some(old) = self.live.remove(&old) {
                     old.cancel.cancel();
                 }
+                let token = n.token.to_string();
                 self.start_bridge(id, n, deadline);
+                self.write_status();
+                info!(session = id, replaces = old, token = %token, "rotation: restarting the bridge with the new token");
             }
         }
-        self.write_status();
     }
 
     fn start_bridge(&mut self, id: u64, n: Notification, deadline: Instant) {
@@ -198,8 +204,8 @@ impl Agent {
             Ok(BridgeEnd::Cancelled) => "lifetime reached or agent stopping".to_owned(),
             Err(e) => format!("token rejected: {e}"),
         };
-        info!(session = id, region = %entry.key.region, services = ?entry.key.services, "session ended: {why}");
         self.write_status();
+        info!(session = id, region = %entry.key.region, services = ?entry.key.services, "session ended: {why}");
     }
 
     fn write_status(&self) {

@@ -9,13 +9,22 @@ fn every_example_in_config_parses() {
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.file_name().and_then(|n| n.to_str()) == Some("services.toml") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            let map = ServiceMap::from_toml_str(&text)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            assert_eq!(map.named().count(), 5);
-            checked += 1;
+        let text = std::fs::read_to_string(&path).unwrap();
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some("services.toml") => {
+                let map = ServiceMap::from_toml_str(&text)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert_eq!(map.named().count(), 5);
+            }
+            Some("agent.toml") => {
+                let cfg = config::parse(&text, &path)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert_eq!(cfg.thing_name, "gateway-01");
+                assert_eq!(cfg.mqtt.port, 8883);
+            }
+            other => panic!("no check for config/{other:?}: add one"),
         }
+        checked += 1;
     }
-    assert_eq!(checked, 1, "config/services.toml is missing");
+    assert_eq!(checked, 2, "an example in config/ is missing");
 }
