@@ -57,6 +57,7 @@ struct RawMqtt {
     ca: Option<PathBuf>,
     #[serde(default = "default_keep_alive")]
     keep_alive_secs: u64,
+    notify_topic: Option<String>,
 }
 
 fn default_mqtt_port() -> u16 {
@@ -150,6 +151,8 @@ pub struct MqttConfig {
     pub key: PathBuf,
     pub ca: Option<PathBuf>,
     pub keep_alive: Duration,
+    /// Set when a local bridge remaps `$aws/things/<thing>/tunnels/notify`.
+    pub notify_topic: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -182,7 +185,10 @@ pub struct Config {
 
 impl Config {
     pub fn notify_topic(&self) -> String {
-        format!("$aws/things/{}/tunnels/notify", self.thing_name)
+        self.mqtt
+            .notify_topic
+            .clone()
+            .unwrap_or_else(|| format!("$aws/things/{}/tunnels/notify", self.thing_name))
     }
 }
 
@@ -313,6 +319,15 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             "use 30-1200 seconds (AWS IoT Core's range)",
         ));
     }
+    if let Some(t) = &m.notify_topic {
+        if t.is_empty() || t.len() > 256 || t.contains(['+', '#', '\0']) {
+            errors.push(err(
+                "mqtt.notify_topic",
+                format!("{t:?} is not a topic to subscribe to"),
+                "give one topic without wildcards, or leave it out for $aws/things/<thing_name>/tunnels/notify",
+            ));
+        }
+    }
     let endpoint = match raw
         .tunnel
         .endpoint
@@ -386,6 +401,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             key: raw.mqtt.key,
             ca: raw.mqtt.ca,
             keep_alive: Duration::from_secs(raw.mqtt.keep_alive_secs),
+            notify_topic: raw.mqtt.notify_topic,
         },
         thing_name: raw.thing_name,
         tunnel: TunnelConfig {
@@ -654,6 +670,22 @@ mod tests {
         assert_eq!(c.rotation, RotationPolicy::Replace);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.notify_topic(), "$aws/things/gw-1/tunnels/notify");
+    }
+
+    #[test]
+    fn notify_topic_can_be_remapped_but_not_to_a_wildcard() {
+        let c = parse_str(&MIN.replace(
+            "[services]",
+            "notify_topic = \"local/gw-1/notify\"\n[services]",
+        ))
+        .unwrap();
+        assert_eq!(c.notify_topic(), "local/gw-1/notify");
+        let e = parse_str(&MIN.replace(
+            "[services]",
+            "notify_topic = \"local/+/notify\"\n[services]",
+        ))
+        .unwrap_err();
+        assert_eq!(e.0[0].key, "mqtt.notify_topic");
     }
 
     #[test]

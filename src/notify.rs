@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode, TlsConfiguration, Transport,
+    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode, TlsConfiguration,
+    Transport,
 };
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
@@ -104,6 +105,7 @@ pub struct NotifyClient {
 pub const QUEUE: usize = 16;
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(60);
+const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 
 impl NotifyClient {
     /// Runs until `cancel`; valid notifications go to `out`, refusals are logged here.
@@ -128,19 +130,25 @@ impl NotifyClient {
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => {
-                    let _ = client.try_disconnect();
+                    // A clean DISCONNECT, so the broker does not log a dropped connection.
+                    if client.try_disconnect().is_ok() {
+                        let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
+                            loop {
+                                match events.poll().await {
+                                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                                    Ok(_) => {}
+                                }
+                            }
+                        })
+                        .await;
+                    }
                     return;
                 }
                 e = events.poll() => e,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    if failures > 0 {
-                        info!(broker = %broker, attempts = failures + 1, "MQTT reconnected");
-                    } else {
-                        info!(broker = %broker, session_present = ack.session_present, "MQTT connected");
-                    }
-                    failures = 0;
+                    debug!(broker = %broker, session_present = ack.session_present, "MQTT connected");
                     state.send_replace(MqttState::Connected);
                     // Always resubscribe: a broker may have lost the persistent session.
                     if let Err(e) = client.try_subscribe(&self.topic, QoS::AtLeastOnce) {
@@ -155,7 +163,14 @@ impl NotifyClient {
                     {
                         error!(topic = %self.topic, "the broker refused the subscription: check the device policy allows iot:Subscribe and iot:Receive on this topic");
                     } else {
-                        info!(topic = %self.topic, "subscribed to tunnel notifications");
+                        // Only a confirmed subscription ends a failure streak: a broker that
+                        // accepts and then drops us must not reset the backoff.
+                        if failures > 0 {
+                            info!(broker = %broker, attempts = failures + 1, topic = %self.topic, "MQTT reconnected; subscribed to tunnel notifications");
+                        } else {
+                            info!(broker = %broker, topic = %self.topic, "subscribed to tunnel notifications");
+                        }
+                        failures = 0;
                         state.send_replace(MqttState::Subscribed);
                     }
                 }

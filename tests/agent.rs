@@ -111,6 +111,9 @@ async fn open_rotate_and_close_drive_the_agents_bridge() {
         e.peer_token_is(&id, Mode::Destination, &new_dest)
     })
     .await;
+    // The service resets the source's streams when the destination reconnects: connect
+    // after that reset, as a user retrying would.
+    src.wait_resets(1).await;
     let old_handshakes = rig.emu.handshakes_for_token(&t.destination_access_token);
     transfer(&addrs, "SSH", 2).await;
     assert_eq!(

@@ -1,21 +1,30 @@
-//! securetunnel-demo: shows the product working on one machine, no AWS account needed.
-//! Build everything first: `cargo build --release && target/release/securetunnel-demo`.
+//! securetunnel-demo: the product working on one machine, no AWS account, no installed
+//! broker. `cargo build --release --features demo && target/release/securetunnel-demo`.
+//!
+//!   securetunnel-demo [MiB]            the agent flow: open, transfer, rotate, transfer, close
+//!   securetunnel-demo local-proxy [MiB] two local-proxy processes through the emulator
+//!   securetunnel-demo latency [runs]    notify->connected and rotation switchover, p50/p95
 
 use std::process::ExitCode;
 
-use securetunnel_agent::emulator::demo::{self, DemoOptions};
+use securetunnel_agent::emulator::{demo, demo_agent};
 
 fn main() -> ExitCode {
     let Some(agent) = demo::sibling_agent() else {
         eprintln!(
-            "securetunnel-demo: securetunnel-agent not found next to this program; run cargo build --release first"
+            "securetunnel-demo: securetunnel-agent not found next to this program; run cargo build --release --features demo first"
         );
         return ExitCode::FAILURE;
     };
-    let mib: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(64);
+    // The demo checks every step itself; DEMO_LOG=3..6 shows its in-process parts' logs.
+    let level = std::env::var("DEMO_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    securetunnel_agent::cli::init_logging(level);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number =
+        |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
     let work_dir = std::env::temp_dir().join(format!("securetunnel-demo-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&work_dir) {
         eprintln!("securetunnel-demo: {}: {e}", work_dir.display());
@@ -31,19 +40,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let opts = DemoOptions {
-        agent,
-        bytes: mib << 20,
-        work_dir: work_dir.clone(),
-    };
-    match runtime.block_on(demo::run(&opts)) {
-        Ok(_) => {
+    let result = runtime.block_on(async {
+        match args.first().map(String::as_str) {
+            Some("local-proxy") => {
+                let opts = demo::DemoOptions {
+                    agent,
+                    bytes: number(1, 64) << 20,
+                    work_dir: work_dir.clone(),
+                };
+                demo::run(&opts).await.map(|_| ())
+            }
+            Some("latency") => demo_agent::latency(&agent, &work_dir, number(1, 20))
+                .await
+                .map(|_| ()),
+            _ => demo_agent::run(&agent, &work_dir, number(0, 16) << 20).await,
+        }
+    });
+    match result {
+        Ok(()) => {
             let _ = std::fs::remove_dir_all(&work_dir);
             println!("demo passed");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("demo FAILED: {e}");
+            eprintln!("demo FAILED: {e}\n(files kept in {})", work_dir.display());
             ExitCode::FAILURE
         }
     }

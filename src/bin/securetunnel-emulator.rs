@@ -67,6 +67,9 @@ struct Args {
     mqtt_key: Option<PathBuf>,
     #[arg(long)]
     mqtt_ca: Option<PathBuf>,
+    /// Notify topic; {thing} is replaced by the thing name.
+    #[arg(long, default_value = securetunnel_agent::emulator::publisher::AWS_NOTIFY_TOPIC)]
+    notify_topic: String,
 }
 
 fn publisher(args: &Args) -> Result<Option<PublisherConfig>, Box<dyn std::error::Error>> {
@@ -86,6 +89,7 @@ fn publisher(args: &Args) -> Result<Option<PublisherConfig>, Box<dyn std::error:
         port: port.parse()?,
         client_id: format!("securetunnel-emulator-{}", std::process::id()),
         tls,
+        topic: args.notify_topic.clone(),
     }))
 }
 

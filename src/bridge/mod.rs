@@ -123,6 +123,8 @@ pub struct State {
     /// Websocket sessions established so far.
     pub sessions: u64,
     pub channel_id: Option<String>,
+    /// STREAM_RESET and SESSION_RESET messages received so far.
+    pub resets_received: u64,
 }
 
 pub enum Role {
@@ -204,6 +206,7 @@ impl Bridge {
             phase: Phase::Connecting,
             sessions: 0,
             channel_id: None,
+            resets_received: 0,
         });
         Ok(Bridge {
             role: cfg.role,

@@ -406,6 +406,7 @@ impl Session<'_> {
         self.stats
             .stream_resets_received
             .fetch_add(1, Ordering::Relaxed);
+        self.state.send_modify(|s| s.resets_received += 1);
         match self.table.reset_stream(&msg.service_id, msg.stream_id) {
             Some(closed) => info!(
                 service = %msg.service_id, stream = msg.stream_id, closed = closed.len(),
@@ -432,6 +433,7 @@ impl Session<'_> {
         self.stats
             .session_resets_received
             .fetch_add(1, Ordering::Relaxed);
+        self.state.send_modify(|s| s.resets_received += 1);
         let closed = self.table.reset_all();
         info!(
             closed = closed.len(),

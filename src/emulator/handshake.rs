@@ -15,6 +15,7 @@ pub struct Accepted {
     pub tunnel_id: String,
     pub mode: Mode,
     pub subprotocol: &'static str,
+    pub token: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +180,7 @@ pub fn decide(state: &mut State, req: &Request) -> Result<Accepted, Rejected> {
         tunnel_id,
         mode,
         subprotocol,
+        token,
     })
 }
 

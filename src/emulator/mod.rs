@@ -2,8 +2,12 @@
 //! part of the device binary). It checks tokens as the service does, relays tunnel frames
 //! verbatim between one source and one destination per tunnel, and has fault switches.
 
+#[cfg(feature = "demo")]
+pub mod broker;
 pub mod control;
 pub mod demo;
+#[cfg(feature = "demo")]
+pub mod demo_agent;
 mod handshake;
 mod peer;
 pub mod pki;
@@ -294,6 +298,16 @@ impl Emulator {
         }
     }
 
+    /// Calls a control-plane operation in-process (`OpenTunnel`, ...), as over HTTP.
+    pub async fn api(
+        &self,
+        operation: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, control::ApiError> {
+        let target = format!("{}{operation}", control::TARGET_PREFIX);
+        control::dispatch(&self.shared, &target, &body).await
+    }
+
     /// Switch: disconnect the peer whose token is rotated, at once.
     pub fn set_disconnect_on_rotate(&self, on: bool) {
         self.shared
@@ -330,11 +344,12 @@ impl Emulator {
         self.shared.rotate(tunnel_id, mode)
     }
 
-    /// The token of the peer connected in `mode`, if that peer's handshake used `token`.
+    /// Whether the peer connected in `mode` presented `token` in its handshake.
     pub fn peer_token_is(&self, tunnel_id: &str, mode: Mode, token: &str) -> bool {
         let st = self.shared.lock();
         st.tunnel(tunnel_id)
-            .is_some_and(|t| t.peer(mode).is_some() && t.token(mode) == token)
+            .and_then(|t| t.peer(mode))
+            .is_some_and(|p| p.token == token)
     }
 
     /// Waits until any change (peer connected or gone, tunnel closed) and returns.
@@ -582,6 +597,7 @@ async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
         tx: tx.clone(),
         kill: kill.clone(),
         subprotocol: accepted.subprotocol,
+        token: accepted.token,
     };
     if !register(&shared, &tunnel_id, mode, handle) {
         return;

@@ -17,20 +17,23 @@ pub struct PublisherConfig {
     pub client_id: String,
     /// Trusts the broker and carries the admin client certificate.
     pub tls: Arc<rustls::ClientConfig>,
+    /// Where notifies go; `{thing}` is replaced by the thing name.
+    pub topic: String,
 }
+
+/// AWS IoT's notify topic, as a `PublisherConfig::topic` template.
+pub const AWS_NOTIFY_TOPIC: &str = "$aws/things/{thing}/tunnels/notify";
 
 pub struct Publisher {
     client: AsyncClient,
+    topic: String,
     connected: watch::Receiver<bool>,
     _events: AbortOnDropHandle<()>,
 }
 
-pub fn notify_topic(thing: &str) -> String {
-    format!("$aws/things/{thing}/tunnels/notify")
-}
-
 impl Publisher {
     pub fn start(cfg: PublisherConfig) -> Self {
+        let topic = cfg.topic;
         let mut opts = MqttOptions::new(cfg.client_id, cfg.host, cfg.port);
         opts.set_keep_alive(Duration::from_secs(30))
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -55,6 +58,7 @@ impl Publisher {
         });
         Publisher {
             client,
+            topic,
             connected,
             _events: AbortOnDropHandle::new(task),
         }
@@ -87,7 +91,7 @@ impl Publisher {
             "region": region,
             "services": services,
         });
-        self.publish(&notify_topic(thing), body.to_string().into_bytes())
-            .await
+        let topic = self.topic.replace("{thing}", thing);
+        self.publish(&topic, body.to_string().into_bytes()).await
     }
 }

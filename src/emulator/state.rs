@@ -29,6 +29,8 @@ pub struct PeerHandle {
     /// Drops the TCP connection without a close frame.
     pub kill: CancellationToken,
     pub subprotocol: &'static str,
+    /// The access token this peer's handshake presented.
+    pub token: String,
 }
 
 #[derive(Debug)]

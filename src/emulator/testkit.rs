@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ring::digest::{Context, SHA256};
-use tokio::io::Interest;
+use tokio::io::{AsyncBufReadExt, BufReader, Interest};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -198,5 +198,82 @@ pub async fn wait_closed<S: AsyncRead + Unpin>(s: &mut S) {
         if n == 0 {
             return;
         }
+    }
+}
+
+/// Lines a child process writes, kept and awaitable: tests and the demo wait for log lines
+/// as events instead of sleeping.
+#[derive(Clone)]
+pub struct LogTail {
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+    count: watch::Receiver<usize>,
+}
+
+impl LogTail {
+    /// Follows `reader` line by line; each line is also echoed to stderr with `prefix`
+    /// unless the prefix is empty.
+    pub fn follow<R: AsyncRead + Unpin + Send + 'static>(
+        reader: R,
+        prefix: &'static str,
+    ) -> LogTail {
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, count) = watch::channel(0);
+        let store = lines.clone();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(reader).lines();
+            while let Ok(Some(line)) = r.next_line().await {
+                if !prefix.is_empty() {
+                    eprintln!("[{prefix}] {line}");
+                }
+                let n = {
+                    let mut v = store.lock().unwrap_or_else(|e| e.into_inner());
+                    v.push(line);
+                    v.len()
+                };
+                tx.send_replace(n);
+            }
+        });
+        LogTail { lines, count }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Vec<String>) -> T) -> T {
+        f(&self.lines.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Index and text of the first line at or after `from` that matches; `None` once the
+    /// stream has ended without one.
+    pub async fn wait(&self, from: usize, pred: impl Fn(&str) -> bool) -> Option<(usize, String)> {
+        let mut count = self.count.clone();
+        loop {
+            let hit = self.with(|v| {
+                v.iter()
+                    .enumerate()
+                    .skip(from)
+                    .find(|(_, l)| pred(l))
+                    .map(|(i, l)| (i, l.clone()))
+            });
+            if hit.is_some() {
+                return hit;
+            }
+            if count.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    pub fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.with(|v| v.iter().filter(|l| pred(l)).count())
+    }
+
+    pub fn len(&self) -> usize {
+        self.with(Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn text(&self) -> String {
+        self.with(|v| v.join("\n"))
     }
 }

@@ -87,6 +87,14 @@ impl Running {
         .expect("bridge state available");
     }
 
+    /// Waits until `n` STREAM_RESET/SESSION_RESET messages have arrived in total.
+    pub async fn wait_resets(&mut self, n: u64) {
+        tokio::time::timeout(DEADLINE, self.state.wait_for(|s| s.resets_received >= n))
+            .await
+            .expect("resets arrive in time")
+            .expect("bridge state available");
+    }
+
     pub async fn stop(self) -> Result<BridgeEnd, BridgeError> {
         self.cancel.cancel();
         tokio::time::timeout(DEADLINE, self.task)

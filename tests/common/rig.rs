@@ -4,93 +4,31 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use securetunnel_agent::emulator::pki::{Issued, TestPki, mutual_tls_client};
-use securetunnel_agent::emulator::publisher::PublisherConfig;
+use securetunnel_agent::emulator::publisher::{AWS_NOTIFY_TOPIC, PublisherConfig};
+use securetunnel_agent::emulator::testkit::LogTail;
 use securetunnel_agent::emulator::{Emulator, EmulatorConfig, EmulatorTls};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
 
 use super::{DEADLINE, init_logs};
 
+/// Waits for a line or fails the test with the log so far.
+async fn wait_line(
+    log: &LogTail,
+    from: usize,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) -> (usize, String) {
+    match tokio::time::timeout(DEADLINE, log.wait(from, pred)).await {
+        Ok(Some(hit)) => hit,
+        _ => panic!("no log line {what:?}; log so far:\n{}", log.text()),
+    }
+}
+
 pub const ADMIN: &str = "tunnel-admin";
-
-/// Lines a child process writes, kept and awaitable.
-#[derive(Clone)]
-pub struct LogTail {
-    lines: Arc<Mutex<Vec<String>>>,
-    count: watch::Receiver<usize>,
-}
-
-impl LogTail {
-    pub fn follow<R: AsyncRead + Unpin + Send + 'static>(reader: R, echo: &'static str) -> LogTail {
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, count) = watch::channel(0);
-        let store = lines.clone();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(reader).lines();
-            while let Ok(Some(line)) = r.next_line().await {
-                eprintln!("[{echo}] {line}");
-                let n = {
-                    let mut v = store.lock().unwrap();
-                    v.push(line);
-                    v.len()
-                };
-                tx.send_replace(n);
-            }
-        });
-        LogTail { lines, count }
-    }
-
-    /// Index and text of the first line at or after `from` that matches.
-    pub async fn wait(
-        &self,
-        from: usize,
-        what: &str,
-        pred: impl Fn(&str) -> bool,
-    ) -> (usize, String) {
-        let mut count = self.count.clone();
-        let found = tokio::time::timeout(DEADLINE, async {
-            loop {
-                {
-                    let v = self.lines.lock().unwrap();
-                    if let Some((i, l)) = v.iter().enumerate().skip(from).find(|(_, l)| pred(l)) {
-                        return Some((i, l.clone()));
-                    }
-                }
-                if count.changed().await.is_err() {
-                    return None;
-                }
-            }
-        })
-        .await;
-        match found {
-            Ok(Some(hit)) => hit,
-            _ => panic!("no log line {what:?}; log so far:\n{}", self.text()),
-        }
-    }
-
-    pub fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| pred(l))
-            .count()
-    }
-
-    pub fn len(&self) -> usize {
-        self.lines.lock().unwrap().len()
-    }
-
-    pub fn text(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-}
 
 pub struct Files {
     pub dir: PathBuf,
@@ -185,12 +123,10 @@ impl Mosquitto {
             .spawn()
             .expect("mosquitto is installed (.ci/run installs it)");
         self.log = LogTail::follow(child.stderr.take().unwrap(), "mosquitto");
-        let (_, line) = self
-            .log
-            .wait(0, "mosquitto running or failing", |l| {
-                l.contains(" running") || l.contains("Error")
-            })
-            .await;
+        let (_, line) = wait_line(&self.log, 0, "mosquitto running or failing", |l| {
+            l.contains(" running") || l.contains("Error")
+        })
+        .await;
         self.child = Some(child);
         !line.contains("Error")
     }
@@ -256,6 +192,7 @@ impl Rig {
             port: mosquitto.port,
             client_id: format!("{ADMIN}-{}", uuid::Uuid::new_v4().simple()),
             tls: mutual_tls_client(&files.ca_pem, &files.admin).unwrap(),
+            topic: AWS_NOTIFY_TOPIC.into(),
         });
         let emu = Emulator::start(cfg).await.unwrap();
         let emu_ca = Files::write(dir.path(), "emulator-ca.pem", emu.ca_pem().unwrap());
@@ -370,7 +307,7 @@ pub struct AgentProc {
 impl AgentProc {
     /// Waits for the next line (after the last one waited for) containing `text`.
     pub async fn expect(&mut self, text: &str) -> String {
-        let (i, line) = self.log.wait(self.cursor, text, |l| l.contains(text)).await;
+        let (i, line) = wait_line(&self.log, self.cursor, text, |l| l.contains(text)).await;
         self.cursor = i + 1;
         line
     }
