@@ -80,7 +80,7 @@ async fn transfer(addrs: &SourceListenersAddrs, service: &str, seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_rotate_and_close_drive_the_agents_bridge() {
     let rig = Rig::start(RigOptions::default()).await;
-    let (mut agent, _echo) = agent(&rig, "gw-1", &["SSH"], "").await;
+    let (mut agent, mut echo) = agent(&rig, "gw-1", &["SSH"], "").await;
 
     // OpenTunnel -> notify -> the agent connects; data flows.
     let t = open(&rig, "gw-1", &["SSH"], 30).await;
@@ -94,7 +94,10 @@ async fn open_rotate_and_close_drive_the_agents_bridge() {
     src.wait_phase(Phase::Ready).await;
     transfer(&addrs, "SSH", 1).await;
 
-    // Rotate DESTINATION: the agent restarts its bridge with the new token.
+    // Rotate DESTINATION: the agent restarts its bridge with the new token, closing the old
+    // bridge's local connections.
+    let _held = live_client(addrs.get("SSH")).await;
+    let closed_before = echo.closed();
     let r = rig
         .api(
             "rotate_tunnel_access_token",
@@ -114,6 +117,11 @@ async fn open_rotate_and_close_drive_the_agents_bridge() {
     // The service resets the source's streams when the destination reconnects: connect
     // after that reset, as a user retrying would.
     src.wait_resets(1).await;
+    within(
+        "the old bridge's local connection closes",
+        echo.wait_closed(closed_before + 1),
+    )
+    .await;
     let old_handshakes = rig.emu.handshakes_for_token(&t.destination_access_token);
     transfer(&addrs, "SSH", 2).await;
     assert_eq!(
@@ -351,4 +359,63 @@ async fn a_rotation_halfway_does_not_extend_the_tunnels_lifetime() {
         "rotation extended the lifetime: {lived:?}"
     );
     assert_eq!(agent.status()["tunnels"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_token_ends_the_session_and_it_leaves_the_table() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, _echo) = agent(&rig, "gw-rej", &["SSH"], "").await;
+    let notify = json!({
+        "clientAccessToken": "AQGAnot-a-token-the-service-issued",
+        "clientMode": "destination",
+        "region": "us-east-1",
+        "services": ["SSH"],
+    });
+    rig.emu
+        .publish_raw(
+            "$aws/things/gw-rej/tunnels/notify",
+            notify.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    agent.expect("session started").await;
+    let line = agent.expect("session ended").await;
+    assert!(
+        line.contains("token rejected") && line.contains("HTTP 400"),
+        "{line}"
+    );
+    assert_eq!(agent.status()["tunnels"], json!([]));
+    assert!(
+        !agent.log.text().contains("not-a-token-the-service-issued"),
+        "the token reached the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_follows_a_rotation_when_the_service_disconnects_the_old_token_at_once() {
+    let rig = Rig::start(RigOptions::default()).await;
+    rig.emu.set_disconnect_on_rotate(true);
+    let (_agent, _echo) = agent(&rig, "gw-cut", &["SSH"], "").await;
+    let t = open(&rig, "gw-cut", &["SSH"], 30).await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    let r = rig
+        .api(
+            "rotate_tunnel_access_token",
+            json!({"tunnelId": id, "clientMode": "DESTINATION", "destinationConfig": dest_config("gw-cut", &["SSH"])}),
+        )
+        .await
+        .unwrap();
+    let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
+    until(&rig.emu, "agent reconnects with the new token", |e| {
+        e.peer_token_is(&id, Mode::Destination, &new_dest)
+    })
+    .await;
+    let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
+    src.wait_phase(Phase::Ready).await;
+    transfer(&addrs, "SSH", 6).await;
+    assert_eq!(rig.emu.handshakes_for_token(&t.destination_access_token), 1);
 }
