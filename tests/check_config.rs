@@ -97,6 +97,22 @@ fn certify(dir: &Path, key: &str, name: &str) -> PathBuf {
     dir.join(crt)
 }
 
+/// A P-256 key in SEC1 form (`BEGIN EC PRIVATE KEY`).
+fn ec_key(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            name,
+        ],
+    );
+}
+
 fn config(dir: &Path, cert: &Path, key: &Path) -> PathBuf {
     let text = format!(
         "thing_name = \"gw-1\"\nstate_dir = \"{}\"\n[mqtt]\nendpoint = \"example-ats.iot.eu-west-1.amazonaws.com\"\n\
@@ -133,18 +149,7 @@ fn private(p: &Path) {
 fn ec_and_rsa_keys_load_in_pkcs8_sec1_and_pkcs1_form() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(
-        d,
-        &[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            "ec-sec1.key",
-        ],
-    );
+    ec_key(d, "ec-sec1.key");
     openssl(
         d,
         &[
@@ -198,30 +203,8 @@ fn ec_and_rsa_keys_load_in_pkcs8_sec1_and_pkcs1_form() {
 fn a_key_of_another_certificate_is_named_and_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(
-        d,
-        &[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            "a.key",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            "b.key",
-        ],
-    );
+    ec_key(d, "a.key");
+    ec_key(d, "b.key");
     let cert = certify(d, "a.key", "a");
     private(&d.join("b.key"));
     let (code, out) = check(&config(d, &cert, &d.join("b.key")));
@@ -236,18 +219,7 @@ fn a_key_of_another_certificate_is_named_and_refused() {
 fn a_group_readable_key_is_warned_about() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(
-        d,
-        &[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            "a.key",
-        ],
-    );
+    ec_key(d, "a.key");
     let cert = certify(d, "a.key", "a");
     std::fs::set_permissions(d.join("a.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let (code, out) = check(&config(d, &cert, &d.join("a.key")));

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Output;
 
-use common::rig::venv_bin;
+use common::rig::{boto3, venv_bin};
 use securetunnel_agent::emulator::{Emulator, EmulatorConfig, EmulatorTls};
 use serde_json::{Value, json};
 use tokio::process::Command;
@@ -121,32 +121,7 @@ async fn aws_cli_v1_opens_describes_rotates_and_closes_a_tunnel() {
     );
 }
 
-/// boto3 checks only minimums client-side; the server must refuse the rest.
-async fn boto3(emu: &Emulator, op: &str, params: Value) -> Result<Value, (String, String)> {
-    let out = Command::new(venv_bin("python"))
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/tunnels.py"))
-        .arg(emu.control_endpoint().unwrap())
-        .arg(op)
-        .arg(params.to_string())
-        .output()
-        .await
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!(
-            "no JSON from boto3: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    if out.status.success() {
-        Ok(v)
-    } else {
-        Err((
-            v["error"].as_str().unwrap().into(),
-            v["message"].as_str().unwrap().into(),
-        ))
-    }
-}
-
+// boto3 checks only minimums client-side; the server must refuse the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boto3_gets_validation_errors_for_what_its_model_does_not_check() {
     let emu = control_plane().await;

@@ -81,11 +81,6 @@ async fn wait_exit(child: &mut Child, name: &str) -> DemoResult<i32> {
     }
 }
 
-fn free_port() -> DemoResult<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
-}
-
 pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
     let emu = Emulator::start(EmulatorConfig::loopback(EmulatorTls::Generate))
         .await
@@ -135,7 +130,7 @@ pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
     wait_peer(&emu, &t.tunnel_id, Mode::Destination).await?;
     step(3, &format!("destination agent (pid {dest_pid}) connected"));
 
-    let port = free_port()?;
+    let port = super::testkit::free_port().map_err(|e| e.to_string())?;
     let mut src = spawn_agent(
         opts,
         "source",

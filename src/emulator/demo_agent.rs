@@ -51,11 +51,6 @@ fn write(dir: &Path, name: &str, text: &str) -> R<PathBuf> {
     Ok(p)
 }
 
-fn free_port() -> R<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(e)?;
-    Ok(l.local_addr().map_err(e)?.port())
-}
-
 impl Stack {
     pub async fn start(agent_bin: &Path, dir: &Path) -> R<Stack> {
         use std::os::unix::fs::PermissionsExt;
@@ -64,7 +59,7 @@ impl Stack {
         let ca = write(dir, "ca.crt", &ca_pem)?;
         let server = pki.server(&[]).map_err(e)?;
         let broker = super::broker::start(
-            free_port()?,
+            super::testkit::free_port().map_err(e)?,
             &ca,
             &write(dir, "broker.crt", &server.cert_pem)?,
             &write(dir, "broker.key", &server.key_pem)?,

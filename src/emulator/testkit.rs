@@ -14,6 +14,14 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
+/// A port that was free a moment ago on 127.0.0.1, for programs that cannot bind port 0
+/// and report back (mosquitto, rumqttd, a child process). Callers retry if it was taken.
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// A local service for tests. Dropping it stops accepting; connections already accepted
 /// live on until their client closes them.
 pub struct EchoService {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use securetunnel_agent::emulator::pki::{Issued, TestPki, mutual_tls_client};
 use securetunnel_agent::emulator::publisher::{AWS_NOTIFY_TOPIC, PublisherConfig};
-use securetunnel_agent::emulator::testkit::LogTail;
+use securetunnel_agent::emulator::testkit::{LogTail, free_port};
 use securetunnel_agent::emulator::{Emulator, EmulatorConfig, EmulatorTls};
 use serde_json::Value;
 use tokio::process::{Child, Command};
@@ -64,14 +64,6 @@ pub struct Mosquitto {
     pub log: LogTail,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Mosquitto {
     pub async fn start(files: &Files) -> Mosquitto {
         let server_crt = Files::write(&files.dir, "server.crt", &files.server.cert_pem);
@@ -85,7 +77,7 @@ impl Mosquitto {
         );
         // A free port can be taken between the probe and mosquitto's bind: retry then.
         for _ in 0..5 {
-            let port = free_port();
+            let port = free_port().unwrap();
             let conf = Files::write(
                 &files.dir,
                 "mosquitto.conf",
@@ -250,28 +242,35 @@ impl Rig {
 
     /// One control-plane call through boto3; `Err((code, message))` for a service error.
     pub async fn api(&self, op: &str, params: Value) -> Result<Value, (String, String)> {
-        let out = Command::new(python())
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/tunnels.py"))
-            .arg(self.emu.control_endpoint().unwrap())
-            .arg(op)
-            .arg(params.to_string())
-            .output()
-            .await
-            .unwrap();
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-            panic!(
-                "boto3 printed no JSON: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        if out.status.success() {
-            Ok(v)
-        } else {
-            Err((
-                v["error"].as_str().unwrap_or("").into(),
-                v["message"].as_str().unwrap_or("").into(),
-            ))
-        }
+        boto3(&self.emu, op, params).await
+    }
+}
+
+/// One iotsecuretunneling call through boto3 (tests/tools/tunnels.py) against the emulator's
+/// control plane; `Err((code, message))` for a service error.
+pub async fn boto3(emu: &Emulator, op: &str, params: Value) -> Result<Value, (String, String)> {
+    let out = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/tunnels.py"))
+        .arg(
+            emu.control_endpoint()
+                .expect("the emulator serves a control plane"),
+        )
+        .arg(op)
+        .arg(params.to_string())
+        .output()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "boto3 printed no JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    if out.status.success() {
+        Ok(v)
+    } else {
+        let field = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+        Err((field("error"), field("message")))
     }
 }
 
