@@ -125,6 +125,10 @@ impl NotifyClient {
                 self.tls.clone(),
             )));
         let (client, mut events) = AsyncClient::new(opts, 10);
+        // Notifies are small and latency matters: no Nagle delay.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        events.set_network_options(net);
         let broker = format!("{}:{}", self.config.host, self.config.port);
         let mut failures: u32 = 0;
         loop {

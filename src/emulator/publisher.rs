@@ -40,6 +40,9 @@ impl Publisher {
                 cfg.tls,
             )));
         let (client, mut events) = AsyncClient::new(opts, 64);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        events.set_network_options(net);
         let (tx, connected) = watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
