@@ -17,8 +17,10 @@ use crate::bridge::{
 };
 use crate::config::{Checked, Config};
 use crate::notify::{self, MqttState, Notification, NotifyClient};
+use crate::services::{ServiceMap, SharedServiceMap};
 use crate::session::{Decision, SessionTable, TunnelKey};
-use crate::status::{Snapshot, StatusFile, TunnelStatus};
+use crate::status::{Snapshot, StatusFile, TunnelStatus, systemd};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// How long bridges get to close their sockets when the agent stops.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -32,6 +34,11 @@ struct Live {
 
 pub struct Agent {
     cfg: Config,
+    /// The service map bridges resolve new streams against; replaced on SIGHUP.
+    services: SharedServiceMap,
+    services_tx: watch::Sender<Arc<ServiceMap>>,
+    /// READY=1 has been sent to systemd.
+    ready: bool,
     tunnel_tls: Arc<rustls::ClientConfig>,
     table: SessionTable,
     bridges: JoinSet<BridgeResult>,
@@ -61,7 +68,11 @@ impl Agent {
                 .run(tx, mqtt_state, cancel.child_token())
                 .instrument(info_span!("mqtt")),
         );
+        let (services_tx, services) = SharedServiceMap::new(cfg.services.clone());
         let mut agent = Agent {
+            services,
+            services_tx,
+            ready: false,
             table: SessionTable::new(
                 cfg.limits.max_tunnels,
                 cfg.limits.max_lifetime,
@@ -76,27 +87,49 @@ impl Agent {
         };
         info!(thing = %agent.cfg.thing_name, "agent started");
         agent.write_status();
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("SIGHUP will not reload the service map: {e}");
+                None
+            }
+        };
+        // Fed from this loop: a loop that hangs stops feeding it and systemd restarts us.
+        let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                Some(()) = recv_signal(&mut hangup) => agent.reload(),
+                _ = tick(&mut watchdog) => systemd::watchdog(),
                 Some(n) = notifications.recv() => agent.on_notification(n),
                 Some(done) = agent.bridges.join_next() => {
                     if let Ok((id, result)) = done {
                         agent.on_bridge_end(id, result);
                     }
                 }
-                Ok(()) = agent.mqtt.changed() => agent.write_status(),
+                Ok(()) = agent.mqtt.changed() => agent.on_mqtt_state(),
             }
         }
+        systemd::stopping();
         agent.shutdown().await;
         let _ = mqtt_task.await;
     }
 
+    fn on_mqtt_state(&mut self) {
+        let status = self.write_status();
+        // Ready once notifications can arrive: the first confirmed subscription.
+        if !self.ready && *self.mqtt.borrow() == MqttState::Subscribed {
+            self.ready = true;
+            systemd::ready(&status);
+        }
+    }
+
     fn on_notification(&mut self, n: Notification) {
+        let map = self.services.current();
         let unmapped: Vec<&String> = n
             .services
             .iter()
-            .filter(|s| self.cfg.services.resolve(s, &n.services).is_none())
+            .filter(|s| map.resolve(s, &n.services).is_none())
             .collect();
         if unmapped.len() == n.services.len() {
             warn!(services = ?n.services, "notify refused: none of the tunnel's services is in the service map");
@@ -144,7 +177,7 @@ impl Agent {
             .unwrap_or_else(|| DataEndpoint::for_region(&n.region));
         let config = BridgeConfig {
             role: Role::Destination {
-                services: self.cfg.services.clone(),
+                services: self.services.clone(),
             },
             endpoint,
             tls: Some(self.tunnel_tls.clone()),
@@ -208,7 +241,54 @@ impl Agent {
         info!(session = id, region = %entry.key.region, services = ?entry.key.services, "session ended: {why}");
     }
 
-    fn write_status(&self) {
+    /// SIGHUP: a new service map for new streams; live tunnels and connections stay.
+    fn reload(&mut self) {
+        systemd::reloading();
+        match crate::config::load(&self.cfg.path) {
+            Ok(new) => {
+                let restart_only: Vec<&str> = [
+                    (
+                        "thing_name",
+                        format!("{:?}", new.thing_name) != format!("{:?}", self.cfg.thing_name),
+                    ),
+                    (
+                        "mqtt",
+                        format!("{:?}", new.mqtt) != format!("{:?}", self.cfg.mqtt),
+                    ),
+                    (
+                        "tunnel",
+                        format!("{:?}", new.tunnel) != format!("{:?}", self.cfg.tunnel),
+                    ),
+                    (
+                        "limits",
+                        format!("{:?}", new.limits) != format!("{:?}", self.cfg.limits),
+                    ),
+                    ("rotation", new.rotation != self.cfg.rotation),
+                    ("state_dir", new.state_dir != self.cfg.state_dir),
+                ]
+                .into_iter()
+                .filter_map(|(k, changed)| changed.then_some(k))
+                .collect();
+                if !restart_only.is_empty() {
+                    warn!(changed = ?restart_only, "these settings take effect at the next restart; only [services] is reloaded");
+                }
+                let summary: Vec<String> = new
+                    .services
+                    .named()
+                    .map(|(s, e)| format!("{s} -> {e}"))
+                    .collect();
+                self.services_tx
+                    .send_replace(Arc::new(new.services.clone()));
+                self.cfg.services = new.services;
+                info!(services = ?summary, "service map reloaded; live tunnels keep running");
+            }
+            Err(e) => warn!("reload failed, keeping the current service map:\n{e}"),
+        }
+        self.write_status();
+    }
+
+    /// Writes status.json and tells systemd; returns the one-line status.
+    fn write_status(&self) -> String {
         let now = Instant::now();
         let tunnels = self
             .table
@@ -222,13 +302,21 @@ impl Agent {
                 TunnelStatus::of(e, &format!("{phase:?}").to_lowercase(), now)
             })
             .collect();
+        let mqtt = *self.mqtt.borrow();
         let snapshot = Snapshot {
-            mqtt: format!("{:?}", *self.mqtt.borrow()).to_lowercase(),
+            mqtt: format!("{mqtt:?}").to_lowercase(),
             tunnels,
         };
+        let line = format!(
+            "{} tunnel(s) live; MQTT {}",
+            snapshot.tunnels.len(),
+            snapshot.mqtt
+        );
+        systemd::status(&line);
         if let Err(e) = self.status.write(&snapshot) {
             debug!(path = %self.status.path().display(), "status not written: {e}");
         }
+        line
     }
 
     async fn shutdown(&mut self) {
@@ -244,5 +332,21 @@ impl Agent {
             self.bridges.shutdown().await;
         }
         info!("agent stopped");
+    }
+}
+
+async fn recv_signal(s: &mut Option<Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(i: &mut Option<tokio::time::Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }

@@ -239,7 +239,9 @@ impl LocalProxyArgs {
                 }
                 let services = ServiceMap::parse_mappings(d, host, false)
                     .map_err(|e| usage(format!("-d: {e}")))?;
-                Role::Destination { services }
+                Role::Destination {
+                    services: services.into(),
+                }
             }
             _ => {
                 return Err(usage(

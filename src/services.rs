@@ -257,6 +257,30 @@ impl ServiceMap {
     }
 }
 
+/// A service map that can be replaced while bridges run (SIGHUP reload): each new stream
+/// resolves against the current map; connections already open are not touched.
+#[derive(Clone, Debug)]
+pub struct SharedServiceMap(tokio::sync::watch::Receiver<std::sync::Arc<ServiceMap>>);
+
+impl SharedServiceMap {
+    /// A shared map and the handle that replaces it.
+    pub fn new(map: ServiceMap) -> (tokio::sync::watch::Sender<std::sync::Arc<ServiceMap>>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(map));
+        (tx, SharedServiceMap(rx))
+    }
+
+    pub fn current(&self) -> std::sync::Arc<ServiceMap> {
+        self.0.borrow().clone()
+    }
+}
+
+impl From<ServiceMap> for SharedServiceMap {
+    /// A map that never changes.
+    fn from(map: ServiceMap) -> Self {
+        SharedServiceMap::new(map).1
+    }
+}
+
 impl FromStr for ServiceMap {
     type Err = ServiceMapError;
 
@@ -346,6 +370,20 @@ mod tests {
         let map: ServiceMap = "SSH=22".parse().unwrap();
         assert!(map.resolve("", &["SSH".to_string()]).is_some());
         assert!(map.resolve("", &[]).is_none());
+    }
+
+    #[test]
+    fn a_shared_map_is_replaced_for_new_readers_and_outlives_its_sender() {
+        let (tx, shared) = SharedServiceMap::new("SSH=22".parse().unwrap());
+        let before = shared.current();
+        tx.send_replace(std::sync::Arc::new("SSH=2222".parse().unwrap()));
+        assert_eq!(before.resolve("SSH", &[]), Some(&tcp("127.0.0.1", 22)));
+        assert_eq!(
+            shared.current().resolve("SSH", &[]),
+            Some(&tcp("127.0.0.1", 2222))
+        );
+        drop(tx);
+        assert!(shared.current().resolve("SSH", &[]).is_some());
     }
 
     #[test]

@@ -419,3 +419,106 @@ async fn the_agent_follows_a_rotation_when_the_service_disconnects_the_old_token
     transfer(&addrs, "SSH", 6).await;
     assert_eq!(rig.emu.handshakes_for_token(&t.destination_access_token), 1);
 }
+
+async fn datagram(sock: &tokio::net::UnixDatagram) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = within("a notify datagram", sock.recv(&mut buf))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_gets_ready_only_once_subscribed_then_status_and_watchdog() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let cfg = rig.agent_config("gw-sd", &format!("SSH = \"{}\"\n", echo.addr.unwrap()), "");
+    let mut agent = rig.spawn_agent_with_env(
+        &cfg,
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut seen: Vec<String> = Vec::new();
+    let ready = loop {
+        let m = datagram(&sock).await;
+        if m.contains("READY=1") {
+            break m;
+        }
+        seen.push(m);
+    };
+    // READY=1 comes with the status that justifies it: subscribed to notifications.
+    assert!(ready.contains("MQTT subscribed"), "{ready}");
+    agent.expect("subscribed to tunnel notifications").await;
+    assert!(
+        seen.iter()
+            .any(|m| m.contains("STATUS=0 tunnel(s) live; MQTT connecting")),
+        "{seen:?}"
+    );
+    // The watchdog is fed from the main loop, at half of WATCHDOG_USEC.
+    let mut watchdogs = 0;
+    while watchdogs < 2 {
+        watchdogs += datagram(&sock).await.matches("WATCHDOG=1").count();
+    }
+    agent.child.start_kill().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_service_map_and_live_tunnels_keep_running() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, mut first) = agent(&rig, "gw-hup", &["SSH"], "").await;
+    let t = open(&rig, "gw-hup", &["SSH"], 30).await;
+    agent.expect("session started").await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
+    src.wait_phase(Phase::Ready).await;
+    let mut held = live_client(addrs.get("SSH")).await;
+
+    // Point SSH somewhere else and reload.
+    let second = echo_tcp("127.0.0.1:0").await.unwrap();
+    let cfg = rig.files.dir.join("gw-hup.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &first.addr.unwrap().to_string(),
+        &second.addr.unwrap().to_string(),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let pid = agent.child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let line = agent.expect("service map reloaded").await;
+    assert!(line.contains(&second.addr.unwrap().to_string()), "{line}");
+
+    // New streams go to the new endpoint; the live connection still works, on the old one.
+    transfer(&addrs, "SSH", 7).await;
+    assert_eq!(second.accepted(), 1);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    held.write_all(b"still").await.unwrap();
+    let mut buf = [0u8; 5];
+    within(
+        "the live connection still echoes",
+        held.read_exact(&mut buf),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&buf, b"still");
+    assert_eq!(
+        first.closed(),
+        0,
+        "a live connection was dropped by the reload"
+    );
+    assert_eq!(agent.count("session started"), 1);
+    let _ = first.wait_closed(0).await;
+}

@@ -126,7 +126,7 @@ async fn a_second_destination_with_another_client_token_is_refused_and_the_first
         &emu,
         &tokens.destination_access_token,
         securetunnel_agent::bridge::Role::Destination {
-            services: ServiceMap::default(),
+            services: ServiceMap::default().into(),
         },
         test_limits(),
     );
@@ -182,7 +182,7 @@ async fn a_server_that_does_not_echo_the_subprotocol_is_refused_and_retried() {
     let addr = listener.local_addr().unwrap();
     let dest = spawn_bridge(BridgeConfig {
         role: Role::Destination {
-            services: ServiceMap::default(),
+            services: ServiceMap::default().into(),
         },
         endpoint: DataEndpoint::parse_override(&format!("ws://{addr}")).unwrap(),
         tls: None,

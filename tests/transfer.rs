@@ -192,7 +192,7 @@ async fn a_replacing_destination_closes_the_old_one_and_resets_the_sources_strea
     let emu = emulator(true).await;
     let t = emu.open_tunnel(&["SSH"], std::time::Duration::from_secs(600));
     let role = || securetunnel_agent::bridge::Role::Destination {
-        services: map.clone(),
+        services: map.clone().into(),
     };
     let mut cfg = config(&emu, &t.destination_access_token, role(), test_limits());
     cfg.client_token = Some(Secret::new(client_token.as_str()));

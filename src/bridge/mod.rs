@@ -24,7 +24,7 @@ use tracing::{Instrument, debug, error, info, warn};
 
 use crate::protocol::{self, Format, Mode};
 use crate::secret::Secret;
-use crate::services::ServiceMap;
+use crate::services::SharedServiceMap;
 use relay::{Session, SessionEnd};
 pub use source::SourceListeners;
 pub use ws::{DataEndpoint, HandshakeError};
@@ -129,7 +129,7 @@ pub struct State {
 
 pub enum Role {
     Destination {
-        services: ServiceMap,
+        services: SharedServiceMap,
     },
     Source {
         listeners: SourceListeners,
@@ -430,7 +430,7 @@ mod tests {
     fn malformed_client_token_is_refused_with_the_rule() {
         let cfg = BridgeConfig {
             role: Role::Destination {
-                services: ServiceMap::default(),
+                services: crate::services::ServiceMap::default().into(),
             },
             endpoint: DataEndpoint::for_region("us-east-1"),
             tls: None,

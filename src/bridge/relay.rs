@@ -24,7 +24,7 @@ use super::{Limits, Phase, State, Stats};
 use crate::protocol::{
     self, Format, FrameCodec, FrameReader, Incoming, Message, MessageType, Mode, ProtocolError,
 };
-use crate::services::ServiceMap;
+use crate::services::SharedServiceMap;
 
 pub enum SessionEnd {
     Closed(Option<CloseFrame>),
@@ -47,7 +47,7 @@ fn next_waiting(
 
 /// What differs between the two ends.
 pub enum Role<'a> {
-    Destination(&'a ServiceMap),
+    Destination(&'a SharedServiceMap),
     Source(Format),
 }
 
@@ -285,7 +285,7 @@ impl Session<'_> {
         let Role::Destination(map) = self.role else {
             return;
         };
-        let Some(endpoint) = map.resolve(&service, self.services()).cloned() else {
+        let Some(endpoint) = map.current().resolve(&service, self.services()).cloned() else {
             warn!(
                 service = %service, stream,
                 "refusing stream: service {service:?} is not in the service map"
@@ -339,7 +339,7 @@ impl Session<'_> {
             self.send(Message::connection_reset(stream, &service, conn));
             return;
         }
-        let Some(endpoint) = map.resolve(&service, self.services()).cloned() else {
+        let Some(endpoint) = map.current().resolve(&service, self.services()).cloned() else {
             self.send(Message::connection_reset(stream, &service, conn));
             return;
         };
@@ -451,7 +451,7 @@ impl Session<'_> {
         info!(services = ?ids, "tunnel services");
         match &self.role {
             Role::Destination(map) => {
-                for s in map.unmapped(&ids) {
+                for s in map.current().unmapped(&ids) {
                     warn!(service = %s, "service {s:?} is not in the service map: its streams will be refused");
                 }
             }

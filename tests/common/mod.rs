@@ -136,7 +136,9 @@ pub fn destination_with(
     services: ServiceMap,
     limits: Limits,
 ) -> Running {
-    let role = Role::Destination { services };
+    let role = Role::Destination {
+        services: services.into(),
+    };
     spawn_bridge(config(emu, &t.destination_access_token, role, limits))
 }
 

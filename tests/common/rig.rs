@@ -218,9 +218,14 @@ impl Rig {
     }
 
     pub fn spawn_agent(&self, config: &Path) -> AgentProc {
+        self.spawn_agent_with_env(config, &[])
+    }
+
+    pub fn spawn_agent_with_env(&self, config: &Path, env: &[(&str, &str)]) -> AgentProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
             .args(["run", "-v", "5", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
