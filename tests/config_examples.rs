@@ -17,6 +17,11 @@ fn every_example_in_config_parses() {
                 assert_eq!(map.named().count(), 5);
             }
             Some("agent.toml") => {
+                // As shipped the thing name is commented out (the service stays idle); an
+                // operator uncomments it.
+                let err = config::parse(&text, &path).unwrap_err().to_string();
+                assert!(err.contains("thing_name"), "{err}");
+                let text = text.replace("# thing_name =", "thing_name =");
                 let cfg = config::parse(&text, &path)
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 assert_eq!(cfg.thing_name, "gateway-01");

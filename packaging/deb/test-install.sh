@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the .deb on this machine (as root), checks what it put where, runs the binary,
+# verifies the unit, then purges it and checks that nothing is left. CI runs it.
+set -euo pipefail
+deb="${1:?usage: test-install.sh path/to/securetunnel-agent_*.deb}"
+fail() { echo "deb test: $*" >&2; exit 1; }
+expect_mode() { # path mode owner:group
+    local got
+    got="$(stat -c '%a %U:%G' "$1")" || fail "$1 is missing"
+    [ "$got" = "$2 $3" ] || fail "$1 is '$got', expected '$2 $3'"
+}
+
+dpkg -i "$deb" >/dev/null || fail "dpkg -i"
+getent passwd securetunnel-agent >/dev/null || fail "system user not created"
+expect_mode /usr/bin/securetunnel-agent 755 root:root
+expect_mode /etc/securetunnel-agent 750 root:securetunnel-agent
+expect_mode /etc/securetunnel-agent/agent.toml 640 root:securetunnel-agent
+expect_mode /usr/lib/systemd/system/securetunnel-agent.service 644 root:root
+grep -qx /etc/securetunnel-agent/agent.toml /var/lib/dpkg/info/securetunnel-agent.conffiles || fail "agent.toml is not a conffile"
+[ -L /etc/systemd/system/multi-user.target.wants/securetunnel-agent.service ] || fail "unit not enabled"
+
+securetunnel-agent --version | grep -q "^securetunnel-agent " || fail "--version"
+# As shipped the thing name is commented out: check-config must say so and fail.
+out="$(securetunnel-agent check-config 2>&1)" && fail "check-config accepted the unedited example"
+echo "$out" | grep -q "thing_name" || fail "check-config did not name thing_name: $out"
+
+if command -v systemd-analyze >/dev/null; then
+    systemd-analyze verify /usr/lib/systemd/system/securetunnel-agent.service || fail "systemd-analyze verify"
+    systemd-analyze security --offline=true /usr/lib/systemd/system/securetunnel-agent.service \
+        | tail -1 | tee /dev/stderr | grep -Eq 'exposure level for .*: (0\.[0-9]|1\.[0-9]|2\.[0-5])' \
+        || fail "exposure above 2.5"
+fi
+
+dpkg --purge securetunnel-agent >/dev/null || fail "dpkg --purge"
+for p in /usr/bin/securetunnel-agent /etc/securetunnel-agent /var/lib/securetunnel-agent \
+         /usr/lib/systemd/system/securetunnel-agent.service \
+         /etc/systemd/system/multi-user.target.wants/securetunnel-agent.service; do
+    [ ! -e "$p" ] || fail "$p is left after purge"
+done
+! getent passwd securetunnel-agent >/dev/null || fail "system user left after purge"
+! dpkg -s securetunnel-agent >/dev/null 2>&1 || fail "package still known to dpkg"
+echo "deb test: install, checks and purge passed"
