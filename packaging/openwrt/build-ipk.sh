@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds an OpenWrt .ipk: a gzip'd tar of debian-binary, data.tar.gz and control.tar.gz,
+# as opkg and OpenWrt's ipkg-build lay it out.
+#   build-ipk.sh BINARY ARCH OUTDIR        (ARCH e.g. aarch64_generic, arm_cortex-a7)
+set -euo pipefail
+binary="${1:?binary}"; arch="${2:?opkg architecture}"; out="${3:?output directory}"
+here="$(cd "$(dirname "$0")" && pwd)"; root="$(cd "$here/../.." && pwd)"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -n 1)"
+work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/data/usr/bin" "$work/data/etc/init.d" "$work/data/etc/securetunnel-agent" "$work/control"
+install -m 0755 "$binary" "$work/data/usr/bin/securetunnel-agent"
+install -m 0755 "$here/securetunnel-agent.init" "$work/data/etc/init.d/securetunnel-agent"
+install -m 0600 "$root/config/agent.toml" "$work/data/etc/securetunnel-agent/agent.toml"
+size="$(du -sk "$work/data" | cut -f1)"
+cat > "$work/control/control" <<CONTROL
+Package: securetunnel-agent
+Version: $version
+Source: https://github.com/securetunnel-agent/securetunnel-agent
+License: MIT
+Section: net
+Architecture: $arch
+Installed-Size: $((size * 1024))
+Maintainer: securetunnel-agent developers <securetunnel-agent@users.noreply.github.com>
+Description: AWS IoT Secure Tunneling agent: follows the thing's tunnel notifications and
+ bridges each tunnel to local TCP or Unix sockets; also a drop-in for localproxy.
+CONTROL
+echo /etc/securetunnel-agent/agent.toml > "$work/control/conffiles"
+cat > "$work/control/postinst" <<'POSTINST'
+#!/bin/sh
+[ -n "$IPKG_INSTROOT" ] || /etc/init.d/securetunnel-agent enable
+exit 0
+POSTINST
+cat > "$work/control/prerm" <<'PRERM'
+#!/bin/sh
+[ -n "$IPKG_INSTROOT" ] || { /etc/init.d/securetunnel-agent stop; /etc/init.d/securetunnel-agent disable; }
+exit 0
+PRERM
+chmod 0755 "$work/control/postinst" "$work/control/prerm"
+echo "2.0" > "$work/debian-binary"
+tarflags=(--owner=0 --group=0 --numeric-owner --sort=name --mtime=@0 --format=gnu)
+tar "${tarflags[@]}" -C "$work/control" -czf "$work/control.tar.gz" .
+tar "${tarflags[@]}" -C "$work/data" -czf "$work/data.tar.gz" .
+mkdir -p "$out"
+ipk="$out/securetunnel-agent_${version}_${arch}.ipk"
+tar "${tarflags[@]}" -C "$work" -czf "$ipk" ./debian-binary ./data.tar.gz ./control.tar.gz
+echo "$ipk"
