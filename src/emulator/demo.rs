@@ -203,8 +203,12 @@ async fn wait_peer(emu: &Emulator, tunnel: &str, mode: Mode) -> DemoResult<()> {
         .map_err(|_| format!("the {mode} did not connect within 20 s"))
 }
 
-/// The agent binary next to the running executable (both are built by `cargo build`).
+/// The agent binary: `SECURETUNNEL_DEMO_AGENT` (e.g. a qemu wrapper for an ARM build), else
+/// the one next to the running executable (both are built by `cargo build`).
 pub fn sibling_agent() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SECURETUNNEL_DEMO_AGENT") {
+        return Some(PathBuf::from(p));
+    }
     let exe = std::env::current_exe().ok()?;
     let path = exe.parent()?.join("securetunnel-agent");
     Path::exists(&path).then_some(path)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Release device binaries (no test tooling) for ARM gateways; prints each binary's path.
+#   cross/build.sh [TARGET...]
+# musl targets are fully static, linked by rust-lld against the musl that rustup ships;
+# glibc targets link with Debian's cross gcc. ring's C code is compiled by the cross gcc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+targets=("${@:-aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf}")
+read -r -a targets <<< "${targets[*]}"
+for t in "${targets[@]}"; do
+    var="$(tr 'a-z-' 'A-Z_' <<< "$t")"
+    case "$t" in
+        aarch64-*) gcc=aarch64-linux-gnu-gcc ;;
+        armv7-*) gcc=arm-linux-gnueabihf-gcc ;;
+        *) echo "cross/build.sh: unknown target $t" >&2; exit 2 ;;
+    esac
+    case "$t" in
+        *-musl*) linker=rust-lld ;;
+        *) linker="$gcc" ;;
+    esac
+    env "CC_${t//-/_}=$gcc" "CARGO_TARGET_${var}_LINKER=$linker" \
+        cargo build --locked --release --no-default-features --target "$t" --bin securetunnel-agent >&2
+    echo "target/$t/release/securetunnel-agent"
+done

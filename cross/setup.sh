@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what cross builds need, idempotently: Rust std for the targets (rustup), Debian's
+# cross C compilers (ring's C and assembly; the glibc targets link with them) and qemu-user.
+#   cross/setup.sh [TARGET...]     default: the two targets CI builds
+set -euo pipefail
+targets=("${@:-aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf}")
+read -r -a targets <<< "${targets[*]}"
+packages=(qemu-user)
+for t in "${targets[@]}"; do
+    case "$t" in
+        aarch64-*) packages+=(gcc-aarch64-linux-gnu) ;;
+        armv7-*) packages+=(gcc-arm-linux-gnueabihf) ;;
+        *) echo "cross/setup.sh: unknown target $t" >&2; exit 2 ;;
+    esac
+done
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get -o DPkg::Lock::Timeout=900 install -y -qq "${missing[@]}" >/dev/null
+fi
+installed="$(rustup target list --installed)"
+for t in "${targets[@]}"; do
+    grep -qx "$t" <<< "$installed" || rustup target add "$t" >/dev/null
+done
