@@ -18,7 +18,15 @@ for t in "${targets[@]}"; do
         *-musl*) linker=rust-lld ;;
         *) linker="$gcc" ;;
     esac
-    env "CC_${t//-/_}=$gcc" "CARGO_TARGET_${var}_LINKER=$linker" \
-        cargo build --locked --release --no-default-features --target "$t" --bin securetunnel-agent >&2
+    extra=()
+    envs=("CC_${t//-/_}=$gcc" "CARGO_TARGET_${var}_LINKER=$linker")
+    if [ "$t" = armv7-unknown-linux-musleabihf ]; then
+        # std from source (rust-src), musl and linking from zig: see cross/README.md.
+        envs=("RUSTC_BOOTSTRAP=1" "ZIG_TARGET=arm-linux-musleabihf" "CC_${t//-/_}=$PWD/cross/zig-cc"
+              "CARGO_TARGET_${var}_LINKER=$PWD/cross/zig-cc" "CARGO_TARGET_${var}_RUSTFLAGS=-C link-self-contained=no")
+        extra=(-Zbuild-std=std,panic_abort)
+    fi
+    env "${envs[@]}" cargo build --locked --release --no-default-features --target "$t" "${extra[@]}" \
+        --bin securetunnel-agent >&2
     echo "target/$t/release/securetunnel-agent"
 done

@@ -3,6 +3,7 @@
 # cross C compilers (ring's C and assembly; the glibc targets link with them) and qemu-user.
 #   cross/setup.sh [TARGET...]     default: the two targets CI builds
 set -euo pipefail
+cd "$(dirname "$0")/.."
 targets=("${@:-aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf}")
 read -r -a targets <<< "${targets[*]}"
 packages=(qemu-user)
@@ -22,5 +23,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 installed="$(rustup target list --installed)"
 for t in "${targets[@]}"; do
+    if [ "$t" = armv7-unknown-linux-musleabihf ]; then
+        # rustup's std for this target is not reachable here: build std from source and
+        # link against zig's musl.
+        rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src >/dev/null
+        [ -x .venv/bin/python ] || python3 -m venv .venv
+        .venv/bin/python -c "import ziglang" 2>/dev/null || .venv/bin/pip install -q ziglang
+        continue
+    fi
     grep -qx "$t" <<< "$installed" || rustup target add "$t" >/dev/null
 done
