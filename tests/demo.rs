@@ -10,6 +10,7 @@ async fn the_demo_moves_data_between_two_agent_processes_and_both_exit_cleanly()
         agent: env!("CARGO_BIN_EXE_securetunnel-agent").into(),
         bytes: 8 << 20,
         work_dir: dir.path().to_owned(),
+        reframe: true,
     };
     let report = run(&opts).await.unwrap_or_else(|e| {
         for log in ["destination.log", "source.log"] {

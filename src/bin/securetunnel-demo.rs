@@ -4,6 +4,7 @@
 //!   securetunnel-demo [MiB]            the agent flow: open, transfer, rotate, transfer, close
 //!   securetunnel-demo local-proxy [MiB] two local-proxy processes through the emulator
 //!   securetunnel-demo latency [runs]    notify->connected and rotation switchover, p50/p95
+//!   securetunnel-demo memory [conns]    agent RSS idle, and with idle connections
 
 use std::process::ExitCode;
 
@@ -47,12 +48,24 @@ fn main() -> ExitCode {
                     agent,
                     bytes: number(1, 64) << 20,
                     work_dir: work_dir.clone(),
+                    reframe: std::env::var_os("DEMO_NO_REFRAME").is_none(),
                 };
                 demo::run(&opts).await.map(|_| ())
             }
             Some("latency") => demo_agent::latency(&agent, &work_dir, number(1, 20))
                 .await
                 .map(|_| ()),
+            Some("memory") => {
+                let conns = number(1, 100);
+                let (idle, loaded) = demo_agent::memory(&agent, &work_dir, conns).await?;
+                println!("agent RSS idle (MQTT subscribed, one tunnel connected): {:.2} MiB", idle as f64 / 1024.0);
+                println!(
+                    "agent RSS with {conns} idle TCP connections: {:.2} MiB (+{:.1} KiB per connection)",
+                    loaded as f64 / 1024.0,
+                    loaded.saturating_sub(idle) as f64 / conns as f64
+                );
+                Ok(())
+            }
             _ => demo_agent::run(&agent, &work_dir, number(0, 16) << 20).await,
         }
     });

@@ -19,6 +19,8 @@ pub struct DemoOptions {
     pub agent: PathBuf,
     pub bytes: usize,
     pub work_dir: PathBuf,
+    /// Re-frame the relayed byte stream (the demo shows it; the bench measures without).
+    pub reframe: bool,
 }
 
 #[derive(Debug)]
@@ -87,12 +89,13 @@ pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
         .map_err(|e| e.to_string())?;
     let ca = opts.work_dir.join("emulator-ca.pem");
     std::fs::write(&ca, emu.ca_pem().unwrap_or_default()).map_err(|e| e.to_string())?;
-    emu.set_reframe(true);
+    emu.set_reframe(opts.reframe);
     step(
         1,
         &format!(
-            "tunneling-service emulator on wss://{} (re-framing on)",
-            emu.addr()
+            "tunneling-service emulator on wss://{} (re-framing {})",
+            emu.addr(),
+            if opts.reframe { "on" } else { "off" }
         ),
     );
 

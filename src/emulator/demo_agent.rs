@@ -394,3 +394,74 @@ pub async fn latency(
     }
     Ok((connect, switch))
 }
+
+/// Resident memory (VmRSS) of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// A `/proc/<pid>/status` field in KiB (VmRSS:, RssAnon:, RssFile:, VmHWM:).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The agent's memory: idle with MQTT subscribed and one tunnel connected, then with
+/// `conns` idle TCP connections open through that tunnel. Returns (idle KiB, with-conns KiB).
+pub async fn memory(agent_bin: &Path, dir: &Path, conns: usize) -> R<(u64, u64)> {
+    let mut s = Stack::start(agent_bin, dir).await?;
+    let pid = s.agent.id().ok_or("agent exited")?;
+    let (open, _) = s.open().await?;
+    s.expect("session started").await?;
+    let cancel = CancellationToken::new();
+    let (src, _) = s
+        .source(
+            open["sourceAccessToken"].as_str().unwrap_or_default(),
+            cancel.clone(),
+        )
+        .await?;
+    // One round trip so every lazily built piece of the path exists, as in real use.
+    transfer(src, 64 << 10, 9).await?;
+    let idle = settled_rss(pid).await?;
+    println!(
+        "agent idle: RssAnon {} KiB, RssFile {} KiB (binary and shared libraries)",
+        proc_status_kib(pid, "RssAnon:").unwrap_or(0),
+        proc_status_kib(pid, "RssFile:").unwrap_or(0)
+    );
+    let mut clients = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        clients.push(TcpStream::connect(src).await.map_err(e)?);
+    }
+    tokio::time::timeout(WAIT, async {
+        while s.echo.accepted() < conns as u64 + 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .map_err(|_| {
+        format!(
+            "only {} of {conns} connections reached the local service",
+            s.echo.accepted() - 1
+        )
+    })?;
+    let loaded = settled_rss(pid).await?;
+    drop(clients);
+    cancel.cancel();
+    s.stop_agent().await?;
+    Ok((idle, loaded))
+}
+
+/// RSS once it stops moving (allocator and kernel settle after activity).
+async fn settled_rss(pid: u32) -> R<u64> {
+    let mut last = rss_kib(pid).ok_or("no /proc status")?;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = rss_kib(pid).ok_or("no /proc status")?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Ok(last)
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The benchmark suite: prints one table. Needs the release build with the demo feature and,
+# for the static-build rows, rustup's x86_64 musl target (cross/setup.sh for ARM sizes).
+#   bench/run.sh            results go to stdout; paste them into BENCHMARKS.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "bench: $*" >&2; }
+log "building (release, demo feature; static x86_64 musl agent)"
+cargo build --locked --release --features demo --bins >&2
+rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl >&2
+CC_x86_64_unknown_linux_musl=gcc CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
+    cargo build --locked --release --no-default-features --target x86_64-unknown-linux-musl --bin securetunnel-agent >&2
+demo=target/release/securetunnel-demo
+glibc="$PWD/target/release/securetunnel-agent"
+musl="$PWD/target/x86_64-unknown-linux-musl/release/securetunnel-agent"
+
+row() { printf '| %-58s | %-40s |\n' "$1" "$2"; }
+echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(uname -sr)"
+echo
+row "measure" "result"
+row "---" "---"
+for build in glibc musl; do
+    bin="${!build}"
+    log "throughput and destination CPU, 256 MiB echo ($build)"
+    out="$(DEMO_NO_REFRAME=1 SECURETUNNEL_DEMO_AGENT="$bin" "$demo" local-proxy 256)"
+    thr="$(grep -o '([0-9.]* MiB/s each way)' <<< "$out" | tr -d '()')"
+    cpu="$(grep -o '([0-9.]* s/GiB)' <<< "$out" | tr -d '()')"
+    peak="$(grep -o 'peak RSS [0-9.]* MiB' <<< "$out")"
+    row "throughput, source+destination through the emulator ($build)" "$thr"
+    row "destination CPU per GiB relayed, both directions ($build)" "$cpu"
+    row "destination $peak during 256 MiB ($build)" ""
+    log "memory ($build)"
+    mem="$(SECURETUNNEL_DEMO_AGENT="$bin" "$demo" memory 100)"
+    row "agent RSS idle, MQTT + one tunnel ($build)" "$(grep -o 'connected): [0-9.]* MiB' <<< "$mem" | cut -d' ' -f2-)"
+    row "extra RSS per idle TCP connection, 100 open ($build)" "$(grep -o '+[0-9.]* KiB per connection' <<< "$mem")"
+done
+log "latency, 20 runs"
+lat="$("$demo" latency 20)"
+row "notify -> websocket connected" "$(grep 'notify ->' <<< "$lat" | grep -o 'p50.*ms   p95.*ms' | tr -s ' ')"
+row "rotation switchover" "$(grep 'rotation' <<< "$lat" | grep -o 'p50.*ms   p95.*ms' | tr -s ' ')"
+log "codec (criterion)"
+codec="$(cargo bench --locked --bench codec -- --noplot 2>/dev/null | grep -A2 '^codec/')"
+row "codec encode, 64512-byte DATA frames" "$(grep -A2 'encode' <<< "$codec" | grep -o 'thrpt:.*' | awk '{print $4, $5}')"
+row "codec decode, frames across websocket messages" "$(grep -A2 'decode' <<< "$codec" | grep -o 'thrpt:.*' | awk '{print $4, $5}')"
+for f in target/release/securetunnel-agent target/*-linux-*/release/securetunnel-agent; do
+    [ -f "$f" ] || continue
+    t="${f#target/}"; t="${t%%/*}"; [ "$t" = release ] && t="x86_64-unknown-linux-gnu"
+    row "stripped binary size, $t" "$(stat -c %s "$f") bytes"
+done
