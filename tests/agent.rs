@@ -35,6 +35,23 @@ fn tokens(open: &Value) -> TunnelTokens {
     }
 }
 
+/// RotateTunnelAccessToken with a destinationConfig for the thing's SSH service.
+async fn rotate(rig: &Rig, tunnel_id: &str, mode: &str, thing: &str) -> Value {
+    let params = json!({"tunnelId": tunnel_id, "clientMode": mode, "destinationConfig": dest_config(thing, &["SSH"])});
+    rig.api("rotate_tunnel_access_token", params).await.unwrap()
+}
+
+/// This project's source side for the tunnel, listening on free ports, ready for clients.
+async fn ready_source(
+    emu: &Emulator,
+    t: &TunnelTokens,
+    mappings: &str,
+) -> (Running, SourceListenersAddrs) {
+    let (mut src, addrs) = source(emu, t, mappings, Format::V3).await;
+    src.wait_phase(Phase::Ready).await;
+    (src, addrs)
+}
+
 fn dest_config(thing: &str, services: &[&str]) -> Value {
     json!({"thingName": thing, "services": services})
 }
@@ -90,21 +107,14 @@ async fn open_rotate_and_close_drive_the_agents_bridge() {
         e.peer_token_is(&id, Mode::Destination, &t.destination_access_token)
     })
     .await;
-    let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
-    src.wait_phase(Phase::Ready).await;
+    let (mut src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     transfer(&addrs, "SSH", 1).await;
 
     // Rotate DESTINATION: the agent restarts its bridge with the new token, closing the old
     // bridge's local connections.
     let _held = live_client(addrs.get("SSH")).await;
     let closed_before = echo.closed();
-    let r = rig
-        .api(
-            "rotate_tunnel_access_token",
-            json!({"tunnelId": id, "clientMode": "DESTINATION", "destinationConfig": dest_config("gw-1", &["SSH"])}),
-        )
-        .await
-        .unwrap();
+    let r = rotate(&rig, &id, "DESTINATION", "gw-1").await;
     let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
     assert!(r.get("sourceAccessToken").is_none());
     agent
@@ -132,13 +142,7 @@ async fn open_rotate_and_close_drive_the_agents_bridge() {
     assert_eq!(rig.emu.handshakes_for_token(&new_dest), 1);
 
     // Rotate ALL: the agent follows; the source side restarts with its new token.
-    let r = rig
-        .api(
-            "rotate_tunnel_access_token",
-            json!({"tunnelId": id, "clientMode": "ALL", "destinationConfig": dest_config("gw-1", &["SSH"])}),
-        )
-        .await
-        .unwrap();
+    let r = rotate(&rig, &id, "ALL", "gw-1").await;
     let all_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
     agent
         .expect("rotation: restarting the bridge with the new token")
@@ -153,8 +157,7 @@ async fn open_rotate_and_close_drive_the_agents_bridge() {
         source_access_token: r["sourceAccessToken"].as_str().unwrap().into(),
         destination_access_token: all_dest.clone(),
     };
-    let (mut src, addrs) = source(&rig.emu, &t2, "SSH=0", Format::V3).await;
-    src.wait_phase(Phase::Ready).await;
+    let (_src, addrs) = ready_source(&rig.emu, &t2, "SSH=0").await;
     transfer(&addrs, "SSH", 3).await;
     assert_eq!(
         rig.emu.handshakes_for_token(&new_dest),
@@ -222,8 +225,7 @@ async fn above_max_tunnels_the_fourth_is_refused_and_three_work() {
             e.is_connected(&id, Mode::Destination)
         })
         .await;
-        let (mut src, addrs) = source(&rig.emu, t, &format!("{s}=0"), Format::V3).await;
-        src.wait_phase(Phase::Ready).await;
+        let (_src, addrs) = ready_source(&rig.emu, t, &format!("{s}=0")).await;
         transfer(&addrs, s, i as u64).await;
     }
     assert!(!rig.emu.is_connected(&fourth.tunnel_id, Mode::Destination));
@@ -252,13 +254,7 @@ async fn after_a_broker_restart_the_agent_resubscribes_and_follows_a_rotation() 
     agent.expect("subscribed to tunnel notifications").await;
     within_deadline("publisher reconnects", rig.emu.wait_publisher()).await;
 
-    let r = rig
-        .api(
-            "rotate_tunnel_access_token",
-            json!({"tunnelId": id, "clientMode": "DESTINATION", "destinationConfig": dest_config("gw-mq", &["SSH"])}),
-        )
-        .await
-        .unwrap();
+    let r = rotate(&rig, &id, "DESTINATION", "gw-mq").await;
     let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
     agent
         .expect("rotation: restarting the bridge with the new token")
@@ -267,8 +263,7 @@ async fn after_a_broker_restart_the_agent_resubscribes_and_follows_a_rotation() 
         e.peer_token_is(&id, Mode::Destination, &new_dest)
     })
     .await;
-    let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
-    src.wait_phase(Phase::Ready).await;
+    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     transfer(&addrs, "SSH", 4).await;
 }
 
@@ -317,8 +312,7 @@ async fn bad_notifies_are_each_refused_and_the_agent_keeps_serving() {
         e.is_connected(&id, Mode::Destination)
     })
     .await;
-    let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
-    src.wait_phase(Phase::Ready).await;
+    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     transfer(&addrs, "SSH", 5).await;
     assert_eq!(agent.count("session started"), 1);
     assert!(
@@ -338,12 +332,7 @@ async fn a_rotation_halfway_does_not_extend_the_tunnels_lifetime() {
     agent.expect("session started").await;
     // Let half the lifetime pass: time itself is what this test is about.
     tokio::time::sleep(minute / 2).await;
-    rig.api(
-        "rotate_tunnel_access_token",
-        json!({"tunnelId": t.tunnel_id, "clientMode": "DESTINATION", "destinationConfig": dest_config("gw-life", &["SSH"])}),
-    )
-    .await
-    .unwrap();
+    rotate(&rig, &t.tunnel_id, "DESTINATION", "gw-life").await;
     agent
         .expect("rotation: restarting the bridge with the new token")
         .await;
@@ -402,20 +391,13 @@ async fn the_agent_follows_a_rotation_when_the_service_disconnects_the_old_token
         e.is_connected(&id, Mode::Destination)
     })
     .await;
-    let r = rig
-        .api(
-            "rotate_tunnel_access_token",
-            json!({"tunnelId": id, "clientMode": "DESTINATION", "destinationConfig": dest_config("gw-cut", &["SSH"])}),
-        )
-        .await
-        .unwrap();
+    let r = rotate(&rig, &id, "DESTINATION", "gw-cut").await;
     let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
     until(&rig.emu, "agent reconnects with the new token", |e| {
         e.peer_token_is(&id, Mode::Destination, &new_dest)
     })
     .await;
-    let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
-    src.wait_phase(Phase::Ready).await;
+    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     transfer(&addrs, "SSH", 6).await;
     assert_eq!(rig.emu.handshakes_for_token(&t.destination_access_token), 1);
 }
@@ -478,8 +460,7 @@ async fn sighup_reloads_the_service_map_and_live_tunnels_keep_running() {
         e.is_connected(&id, Mode::Destination)
     })
     .await;
-    let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
-    src.wait_phase(Phase::Ready).await;
+    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     let mut held = live_client(addrs.get("SSH")).await;
 
     // Point SSH somewhere else and reload.
