@@ -352,22 +352,9 @@ impl Emulator {
             .is_some_and(|p| p.token == token)
     }
 
-    /// Waits until any change (peer connected or gone, tunnel closed) and returns.
-    pub async fn changed(&self) {
-        let mut rx = self.shared.changes.subscribe();
-        let _ = rx.changed().await;
-    }
-
     /// Subscribes to changes, for waiting on conditions without missing one.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.shared.changes.subscribe()
-    }
-
-    pub fn tunnel_is_open(&self, tunnel_id: &str) -> bool {
-        self.shared
-            .lock()
-            .tunnel(tunnel_id)
-            .is_some_and(|t| !t.closed)
     }
 
     /// CloseTunnel: both peers get a close frame; the tunnel's tokens stop working.

@@ -101,10 +101,6 @@ impl Tunnel {
     pub fn last_updated(&self, mode: Mode) -> SystemTime {
         self.slots[idx(mode)].last_updated
     }
-
-    pub fn token(&self, mode: Mode) -> &str {
-        &self.slots[idx(mode)].token
-    }
 }
 
 #[derive(Debug)]

@@ -273,14 +273,6 @@ impl LogTail {
         self.with(|v| v.iter().filter(|l| pred(l)).count())
     }
 
-    pub fn len(&self) -> usize {
-        self.with(Vec::len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     pub fn text(&self) -> String {
         self.with(|v| v.join("\n"))
     }
