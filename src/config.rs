@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::bridge::DataEndpoint;
 use crate::protocol;
 use crate::services::ServiceMap;
-use crate::tls::{TlsOptions, client_config, provider};
+use crate::tls::{TlsError, TlsOptions, client_config, provider, root_store};
 
 pub const DEFAULT_PATH: &str = "/etc/securetunnel-agent/agent.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/securetunnel-agent";
@@ -524,22 +524,14 @@ fn mqtt_client_config(
     cert: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
-    let mut roots = rustls::RootCertStore::empty();
-    if trust.platform_roots {
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    }
-    for c in &trust.extra_roots {
-        roots
-            .add(c.clone())
-            .map_err(|e| err("mqtt.ca", e.to_string(), "give a valid CA certificate"))?;
-    }
-    if roots.is_empty() {
-        return Err(err(
+    let roots = root_store(trust).map_err(|e| match e {
+        TlsError::NoRoots => err(
             "mqtt.ca",
             "no trusted CA certificate",
             "set mqtt.ca to AmazonRootCA1.pem",
-        ));
-    }
+        ),
+        other => err("mqtt.ca", other.to_string(), "give a valid CA certificate"),
+    })?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| err("mqtt", e.to_string(), ""))?

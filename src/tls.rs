@@ -107,24 +107,31 @@ pub fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, TlsError> {
             )))
             .with_no_client_auth()
     } else {
-        let mut roots = rustls::RootCertStore::empty();
-        if opts.platform_roots {
-            let native = rustls_native_certs::load_native_certs();
-            for e in &native.errors {
-                tracing::debug!("platform CA store: {e}");
-            }
-            let (added, ignored) = roots.add_parsable_certificates(native.certs);
-            tracing::debug!(added, ignored, "platform CA certificates loaded");
-        }
-        for cert in &opts.extra_roots {
-            roots.add(cert.clone())?;
-        }
-        if roots.is_empty() {
-            return Err(TlsError::NoRoots);
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder
+            .with_root_certificates(root_store(opts)?)
+            .with_no_client_auth()
     };
     Ok(Arc::new(config))
+}
+
+/// The trusted roots `opts` asks for: the platform store and/or the extra certificates.
+pub fn root_store(opts: &TlsOptions) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if opts.platform_roots {
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::debug!("platform CA store: {e}");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        tracing::debug!(added, ignored, "platform CA certificates loaded");
+    }
+    for cert in &opts.extra_roots {
+        roots.add(cert.clone())?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoRoots);
+    }
+    Ok(roots)
 }
 
 /// `-k`: accepts any certificate but still checks the handshake signatures.

@@ -81,12 +81,11 @@ pub fn mutual_tls_client(
     ca_pem: &str,
     identity: &Issued,
 ) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(c.map_err(|e| format!("{e:?}"))?)
-            .map_err(|e| e.to_string())?;
-    }
+    let mut trust = crate::tls::TlsOptions::default();
+    trust
+        .add_ca_pem(ca_pem.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let roots = crate::tls::root_store(&trust).map_err(|e| e.to_string())?;
     let key = identity.key_der().map_err(|e| format!("{e:?}"))?;
     let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
