@@ -58,13 +58,6 @@ fn spawn_agent(opts: &DemoOptions, name: &str, token: &str, args: &[String]) -> 
         })
 }
 
-/// Peak resident set (VmHWM) of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// User + system CPU seconds of a process (USER_HZ is 100 on Linux).
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -157,7 +150,7 @@ pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
         .await
         .map_err(|e| e.to_string())?;
     let dest_cpu_s = cpu_seconds(dest_pid).zip(cpu_before).map(|(a, b)| a - b);
-    let dest_peak_rss_kib = peak_rss_kib(dest_pid);
+    let dest_peak_rss_kib = super::testkit::proc_status_kib(dest_pid, "VmHWM:");
     let mib = opts.bytes >> 20;
     step(
         5,

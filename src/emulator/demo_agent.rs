@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::pki::{TestPki, mutual_tls_client};
 use super::publisher::PublisherConfig;
-use super::testkit::{EchoService, LogTail, echo_tcp, echo_transfer};
+use super::testkit::{EchoService, LogTail, echo_tcp, echo_transfer, proc_status_kib};
 use super::{Emulator, EmulatorConfig, EmulatorTls};
 use crate::bridge::{Bridge, BridgeConfig, DataEndpoint, Limits, Phase, Role, SourceListeners};
 use crate::protocol::{Format, Mode};
@@ -395,18 +395,6 @@ pub async fn latency(
     Ok((connect, switch))
 }
 
-/// Resident memory (VmRSS) of a process, in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    proc_status_kib(pid, "VmRSS:")
-}
-
-/// A `/proc/<pid>/status` field in KiB (VmRSS:, RssAnon:, RssFile:, VmHWM:).
-pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// The agent's memory: idle with MQTT subscribed and one tunnel connected, then with
 /// `conns` idle TCP connections open through that tunnel. Returns (idle KiB, with-conns KiB).
 pub async fn memory(agent_bin: &Path, dir: &Path, conns: usize) -> R<(u64, u64)> {
@@ -454,10 +442,10 @@ pub async fn memory(agent_bin: &Path, dir: &Path, conns: usize) -> R<(u64, u64)>
 
 /// RSS once it stops moving (allocator and kernel settle after activity).
 async fn settled_rss(pid: u32) -> R<u64> {
-    let mut last = rss_kib(pid).ok_or("no /proc status")?;
+    let mut last = proc_status_kib(pid, "VmRSS:").ok_or("no /proc status")?;
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = rss_kib(pid).ok_or("no /proc status")?;
+        let now = proc_status_kib(pid, "VmRSS:").ok_or("no /proc status")?;
         if now == last {
             return Ok(now);
         }

@@ -22,6 +22,13 @@ pub fn free_port() -> io::Result<u16> {
         .port())
 }
 
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `VmHWM:`, `RssAnon:`, `RssFile:`).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// A local service for tests. Dropping it stops accepting; connections already accepted
 /// live on until their client closes them.
 pub struct EchoService {
