@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-20}"
-cargo build --release --features demo --bins >&2
+cargo build --release --workspace --bins >&2
 echo "machine: $(nproc) cores, $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
 target/release/securetunnel-demo latency "$runs"

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The benchmark suite: prints one table. Needs the release build with the demo feature and,
+# The benchmark suite: prints one table. Builds the workspace in release mode and,
 # for the static-build rows, rustup's x86_64 musl target (cross/setup.sh for ARM sizes).
 #   bench/run.sh            results go to stdout; paste them into BENCHMARKS.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "bench: $*" >&2; }
 log "building (release, demo feature; static x86_64 musl agent)"
-cargo build --locked --release --features demo --bins >&2
+cargo build --locked --release --workspace --bins >&2
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl >&2
 CC_x86_64_unknown_linux_musl=gcc CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
-    cargo build --locked --release --no-default-features --target x86_64-unknown-linux-musl --bin securetunnel-agent >&2
+    cargo build --locked --release --target x86_64-unknown-linux-musl --bin securetunnel-agent >&2
 demo=target/release/securetunnel-demo
 glibc="$PWD/target/release/securetunnel-agent"
 musl="$PWD/target/x86_64-unknown-linux-musl/release/securetunnel-agent"

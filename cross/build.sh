@@ -26,7 +26,7 @@ for t in "${targets[@]}"; do
               "CARGO_TARGET_${var}_LINKER=$PWD/cross/zig-cc" "CARGO_TARGET_${var}_RUSTFLAGS=-C link-self-contained=no")
         extra=(-Zbuild-std=std,panic_abort)
     fi
-    env "${envs[@]}" cargo build --locked --release --no-default-features --target "$t" "${extra[@]}" \
+    env "${envs[@]}" cargo build --locked --release --target "$t" "${extra[@]}" \
         --bin securetunnel-agent >&2
     echo "target/$t/release/securetunnel-agent"
 done

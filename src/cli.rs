@@ -16,6 +16,7 @@ use crate::secret::Secret;
 use crate::services::{DEFAULT_HOST, ServiceMap};
 use crate::tls::{TlsOptions, client_config};
 
+/// Where `local-proxy` reads the access token (never from argv by default).
 pub const ENV_ACCESS_TOKEN: &str = "AWSIOT_TUNNEL_ACCESS_TOKEN";
 
 #[derive(Parser, Debug)]
@@ -24,6 +25,7 @@ pub const ENV_ACCESS_TOKEN: &str = "AWSIOT_TUNNEL_ACCESS_TOKEN";
     version,
     about = "AWS IoT Secure Tunneling agent and local proxy"
 )]
+/// The whole command line.
 pub struct Cli {
     /// Log level as in localproxy: 0 off, 1-2 errors, 3 warnings, 4 info, 5 debug, 6 trace.
     #[arg(short = 'v', long, global = true, default_value_t = 4)]
@@ -32,10 +34,12 @@ pub struct Cli {
     #[arg(long, global = true, default_value = crate::config::DEFAULT_PATH)]
     pub config: PathBuf,
     #[command(subcommand)]
+    /// What to do.
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
+/// The subcommands.
 pub enum Command {
     /// Run the agent: follow the thing's tunnel notifications and serve every tunnel.
     Run,
@@ -88,14 +92,18 @@ pub async fn run_agent(path: &std::path::Path, cancel: CancellationToken) -> Exi
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+/// `-y`: the message format of an older destination.
 pub enum ClientType {
     #[value(name = "V1", alias = "v1")]
+    /// One service, no service or connection ids.
     V1,
     #[value(name = "V2", alias = "v2")]
+    /// Service ids, no connection ids.
     V2,
 }
 
 #[derive(Args, Debug)]
+/// `local-proxy`'s options, named as in the reference localproxy.
 pub struct LocalProxyArgs {
     /// AWS region of the tunnel (builds data.tunneling.iot.<region>.amazonaws.com).
     #[arg(
@@ -156,6 +164,7 @@ fn usage(msg: impl Into<String>) -> UsageError {
 }
 
 impl LocalProxyArgs {
+    /// The data-plane endpoint from `-e` or `-r`.
     pub fn endpoint(&self) -> Result<DataEndpoint, UsageError> {
         match (&self.region, &self.proxy_endpoint) {
             (_, Some(e)) => DataEndpoint::parse_override(e)
@@ -170,6 +179,7 @@ impl LocalProxyArgs {
         }
     }
 
+    /// The access token from the environment (or, with a warning, `-t`).
     pub fn access_token(&self) -> Result<Secret, UsageError> {
         let token = match &self.access_token {
             Some(t) => {
@@ -189,6 +199,7 @@ impl LocalProxyArgs {
         Ok(token)
     }
 
+    /// The TLS configuration for a `wss` endpoint: platform roots, `-c`, `-k`.
     pub fn tls(
         &self,
         endpoint: &DataEndpoint,

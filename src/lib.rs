@@ -5,22 +5,24 @@
 //! - [`services`]: the service map (service id -> local endpoint), an allow-list.
 //! - [`bridge`]: websocket <-> local connections, destination and source mode.
 //! - [`tls`], [`secret`]: TLS client configuration; tokens that never leak.
-//! - [`cli`], [`signals`]: the command line (`local-proxy`, options as the reference
-//!   localproxy) and SIGINT/SIGTERM as cancellation.
-//! - `emulator` (feature `emulator`): a stand-in for the tunneling service, for tests.
+//! - [`cli`], [`signals`]: the command line (`run`, `check-config`, `local-proxy` with the
+//!   reference localproxy's options) and SIGINT/SIGTERM as cancellation.
+//! - The agent itself (private): `config` (agent.toml), `notify` (MQTT), `session` (the
+//!   tunnel table), `agent` (carries out the table's decisions), `status` (status.json,
+//!   systemd).
+//!
+//! The public API is what the binary, the emulator crate and the tests use.
+#![warn(missing_docs)]
 
-pub mod agent;
+mod agent;
 pub mod bridge;
 pub mod cli;
-pub mod config;
-pub mod notify;
+mod config;
+mod notify;
 pub mod protocol;
 pub mod secret;
 pub mod services;
-pub mod session;
+mod session;
 pub mod signals;
-pub mod status;
+mod status;
 pub mod tls;
-
-#[cfg(feature = "emulator")]
-pub mod emulator;

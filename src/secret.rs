@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 pub struct Secret(Zeroizing<String>);
 
 impl Secret {
+    /// Wraps a value; the caller's copy should be the only other one.
     pub fn new(value: impl Into<String>) -> Self {
         Secret(Zeroizing::new(value.into()))
     }
@@ -21,6 +22,7 @@ impl Secret {
         &self.0
     }
 
+    /// The first 4 bytes of the value's SHA-256, as hex.
     pub fn fingerprint(&self) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes());
         digest.as_ref()[..4]

@@ -18,31 +18,43 @@ pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub enum LocalEndpoint {
     /// Host name or IP literal (without brackets) and port; names resolve at connect time.
     Tcp {
+        /// Host name or IP literal.
         host: String,
+        /// TCP port.
         port: u16,
     },
+    /// A Unix-domain socket path.
     Unix(PathBuf),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A mapping that cannot be used, naming what is wrong.
 pub enum ServiceMapError {
     #[error(
         "service id {0:?} is invalid: use 1-128 characters of letters, digits, ':', '_' or '-'"
     )]
+    /// The service id does not follow the API pattern.
     BadServiceId(String),
     #[error("service {service:?}: endpoint {value:?} is invalid: {problem}")]
+    /// The endpoint does not parse.
     BadEndpoint {
+        /// The service it is for ("" for an unnamed mapping).
         service: String,
+        /// The value as given.
         value: String,
+        /// What is wrong with it.
         problem: String,
     },
     #[error("service {0:?} is mapped twice; keep one mapping per service")]
+    /// The same service mapped twice.
     Duplicate(String),
     #[error(
         "an unnamed mapping such as \"22\" must be the only mapping; name each one (SSH=22,HTTP=80)"
     )]
+    /// An unnamed mapping next to named ones.
     MixedUnnamed,
     #[error("the service map is empty: map at least one service, e.g. SSH=22")]
+    /// No mapping at all.
     Empty,
 }
 
@@ -115,7 +127,9 @@ pub struct ServiceMap {
 #[derive(Deserialize)]
 #[serde(untagged)]
 pub enum RawEndpoint {
+    /// A bare port.
     Port(i64),
+    /// Any other endpoint form.
     Text(String),
 }
 
@@ -136,6 +150,7 @@ impl TryFrom<BTreeMap<String, RawEndpoint>> for ServiceMap {
 }
 
 impl ServiceMap {
+    /// Parses a `[services]` table body.
     pub fn from_toml_str(s: &str) -> Result<Self, String> {
         toml::from_str(s).map_err(|e| e.to_string())
     }
@@ -199,11 +214,13 @@ impl ServiceMap {
         Ok(())
     }
 
+    /// The map with one more named mapping (builder for tests and tools).
     pub fn with(mut self, service: &str, endpoint: LocalEndpoint) -> Self {
         self.named.insert(service.to_owned(), endpoint);
         self
     }
 
+    /// A map of one unnamed mapping, as `-d 22` makes.
     pub fn unnamed(endpoint: LocalEndpoint) -> Self {
         ServiceMap {
             named: BTreeMap::new(),
@@ -211,14 +228,17 @@ impl ServiceMap {
         }
     }
 
+    /// No mapping at all.
     pub fn is_empty(&self) -> bool {
         self.named.is_empty() && self.unnamed.is_none()
     }
 
+    /// Named mappings, sorted by service id.
     pub fn named(&self) -> impl Iterator<Item = (&str, &LocalEndpoint)> {
         self.named.iter().map(|(k, v)| (k.as_str(), v))
     }
 
+    /// The unnamed mapping, if any.
     pub fn unnamed_endpoint(&self) -> Option<&LocalEndpoint> {
         self.unnamed.as_ref()
     }
@@ -269,6 +289,7 @@ impl SharedServiceMap {
         (tx, SharedServiceMap(rx))
     }
 
+    /// The map new streams resolve against now.
     pub fn current(&self) -> std::sync::Arc<ServiceMap> {
         self.0.borrow().clone()
     }

@@ -11,14 +11,23 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 #[derive(Debug, thiserror::Error)]
+/// Why a TLS configuration cannot be built.
 pub enum TlsError {
     #[error("CA path {path}: {problem}")]
-    CaPath { path: PathBuf, problem: String },
+    /// A CA file or directory that cannot be used.
+    CaPath {
+        /// The path as given.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
     #[error(
         "no trusted CA certificate found: install the system CA bundle (ca-certificates) or give one with -c/--capath"
     )]
+    /// No trusted root at all.
     NoRoots,
     #[error("TLS setup failed: {0}")]
+    /// rustls refused the configuration.
     Rustls(#[from] rustls::Error),
 }
 
@@ -34,6 +43,7 @@ pub struct TlsOptions {
 }
 
 impl TlsOptions {
+    /// Trust the operating system's CA store.
     pub fn platform() -> Self {
         TlsOptions {
             platform_roots: true,
@@ -78,6 +88,7 @@ impl TlsOptions {
         Ok(())
     }
 
+    /// Adds every certificate of a PEM text.
     pub fn add_ca_pem(&mut self, pem: &[u8]) -> Result<(), TlsError> {
         let certs = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
@@ -90,6 +101,7 @@ impl TlsOptions {
     }
 }
 
+/// The ring crypto provider every TLS configuration uses.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

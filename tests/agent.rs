@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use common::rig::{AgentProc, Rig, RigOptions, within_deadline};
 use common::*;
 use securetunnel_agent::bridge::Phase;
-use securetunnel_agent::emulator::testkit::{EchoService, echo_tcp, echo_transfer};
-use securetunnel_agent::emulator::{Emulator, TunnelTokens};
 use securetunnel_agent::protocol::{Format, Mode};
+use securetunnel_emulator::testkit::{EchoService, echo_tcp, echo_transfer};
+use securetunnel_emulator::{Emulator, TunnelTokens};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 

@@ -45,9 +45,9 @@ fn a_bad_mapping_names_the_service_and_the_value() {
 fn against_emulator(extra: &[&str], env_token: Option<&str>) -> (i32, String) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let emu = rt
-        .block_on(securetunnel_agent::emulator::Emulator::start(
-            securetunnel_agent::emulator::EmulatorConfig::loopback(
-                securetunnel_agent::emulator::EmulatorTls::Plain,
+        .block_on(securetunnel_emulator::Emulator::start(
+            securetunnel_emulator::EmulatorConfig::loopback(
+                securetunnel_emulator::EmulatorTls::Plain,
             ),
         ))
         .unwrap();

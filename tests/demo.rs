@@ -1,7 +1,7 @@
 //! The README's demo, run exactly as the `securetunnel-demo` binary runs it: the real agent
 //! binary as destination and source processes, through the emulator.
 
-use securetunnel_agent::emulator::demo::{DemoOptions, run};
+use securetunnel_emulator::demo::{DemoOptions, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_moves_data_between_two_agent_processes_and_both_exit_cleanly() {

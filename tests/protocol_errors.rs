@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use common::*;
 use securetunnel_agent::bridge::{BridgeError, HandshakeError, Limits, Phase};
-use securetunnel_agent::emulator::CLIENT_TOKEN_MISMATCH;
-use securetunnel_agent::emulator::testkit::{echo_tcp, echo_transfer};
 use securetunnel_agent::protocol::{Format, Message, Mode};
 use securetunnel_agent::secret::Secret;
 use securetunnel_agent::services::ServiceMap;
+use securetunnel_emulator::CLIENT_TOKEN_MISMATCH;
+use securetunnel_emulator::testkit::{echo_tcp, echo_transfer};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-async fn echo_tunnel() -> (Tunnel, securetunnel_agent::emulator::testkit::EchoService) {
+async fn echo_tunnel() -> (Tunnel, securetunnel_emulator::testkit::EchoService) {
     let echo = echo_tcp("127.0.0.1:0").await.unwrap();
     let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
     (tunnel(&["SSH"], map, "SSH=0", Format::V3).await, echo)

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use common::*;
 use securetunnel_agent::bridge::{BridgeEnd, Limits};
-use securetunnel_agent::emulator::testkit::{
-    Behaviour, echo_tcp, echo_transfer, echo_unix, service_tcp, wait_closed,
-};
 use securetunnel_agent::protocol::{Format, Message, Mode};
 use securetunnel_agent::services::{LocalEndpoint, ServiceMap};
+use securetunnel_emulator::testkit::{
+    Behaviour, echo_tcp, echo_transfer, echo_unix, service_tcp, wait_closed,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

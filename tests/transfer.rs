@@ -3,9 +3,9 @@
 mod common;
 
 use common::*;
-use securetunnel_agent::emulator::testkit::{echo_tcp, echo_transfer, echo_unix};
 use securetunnel_agent::protocol::Format;
 use securetunnel_agent::services::{LocalEndpoint, ServiceMap};
+use securetunnel_emulator::testkit::{echo_tcp, echo_transfer, echo_unix};
 use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,8 +183,8 @@ async fn a_hand_rolled_v1_subprotocol_source_talks_to_our_destination() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replacing_destination_closes_the_old_one_and_resets_the_sources_streams() {
     use securetunnel_agent::bridge::{BridgeEnd, Phase};
-    use securetunnel_agent::emulator::testkit::wait_closed;
     use securetunnel_agent::secret::Secret;
+    use securetunnel_emulator::testkit::wait_closed;
 
     let echo = echo_tcp("127.0.0.1:0").await.unwrap();
     let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));

@@ -5,10 +5,10 @@
 //! the stream/connection table (no I/O), `local` one local connection, `source` the
 //! listeners of source mode.
 
-pub mod local;
-pub mod relay;
-pub mod source;
-pub mod streams;
+mod local;
+mod relay;
+mod source;
+mod streams;
 pub mod ws;
 
 use std::sync::Arc;
@@ -32,6 +32,7 @@ pub use ws::{DataEndpoint, HandshakeError};
 /// Timeouts, bounds and retry policies of a bridge, in one place.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// Interval between pings on the websocket.
     pub ping_interval: Duration,
     /// Messages (each at most 64512 bytes) queued toward one local connection.
     pub queue_depth: usize,
@@ -39,16 +40,23 @@ pub struct Limits {
     pub stall_timeout: Duration,
     /// How long a reset connection may take to flush what is queued for it.
     pub close_linger: Duration,
+    /// Attempts to connect a local endpoint before the stream or connection is refused.
     pub connect_attempts: u32,
+    /// Delay before the second local connect attempt; it doubles after each failure.
     pub connect_retry_delay: Duration,
+    /// Ceiling of the doubling local connect delay.
     pub connect_retry_max_delay: Duration,
+    /// Time one local connect attempt may take.
     pub connect_timeout: Duration,
     /// Local connections open at once on one tunnel.
     pub max_connections: usize,
     /// Frames waiting for the websocket writer.
     pub outgoing_depth: usize,
+    /// Time the TCP, TLS and websocket handshake together may take.
     pub handshake_timeout: Duration,
+    /// Base of the exponential websocket reconnect backoff.
     pub reconnect_min_delay: Duration,
+    /// Ceiling of the websocket reconnect backoff.
     pub reconnect_max_delay: Duration,
 }
 
@@ -82,95 +90,136 @@ impl Default for Limits {
 /// Counters a test or the status report can read while the bridge runs.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Websocket sessions established.
     pub sessions: AtomicU64,
+    /// Handshakes that failed and were retried.
     pub handshake_failures: AtomicU64,
+    /// Sessions ended by a protocol violation of the peer.
     pub protocol_errors: AtomicU64,
+    /// Local connect attempts (retries included).
     pub local_connects: AtomicU64,
+    /// Local connections opened (connect succeeded or client accepted).
     pub connections_opened: AtomicU64,
+    /// Streams refused because their service is not in the service map.
     pub refused_streams: AtomicU64,
+    /// Times a full connection queue paused the websocket reader.
     pub stalls: AtomicU64,
+    /// Connections reset because their local consumer stalled.
     pub stall_resets: AtomicU64,
     /// High-water mark of the bytes held toward any one local connection (queued or being
     /// written); never above `Limits::connection_buffer_bound`.
     pub max_queued_bytes: AtomicUsize,
+    /// STREAM_RESET messages received.
     pub stream_resets_received: AtomicU64,
+    /// CONNECTION_RESET messages received.
     pub connection_resets_received: AtomicU64,
+    /// SESSION_RESET messages received.
     pub session_resets_received: AtomicU64,
+    /// STREAM_RESET and CONNECTION_RESET messages sent.
     pub resets_sent: AtomicU64,
+    /// Pings sent.
     pub pings_sent: AtomicU64,
+    /// Pongs received (informational: the service may not answer pings).
     pub pongs_received: AtomicU64,
 }
 
 impl Stats {
+    /// Reads one counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the bridge is in its life.
 pub enum Phase {
+    /// Handshaking, or waiting to reconnect.
     Connecting,
     /// Websocket up, SERVICE_IDS not yet received.
     Connected,
     /// SERVICE_IDS received: streams can be opened.
     Ready,
+    /// The bridge returned.
     Ended,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+/// What the bridge is doing, published on a watch channel.
 pub struct State {
+    /// Current phase.
     pub phase: Phase,
     /// Websocket sessions established so far.
     pub sessions: u64,
+    /// The service's `channel-id` of the current websocket, for support cases.
     pub channel_id: Option<String>,
     /// STREAM_RESET and SESSION_RESET messages received so far.
     pub resets_received: u64,
 }
 
+/// Which end of the tunnel the bridge is.
 pub enum Role {
+    /// Connect each stream to the service map's endpoint for its service.
     Destination {
+        /// Read per STREAM_START, so a reload applies to new streams.
         services: SharedServiceMap,
     },
+    /// Accept local clients and open streams for them.
     Source {
+        /// Bound listeners, one per service.
         listeners: SourceListeners,
+        /// Message format the destination speaks.
         format: Format,
     },
 }
 
+/// Everything a bridge needs to run.
 pub struct BridgeConfig {
+    /// Destination or source.
     pub role: Role,
+    /// The data-plane endpoint.
     pub endpoint: DataEndpoint,
     /// Required for a `wss` endpoint.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The access token (CAT) for this end.
     pub access_token: Secret,
     /// Generated (UUIDv4) when absent, once for this access token, so reconnects with the
     /// same token are accepted.
     pub client_token: Option<Secret>,
+    /// Timeouts, bounds and retry policies.
     pub limits: Limits,
 }
 
 #[derive(Debug, PartialEq, Eq)]
+/// How a bridge ended, when it ended normally.
 pub enum BridgeEnd {
     /// The service closed the websocket: CloseTunnel or the tunnel's lifetime ended.
     ClosedByService {
+        /// The close frame's status code (1005 when it carried none).
         code: u16,
+        /// The close frame's reason.
         reason: String,
     },
+    /// The caller cancelled the bridge.
     Cancelled,
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a bridge could not run or stopped for good.
 pub enum BridgeError {
     #[error("{0}")]
+    /// The service refused the handshake and retrying cannot help.
     Rejected(HandshakeError),
     #[error("invalid access token: {0}")]
+    /// The access token is unusable (empty, too long, control characters).
     AccessToken(&'static str),
     #[error(
         "invalid client token: use 32-128 characters of letters, digits and '-' (a UUID works)"
     )]
+    /// The client token does not follow the rule.
     ClientToken,
 }
 
+/// One end of a tunnel: a websocket to the service, relayed to local sockets.
 pub struct Bridge {
     role: Role,
     link: Link,
@@ -193,6 +242,7 @@ const ACCEPT_QUEUE: usize = 16;
 const CLOSE_FLUSH: Duration = Duration::from_millis(500);
 
 impl Bridge {
+    /// Checks the tokens; a client token is generated when none is given.
     pub fn new(cfg: BridgeConfig) -> Result<Self, BridgeError> {
         if let Some(problem) = protocol::access_token_problem(cfg.access_token.expose()) {
             return Err(BridgeError::AccessToken(problem));
@@ -222,14 +272,17 @@ impl Bridge {
         })
     }
 
+    /// Counters that stay readable while the bridge runs.
     pub fn stats(&self) -> Arc<Stats> {
         self.link.stats.clone()
     }
 
+    /// The bridge's state, updated as it changes.
     pub fn state(&self) -> watch::Receiver<State> {
         self.link.state.subscribe()
     }
 
+    /// Destination or source.
     pub fn mode(&self) -> Mode {
         match self.role {
             Role::Destination { .. } => Mode::Destination,

@@ -24,6 +24,7 @@ enum Listener {
     Unix(UnixListener),
 }
 
+/// The listeners of a source-mode bridge, bound before it starts.
 pub struct SourceListeners {
     listeners: Vec<(String, Listener)>,
 }
@@ -53,6 +54,7 @@ impl SourceListeners {
         })
     }
 
+    /// Logs where each service listens.
     pub fn log_addresses(&self) {
         for (service, l) in &self.listeners {
             let addr = match l {

@@ -144,10 +144,6 @@ impl<H> StreamTable<H> {
     pub fn connection_count(&self) -> usize {
         self.services.values().map(|s| s.conns.len()).sum()
     }
-
-    pub fn service_connection_count(&self, service: &str) -> usize {
-        self.services.get(service).map_or(0, |s| s.conns.len())
-    }
 }
 
 #[cfg(test)]

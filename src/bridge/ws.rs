@@ -34,6 +34,7 @@ use crate::secret::Secret;
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// The websocket over plain TCP or TLS.
 pub type WsStream = WebSocketStream<Box<dyn Io>>;
 
 /// Websocket limits of the protocol, both directions (spec §1.4).
@@ -48,12 +49,16 @@ pub fn ws_config() -> WebSocketConfig {
 /// Where the data plane is: from the region, or an override.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DataEndpoint {
+    /// Host name or IP literal (without brackets).
     pub host: String,
+    /// TCP port (443 by default).
     pub port: u16,
+    /// `wss://` (true) or plain `ws://` to loopback (testing).
     pub tls: bool,
 }
 
 impl DataEndpoint {
+    /// `data.tunneling.iot.<region>.amazonaws.com:443` over TLS.
     pub fn for_region(region: &str) -> Self {
         DataEndpoint {
             host: protocol::data_plane_host(region),
@@ -116,6 +121,7 @@ impl DataEndpoint {
         }
     }
 
+    /// The upgrade URL for `mode` (spec §1.1).
     pub fn url(&self, mode: Mode) -> String {
         let scheme = if self.tls { "wss" } else { "ws" };
         format!(
@@ -141,26 +147,47 @@ impl std::fmt::Display for DataEndpoint {
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a websocket handshake failed.
 pub enum HandshakeError {
     #[error("cannot reach {endpoint}: {source}")]
-    Connect { endpoint: String, source: io::Error },
+    /// TCP connect failed.
+    Connect {
+        /// Where.
+        endpoint: String,
+        /// Why.
+        source: io::Error,
+    },
     #[error("TLS handshake with {endpoint} failed: {source}")]
-    Tls { endpoint: String, source: io::Error },
+    /// The TLS handshake failed.
+    Tls {
+        /// With whom.
+        endpoint: String,
+        /// Why.
+        source: io::Error,
+    },
     #[error("the service rejected the websocket upgrade: HTTP {status}: {body}")]
+    /// The service answered the upgrade with an HTTP error.
     Rejected {
+        /// HTTP status.
         status: u16,
+        /// The service's plain-text reason.
         body: String,
+        /// The service's `channel-id`, when it sent one.
         channel_id: Option<String>,
     },
     #[error("the service did not echo subprotocol {SUBPROTOCOL_V3}: {0}")]
+    /// The 101 response did not carry the offered subprotocol.
     Subprotocol(String),
     #[error("websocket handshake failed: {0}")]
+    /// Any other websocket-level failure.
     Websocket(tungstenite::Error),
     #[error(
         "the handshake request would be {0} bytes; the service accepts at most {MAX_HANDSHAKE_REQUEST}: check the access token"
     )]
+    /// The request would exceed the service's 4 KiB limit.
     RequestTooLarge(usize),
     #[error("the handshake did not finish within {0:?}")]
+    /// The handshake took longer than allowed.
     Timeout(Duration),
 }
 
@@ -179,19 +206,29 @@ impl HandshakeError {
 
 /// Everything a handshake needs.
 pub struct HandshakeParams<'a> {
+    /// Where to connect.
     pub endpoint: &'a DataEndpoint,
+    /// Destination or source (the `local-proxy-mode` query).
     pub mode: Mode,
+    /// TLS configuration, required for `wss://`.
     pub tls: Option<&'a Arc<rustls::ClientConfig>>,
+    /// Sent as the `access-token` header.
     pub access_token: &'a Secret,
+    /// Sent as the `client-token` header.
     pub client_token: &'a Secret,
+    /// Bound on the whole handshake.
     pub timeout: Duration,
 }
 
+/// A websocket that passed the handshake.
 pub struct Connected {
+    /// The stream, ready for tunnel frames.
     pub ws: WsStream,
+    /// The service's `channel-id` header, if any.
     pub channel_id: Option<String>,
 }
 
+/// `securetunnel-agent/<version> (<arch>)`.
 pub fn user_agent() -> String {
     format!(
         "securetunnel-agent/{} ({})",
@@ -339,6 +376,7 @@ fn map_ws_error(e: tungstenite::Error) -> HandshakeError {
 /// What the session hands to the writer.
 #[derive(Debug)]
 pub enum Outbound {
+    /// A tunnel message to frame and send.
     Frame(Message),
     /// Send a close frame and stop.
     Close(u16, &'static str),

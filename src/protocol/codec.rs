@@ -82,11 +82,6 @@ impl Encoder<&Message> for FrameCodec {
     }
 }
 
-/// Encoded size of `msg` as a frame, prefix included.
-pub fn frame_len(msg: &Message) -> usize {
-    LENGTH_PREFIX + msg.encoded_len()
-}
-
 /// Turns websocket binary messages into decoded frames.
 #[derive(Debug, Default)]
 pub struct FrameReader<D = FrameCodec> {
@@ -95,6 +90,7 @@ pub struct FrameReader<D = FrameCodec> {
 }
 
 impl<D: Decoder<Error = ProtocolError>> FrameReader<D> {
+    /// A reader with nothing buffered.
     pub fn new(codec: D) -> Self {
         FrameReader {
             buf: BytesMut::new(),
@@ -119,18 +115,15 @@ impl<D: Decoder<Error = ProtocolError>> FrameReader<D> {
         Ok(())
     }
 
+    /// The next whole frame, or `None` until more bytes arrive.
     pub fn next_frame(&mut self) -> Result<Option<D::Item>, ProtocolError> {
         self.codec.decode(&mut self.buf)
     }
 
     /// Bytes held that do not yet form a whole frame.
-    pub fn pending(&self) -> usize {
+    #[cfg(test)]
+    fn pending(&self) -> usize {
         self.buf.len()
-    }
-
-    /// Forget a partial frame (after SESSION_RESET the stream restarts clean).
-    pub fn clear(&mut self) {
-        self.buf.clear();
     }
 }
 
@@ -235,7 +228,7 @@ mod tests {
         let mut out = BytesMut::new();
         FrameCodec.encode(&max, &mut out).unwrap();
         assert!(out.len() <= LENGTH_PREFIX + MAX_MESSAGE);
-        assert_eq!(frame_len(&max), out.len());
+        assert_eq!(LENGTH_PREFIX + max.encoded_len(), out.len());
     }
 
     #[test]

@@ -5,33 +5,50 @@
 use bytes::Bytes;
 
 #[derive(Clone, PartialEq, prost::Message)]
+/// One tunnel message (protobuf, `Message.proto`).
 pub struct Message {
     #[prost(enumeration = "MessageType", tag = "1")]
+    /// `MessageType` as its wire value (unknown values are kept).
     pub r#type: i32,
     #[prost(int32, tag = "2")]
+    /// Stream the message belongs to; chosen by the source.
     pub stream_id: i32,
     #[prost(bool, tag = "3")]
+    /// An unknown type marked ignorable may be dropped.
     pub ignorable: bool,
     #[prost(bytes = "bytes", tag = "4")]
+    /// DATA bytes, at most 64512.
     pub payload: Bytes,
     #[prost(string, tag = "5")]
+    /// Service the stream belongs to (V2+); empty for V1 peers.
     pub service_id: String,
     #[prost(string, repeated, tag = "6")]
+    /// SERVICE_IDS: the tunnel's services.
     pub available_service_ids: Vec<String>,
     #[prost(uint32, tag = "7")]
+    /// Connection within the stream (V3); 0 means absent.
     pub connection_id: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
+/// `Message.Type`.
 pub enum MessageType {
+    /// Invalid on the wire.
     Unknown = 0,
+    /// Payload bytes of one connection.
     Data = 1,
+    /// Source opens a stream (its first connection).
     StreamStart = 2,
+    /// A stream ends, with all its connections.
     StreamReset = 3,
+    /// The service resets every stream.
     SessionReset = 4,
+    /// The service lists the tunnel's services (first message).
     ServiceIds = 5,
+    /// Source opens another connection on a stream (V3).
     ConnectionStart = 6,
+    /// One connection of a stream ends (V3).
     ConnectionReset = 7,
 }
 
@@ -46,6 +63,7 @@ impl Message {
         }
     }
 
+    /// DATA for one connection.
     pub fn data(stream_id: i32, service_id: &str, connection_id: u32, payload: Bytes) -> Self {
         Message {
             payload,
@@ -53,6 +71,7 @@ impl Message {
         }
     }
 
+    /// STREAM_START; `connection_id` 0 for V1/V2 destinations.
     pub fn stream_start(stream_id: i32, service_id: &str, connection_id: u32) -> Self {
         Self::control(
             MessageType::StreamStart,
@@ -67,6 +86,7 @@ impl Message {
         Self::control(MessageType::StreamReset, stream_id, service_id, 0)
     }
 
+    /// CONNECTION_START for a further connection on an active stream.
     pub fn connection_start(stream_id: i32, service_id: &str, connection_id: u32) -> Self {
         Self::control(
             MessageType::ConnectionStart,
@@ -76,6 +96,7 @@ impl Message {
         )
     }
 
+    /// CONNECTION_RESET for one connection.
     pub fn connection_reset(stream_id: i32, service_id: &str, connection_id: u32) -> Self {
         Self::control(
             MessageType::ConnectionReset,
@@ -85,10 +106,12 @@ impl Message {
         )
     }
 
+    /// SESSION_RESET (sent only by the service).
     pub fn session_reset() -> Self {
         Self::control(MessageType::SessionReset, 0, "", 0)
     }
 
+    /// SERVICE_IDS (sent only by the service).
     pub fn service_ids(ids: &[String]) -> Self {
         Message {
             r#type: MessageType::ServiceIds as i32,

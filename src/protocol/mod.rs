@@ -25,14 +25,19 @@ pub const MAX_ACCESS_TOKEN: usize = 4096;
 /// Reference clients ping every 20 s; the service never requires pongs.
 pub const PING_INTERVAL: Duration = Duration::from_secs(20);
 
+/// Subprotocol of the V1 message format.
 pub const SUBPROTOCOL_V1: &str = "aws.iot.securetunneling-1.0";
+/// Subprotocol of the V2 message format.
 pub const SUBPROTOCOL_V2: &str = "aws.iot.securetunneling-2.0";
+/// Subprotocol of the V3 message format; the only one this client offers.
 pub const SUBPROTOCOL_V3: &str = "aws.iot.securetunneling-3.0";
 
 /// Which end of the tunnel this peer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mode {
+    /// Listens locally and opens streams.
     Source,
+    /// Connects streams to local services.
     Destination,
 }
 
@@ -45,6 +50,7 @@ impl Mode {
         }
     }
 
+    /// The other end of the tunnel.
     pub fn peer(self) -> Mode {
         match self {
             Mode::Source => Mode::Destination,
@@ -74,26 +80,40 @@ pub enum Format {
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("text websocket frame received; the protocol only uses binary frames")]
+    /// A text frame arrived.
     TextFrame,
     #[error("websocket message of {0} bytes exceeds the {MAX_WS_MESSAGE}-byte limit")]
+    /// A websocket message above the limit.
     WsMessageTooLarge(usize),
     #[error("message payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    /// A payload above the limit.
     PayloadTooLarge(usize),
     #[error("malformed tunnel message: {0}")]
+    /// Bytes that are not a `Message`.
     Malformed(#[from] prost::DecodeError),
     #[error("message type {0} is not known and not marked ignorable")]
+    /// A type this schema does not know, not ignorable.
     UnknownType(i32),
     #[error("{kind:?} is not valid toward a {mode} peer")]
-    UnexpectedType { kind: MessageType, mode: Mode },
+    /// A type this end must never receive.
+    UnexpectedType {
+        /// The type received.
+        kind: MessageType,
+        /// This end.
+        mode: Mode,
+    },
     #[error("{0:?} with stream id 0 is invalid")]
+    /// A stream-opening message with stream id 0.
     ZeroStreamId(MessageType),
     #[error("i/o error while framing: {0}")]
+    /// Reading the websocket failed while framing.
     Io(#[from] std::io::Error),
 }
 
 /// What the session should do with a decoded message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Incoming {
+    /// Act on a message of this type.
     Handle(MessageType),
     /// Drop silently: an ignorable unknown type, or a stream-bound message for stream 0.
     Ignore,

@@ -11,11 +11,11 @@ use securetunnel_agent::bridge::{
     Bridge, BridgeConfig, BridgeEnd, BridgeError, DataEndpoint, Limits, Phase, Role,
     SourceListeners, State, Stats,
 };
-use securetunnel_agent::emulator::{Emulator, EmulatorConfig, EmulatorTls, TunnelTokens};
 use securetunnel_agent::protocol::Format;
 use securetunnel_agent::secret::Secret;
 use securetunnel_agent::services::ServiceMap;
 use securetunnel_agent::tls::{TlsOptions, client_config};
+use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls, TunnelTokens};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use securetunnel_agent::emulator::pki::{Issued, TestPki, mutual_tls_client};
-use securetunnel_agent::emulator::publisher::{AWS_NOTIFY_TOPIC, PublisherConfig};
-use securetunnel_agent::emulator::testkit::{LogTail, free_port};
-use securetunnel_agent::emulator::{Emulator, EmulatorConfig, EmulatorTls};
+use securetunnel_emulator::pki::{Issued, TestPki, mutual_tls_client};
+use securetunnel_emulator::publisher::{AWS_NOTIFY_TOPIC, PublisherConfig};
+use securetunnel_emulator::testkit::{self, LogTail, free_port};
+use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
@@ -251,48 +251,21 @@ impl Rig {
     }
 }
 
-/// One iotsecuretunneling call through boto3 (tests/tools/tunnels.py) against the emulator's
-/// control plane; `Err((code, message))` for a service error.
+/// One iotsecuretunneling call through boto3 against the emulator's control plane;
+/// `Err((code, message))` for a service error.
 pub async fn boto3(emu: &Emulator, op: &str, params: Value) -> Result<Value, (String, String)> {
-    let out = Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/tunnels.py"))
-        .arg(
-            emu.control_endpoint()
-                .expect("the emulator serves a control plane"),
-        )
-        .arg(op)
-        .arg(params.to_string())
-        .output()
-        .await
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!(
-            "boto3 printed no JSON: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    if out.status.success() {
-        Ok(v)
-    } else {
-        let field = |k: &str| v[k].as_str().unwrap_or("").to_owned();
-        Err((field("error"), field("message")))
+    let endpoint = emu
+        .control_endpoint()
+        .expect("the emulator serves a control plane");
+    let r = testkit::boto3(&endpoint, op, params).await;
+    if let Err((code, message)) = &r {
+        assert_ne!(code, "harness", "{message}");
     }
-}
-
-pub fn venv_bin(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".venv/bin")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run .ci/run once (it creates .venv with boto3 and awscli)",
-        p.display()
-    );
-    p
+    r
 }
 
 pub fn python() -> PathBuf {
-    venv_bin("python")
+    testkit::venv_bin("python").unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub async fn within_deadline<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {

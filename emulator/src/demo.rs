@@ -11,8 +11,8 @@ use tokio::process::{Child, Command};
 
 use super::testkit::{echo_tcp, echo_transfer};
 use super::{Emulator, EmulatorConfig, EmulatorTls};
-use crate::cli::ENV_ACCESS_TOKEN;
-use crate::protocol::Mode;
+use securetunnel_agent::cli::ENV_ACCESS_TOKEN;
+use securetunnel_agent::protocol::Mode;
 
 pub struct DemoOptions {
     /// The `securetunnel-agent` binary.

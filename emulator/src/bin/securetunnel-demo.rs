@@ -1,5 +1,5 @@
 //! securetunnel-demo: the product working on one machine, no AWS account, no installed
-//! broker. `cargo build --release --features demo && target/release/securetunnel-demo`.
+//! broker. `cargo build --release --workspace && target/release/securetunnel-demo`.
 //!
 //!   securetunnel-demo [MiB]            the agent flow: open, transfer, rotate, transfer, close
 //!   securetunnel-demo local-proxy [MiB] two local-proxy processes through the emulator
@@ -8,12 +8,12 @@
 
 use std::process::ExitCode;
 
-use securetunnel_agent::emulator::{demo, demo_agent};
+use securetunnel_emulator::{demo, demo_agent};
 
 fn main() -> ExitCode {
     let Some(agent) = demo::sibling_agent() else {
         eprintln!(
-            "securetunnel-demo: securetunnel-agent not found next to this program; run cargo build --release --features demo first"
+            "securetunnel-demo: securetunnel-agent not found next to this program; run cargo build --release --workspace first"
         );
         return ExitCode::FAILURE;
     };

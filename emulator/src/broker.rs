@@ -1,5 +1,5 @@
 //! An embedded MQTT broker (rumqttd) with mutual TLS, so the demo needs no installed broker.
-//! Demo only (feature `demo`); the tests use a real mosquitto.
+//! The demo's broker; the tests use a real mosquitto.
 
 use std::net::SocketAddr;
 use std::path::Path;

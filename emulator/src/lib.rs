@@ -1,12 +1,18 @@
-//! A stand-in for the AWS IoT Secure Tunneling data plane, for tests and the demo (never
-//! part of the device binary). It checks tokens as the service does, relays tunnel frames
-//! verbatim between one source and one destination per tunnel, and has fault switches.
+//! securetunnel-emulator: an offline AWS IoT Secure Tunneling service for testing gateways
+//! and tools. Never part of the device binary.
+//!
+//! Module map:
+//! - this file: the data plane. It checks tokens as the service does, relays tunnel frames
+//!   verbatim between one source and one destination per tunnel, and has fault switches.
+//! - [`state`], `handshake`, `peer`: the tunnel table, the upgrade rules, one connected peer.
+//! - [`control`], [`publisher`]: the AWS JSON control plane and the MQTT notify publisher.
+//! - [`broker`], [`demo`], [`demo_agent`]: an embedded broker and the one-command demos.
+//! - [`pki`], [`testkit`]: throwaway certificates, local services, checked transfers,
+//!   log followers and the boto3/aws-cli helpers the tests use.
 
-#[cfg(feature = "demo")]
 pub mod broker;
 pub mod control;
 pub mod demo;
-#[cfg(feature = "demo")]
 pub mod demo_agent;
 mod handshake;
 mod peer;
@@ -34,9 +40,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
-use crate::bridge::ws::ws_config;
-use crate::protocol::{FrameCodec, Message, MessageType, Mode, SUBPROTOCOL_V1};
 pub use handshake::{CLIENT_TOKEN_MISMATCH, PREVIOUSLY_USED};
+use securetunnel_agent::bridge::ws::ws_config;
+use securetunnel_agent::protocol::{FrameCodec, Message, MessageType, Mode, SUBPROTOCOL_V1};
 pub use state::TunnelTokens;
 use state::{PeerCmd, PeerHandle, State};
 
@@ -492,7 +498,7 @@ fn tls_acceptor(tls: EmulatorTls) -> Result<(Option<TlsAcceptor>, Option<String>
         }
     };
     let key = issued.key_der().map_err(|e| cert_err(&e))?;
-    let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+    let config = rustls::ServerConfig::builder_with_provider(securetunnel_agent::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| cert_err(&e))?
         .with_no_client_auth()
@@ -521,7 +527,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
 
 async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
-    let io: Box<dyn crate::bridge::ws::Io> = match tls {
+    let io: Box<dyn securetunnel_agent::bridge::ws::Io> = match tls {
         Some(acceptor) => match acceptor.accept(tcp).await {
             Ok(s) => Box::new(s),
             Err(e) => {

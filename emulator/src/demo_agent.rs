@@ -17,11 +17,13 @@ use super::pki::{TestPki, mutual_tls_client};
 use super::publisher::PublisherConfig;
 use super::testkit::{EchoService, LogTail, echo_tcp, echo_transfer, proc_status_kib};
 use super::{Emulator, EmulatorConfig, EmulatorTls};
-use crate::bridge::{Bridge, BridgeConfig, DataEndpoint, Limits, Phase, Role, SourceListeners};
-use crate::protocol::{Format, Mode};
-use crate::secret::Secret;
-use crate::services::ServiceMap;
-use crate::tls::{TlsOptions, client_config};
+use securetunnel_agent::bridge::{
+    Bridge, BridgeConfig, DataEndpoint, Limits, Phase, Role, SourceListeners,
+};
+use securetunnel_agent::protocol::{Format, Mode};
+use securetunnel_agent::secret::Secret;
+use securetunnel_agent::services::ServiceMap;
+use securetunnel_agent::tls::{TlsOptions, client_config};
 
 pub const THING: &str = "demo-gateway";
 /// rumqttd refuses `$` topics, so the demo remaps the notify topic as a local bridge would.
@@ -206,7 +208,7 @@ impl Stack {
         cancel: CancellationToken,
     ) -> R<(
         std::net::SocketAddr,
-        tokio::sync::watch::Receiver<crate::bridge::State>,
+        tokio::sync::watch::Receiver<securetunnel_agent::bridge::State>,
     )> {
         let map = ServiceMap::parse_mappings("SSH=0", "127.0.0.1", true).map_err(e)?;
         let listeners = SourceListeners::bind(&map).await.map_err(e)?;

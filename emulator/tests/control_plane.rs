@@ -1,16 +1,29 @@
 //! The emulator's control plane against the real clients: aws-cli v1 and boto3.
 
-mod common;
-
 use std::process::Output;
 
-use common::rig::{boto3, venv_bin};
-use securetunnel_agent::emulator::{Emulator, EmulatorConfig, EmulatorTls};
+use securetunnel_emulator::testkit::{self, Boto3Result};
+use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls};
 use serde_json::{Value, json};
 use tokio::process::Command;
 
+fn venv_bin(name: &str) -> std::path::PathBuf {
+    testkit::venv_bin(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn boto3(emu: &Emulator, op: &str, params: Value) -> Boto3Result {
+    let r = testkit::boto3(&emu.control_endpoint().unwrap(), op, params).await;
+    if let Err((code, message)) = &r {
+        assert_ne!(code, "harness", "{message}");
+    }
+    r
+}
+
 async fn control_plane() -> Emulator {
-    common::init_logs();
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_test_writer()
+        .try_init();
     let mut cfg = EmulatorConfig::loopback(EmulatorTls::Plain);
     cfg.control_plane = true;
     Emulator::start(cfg).await.unwrap()

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use super::state::{Tunnel, TunnelSpec};
-use crate::protocol::Mode;
+use securetunnel_agent::protocol::Mode;
 
 const MAX_BODY: usize = 1 << 20;
 pub const TARGET_PREFIX: &str = "IoTSecuredTunneling.";

@@ -17,12 +17,12 @@ use tracing::debug;
 
 use super::Shared;
 use super::state::PeerCmd;
-use crate::protocol::codec::RawFrameCodec;
-use crate::protocol::{
+use securetunnel_agent::protocol::codec::RawFrameCodec;
+use securetunnel_agent::protocol::{
     FrameReader, LENGTH_PREFIX, MAX_PAYLOAD, MAX_WS_MESSAGE, Message, MessageType, Mode,
 };
 
-pub type PeerIo = super::pong_filter::PongFilter<Box<dyn crate::bridge::ws::Io>>;
+pub type PeerIo = super::pong_filter::PongFilter<Box<dyn securetunnel_agent::bridge::ws::Io>>;
 pub type PeerWs = WebSocketStream<PeerIo>;
 
 /// Rule (spec §3.1, service side): what a client may send. Returns the decoded message.
@@ -197,7 +197,9 @@ mod tests {
 
     fn frame(msg: &Message) -> Bytes {
         let mut b = BytesMut::new();
-        crate::protocol::FrameCodec.encode(msg, &mut b).unwrap();
+        securetunnel_agent::protocol::FrameCodec
+            .encode(msg, &mut b)
+            .unwrap();
         b.freeze()
     }
 

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -282,5 +282,53 @@ impl LogTail {
 
     pub fn text(&self) -> String {
         self.with(|v| v.join("\n"))
+    }
+}
+
+/// The workspace's Python venv (`.venv`, made by the test set-up with boto3 and aws-cli).
+pub fn venv_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv")
+}
+
+/// A program from the workspace's venv; the error says how to create it.
+pub fn venv_bin(name: &str) -> Result<PathBuf, String> {
+    let p = venv_dir().join("bin").join(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} is missing: run ./test.sh once (it creates .venv with boto3 and awscli)",
+            p.display()
+        ))
+    }
+}
+
+/// What a boto3 call ended with: the response, or the service's (code, message).
+pub type Boto3Result = Result<serde_json::Value, (String, String)>;
+
+/// One iotsecuretunneling call through boto3 (`tools/tunnels.py`) against a control plane
+/// at `endpoint` (`http://127.0.0.1:PORT`). A harness failure is the error code `harness`.
+pub async fn boto3(endpoint: &str, op: &str, params: serde_json::Value) -> Boto3Result {
+    let harness = |m: String| ("harness".to_owned(), m);
+    let python = venv_bin("python").map_err(harness)?;
+    let out = tokio::process::Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/tunnels.py"))
+        .arg(endpoint)
+        .arg(op)
+        .arg(params.to_string())
+        .output()
+        .await
+        .map_err(|e| harness(format!("cannot run boto3: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|_| {
+        harness(format!(
+            "boto3 printed no JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    })?;
+    if out.status.success() {
+        Ok(v)
+    } else {
+        let field = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+        Err((field("error"), field("message")))
     }
 }

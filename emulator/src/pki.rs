@@ -81,13 +81,13 @@ pub fn mutual_tls_client(
     ca_pem: &str,
     identity: &Issued,
 ) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
-    let mut trust = crate::tls::TlsOptions::default();
+    let mut trust = securetunnel_agent::tls::TlsOptions::default();
     trust
         .add_ca_pem(ca_pem.as_bytes())
         .map_err(|e| e.to_string())?;
-    let roots = crate::tls::root_store(&trust).map_err(|e| e.to_string())?;
+    let roots = securetunnel_agent::tls::root_store(&trust).map_err(|e| e.to_string())?;
     let key = identity.key_der().map_err(|e| format!("{e:?}"))?;
-    let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    let config = rustls::ClientConfig::builder_with_provider(securetunnel_agent::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)

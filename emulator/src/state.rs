@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::Mode;
+use securetunnel_agent::protocol::Mode;
 
 /// Orders to one connected peer's writer.
 #[derive(Debug)]

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use securetunnel_agent::emulator::pki::{Issued, mutual_tls_client};
-use securetunnel_agent::emulator::publisher::PublisherConfig;
-use securetunnel_agent::emulator::{Emulator, EmulatorConfig, EmulatorTls};
+use securetunnel_emulator::pki::{Issued, mutual_tls_client};
+use securetunnel_emulator::publisher::PublisherConfig;
+use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -68,7 +68,7 @@ struct Args {
     #[arg(long)]
     mqtt_ca: Option<PathBuf>,
     /// Notify topic; {thing} is replaced by the thing name.
-    #[arg(long, default_value = securetunnel_agent::emulator::publisher::AWS_NOTIFY_TOPIC)]
+    #[arg(long, default_value = securetunnel_emulator::publisher::AWS_NOTIFY_TOPIC)]
     notify_topic: String,
 }
 

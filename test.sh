@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The one test command. On a fresh Debian 12 machine with only the Rust toolchain (as root,
+# or with sudo) it installs what the tests use as real peers, then runs every test of the
+# workspace. Each step is idempotent and names itself when it fails.
+#   ./test.sh [cargo test arguments...]
+set -uo pipefail
+cd "$(dirname "$0")"
+
+step() { printf '\n== %s\n' "$1" >&2; }
+fail() { printf 'test.sh: step "%s" failed\n' "$1" >&2; exit 1; }
+
+# Real peers: mosquitto (the AWS IoT Core stand-in), openssl (key formats), python3 + venv
+# (boto3 and aws-cli v1 as control-plane clients).
+APT_PACKAGES=(mosquitto openssl python3 python3-venv)
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else echo "test.sh: run as root or install sudo to install: $*" >&2; return 1
+    fi
+}
+
+step "system packages (${APT_PACKAGES[*]})"
+# A python3 that can already make venvs counts, wherever it came from.
+have_venv=false
+python3 -c "import venv, ensurepip" >/dev/null 2>&1 && have_venv=true
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    case "$p" in python3|python3-venv) $have_venv && continue ;; esac
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get update -qq || fail "apt-get update"
+    as_root apt-get -o DPkg::Lock::Timeout=900 install -y -qq "${missing[@]}" >/dev/null \
+        || fail "apt-get install ${missing[*]}"
+fi
+
+step "python venv with boto3 and aws-cli (.venv)"
+if [ ! -x .venv/bin/aws ] || ! .venv/bin/python -c "import boto3" 2>/dev/null; then
+    python3 -m venv .venv || fail "python3 -m venv .venv"
+    .venv/bin/pip install -q --disable-pip-version-check boto3 awscli || fail "pip install boto3 awscli"
+fi
+.venv/bin/aws --version >/dev/null 2>&1 || fail "aws-cli in .venv"
+
+step "cargo test --workspace"
+cargo test --workspace --locked "$@" || fail "cargo test"
