@@ -1,35 +1,72 @@
 //! The agent: follows the notify topic and turns every destination token into a running
-//! bridge: a new tunnel starts one, a rotation restarts it with the new token, and a tunnel
-//! that ends (closed, expired, rejected) leaves the table.
+//! bridge. A new tunnel starts one, a rotation starts the new bridge and stops the old one
+//! once the new one is connected, and a tunnel that ends (closed, expired, rejected) leaves
+//! the table. Live sessions are persisted, so a restart rejoins them; a replaced binary
+//! (package upgrade) is re-executed once no local connection is open.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::bridge::{
-    Bridge, BridgeConfig, BridgeEnd, BridgeError, DataEndpoint, Limits, Phase, Role, State,
+    Bridge, BridgeConfig, BridgeEnd, BridgeError, DataEndpoint, Limits, Phase, Role, State, Stats,
 };
 use crate::config::{Checked, Config};
-use crate::notify::{self, MqttState, Notification, NotifyClient};
+use crate::notify::{self, MqttPhase, MqttState, Notification, NotifyClient};
+use crate::persist::{PersistedSession, SessionStore};
+use crate::secret::Secret;
 use crate::services::{ServiceMap, SharedServiceMap};
 use crate::session::{Decision, SessionTable, TunnelKey};
 use crate::status::{Snapshot, StatusFile, TunnelStatus, systemd};
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use crate::upgrade::BinaryWatch;
 
 /// How long bridges get to close their sockets when the agent stops.
 const DRAIN: Duration = Duration::from_secs(5);
+/// After a rotation the old bridge serves on until the new one is connected, at most this.
+pub const ROTATION_OVERLAP: Duration = Duration::from_secs(10);
+/// How often the agent looks whether its binary was replaced (a package upgrade).
+const BINARY_CHECK: Duration = Duration::from_secs(2);
 
-type BridgeResult = (u64, Result<BridgeEnd, BridgeError>);
+/// Why `Agent::run` returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AgentExit {
+    /// SIGINT/SIGTERM.
+    Stopped,
+    /// The binary was replaced: re-execute it (sessions are persisted and will rejoin).
+    Upgrade(PathBuf),
+}
+
+/// A bridge reached its first websocket.
+struct Connected {
+    id: u64,
+    at: SystemTime,
+}
+
+/// A session task's end: the bridge's result, and whether the agent's lifetime ended it.
+struct SessionExit {
+    id: u64,
+    result: Result<BridgeEnd, BridgeError>,
+    expired: bool,
+}
 
 struct Live {
     cancel: CancellationToken,
+    retire: CancellationToken,
     state: watch::Receiver<State>,
+    stats: Arc<Stats>,
+    /// What is on disk for this session (`None` when sessions are not persisted).
+    persisted: Option<PersistedSession>,
+    /// Sessions this one replaces: stopped once this one is connected.
+    replaces: Vec<u64>,
 }
 
 pub struct Agent {
@@ -41,34 +78,39 @@ pub struct Agent {
     ready: bool,
     tunnel_tls: Arc<rustls::ClientConfig>,
     table: SessionTable,
-    bridges: JoinSet<BridgeResult>,
+    store: Option<SessionStore>,
+    bridges: JoinSet<SessionExit>,
+    connected_tx: mpsc::Sender<Connected>,
     live: HashMap<u64, Live>,
     status: StatusFile,
     mqtt: watch::Receiver<MqttState>,
+    binary: Option<BinaryWatch>,
 }
 
 impl Agent {
-    /// Runs until `cancel`; then stops every bridge (sockets closed) within `DRAIN`.
-    pub async fn run(cfg: Config, checked: Checked, cancel: CancellationToken) {
+    /// Runs until `cancel` (or an upgrade); then stops every bridge (sockets closed) within
+    /// `DRAIN`. Persisted sessions stay on disk for the next start.
+    pub async fn run(cfg: Config, checked: Checked, cancel: CancellationToken) -> AgentExit {
         for w in &checked.warnings {
             warn!("{w}");
         }
         if let Err(e) = std::fs::create_dir_all(&cfg.state_dir) {
             warn!(dir = %cfg.state_dir.display(), "cannot create the state directory: {e}; status.json will not be written");
         }
-        let (tx, mut notifications) = mpsc::channel(notify::QUEUE);
-        let (mqtt_state, mqtt) = watch::channel(MqttState::Connecting);
-        let client = NotifyClient {
-            config: cfg.mqtt.clone(),
-            tls: checked.mqtt_tls.clone(),
-            topic: cfg.notify_topic(),
+        let store = if cfg.tunnel.persist_sessions {
+            match SessionStore::open(&cfg.state_dir) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    error!("{e}; tunnels will not survive a restart");
+                    None
+                }
+            }
+        } else {
+            None
         };
-        let mqtt_task = tokio::spawn(
-            client
-                .run(tx, mqtt_state, cancel.child_token())
-                .instrument(info_span!("mqtt")),
-        );
         let (services_tx, services) = SharedServiceMap::new(cfg.services.clone());
+        let (connected_tx, mut connected) = mpsc::channel(cfg.limits.max_tunnels * 2 + 4);
+        let (mqtt_state, mqtt) = watch::channel(MqttState::connecting());
         let mut agent = Agent {
             services,
             services_tx,
@@ -78,15 +120,34 @@ impl Agent {
                 cfg.limits.max_lifetime,
                 cfg.rotation,
             ),
+            store,
             status: StatusFile::new(&cfg.state_dir),
             tunnel_tls: checked.tunnel_tls,
             bridges: JoinSet::new(),
+            connected_tx,
             live: HashMap::new(),
             mqtt,
+            binary: BinaryWatch::current(),
             cfg,
         };
-        info!(thing = %agent.cfg.thing_name, "agent started");
+        info!(thing = %agent.cfg.thing_name, version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), "agent started");
+        // Rejoin before the first notify can arrive.
+        agent.resume();
         agent.write_status();
+        let (tx, mut notifications) = mpsc::channel(notify::QUEUE);
+        let mqtt_cancel = cancel.child_token();
+        let client = NotifyClient {
+            config: agent.cfg.mqtt.clone(),
+            tls: checked.mqtt_tls.clone(),
+            thing: agent.cfg.thing_name.clone(),
+            topic: agent.cfg.notify_topic(),
+        };
+        let spread = agent.cfg.mqtt.reconnect_spread;
+        let mqtt_task = tokio::spawn(
+            client
+                .run(tx, mqtt_state, mqtt_cancel.clone(), spread)
+                .instrument(info_span!("mqtt")),
+        );
         let mut hangup = match signal(SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -96,29 +157,87 @@ impl Agent {
         };
         // Fed from this loop: a loop that hangs stops feeding it and systemd restarts us.
         let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
-        loop {
+        let mut binary_check = tokio::time::interval(BINARY_CHECK);
+        let exit = loop {
             tokio::select! {
-                _ = cancel.cancelled() => break,
+                _ = cancel.cancelled() => break AgentExit::Stopped,
                 Some(()) = recv_signal(&mut hangup) => agent.reload(),
                 _ = tick(&mut watchdog) => systemd::watchdog(),
                 Some(n) = notifications.recv() => agent.on_notification(n),
+                Some(c) = connected.recv() => agent.on_connected(c),
                 Some(done) = agent.bridges.join_next() => {
-                    if let Ok((id, result)) = done {
-                        agent.on_bridge_end(id, result);
+                    if let Ok(exit) = done {
+                        agent.on_bridge_end(exit);
                     }
                 }
                 Ok(()) = agent.mqtt.changed() => agent.on_mqtt_state(),
+                _ = binary_check.tick() => {
+                    if let Some(path) = agent.upgrade_due() {
+                        break AgentExit::Upgrade(path);
+                    }
+                }
+            }
+        };
+        systemd::stopping();
+        mqtt_cancel.cancel();
+        let _ = mqtt_task.await;
+        agent.shutdown().await;
+        exit
+    }
+
+    /// Starts a bridge for every persisted session whose lifetime is not over.
+    fn resume(&mut self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let (sessions, warnings) = store.load();
+        for w in warnings {
+            warn!("{w}");
+        }
+        let now_sys = SystemTime::now();
+        for s in sessions {
+            let key = TunnelKey::new(&s.thing, &s.region, &s.services);
+            let left = s.first_connected.map(|t| {
+                self.table
+                    .max_lifetime()
+                    .saturating_sub(now_sys.duration_since(t).unwrap_or_default())
+            });
+            if s.thing != self.cfg.thing_name {
+                info!(thing = %s.thing, services = ?s.services, "persisted session dropped: the thing is no longer configured");
+                self.forget(&s.file_id);
+                continue;
+            }
+            if left.is_some_and(|l| l.is_zero()) {
+                info!(region = %s.region, services = ?s.services, "persisted session dropped: its lifetime ended while the agent was down");
+                self.forget(&s.file_id);
+                continue;
+            }
+            let now = Instant::now();
+            let deadline = left.map(|l| now + l);
+            let Some(id) = self.table.resume(key, &s.access_token, deadline, now) else {
+                warn!(region = %s.region, services = ?s.services, "persisted session dropped: limits.max_tunnels reached");
+                self.forget(&s.file_id);
+                continue;
+            };
+            info!(session = id, region = %s.region, services = ?s.services, token = %s.access_token, "session resumed with its tokens");
+            let (token, client_token) = (s.access_token.clone(), s.client_token.clone());
+            let region = s.region.clone();
+            self.start_bridge(id, &region, token, client_token, Some(s), deadline);
+        }
+    }
+
+    fn forget(&self, file_id: &str) {
+        if let Some(store) = &self.store {
+            if let Err(e) = store.remove(file_id) {
+                warn!("cannot remove a persisted session: {e}");
             }
         }
-        systemd::stopping();
-        agent.shutdown().await;
-        let _ = mqtt_task.await;
     }
 
     fn on_mqtt_state(&mut self) {
         let status = self.write_status();
         // Ready once notifications can arrive: the first confirmed subscription.
-        if !self.ready && *self.mqtt.borrow() == MqttState::Subscribed {
+        if !self.ready && self.mqtt.borrow().phase == MqttPhase::Subscribed {
             self.ready = true;
             systemd::ready(&status);
         }
@@ -138,7 +257,7 @@ impl Agent {
         if !unmapped.is_empty() {
             warn!(unmapped = ?unmapped, "services not in the service map: their streams will be refused; the others are served");
         }
-        let key = TunnelKey::new(&n.region, &n.services);
+        let key = TunnelKey::new(&n.thing, &n.region, &n.services);
         // State (status.json) is written before the log line that announces it: whoever
         // follows the log may read the state at once.
         match self.table.decide(key, &n.token, Instant::now()) {
@@ -149,96 +268,199 @@ impl Agent {
             Decision::Refused(why) => {
                 warn!(region = %n.region, services = ?n.services, "notify refused: {why}")
             }
-            Decision::Start { id, deadline } => {
-                let (region, services, token) =
-                    (n.region.clone(), n.services.clone(), n.token.to_string());
-                self.start_bridge(id, n, deadline);
+            Decision::Start { id } => {
+                self.start_new(id, &n);
                 self.write_status();
-                info!(session = id, region = %region, services = ?services, token = %token, "session started");
+                info!(session = id, region = %n.region, services = ?n.services, token = %n.token, "session started");
             }
-            Decision::Rotate { old, id, deadline } => {
-                if let Some(old) = self.live.remove(&old) {
-                    old.cancel.cancel();
+            Decision::Rotate { old, id } => {
+                self.start_new(id, &n);
+                // The old token is revoked: its bridge serves on until the new one is
+                // connected, but never reconnects; its file goes now.
+                if let Some(l) = self.live.get_mut(&old) {
+                    l.retire.cancel();
+                    if let Some(p) = l.persisted.take() {
+                        self.forget(&p.file_id);
+                    }
                 }
-                let token = n.token.to_string();
-                self.start_bridge(id, n, deadline);
+                if let Some(l) = self.live.get_mut(&id) {
+                    l.replaces.push(old);
+                }
                 self.write_status();
-                info!(session = id, replaces = old, token = %token, "rotation: restarting the bridge with the new token");
+                info!(session = id, replaces = old, token = %n.token, "rotation: starting a bridge with the new token; the old one stops once it is connected");
             }
         }
     }
 
-    fn start_bridge(&mut self, id: u64, n: Notification, deadline: Instant) {
+    /// A new session from a notify: a fresh client token, persisted before it is used.
+    fn start_new(&mut self, id: u64, n: &Notification) {
+        let client_token = Secret::new(uuid::Uuid::new_v4().to_string());
+        let persisted = self.store.as_ref().map(|store| {
+            let p = PersistedSession {
+                file_id: SessionStore::new_id(),
+                thing: n.thing.clone(),
+                region: n.region.clone(),
+                services: n.services.clone(),
+                access_token: n.token.clone(),
+                client_token: client_token.clone(),
+                first_connected: None,
+            };
+            if let Err(e) = store.save(&p) {
+                warn!("cannot persist the session: {e}; it will not survive a restart");
+            }
+            p
+        });
+        self.start_bridge(
+            id,
+            &n.region,
+            n.token.clone(),
+            client_token,
+            persisted,
+            None,
+        );
+    }
+
+    fn start_bridge(
+        &mut self,
+        id: u64,
+        region: &str,
+        token: Secret,
+        client_token: Secret,
+        persisted: Option<PersistedSession>,
+        deadline: Option<Instant>,
+    ) {
         let endpoint = self
             .cfg
             .tunnel
             .endpoint
             .clone()
-            .unwrap_or_else(|| DataEndpoint::for_region(&n.region));
+            .unwrap_or_else(|| DataEndpoint::for_region(region));
         let config = BridgeConfig {
             role: Role::Destination {
                 services: self.services.clone(),
             },
             endpoint,
             tls: Some(self.tunnel_tls.clone()),
-            access_token: n.token,
-            client_token: None,
+            access_token: token,
+            client_token: Some(client_token),
             limits: Limits {
                 max_connections: self.cfg.limits.max_connections_per_tunnel,
                 stall_timeout: self.cfg.tunnel.stall_timeout,
                 ..Limits::default()
-            },
+            }
+            .with_idle_timeout(self.cfg.tunnel.idle_timeout),
         };
         let bridge = match Bridge::new(config) {
             Ok(b) => b,
             Err(e) => {
                 warn!(session = id, "cannot start the bridge: {e}");
                 self.table.ended(id);
+                if let Some(p) = persisted {
+                    self.forget(&p.file_id);
+                }
                 return;
             }
         };
         let cancel = CancellationToken::new();
+        let retire = bridge.retire_handle();
         self.live.insert(
             id,
             Live {
                 cancel: cancel.clone(),
+                retire: retire.clone(),
                 state: bridge.state(),
+                stats: bridge.stats(),
+                persisted,
+                replaces: Vec::new(),
             },
         );
-        let span = info_span!("session", id);
-        self.bridges.spawn(
-            async move {
-                let run = bridge.run(cancel.clone());
-                tokio::pin!(run);
-                let result = tokio::select! {
-                    r = &mut run => r,
-                    _ = tokio::time::sleep_until(deadline) => {
-                        info!("maximum lifetime reached: closing the session");
-                        cancel.cancel();
-                        run.await
-                    }
-                };
-                (id, result)
-            }
-            .instrument(span),
-        );
+        let task = SessionTask {
+            id,
+            bridge,
+            cancel,
+            retire,
+            deadline,
+            max_lifetime: self.table.max_lifetime(),
+            connected: self.connected_tx.clone(),
+        };
+        self.bridges
+            .spawn(task.run().instrument(info_span!("session", id)));
     }
 
-    fn on_bridge_end(&mut self, id: u64, result: Result<BridgeEnd, BridgeError>) {
-        self.live.remove(&id);
+    /// A bridge reached its first websocket: its lifetime starts (persisted), and the
+    /// sessions it replaces stop.
+    fn on_connected(&mut self, c: Connected) {
+        self.table.connected(c.id, Instant::now());
+        let Some(live) = self.live.get_mut(&c.id) else {
+            return;
+        };
+        let replaces = std::mem::take(&mut live.replaces);
+        if let (Some(store), Some(p)) = (&self.store, live.persisted.as_mut()) {
+            if p.first_connected.is_none() {
+                p.first_connected = Some(c.at);
+                if let Err(e) = store.save(p) {
+                    warn!("cannot persist the session: {e}");
+                }
+            }
+        }
+        for old in replaces {
+            if let Some(l) = self.live.get(&old) {
+                debug!(
+                    session = old,
+                    by = c.id,
+                    "the new bridge is connected: stopping the old one"
+                );
+                l.cancel.cancel();
+            }
+        }
+        self.write_status();
+    }
+
+    fn on_bridge_end(&mut self, exit: SessionExit) {
+        let SessionExit {
+            id,
+            result,
+            expired,
+        } = exit;
+        let live = self.live.remove(&id);
         let Some(entry) = self.table.ended(id) else {
             debug!(session = id, "replaced bridge stopped");
             return;
         };
+        if let Some(p) = live.and_then(|l| l.persisted) {
+            self.forget(&p.file_id);
+        }
         let why = match &result {
             Ok(BridgeEnd::ClosedByService { code, reason }) => {
                 format!("closed by the service (code {code}, {reason:?})")
             }
-            Ok(BridgeEnd::Cancelled) => "lifetime reached or agent stopping".to_owned(),
+            Ok(_) if expired => "the agent's maximum lifetime for this token ended".to_owned(),
+            Ok(BridgeEnd::Cancelled) | Ok(BridgeEnd::Retired) => "stopped".to_owned(),
             Err(e) => format!("token rejected: {e}"),
         };
         self.write_status();
         info!(session = id, region = %entry.key.region, services = ?entry.key.services, "session ended: {why}");
+    }
+
+    /// The path to re-execute, once the binary was replaced and no local connection is open.
+    fn upgrade_due(&mut self) -> Option<PathBuf> {
+        let watch = self.binary.as_mut()?;
+        if !watch.replaced() {
+            return None;
+        }
+        let open: usize = self
+            .live
+            .values()
+            .map(|l| l.stats.open_connections.load(Ordering::Relaxed))
+            .sum();
+        if open > 0 {
+            watch.waiting_for(open);
+            return None;
+        }
+        info!(
+            "the agent's binary was replaced and no local connection is open: re-executing it; tunnels rejoin with their tokens"
+        );
+        Some(watch.path().to_owned())
     }
 
     /// SIGHUP: a new service map for new streams; live tunnels and connections stay.
@@ -302,7 +524,7 @@ impl Agent {
                 TunnelStatus::of(e, &format!("{phase:?}").to_lowercase(), now)
             })
             .collect();
-        let mqtt = *self.mqtt.borrow();
+        let mqtt = self.mqtt.borrow().phase;
         let snapshot = Snapshot {
             mqtt: format!("{mqtt:?}").to_lowercase(),
             tunnels,
@@ -319,6 +541,7 @@ impl Agent {
         line
     }
 
+    /// Stops every bridge; persisted sessions stay on disk, so the next start rejoins them.
     async fn shutdown(&mut self) {
         for live in self.live.values() {
             live.cancel.cancel();
@@ -333,6 +556,85 @@ impl Agent {
         }
         info!("agent stopped");
     }
+}
+
+/// One session's bridge, with the agent's own lifetime for its token and the overlap of a
+/// rotation.
+struct SessionTask {
+    id: u64,
+    bridge: Bridge,
+    cancel: CancellationToken,
+    retire: CancellationToken,
+    /// Known when resuming a session that had connected before.
+    deadline: Option<Instant>,
+    max_lifetime: Duration,
+    connected: mpsc::Sender<Connected>,
+}
+
+impl SessionTask {
+    async fn run(self) -> SessionExit {
+        let SessionTask {
+            id,
+            bridge,
+            cancel,
+            retire,
+            deadline,
+            max_lifetime,
+            connected,
+        } = self;
+        let mut state = bridge.state();
+        let run = bridge.run(cancel.clone());
+        tokio::pin!(run);
+        // A retired bridge (its token was replaced) serves until its successor connects,
+        // which cancels it, or until the overlap ends.
+        let overlap = async {
+            retire.cancelled().await;
+            tokio::time::sleep(ROTATION_OVERLAP).await;
+        };
+        tokio::pin!(overlap);
+        let exit = |result, expired| SessionExit {
+            id,
+            result,
+            expired,
+        };
+        let deadline = match deadline {
+            Some(d) => d,
+            None => {
+                tokio::select! {
+                    r = &mut run => return exit(r, false),
+                    _ = &mut overlap => {
+                        cancel.cancel();
+                        return exit(run.await, false);
+                    }
+                    true = first_websocket(&mut state) => {}
+                }
+                let _ = connected
+                    .send(Connected {
+                        id,
+                        at: SystemTime::now(),
+                    })
+                    .await;
+                Instant::now() + max_lifetime
+            }
+        };
+        tokio::select! {
+            r = &mut run => exit(r, false),
+            _ = &mut overlap => {
+                cancel.cancel();
+                exit(run.await, false)
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                info!("the agent's maximum lifetime for this token ended: closing the session");
+                cancel.cancel();
+                exit(run.await, true)
+            }
+        }
+    }
+}
+
+/// `true` once the bridge had its first websocket session; `false` if it ended first.
+async fn first_websocket(state: &mut watch::Receiver<State>) -> bool {
+    state.wait_for(|s| s.sessions > 0).await.is_ok()
 }
 
 async fn recv_signal(s: &mut Option<Signal>) -> Option<()> {

@@ -20,12 +20,12 @@ use crate::tls::{TlsOptions, client_config};
 pub const ENV_ACCESS_TOKEN: &str = "AWSIOT_TUNNEL_ACCESS_TOKEN";
 
 #[derive(Parser, Debug)]
+/// The whole command line.
 #[command(
     name = "securetunnel-agent",
     version,
     about = "AWS IoT Secure Tunneling agent and local proxy"
 )]
-/// The whole command line.
 pub struct Cli {
     /// Log level as in localproxy: 0 off, 1-2 errors, 3 warnings, 4 info, 5 debug, 6 trace.
     #[arg(short = 'v', long, global = true, default_value_t = 4)]
@@ -33,13 +33,13 @@ pub struct Cli {
     /// The agent's configuration file.
     #[arg(long, global = true, default_value = crate::config::DEFAULT_PATH)]
     pub config: PathBuf,
-    #[command(subcommand)]
     /// What to do.
+    #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Subcommand, Debug)]
 /// The subcommands.
+#[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent: follow the thing's tunnel notifications and serve every tunnel.
     Run,
@@ -87,23 +87,29 @@ pub async fn run_agent(path: &std::path::Path, cancel: CancellationToken) -> Exi
     let Some((cfg, checked)) = load_checked(path) else {
         return ExitCode::from(2);
     };
-    crate::agent::Agent::run(cfg, checked, cancel).await;
-    ExitCode::SUCCESS
+    match crate::agent::Agent::run(cfg, checked, cancel).await {
+        crate::agent::AgentExit::Stopped => ExitCode::SUCCESS,
+        crate::agent::AgentExit::Upgrade(path) => {
+            crate::upgrade::reexec(&path);
+            // Still here: exit non-zero so the service manager starts the new binary.
+            ExitCode::FAILURE
+        }
+    }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 /// `-y`: the message format of an older destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ClientType {
-    #[value(name = "V1", alias = "v1")]
     /// One service, no service or connection ids.
+    #[value(name = "V1", alias = "v1")]
     V1,
-    #[value(name = "V2", alias = "v2")]
     /// Service ids, no connection ids.
+    #[value(name = "V2", alias = "v2")]
     V2,
 }
 
-#[derive(Args, Debug)]
 /// `local-proxy`'s options, named as in the reference localproxy.
+#[derive(Args, Debug)]
 pub struct LocalProxyArgs {
     /// AWS region of the tunnel (builds data.tunneling.iot.<region>.amazonaws.com).
     #[arg(
@@ -294,8 +300,13 @@ pub async fn local_proxy(args: LocalProxyArgs, cancel: CancellationToken) -> Exi
     };
     info!(mode = %bridge.mode(), "starting local proxy");
     match bridge.run(cancel).await {
-        Ok(BridgeEnd::ClosedByService { .. }) | Ok(BridgeEnd::Cancelled) => ExitCode::SUCCESS,
-        Err(BridgeError::Rejected(_)) => ExitCode::from(3),
+        Ok(BridgeEnd::ClosedByService { .. } | BridgeEnd::Cancelled | BridgeEnd::Retired) => {
+            ExitCode::SUCCESS
+        }
+        Err(e @ BridgeError::Rejected(_)) => {
+            error!("{e}; not retrying with this token");
+            ExitCode::from(3)
+        }
         Err(e) => {
             error!("{e}");
             ExitCode::from(2)

@@ -58,6 +58,12 @@ struct RawMqtt {
     #[serde(default = "default_keep_alive")]
     keep_alive_secs: u64,
     notify_topic: Option<String>,
+    #[serde(default = "default_spread")]
+    reconnect_spread_secs: u64,
+}
+
+fn default_spread() -> u64 {
+    20
 }
 
 fn default_mqtt_port() -> u16 {
@@ -75,6 +81,10 @@ struct RawTunnel {
     ca: Option<PathBuf>,
     #[serde(default = "default_stall_ms")]
     stall_timeout_ms: u64,
+    #[serde(default = "default_idle_secs")]
+    idle_timeout_secs: u64,
+    #[serde(default = "default_true")]
+    persist_sessions: bool,
 }
 
 impl Default for RawTunnel {
@@ -83,8 +93,18 @@ impl Default for RawTunnel {
             endpoint: None,
             ca: None,
             stall_timeout_ms: default_stall_ms(),
+            idle_timeout_secs: default_idle_secs(),
+            persist_sessions: true,
         }
     }
+}
+
+fn default_idle_secs() -> u64 {
+    crate::protocol::IDLE_TIMEOUT.as_secs()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_stall_ms() -> u64 {
@@ -99,7 +119,7 @@ struct RawLimits {
     #[serde(default = "default_max_connections")]
     max_connections_per_tunnel: usize,
     #[serde(default = "default_max_lifetime")]
-    max_lifetime_minutes: u64,
+    max_lifetime_minutes: f64,
 }
 
 impl Default for RawLimits {
@@ -120,8 +140,8 @@ fn default_max_connections() -> usize {
     128
 }
 
-fn default_max_lifetime() -> u64 {
-    MAX_LIFETIME_MINUTES
+fn default_max_lifetime() -> f64 {
+    MAX_LIFETIME_MINUTES as f64
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +173,8 @@ pub struct MqttConfig {
     pub keep_alive: Duration,
     /// Set when a local bridge remaps `$aws/things/<thing>/tunnels/notify`.
     pub notify_topic: Option<String>,
+    /// The first reconnect after losing an established connection is spread over this.
+    pub reconnect_spread: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -161,6 +183,9 @@ pub struct TunnelConfig {
     pub endpoint: Option<DataEndpoint>,
     pub ca: Option<PathBuf>,
     pub stall_timeout: Duration,
+    /// Zero: off.
+    pub idle_timeout: Duration,
+    pub persist_sessions: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -345,6 +370,20 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         }
         None => None,
     };
+    if raw.tunnel.idle_timeout_secs != 0 && !(3..=3600).contains(&raw.tunnel.idle_timeout_secs) {
+        errors.push(err(
+            "tunnel.idle_timeout_secs",
+            format!("{} is out of range", raw.tunnel.idle_timeout_secs),
+            "use 3-3600 seconds (default 60), or 0 to rely on TCP alone",
+        ));
+    }
+    if m.reconnect_spread_secs > 3600 {
+        errors.push(err(
+            "mqtt.reconnect_spread_secs",
+            format!("{} is out of range", m.reconnect_spread_secs),
+            "use 0-3600 seconds (default 20)",
+        ));
+    }
     if raw.tunnel.stall_timeout_ms < 100 {
         errors.push(err(
             "tunnel.stall_timeout_ms",
@@ -374,11 +413,11 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             "use 1-1024 (default 128)",
         ));
     }
-    if !(1..=MAX_LIFETIME_MINUTES).contains(&l.max_lifetime_minutes) {
+    if !(l.max_lifetime_minutes > 0.0 && l.max_lifetime_minutes <= MAX_LIFETIME_MINUTES as f64) {
         errors.push(err(
             "limits.max_lifetime_minutes",
             format!("{} is out of range", l.max_lifetime_minutes),
-            "use 1-720 minutes (the service closes every tunnel after 720)",
+            "use up to 720 minutes, fractions allowed (the service closes every tunnel after 720)",
         ));
     }
     if !raw.state_dir.is_absolute() {
@@ -402,18 +441,21 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             ca: raw.mqtt.ca,
             keep_alive: Duration::from_secs(raw.mqtt.keep_alive_secs),
             notify_topic: raw.mqtt.notify_topic,
+            reconnect_spread: Duration::from_secs(raw.mqtt.reconnect_spread_secs),
         },
         thing_name: raw.thing_name,
         tunnel: TunnelConfig {
             endpoint,
             ca: raw.tunnel.ca,
             stall_timeout: Duration::from_millis(raw.tunnel.stall_timeout_ms),
+            idle_timeout: Duration::from_secs(raw.tunnel.idle_timeout_secs),
+            persist_sessions: raw.tunnel.persist_sessions,
         },
         services: raw.services,
         limits: AgentLimits {
             max_tunnels: raw.limits.max_tunnels,
             max_connections_per_tunnel: raw.limits.max_connections_per_tunnel,
-            max_lifetime: Duration::from_secs(raw.limits.max_lifetime_minutes * 60),
+            max_lifetime: Duration::from_secs_f64(raw.limits.max_lifetime_minutes * 60.0),
         },
         rotation: raw.rotation.policy,
         state_dir: raw.state_dir,
@@ -621,9 +663,31 @@ fn summary(cfg: &Config) -> Vec<(String, String)> {
                 "{} tunnels, {} connections each, lifetime at most {} min, stall reset after {} ms",
                 cfg.limits.max_tunnels,
                 cfg.limits.max_connections_per_tunnel,
-                cfg.limits.max_lifetime.as_secs() / 60,
+                cfg.limits.max_lifetime.as_secs_f64() / 60.0,
                 cfg.tunnel.stall_timeout.as_millis()
             ),
+        ),
+        (
+            "dead links".into(),
+            if cfg.tunnel.idle_timeout.is_zero() {
+                "TCP keepalive only (tunnel.idle_timeout_secs = 0)".to_owned()
+            } else {
+                format!(
+                    "websocket dropped after {} s without a byte; TCP keepalive",
+                    cfg.tunnel.idle_timeout.as_secs()
+                )
+            },
+        ),
+        (
+            "restarts".into(),
+            if cfg.tunnel.persist_sessions {
+                format!(
+                    "live sessions persisted in {}/sessions and rejoined",
+                    cfg.state_dir.display()
+                )
+            } else {
+                "sessions are not persisted (tunnel.persist_sessions = false)".to_owned()
+            },
         ),
         (
             "rotation".into(),

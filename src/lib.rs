@@ -4,6 +4,7 @@
 //! - [`protocol`]: the wire protocol: message, frame codec, and every protocol rule.
 //! - [`services`]: the service map (service id -> local endpoint), an allow-list.
 //! - [`bridge`]: websocket <-> local connections, destination and source mode.
+//! - [`backoff`]: reconnect policies (websocket and MQTT), pure state.
 //! - [`tls`], [`secret`]: TLS client configuration; tokens that never leak.
 //! - [`cli`], [`signals`]: the command line (`run`, `check-config`, `local-proxy` with the
 //!   reference localproxy's options) and SIGINT/SIGTERM as cancellation.
@@ -15,10 +16,13 @@
 #![warn(missing_docs)]
 
 mod agent;
+pub mod backoff;
 pub mod bridge;
 pub mod cli;
 mod config;
+mod net;
 mod notify;
+mod persist;
 pub mod protocol;
 pub mod secret;
 pub mod services;
@@ -26,3 +30,4 @@ mod session;
 pub mod signals;
 mod status;
 pub mod tls;
+mod upgrade;

@@ -3,18 +3,19 @@
 //! payload is parsed tolerantly (unknown fields ignored) but validated before the agent sees it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rumqttc::{
-    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode, TlsConfiguration,
-    Transport,
+    AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS, StateError,
+    SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::bridge::reconnect_delay;
+use crate::backoff::MqttReconnect;
 use crate::config::MqttConfig;
 use crate::protocol::{self, is_valid_region, is_valid_service_id};
 use crate::secret::Secret;
@@ -22,6 +23,8 @@ use crate::secret::Secret;
 /// A notify that passed validation: a destination token for a region and 1-3 services.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {
+    /// The thing whose notify topic carried it.
+    pub thing: String,
     pub token: Secret,
     pub region: String,
     pub services: Vec<String>,
@@ -57,7 +60,7 @@ struct RawNotify {
 }
 
 /// Rule (spec §5): what a usable notify looks like.
-pub fn parse(payload: &[u8]) -> Result<Notification, Refusal> {
+pub fn parse(thing: &str, payload: &[u8]) -> Result<Notification, Refusal> {
     let text = std::str::from_utf8(payload).map_err(|_| Refusal::NotUtf8)?;
     let raw: RawNotify = serde_json::from_str(text).map_err(|e| Refusal::Json(e.to_string()))?;
     // Wrap the token at once so it is wiped whatever happens next.
@@ -81,31 +84,76 @@ pub fn parse(payload: &[u8]) -> Result<Notification, Refusal> {
         return Err(Refusal::ServiceName(bad.clone()));
     }
     Ok(Notification {
+        thing: thing.to_owned(),
         token,
         region,
         services,
     })
 }
 
+/// Where the MQTT connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MqttState {
+pub enum MqttPhase {
     Connecting,
     Connected,
     /// Subscribed to the notify topic: notifications can arrive.
     Subscribed,
 }
 
+/// The MQTT connection's phase, since when, and why the last connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MqttState {
+    pub phase: MqttPhase,
+    pub since: SystemTime,
+    pub last_error: Option<String>,
+}
+
+impl MqttState {
+    pub fn connecting() -> Self {
+        MqttState {
+            phase: MqttPhase::Connecting,
+            since: SystemTime::now(),
+            last_error: None,
+        }
+    }
+}
+
 pub struct NotifyClient {
     pub config: MqttConfig,
     pub tls: Arc<rustls::ClientConfig>,
+    /// The thing whose notifies this client follows, and its topic.
+    pub thing: String,
     pub topic: String,
 }
 
 /// Notifications waiting for the agent.
 pub const QUEUE: usize = 16;
-const RECONNECT_MIN: Duration = Duration::from_millis(500);
-const RECONNECT_MAX: Duration = Duration::from_secs(60);
+/// Largest incoming MQTT packet: AWS IoT's 128 KiB message limit plus topic and header.
+/// A larger one cannot be read; see `NotifyClient::run` for how it is dropped.
+pub const MAX_INCOMING_PACKET: usize = 128 * 1024 + 1024;
+/// The agent only sends small packets (CONNECT, SUBSCRIBE, acks).
+const MAX_OUTGOING_PACKET: usize = 16 * 1024;
+const RECONNECT_BASE: Duration = Duration::from_millis(500);
+const RECONNECT_CAP: Duration = Duration::from_secs(60);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+/// Requests waiting for rumqttc's event loop (subscribe, acks).
+const REQUEST_QUEUE: usize = 10;
+
+/// Rule: a broker that sends nothing (not even the PINGRESP due every keep-alive) for 1.5
+/// keep-alives is gone.
+pub fn silence_limit(keep_alive: Duration) -> Duration {
+    keep_alive.mul_f64(1.5)
+}
+
+/// What ended an MQTT connection, for the log and the status.
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::Error::PayloadSizeLimitExceeded(n),
+        )) => format!("a {n}-byte message arrived, above the {MAX_INCOMING_PACKET}-byte limit"),
+        other => other.to_string(),
+    }
+}
 
 impl NotifyClient {
     /// Runs until `cancel`; valid notifications go to `out`, refusals are logged here.
@@ -114,46 +162,74 @@ impl NotifyClient {
         out: mpsc::Sender<Notification>,
         state: watch::Sender<MqttState>,
         cancel: CancellationToken,
+        spread: Duration,
     ) {
         let mut opts =
             MqttOptions::new(&self.config.client_id, &self.config.host, self.config.port);
         opts.set_keep_alive(self.config.keep_alive)
             .set_clean_session(false)
             .set_manual_acks(true)
-            .set_max_packet_size(16 * 1024, 16 * 1024)
+            .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 self.tls.clone(),
             )));
-        let (client, mut events) = AsyncClient::new(opts, 10);
+        let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
         // Notifies are small and latency matters: no Nagle delay.
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
         events.set_network_options(net);
         let broker = format!("{}:{}", self.config.host, self.config.port);
-        let mut failures: u32 = 0;
+        let silence = silence_limit(self.config.keep_alive);
+        let mut policy = MqttReconnect::new(RECONNECT_BASE, RECONNECT_CAP, spread);
+        let mut connected_at: Option<Instant> = None;
+        let mut last_rx = Instant::now();
+        // Set after an unreadable message: the next connection only wipes the session.
+        let mut purging = false;
+        policy.connecting(Instant::now());
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => {
-                    // A clean DISCONNECT, so the broker does not log a dropped connection.
-                    if client.try_disconnect().is_ok() {
-                        let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
-                            loop {
-                                match events.poll().await {
-                                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
-                                    Ok(_) => {}
-                                }
-                            }
-                        })
-                        .await;
-                    }
+                    disconnect(&client, &mut events).await;
                     return;
                 }
-                e = events.poll() => e,
+                _ = tokio::time::sleep_until(last_rx + silence), if connected_at.is_some() => {
+                    // Drop the dead connection; the next poll reconnects.
+                    events.clean();
+                    Err(format!("nothing from the broker for {silence:?} (1.5 x keep-alive): the link is dead"))
+                }
+                e = events.poll() => e.map_err(|e| {
+                    if matches!(&e, ConnectionError::MqttState(StateError::Deserialization(
+                        rumqttc::Error::PayloadSizeLimitExceeded(_)))) {
+                        purging = true;
+                    }
+                    describe(&e)
+                }),
             };
+            if matches!(event, Ok(Event::Incoming(_))) {
+                last_rx = Instant::now();
+            }
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    connected_at = Some(Instant::now());
+                    self.harden_socket().await;
+                    if purging {
+                        // A clean session wiped the unreadable message the broker kept
+                        // redelivering; go back to a persistent session at once.
+                        purging = false;
+                        events.mqtt_options.set_clean_session(false);
+                        events.clean();
+                        connected_at = None;
+                        info!(broker = %broker, "MQTT session wiped; reconnecting with a persistent session");
+                        if !self.pause(&cancel, &mut policy, None).await {
+                            return;
+                        }
+                        continue;
+                    }
                     debug!(broker = %broker, session_present = ack.session_present, "MQTT connected");
-                    state.send_replace(MqttState::Connected);
+                    state.send_modify(|s| {
+                        s.phase = MqttPhase::Connected;
+                        s.since = SystemTime::now();
+                    });
                     // Always resubscribe: a broker may have lost the persistent session.
                     if let Err(e) = client.try_subscribe(&self.topic, QoS::AtLeastOnce) {
                         error!("cannot queue the subscription to {}: {e}", self.topic);
@@ -167,15 +243,15 @@ impl NotifyClient {
                     {
                         error!(topic = %self.topic, "the broker refused the subscription: check the device policy allows iot:Subscribe and iot:Receive on this topic");
                     } else {
-                        // Only a confirmed subscription ends a failure streak: a broker that
-                        // accepts and then drops us must not reset the backoff.
-                        if failures > 0 {
-                            info!(broker = %broker, attempts = failures + 1, topic = %self.topic, "MQTT reconnected; subscribed to tunnel notifications");
+                        if policy.failures() > 0 {
+                            info!(broker = %broker, attempts = policy.failures() + 1, topic = %self.topic, "MQTT reconnected; subscribed to tunnel notifications");
                         } else {
                             info!(broker = %broker, topic = %self.topic, "subscribed to tunnel notifications");
                         }
-                        failures = 0;
-                        state.send_replace(MqttState::Subscribed);
+                        state.send_modify(|s| {
+                            s.phase = MqttPhase::Subscribed;
+                            s.since = SystemTime::now();
+                        });
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -184,21 +260,54 @@ impl NotifyClient {
                     let _ = client.try_ack(&p);
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    if failures == 0 {
-                        warn!(broker = %broker, "MQTT connection failed: {e}; reconnecting with backoff");
+                Err(why) => {
+                    let up_for = connected_at.take().map(|t| t.elapsed());
+                    if purging {
+                        warn!(broker = %broker, "{why}: it cannot be read, and with a persistent session the broker would redeliver it on every reconnect; wiping the MQTT session to drop it (notifies queued behind it are lost)");
+                        events.mqtt_options.set_clean_session(true);
+                    } else if policy.failures() == 0 {
+                        warn!(broker = %broker, "MQTT connection ended: {why}; reconnecting with backoff");
                     } else {
-                        debug!(broker = %broker, attempt = failures + 1, "MQTT connection failed: {e}");
+                        debug!(broker = %broker, attempt = policy.failures() + 1, "MQTT connection failed: {why}");
                     }
-                    failures = failures.saturating_add(1);
-                    state.send_replace(MqttState::Connecting);
-                    let delay = reconnect_delay(failures, RECONNECT_MIN, RECONNECT_MAX);
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                    state.send_replace(MqttState {
+                        phase: MqttPhase::Connecting,
+                        since: SystemTime::now(),
+                        last_error: Some(why),
+                    });
+                    if !self.pause(&cancel, &mut policy, up_for).await {
+                        return;
                     }
                 }
             }
+        }
+    }
+
+    /// Waits before the next CONNECT, as the reconnect policy says; `false` if cancelled.
+    async fn pause(
+        &self,
+        cancel: &CancellationToken,
+        policy: &mut MqttReconnect,
+        up_for: Option<Duration>,
+    ) -> bool {
+        let delay = policy.next_delay(Instant::now(), up_for);
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        policy.connecting(Instant::now());
+        true
+    }
+
+    /// Keepalive and user timeout on rumqttc's socket, found by the broker's address.
+    async fn harden_socket(&self) {
+        match tokio::net::lookup_host((self.config.host.as_str(), self.config.port)).await {
+            Ok(addrs) => {
+                let addrs: Vec<_> = addrs.collect();
+                let n = crate::net::harden_sockets_to(&addrs);
+                debug!(sockets = n, "keepalive set on the MQTT socket");
+            }
+            Err(e) => debug!("keepalive on the MQTT socket: cannot resolve the broker: {e}"),
         }
     }
 
@@ -207,13 +316,28 @@ impl NotifyClient {
             warn!(topic, "message on an unexpected topic ignored");
             return;
         }
-        match parse(payload) {
+        match parse(&self.thing, payload) {
             Ok(n) => {
                 info!(region = %n.region, services = ?n.services, token = %n.token, "tunnel notification received");
                 let _ = out.send(n).await;
             }
             Err(refusal) => warn!(bytes = payload.len(), "notify refused: {refusal}"),
         }
+    }
+}
+
+/// A clean DISCONNECT, so the broker does not log a dropped connection.
+async fn disconnect(client: &AsyncClient, events: &mut rumqttc::EventLoop) {
+    if client.try_disconnect().is_ok() {
+        let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -227,12 +351,10 @@ mod tests {
 
     #[test]
     fn a_valid_notify_parses_and_unknown_fields_are_ignored() {
-        let n = parse(&notify(
-            "destination",
-            "AQGA",
-            "eu-west-1",
-            r#"["SSH","HTTP"]"#,
-        ))
+        let n = parse(
+            "gw",
+            &notify("destination", "AQGA", "eu-west-1", r#"["SSH","HTTP"]"#),
+        )
         .unwrap();
         assert_eq!(n.region, "eu-west-1");
         assert_eq!(n.services, ["SSH", "HTTP"]);
@@ -271,7 +393,7 @@ mod tests {
             (vec![0xff, 0xfe, 0x00], |r| matches!(r, Refusal::NotUtf8)),
         ];
         for (payload, expected) in cases {
-            let refusal = parse(&payload).unwrap_err();
+            let refusal = parse("gw", &payload).unwrap_err();
             assert!(expected(&refusal), "{refusal:?}");
             assert!(!refusal.to_string().contains("AQGA"));
         }

@@ -27,16 +27,16 @@ pub enum LocalEndpoint {
     Unix(PathBuf),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 /// A mapping that cannot be used, naming what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceMapError {
+    /// The service id does not follow the API pattern.
     #[error(
         "service id {0:?} is invalid: use 1-128 characters of letters, digits, ':', '_' or '-'"
     )]
-    /// The service id does not follow the API pattern.
     BadServiceId(String),
-    #[error("service {service:?}: endpoint {value:?} is invalid: {problem}")]
     /// The endpoint does not parse.
+    #[error("service {service:?}: endpoint {value:?} is invalid: {problem}")]
     BadEndpoint {
         /// The service it is for ("" for an unnamed mapping).
         service: String,
@@ -45,16 +45,16 @@ pub enum ServiceMapError {
         /// What is wrong with it.
         problem: String,
     },
-    #[error("service {0:?} is mapped twice; keep one mapping per service")]
     /// The same service mapped twice.
+    #[error("service {0:?} is mapped twice; keep one mapping per service")]
     Duplicate(String),
+    /// An unnamed mapping next to named ones.
     #[error(
         "an unnamed mapping such as \"22\" must be the only mapping; name each one (SSH=22,HTTP=80)"
     )]
-    /// An unnamed mapping next to named ones.
     MixedUnnamed,
-    #[error("the service map is empty: map at least one service, e.g. SSH=22")]
     /// No mapping at all.
+    #[error("the service map is empty: map at least one service, e.g. SSH=22")]
     Empty,
 }
 

@@ -16,18 +16,22 @@ const REMEMBERED_TOKENS: usize = 16;
 /// Tunnels whose tokens are remembered after they end.
 const REMEMBERED_KEYS: usize = 64;
 
+/// What identifies a tunnel in notifies: the thing it is for, its region and its services.
+/// Notifies carry no tunnel id, so two tunnels with the same key look like a rotation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TunnelKey {
+    pub thing: String,
     pub region: String,
     pub services: Vec<String>,
 }
 
 impl TunnelKey {
-    pub fn new(region: &str, services: &[String]) -> Self {
+    pub fn new(thing: &str, region: &str, services: &[String]) -> Self {
         let mut services = services.to_vec();
         services.sort();
         services.dedup();
         TunnelKey {
+            thing: thing.to_owned(),
             region: region.to_owned(),
             services,
         }
@@ -38,10 +42,14 @@ impl TunnelKey {
 pub struct Entry {
     pub id: u64,
     pub key: TunnelKey,
-    pub started: Instant,
-    pub deadline: Instant,
+    /// When the session was created (notify received, or resumed).
+    pub created: Instant,
+    /// The agent's own end for this token: `max_lifetime` after its first connect; `None`
+    /// until then.
+    pub deadline: Option<Instant>,
     /// `token:<hash>` of the token the session runs with.
     pub token: String,
+    /// Tokens this tunnel had before this one (rotations seen by this agent).
     pub rotations: u32,
 }
 
@@ -51,15 +59,14 @@ pub enum Decision {
     Duplicate,
     /// A token this tunnel already replaced: never presented again.
     Stale,
+    /// A new session `id`.
     Start {
         id: u64,
-        deadline: Instant,
     },
-    /// Replace session `old` by `id`, which keeps `old`'s start time and deadline.
+    /// Replace session `old` by `id`: connect `id` first, then stop `old`.
     Rotate {
         old: u64,
         id: u64,
-        deadline: Instant,
     },
     Refused(String),
 }
@@ -101,42 +108,81 @@ impl SessionTable {
             (Some(old), RotationPolicy::Replace) => {
                 let id = self.next();
                 self.entries.retain(|e| e.id != old.id);
+                // The new token's lifetime is its own: it starts at its first connect.
                 self.entries.push(Entry {
                     id,
+                    key: key.clone(),
+                    created: now,
+                    deadline: None,
                     token: fp.clone(),
                     rotations: old.rotations + 1,
-                    ..old.clone()
                 });
-                Decision::Rotate {
-                    old: old.id,
-                    id,
-                    deadline: old.deadline,
-                }
+                Decision::Rotate { old: old.id, id }
             }
-            (existing, _) => {
+            _ => {
                 if self.entries.len() >= self.max_tunnels {
                     return Decision::Refused(format!(
                         "{} tunnels are already live (limits.max_tunnels); a live tunnel is never evicted",
                         self.entries.len()
                     ));
                 }
-                // A parallel session is the same tunnel: it keeps the original deadline.
-                let (started, deadline) =
-                    existing.map_or((now, now + self.max_lifetime), |e| (e.started, e.deadline));
-                let id = self.next();
-                self.entries.push(Entry {
-                    id,
-                    key: key.clone(),
-                    started,
-                    deadline,
-                    token: fp.clone(),
-                    rotations: 0,
-                });
-                Decision::Start { id, deadline }
+                let id = self.insert(key.clone(), fp.clone(), now);
+                Decision::Start { id }
             }
         };
         self.remember(key, fp);
         decision
+    }
+
+    /// A session persisted by an earlier run, resumed with its token. `deadline` is what is
+    /// left of its lifetime, if it had connected; `None` is returned (nothing added) when
+    /// the table is full or the key already has a session with this token.
+    pub fn resume(
+        &mut self,
+        key: TunnelKey,
+        token: &Secret,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Option<u64> {
+        let fp = token.to_string();
+        if self.entries.len() >= self.max_tunnels
+            || self.entries.iter().any(|e| e.key == key && e.token == fp)
+        {
+            return None;
+        }
+        let id = self.insert(key.clone(), fp.clone(), now);
+        if let Some(e) = self.entries.iter_mut().find(|e| e.id == id) {
+            e.deadline = deadline;
+        }
+        self.remember(key, fp);
+        Some(id)
+    }
+
+    fn insert(&mut self, key: TunnelKey, token: String, now: Instant) -> u64 {
+        let id = self.next();
+        self.entries.push(Entry {
+            id,
+            key,
+            created: now,
+            deadline: None,
+            token,
+            rotations: 0,
+        });
+        id
+    }
+
+    /// Rule: the agent's own lifetime for a token counts from the token's first connect and
+    /// is never inherited from another token (the service enforces the tunnel's real
+    /// lifetime). Returns the session's deadline.
+    pub fn connected(&mut self, id: u64, now: Instant) -> Option<Instant> {
+        let max = self.max_lifetime;
+        let e = self.entries.iter_mut().find(|e| e.id == id)?;
+        Some(*e.deadline.get_or_insert(now + max))
+    }
+
+    /// The agent's own lifetime cap.
+    pub fn max_lifetime(&self) -> Duration {
+        self.max_lifetime
     }
 
     fn next(&mut self) -> u64 {
@@ -146,6 +192,9 @@ impl SessionTable {
 
     fn remember(&mut self, key: TunnelKey, fp: String) {
         let tokens = self.seen.entry(key.clone()).or_default();
+        if tokens.contains(&fp) {
+            return;
+        }
         if tokens.is_empty() {
             self.seen_order.push_back(key);
         }
@@ -173,6 +222,12 @@ impl SessionTable {
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
+
+    /// Tokens remembered in all (bounded by `REMEMBERED_KEYS` x `REMEMBERED_TOKENS`).
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.seen.values().map(VecDeque::len).sum()
+    }
 }
 
 #[cfg(test)]
@@ -181,60 +236,63 @@ mod tests {
 
     fn key(services: &[&str]) -> TunnelKey {
         let s: Vec<String> = services.iter().map(|s| s.to_string()).collect();
-        TunnelKey::new("us-east-1", &s)
+        TunnelKey::new("gw", "us-east-1", &s)
     }
 
     fn table(max: usize, policy: RotationPolicy) -> SessionTable {
         SessionTable::new(max, Duration::from_secs(600), policy)
     }
 
+    fn start(t: &mut SessionTable, k: TunnelKey, token: &str) -> u64 {
+        match t.decide(k, &Secret::new(token), Instant::now()) {
+            Decision::Start { id } => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_exact_repeat_of_a_token_is_a_duplicate() {
         let mut t = table(10, RotationPolicy::Replace);
-        let tok = Secret::new("a");
-        assert!(matches!(
-            t.decide(key(&["SSH"]), &tok, Instant::now()),
-            Decision::Start { .. }
-        ));
+        start(&mut t, key(&["SSH"]), "a");
         assert_eq!(
-            t.decide(key(&["SSH"]), &tok, Instant::now()),
+            t.decide(key(&["SSH"]), &Secret::new("a"), Instant::now()),
             Decision::Duplicate
         );
         assert_eq!(t.entries().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_new_token_rotates_and_keeps_the_original_deadline() {
+    async fn a_new_token_for_a_live_key_is_a_rotation_with_a_lifetime_of_its_own() {
         let mut t = table(10, RotationPolicy::Replace);
-        let start = Instant::now();
-        let Decision::Start {
-            id: first,
-            deadline,
-        } = t.decide(key(&["SSH", "HTTP"]), &Secret::new("a"), start)
-        else {
-            panic!()
-        };
-        assert_eq!(deadline, start + Duration::from_secs(600));
+        let first = start(&mut t, key(&["SSH", "HTTP"]), "a");
+        let d1 = t.connected(first, Instant::now()).unwrap();
+        assert_eq!(d1, Instant::now() + Duration::from_secs(600));
         tokio::time::advance(Duration::from_secs(300)).await;
         // Service order does not matter: same tunnel.
         let d = t.decide(key(&["HTTP", "SSH"]), &Secret::new("b"), Instant::now());
-        let Decision::Rotate {
-            old,
-            id,
-            deadline: kept,
-        } = d
-        else {
+        let Decision::Rotate { old, id } = d else {
             panic!("{d:?}")
         };
-        assert_eq!((old, kept), (first, deadline));
+        assert_eq!(old, first);
         assert_eq!(t.entries().len(), 1);
         assert_eq!(t.entries()[0].rotations, 1);
-        assert_eq!(t.entries()[0].started, start);
         assert_eq!(
-            t.ended(first),
+            t.entries()[0].deadline,
             None,
-            "the replaced session already left the table"
+            "no deadline before it connects"
         );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let d2 = t.connected(id, Instant::now()).unwrap();
+        assert_eq!(
+            d2,
+            Instant::now() + Duration::from_secs(600),
+            "never inherited"
+        );
+        assert_eq!(
+            t.connected(id, Instant::now() + Duration::from_secs(9)),
+            Some(d2)
+        );
+        assert_eq!(t.ended(first), None, "the replaced session already left");
         assert!(t.ended(id).is_some());
     }
 
@@ -252,10 +310,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn tunnels_of_different_things_are_different_tunnels() {
+        let mut t = table(10, RotationPolicy::Replace);
+        let s = vec!["SSH".to_owned()];
+        start(&mut t, TunnelKey::new("plc-1", "us-east-1", &s), "a");
+        start(&mut t, TunnelKey::new("plc-2", "us-east-1", &s), "b");
+        assert_eq!(t.entries().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn above_the_maximum_a_new_tunnel_is_refused_and_none_evicted() {
         let mut t = table(2, RotationPolicy::Replace);
-        t.decide(key(&["A"]), &Secret::new("1"), Instant::now());
-        t.decide(key(&["B"]), &Secret::new("2"), Instant::now());
+        start(&mut t, key(&["A"]), "1");
+        start(&mut t, key(&["B"]), "2");
         assert!(matches!(
             t.decide(key(&["C"]), &Secret::new("3"), Instant::now()),
             Decision::Refused(_)
@@ -266,23 +333,66 @@ mod tests {
             t.decide(key(&["A"]), &Secret::new("4"), Instant::now()),
             Decision::Rotate { .. }
         ));
+        // So is nothing resumed above it.
+        assert_eq!(
+            t.resume(key(&["D"]), &Secret::new("5"), None, Instant::now()),
+            None
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn parallel_policy_keeps_the_old_session_beside_the_new_one() {
         let mut t = table(10, RotationPolicy::Parallel);
-        let Decision::Start { deadline, .. } =
-            t.decide(key(&["SSH"]), &Secret::new("a"), Instant::now())
-        else {
-            panic!()
-        };
+        let a = start(&mut t, key(&["SSH"]), "a");
+        t.connected(a, Instant::now());
         tokio::time::advance(Duration::from_secs(60)).await;
-        let d = t.decide(key(&["SSH"]), &Secret::new("b"), Instant::now());
-        assert!(
-            matches!(d, Decision::Start { deadline: kept, .. } if kept == deadline),
-            "{d:?}"
-        );
+        let b = start(&mut t, key(&["SSH"]), "b");
         assert_eq!(t.entries().len(), 2);
+        assert_eq!(
+            t.connected(b, Instant::now()),
+            Some(Instant::now() + Duration::from_secs(600))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_session_keeps_its_deadline_and_its_token_is_known() {
+        let mut t = table(10, RotationPolicy::Replace);
+        let deadline = Instant::now() + Duration::from_secs(42);
+        let id = t
+            .resume(
+                key(&["SSH"]),
+                &Secret::new("a"),
+                Some(deadline),
+                Instant::now(),
+            )
+            .unwrap();
+        assert_eq!(t.connected(id, Instant::now()), Some(deadline));
+        assert_eq!(
+            t.decide(key(&["SSH"]), &Secret::new("a"), Instant::now()),
+            Decision::Duplicate,
+            "the redelivered notify of a resumed session"
+        );
+    }
+
+    #[test]
+    fn remembered_tokens_are_bounded() {
+        let mut t = SessionTable::new(100, Duration::from_secs(600), RotationPolicy::Replace);
+        for k in 0..200 {
+            for n in 0..40 {
+                let id = match t.decide(
+                    key(&[&format!("S{k}")]),
+                    &Secret::new(format!("{k}-{n}")),
+                    Instant::now(),
+                ) {
+                    Decision::Start { id } | Decision::Rotate { id, .. } => id,
+                    other => panic!("{other:?}"),
+                };
+                if n == 39 {
+                    t.ended(id);
+                }
+            }
+        }
+        assert!(t.remembered() <= REMEMBERED_KEYS * REMEMBERED_TOKENS);
     }
 
     #[test]

@@ -17,7 +17,8 @@ pub struct TunnelStatus {
     pub token: String,
     pub rotations: u32,
     pub age_secs: u64,
-    pub expires_in_secs: u64,
+    /// The agent's own end for this token; `None` until its first connect.
+    pub expires_in_secs: Option<u64>,
     pub phase: String,
 }
 
@@ -35,8 +36,10 @@ impl TunnelStatus {
             services: e.key.services.clone(),
             token: e.token.clone(),
             rotations: e.rotations,
-            age_secs: now.saturating_duration_since(e.started).as_secs(),
-            expires_in_secs: e.deadline.saturating_duration_since(now).as_secs(),
+            age_secs: now.saturating_duration_since(e.created).as_secs(),
+            expires_in_secs: e
+                .deadline
+                .map(|d| d.saturating_duration_since(now).as_secs()),
             phase: phase.to_owned(),
         }
     }

@@ -10,24 +10,24 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
-#[derive(Debug, thiserror::Error)]
 /// Why a TLS configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("CA path {path}: {problem}")]
     /// A CA file or directory that cannot be used.
+    #[error("CA path {path}: {problem}")]
     CaPath {
         /// The path as given.
         path: PathBuf,
         /// What is wrong with it.
         problem: String,
     },
+    /// No trusted root at all.
     #[error(
         "no trusted CA certificate found: install the system CA bundle (ca-certificates) or give one with -c/--capath"
     )]
-    /// No trusted root at all.
     NoRoots,
-    #[error("TLS setup failed: {0}")]
     /// rustls refused the configuration.
+    #[error("TLS setup failed: {0}")]
     Rustls(#[from] rustls::Error),
 }
 

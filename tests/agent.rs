@@ -118,7 +118,7 @@ async fn open_rotate_and_close_drive_the_agents_bridge() {
     let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
     assert!(r.get("sourceAccessToken").is_none());
     agent
-        .expect("rotation: restarting the bridge with the new token")
+        .expect("rotation: starting a bridge with the new token")
         .await;
     until(&rig.emu, "agent reconnects with the new token", |e| {
         e.peer_token_is(&id, Mode::Destination, &new_dest)
@@ -145,7 +145,7 @@ async fn open_rotate_and_close_drive_the_agents_bridge() {
     let r = rotate(&rig, &id, "ALL", "gw-1").await;
     let all_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
     agent
-        .expect("rotation: restarting the bridge with the new token")
+        .expect("rotation: starting a bridge with the new token")
         .await;
     until(&rig.emu, "agent follows ALL", |e| {
         e.peer_token_is(&id, Mode::Destination, &all_dest)
@@ -250,14 +250,14 @@ async fn after_a_broker_restart_the_agent_resubscribes_and_follows_a_rotation() 
     .await;
 
     rig.mosquitto.restart().await;
-    agent.expect("MQTT connection failed").await;
+    agent.expect("MQTT connection ended").await;
     agent.expect("subscribed to tunnel notifications").await;
     within_deadline("publisher reconnects", rig.emu.wait_publisher()).await;
 
     let r = rotate(&rig, &id, "DESTINATION", "gw-mq").await;
     let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
     agent
-        .expect("rotation: restarting the bridge with the new token")
+        .expect("rotation: starting a bridge with the new token")
         .await;
     until(&rig.emu, "agent follows the rotation", |e| {
         e.peer_token_is(&id, Mode::Destination, &new_dest)
@@ -334,7 +334,7 @@ async fn a_rotation_halfway_does_not_extend_the_tunnels_lifetime() {
     tokio::time::sleep(minute / 2).await;
     rotate(&rig, &t.tunnel_id, "DESTINATION", "gw-life").await;
     agent
-        .expect("rotation: restarting the bridge with the new token")
+        .expect("rotation: starting a bridge with the new token")
         .await;
     let line = agent.expect("session ended").await;
     let lived = opened.elapsed();

@@ -314,7 +314,7 @@ pub async fn run(agent_bin: &Path, dir: &Path, bytes: usize) -> R<()> {
         .unwrap_or_default()
         .to_owned();
     let (_, took) = s.rotate(&id).await?;
-    s.expect("rotation: restarting the bridge with the new token")
+    s.expect("rotation: starting a bridge with the new token")
         .await?;
     let old_uses = s.emu.handshakes_for_token(&old);
     step(

@@ -16,6 +16,7 @@ pub struct Accepted {
     pub mode: Mode,
     pub subprotocol: &'static str,
     pub token: String,
+    pub client_token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,12 +176,13 @@ pub fn decide(state: &mut State, req: &Request) -> Result<Accepted, Rejected> {
             (Some(_), _) => return Err(reject(400, CLIENT_TOKEN_MISMATCH)),
         }
     }
-    state.mark_used(&tunnel_id, mode, client_token);
+    state.mark_used(&tunnel_id, mode, client_token.clone());
     Ok(Accepted {
         tunnel_id,
         mode,
         subprotocol,
         token,
+        client_token,
     })
 }
 

@@ -43,7 +43,18 @@ use tracing::{debug, info, warn};
 pub use handshake::{CLIENT_TOKEN_MISMATCH, PREVIOUSLY_USED};
 use securetunnel_agent::bridge::ws::ws_config;
 use securetunnel_agent::protocol::{FrameCodec, Message, MessageType, Mode, SUBPROTOCOL_V1};
-pub use state::TunnelTokens;
+pub use state::{PeerEvent, PeerEventKind, TunnelTokens};
+
+/// What the emulator does to a peer that a new connection of the same mode replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplacedPeer {
+    /// Close frame (1000, "replaced by a new connection"): the pre-2022 documented behaviour.
+    Close,
+    /// Leave it connected: whatever the client does with it is the client's doing.
+    Keep,
+    /// Cut its TCP connection without a close frame.
+    Drop,
+}
 use state::{PeerCmd, PeerHandle, State};
 
 /// Frames waiting for one peer's writer.
@@ -108,6 +119,12 @@ pub struct Shared {
     drop_pongs: Arc<AtomicBool>,
     next_peer: AtomicU64,
     disconnect_on_rotate: AtomicBool,
+    /// What happens to a peer replaced by a new connection of the same mode.
+    replaced_peer: Mutex<ReplacedPeer>,
+    /// Whether a (re)connected peer makes the emulator reset the other side's streams.
+    reset_on_reconnect: AtomicBool,
+    /// Fault: drop every accepted peer this long after its upgrade.
+    drop_after: Mutex<Option<Duration>>,
     region: String,
     minute: Duration,
     max_open_tunnels: usize,
@@ -196,14 +213,12 @@ impl Shared {
         Some(token)
     }
 
-    fn peer_gone(&self, tunnel: &str, mode: Mode, id: u64) {
-        let cleared = self
-            .lock()
-            .tunnel_mut(tunnel)
-            .is_some_and(|t| t.clear_peer(mode, id));
-        if cleared {
-            self.changed();
+    fn peer_gone(&self, tunnel: &str, mode: Mode, peer: &PeerHandle, why: &str) {
+        if let Some(t) = self.lock().tunnel_mut(tunnel) {
+            t.clear_peer(mode, peer.id);
+            t.record(peer, mode, PeerEventKind::Gone(why.to_owned()));
         }
+        self.changed();
     }
 }
 
@@ -252,6 +267,9 @@ impl Emulator {
             drop_pongs: Arc::new(AtomicBool::new(false)),
             next_peer: AtomicU64::new(1),
             disconnect_on_rotate: AtomicBool::new(false),
+            replaced_peer: Mutex::new(ReplacedPeer::Close),
+            reset_on_reconnect: AtomicBool::new(true),
+            drop_after: Mutex::new(None),
             region: cfg.region,
             minute: cfg.minute,
             max_open_tunnels: cfg.max_open_tunnels,
@@ -312,6 +330,56 @@ impl Emulator {
     ) -> Result<serde_json::Value, control::ApiError> {
         let target = format!("{}{operation}", control::TARGET_PREFIX);
         control::dispatch(&self.shared, &target, &body).await
+    }
+
+    /// Switch: what happens to a peer that a new connection of the same mode replaces
+    /// (default `Close`).
+    pub fn set_replaced_peer(&self, policy: ReplacedPeer) {
+        *self
+            .shared
+            .replaced_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    /// Switch: whether a (re)connected peer resets the other side's open streams (default on).
+    pub fn set_reset_streams_on_reconnect(&self, on: bool) {
+        self.shared.reset_on_reconnect.store(on, Ordering::Relaxed);
+    }
+
+    /// Fault: accept every upgrade, then cut the connection (no close frame) after `after`.
+    pub fn set_drop_after_upgrade(&self, after: Option<Duration>) {
+        *self
+            .shared
+            .drop_after
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = after;
+    }
+
+    /// Fault: the peer stops reading and writing without closing anything (a dead link).
+    pub fn black_hole(&self, tunnel_id: &str, mode: Mode) -> bool {
+        match self.peer(tunnel_id, mode) {
+            Some(p) => {
+                p.hole.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every connection and disconnection of the tunnel's peers, oldest first.
+    pub fn peer_events(&self, tunnel_id: &str) -> Vec<PeerEvent> {
+        self.shared
+            .lock()
+            .tunnel(tunnel_id)
+            .map(|t| t.events.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The access and client token the connected peer of `mode` presented.
+    pub fn peer_tokens(&self, tunnel_id: &str, mode: Mode) -> Option<(String, Option<String>)> {
+        self.peer(tunnel_id, mode)
+            .map(|p| (p.token.clone(), p.client_token.clone()))
     }
 
     /// Switch: disconnect the peer whose token is rotated, at once.
@@ -584,18 +652,20 @@ async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
     let (tunnel_id, mode) = (accepted.tunnel_id, accepted.mode);
     let id = shared.next_peer.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(PEER_QUEUE);
-    let kill = CancellationToken::new();
     let handle = PeerHandle {
         id,
         tx: tx.clone(),
-        kill: kill.clone(),
+        kill: CancellationToken::new(),
         subprotocol: accepted.subprotocol,
         token: accepted.token,
+        client_token: accepted.client_token,
+        hole: CancellationToken::new(),
     };
-    if !register(&shared, &tunnel_id, mode, handle) {
+    if !register(&shared, &tunnel_id, mode, handle.clone()) {
         return;
     }
-    peer::run(shared, tunnel_id, mode, id, ws, (tx, rx), kill).await;
+    let drop_after = *shared.drop_after.lock().unwrap_or_else(|e| e.into_inner());
+    peer::run(shared, tunnel_id, mode, handle, ws, (tx, rx), drop_after).await;
 }
 
 /// Installs a newly connected peer: SERVICE_IDS first (V2/V3 peers), the replaced peer
@@ -616,23 +686,40 @@ fn register(shared: &Shared, tunnel_id: &str, mode: Mode, peer: PeerHandle) -> b
                 let _ = peer.tx.try_send(PeerCmd::Frame(raw.freeze()));
             }
         }
+        t.record(&peer, mode, PeerEventKind::Connected);
         let old = t.set_peer(mode, peer);
-        // A (re)connected peer knows none of the open streams: reset them on the other side.
-        let resets: Vec<Message> = t
-            .active_streams
-            .drain()
-            .map(|(service, stream)| Message::stream_reset(stream, &service))
-            .collect();
+        // A (re)connected peer knows none of the open streams: the service resets them on
+        // the other side (spec §3.5), unless the switch is off.
+        let resets: Vec<Message> = if shared.reset_on_reconnect.load(Ordering::Relaxed) {
+            t.active_streams
+                .drain()
+                .map(|(service, stream)| Message::stream_reset(stream, &service))
+                .collect()
+        } else {
+            Vec::new()
+        };
         (old, t.peer(mode.peer()).cloned(), resets)
     };
     if let Some(old) = old {
-        info!(tunnel = %tunnel_id, %mode, "peer replaced by a new connection");
-        if old
-            .tx
-            .try_send(PeerCmd::Close(1000, "replaced by a new connection".into()))
-            .is_err()
-        {
-            old.kill.cancel();
+        let policy = *shared
+            .replaced_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        info!(tunnel = %tunnel_id, %mode, ?policy, "peer replaced by a new connection");
+        match policy {
+            // A black-holed peer reads no commands: it can only be dropped.
+            _ if old.hole.is_cancelled() => old.kill.cancel(),
+            ReplacedPeer::Close => {
+                if old
+                    .tx
+                    .try_send(PeerCmd::Close(1000, "replaced by a new connection".into()))
+                    .is_err()
+                {
+                    old.kill.cancel();
+                }
+            }
+            ReplacedPeer::Keep => {}
+            ReplacedPeer::Drop => old.kill.cancel(),
         }
     }
     if let Some(other) = other {

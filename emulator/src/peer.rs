@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::Shared;
-use super::state::PeerCmd;
+use super::state::{PeerCmd, PeerHandle};
 use securetunnel_agent::protocol::codec::RawFrameCodec;
 use securetunnel_agent::protocol::{
     FrameReader, LENGTH_PREFIX, MAX_PAYLOAD, MAX_WS_MESSAGE, Message, MessageType, Mode,
@@ -58,21 +59,40 @@ pub async fn run(
     shared: Arc<Shared>,
     tunnel_id: String,
     mode: Mode,
-    id: u64,
+    peer: PeerHandle,
     ws: PeerWs,
     (tx, rx): (mpsc::Sender<PeerCmd>, mpsc::Receiver<PeerCmd>),
-    kill: CancellationToken,
+    drop_after: Option<Duration>,
 ) {
+    let (kill, hole) = (peer.kill.clone(), peer.hole.clone());
     let (sink, stream) = ws.split();
-    let writer = tokio::spawn(write_loop(sink, rx, kill.clone(), shared.clone()));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        kill.clone(),
+        hole.clone(),
+        shared.clone(),
+    ));
+    let dropped = async {
+        match drop_after {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     let why = tokio::select! {
         _ = kill.cancelled() => "dropped by the emulator",
+        _ = dropped => "dropped after the upgrade (fault switch)",
+        _ = hole.cancelled() => {
+            // Neither reads nor writes, and closes nothing, until it is dropped.
+            kill.cancelled().await;
+            "black-holed, then dropped"
+        }
         why = read_loop(&shared, &tunnel_id, mode, stream, tx) => why,
     };
     debug!(tunnel = %tunnel_id, %mode, "peer gone: {why}");
     kill.cancel();
     let _ = writer.await;
-    shared.peer_gone(&tunnel_id, mode, id);
+    shared.peer_gone(&tunnel_id, mode, &peer, why);
 }
 
 async fn read_loop(
@@ -124,12 +144,17 @@ async fn write_loop(
     mut sink: SplitSink<PeerWs, WsMessage>,
     mut rx: mpsc::Receiver<PeerCmd>,
     kill: CancellationToken,
+    hole: CancellationToken,
     shared: Arc<Shared>,
 ) {
     let mut pending = BytesMut::new();
     loop {
         let cmd = tokio::select! {
             _ = kill.cancelled() => return,
+            _ = hole.cancelled() => {
+                kill.cancelled().await;
+                return;
+            }
             c = rx.recv() => c,
         };
         let result = match cmd {

@@ -31,6 +31,28 @@ pub struct PeerHandle {
     pub subprotocol: &'static str,
     /// The access token this peer's handshake presented.
     pub token: String,
+    /// The client token it presented, if any.
+    pub client_token: Option<String>,
+    /// Fault: the peer stops reading and writing without closing anything.
+    pub hole: CancellationToken,
+}
+
+/// What happened to a tunnel's peers, in order, for tests that check ordering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEvent {
+    pub at: std::time::Instant,
+    pub mode: Mode,
+    pub peer: u64,
+    pub access_token: String,
+    pub client_token: Option<String>,
+    pub kind: PeerEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEventKind {
+    Connected,
+    /// The connection ended; why.
+    Gone(String),
 }
 
 #[derive(Debug)]
@@ -66,7 +88,12 @@ pub struct Tunnel {
     slots: [Slot; 2],
     /// service id -> stream id, as opened by the source's STREAM_START.
     pub active_streams: HashMap<String, i32>,
+    /// Peer connections and disconnections, oldest first (bounded).
+    pub events: std::collections::VecDeque<PeerEvent>,
 }
+
+/// Peer events kept per tunnel.
+const MAX_EVENTS: usize = 4096;
 
 fn idx(mode: Mode) -> usize {
     match mode {
@@ -100,6 +127,21 @@ impl Tunnel {
 
     pub fn last_updated(&self, mode: Mode) -> SystemTime {
         self.slots[idx(mode)].last_updated
+    }
+
+    /// Records a peer event.
+    pub fn record(&mut self, peer: &PeerHandle, mode: Mode, kind: PeerEventKind) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(PeerEvent {
+            at: std::time::Instant::now(),
+            mode,
+            peer: peer.id,
+            access_token: peer.token.clone(),
+            client_token: peer.client_token.clone(),
+            kind,
+        });
     }
 }
 
@@ -193,6 +235,7 @@ impl State {
                 lifetime,
                 slots: [slot(src.clone()), slot(dst.clone())],
                 active_streams: HashMap::new(),
+                events: Default::default(),
             },
         );
         TunnelTokens {

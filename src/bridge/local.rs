@@ -144,6 +144,23 @@ impl ConnHandle {
     }
 }
 
+/// Counts a connection as open for as long as its task exists (ends or is aborted).
+#[derive(Debug)]
+pub struct OpenGuard(Arc<Stats>);
+
+impl OpenGuard {
+    pub fn new(stats: Arc<Stats>) -> Self {
+        stats.open_connections.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(stats)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub struct ConnTask {
     pub id: u64,
     pub service: String,
@@ -156,6 +173,7 @@ pub struct ConnTask {
     pub reset: CancellationToken,
     pub limits: Limits,
     pub stats: Arc<Stats>,
+    pub _open: OpenGuard,
 }
 
 impl ConnTask {

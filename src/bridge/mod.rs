@@ -13,15 +13,17 @@ pub mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::protocol::{self, Format, Mode};
 use crate::secret::Secret;
 use crate::services::SharedServiceMap;
@@ -34,6 +36,9 @@ pub use ws::{DataEndpoint, HandshakeError};
 pub struct Limits {
     /// Interval between pings on the websocket.
     pub ping_interval: Duration,
+    /// A websocket that receives nothing at all (no data, ping or pong) this long is
+    /// dropped and reconnected with the same tokens; zero turns it off.
+    pub idle_timeout: Duration,
     /// Messages (each at most 64512 bytes) queued toward one local connection.
     pub queue_depth: usize,
     /// A connection whose queue stays full this long is reset (see `session::on_data`).
@@ -61,6 +66,21 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Rule: a link is pinged at least three times per idle timeout, so a service that
+    /// answers pings keeps an idle tunnel alive.
+    pub fn with_idle_timeout(self, idle: Duration) -> Self {
+        let ping_interval = if idle.is_zero() {
+            protocol::PING_INTERVAL
+        } else {
+            protocol::PING_INTERVAL.min(idle / 3)
+        };
+        Limits {
+            idle_timeout: idle,
+            ping_interval,
+            ..self
+        }
+    }
+
     /// Most bytes held toward one local connection: its queue plus the chunk being written.
     pub fn connection_buffer_bound(&self) -> usize {
         (self.queue_depth.max(1) + 1) * protocol::MAX_PAYLOAD
@@ -71,6 +91,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             ping_interval: protocol::PING_INTERVAL,
+            idle_timeout: protocol::IDLE_TIMEOUT,
             queue_depth: 4,
             stall_timeout: Duration::from_secs(5),
             close_linger: Duration::from_secs(5),
@@ -100,6 +121,8 @@ pub struct Stats {
     pub local_connects: AtomicU64,
     /// Local connections opened (connect succeeded or client accepted).
     pub connections_opened: AtomicU64,
+    /// Local connections open now (their tasks are running).
+    pub open_connections: AtomicUsize,
     /// Streams refused because their service is not in the service map.
     pub refused_streams: AtomicU64,
     /// Times a full connection queue paused the websocket reader.
@@ -130,8 +153,8 @@ impl Stats {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 /// Where the bridge is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     /// Handshaking, or waiting to reconnect.
     Connecting,
@@ -143,8 +166,8 @@ pub enum Phase {
     Ended,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
 /// What the bridge is doing, published on a watch channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct State {
     /// Current phase.
     pub phase: Phase,
@@ -154,6 +177,12 @@ pub struct State {
     pub channel_id: Option<String>,
     /// STREAM_RESET and SESSION_RESET messages received so far.
     pub resets_received: u64,
+    /// When the next handshake starts, while waiting to reconnect.
+    pub retry_at: Option<Instant>,
+    /// Why the last session or handshake ended, if one did.
+    pub last_error: Option<String>,
+    /// Since when the current websocket is up.
+    pub connected_since: Option<SystemTime>,
 }
 
 /// Which end of the tunnel the bridge is.
@@ -189,8 +218,8 @@ pub struct BridgeConfig {
     pub limits: Limits,
 }
 
-#[derive(Debug, PartialEq, Eq)]
 /// How a bridge ended, when it ended normally.
+#[derive(Debug, PartialEq, Eq)]
 pub enum BridgeEnd {
     /// The service closed the websocket: CloseTunnel or the tunnel's lifetime ended.
     ClosedByService {
@@ -201,21 +230,24 @@ pub enum BridgeEnd {
     },
     /// The caller cancelled the bridge.
     Cancelled,
+    /// The bridge was retired (its token was replaced) and its websocket then ended: a
+    /// retired bridge never reconnects, so a revoked token is never presented again.
+    Retired,
 }
 
-#[derive(Debug, thiserror::Error)]
 /// Why a bridge could not run or stopped for good.
+#[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
-    #[error("{0}")]
     /// The service refused the handshake and retrying cannot help.
+    #[error("{0}")]
     Rejected(HandshakeError),
-    #[error("invalid access token: {0}")]
     /// The access token is unusable (empty, too long, control characters).
+    #[error("invalid access token: {0}")]
     AccessToken(&'static str),
+    /// The client token does not follow the rule.
     #[error(
         "invalid client token: use 32-128 characters of letters, digits and '-' (a UUID works)"
     )]
-    /// The client token does not follow the rule.
     ClientToken,
 }
 
@@ -223,6 +255,7 @@ pub enum BridgeError {
 pub struct Bridge {
     role: Role,
     link: Link,
+    retire: CancellationToken,
 }
 
 /// Everything about the websocket side that stays the same across reconnects.
@@ -257,6 +290,9 @@ impl Bridge {
             sessions: 0,
             channel_id: None,
             resets_received: 0,
+            retry_at: None,
+            last_error: None,
+            connected_since: None,
         });
         Ok(Bridge {
             role: cfg.role,
@@ -269,6 +305,7 @@ impl Bridge {
                 stats: Arc::default(),
                 state,
             },
+            retire: CancellationToken::new(),
         })
     }
 
@@ -280,6 +317,12 @@ impl Bridge {
     /// The bridge's state, updated as it changes.
     pub fn state(&self) -> watch::Receiver<State> {
         self.link.state.subscribe()
+    }
+
+    /// Cancel it to retire the bridge: the current websocket session goes on, but once it
+    /// ends the bridge returns instead of reconnecting (its token was replaced).
+    pub fn retire_handle(&self) -> CancellationToken {
+        self.retire.clone()
     }
 
     /// Destination or source.
@@ -296,9 +339,13 @@ impl Bridge {
         let span =
             tracing::info_span!("bridge", mode = %self.mode(), token = %self.link.access_token);
         let mode = self.mode();
-        let Bridge { role, link } = self;
-        let result = link.run(role, mode, cancel).instrument(span).await;
-        link.state.send_modify(|s| s.phase = Phase::Ended);
+        let Bridge { role, link, retire } = self;
+        let result = link.run(role, mode, cancel, retire).instrument(span).await;
+        link.state.send_modify(|s| {
+            s.phase = Phase::Ended;
+            s.retry_at = None;
+            s.connected_since = None;
+        });
         result
     }
 }
@@ -309,6 +356,7 @@ impl Link {
         role: Role,
         mode: Mode,
         cancel: CancellationToken,
+        retire: CancellationToken,
     ) -> Result<BridgeEnd, BridgeError> {
         let (accept_tx, mut accepts) = mpsc::channel(ACCEPT_QUEUE);
         let mut listener_tasks = JoinSet::new();
@@ -321,9 +369,16 @@ impl Link {
             }
         };
         let mut table = streams::StreamTable::default();
-        let mut failures: u32 = 0;
+        let mut backoff = Backoff::new(
+            self.limits.reconnect_min_delay,
+            self.limits.reconnect_max_delay,
+        );
         loop {
-            self.state.send_modify(|s| s.phase = Phase::Connecting);
+            self.state.send_modify(|s| {
+                s.phase = Phase::Connecting;
+                s.retry_at = None;
+                s.connected_since = None;
+            });
             let params = ws::HandshakeParams {
                 endpoint: &self.endpoint,
                 mode,
@@ -336,23 +391,26 @@ impl Link {
                 _ = cancel.cancelled() => return Ok(BridgeEnd::Cancelled),
                 r = ws::connect(&params) => r,
             };
-            match connected {
+            let why = match connected {
                 Ok(c) => {
-                    if failures > 0 {
+                    if backoff.failures() > 0 {
                         info!(
-                            attempts = failures + 1,
+                            attempts = backoff.failures() + 1,
                             "websocket connected after retrying"
                         );
                     }
-                    failures = 0;
                     let role = match &services {
                         Some(map) => relay::Role::Destination(map),
                         None => relay::Role::Source(format),
                     };
-                    match self
+                    let up = Instant::now();
+                    let end = self
                         .session(c, role, &mut table, &mut accepts, &cancel)
-                        .await
-                    {
+                        .await;
+                    // Only a session that stayed up ends the failure streak: a service that
+                    // accepts and then drops us keeps backing off.
+                    backoff.connection_lasted(up.elapsed());
+                    match end {
                         SessionEnd::Closed(frame) => {
                             let (code, reason) = frame
                                 .map(|f| (u16::from(f.code), f.reason.to_string()))
@@ -361,38 +419,46 @@ impl Link {
                             return Ok(BridgeEnd::ClosedByService { code, reason });
                         }
                         SessionEnd::Cancelled => return Ok(BridgeEnd::Cancelled),
-                        SessionEnd::Lost(why) => warn!("{why}; reconnecting"),
+                        SessionEnd::Lost(why) => why,
                         SessionEnd::Protocol(e) => {
                             self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                            warn!("protocol error: {e}; reconnecting");
+                            format!("protocol error: {e}")
                         }
                     }
                 }
                 Err(e) if !e.is_retryable() => {
-                    error!("{e}; not retrying with this token");
+                    // The caller logs it: one line per rejected token.
+                    debug!("{e}; not retrying with this token");
                     return Err(BridgeError::Rejected(e));
                 }
                 Err(e) => {
-                    // Log the first failure of a streak loudly, the rest quietly.
-                    if failures == 0 {
-                        warn!("{e}; retrying with backoff");
-                    } else {
-                        debug!(attempt = failures + 1, "{e}");
-                    }
-                    failures += 1;
                     self.stats
                         .handshake_failures
                         .fetch_add(1, Ordering::Relaxed);
+                    e.to_string()
                 }
+            };
+            if retire.is_cancelled() {
+                info!("{why}; not reconnecting: this token was replaced");
+                return Ok(BridgeEnd::Retired);
             }
-            let delay = reconnect_delay(
-                failures,
-                self.limits.reconnect_min_delay,
-                self.limits.reconnect_max_delay,
-            );
+            // The first failure of a streak is logged loudly, the rest quietly.
+            if backoff.failures() == 0 {
+                warn!("{why}; reconnecting with backoff");
+            } else {
+                debug!(attempt = backoff.failures() + 1, "{why}");
+            }
+            let delay = backoff.failed();
+            let retry_at = Instant::now() + delay;
+            self.state.send_modify(|s| {
+                s.phase = Phase::Connecting;
+                s.retry_at = Some(retry_at);
+                s.last_error = Some(why);
+            });
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(BridgeEnd::Cancelled),
-                _ = tokio::time::sleep(delay) => {}
+                _ = retire.cancelled() => return Ok(BridgeEnd::Retired),
+                _ = tokio::time::sleep_until(retry_at) => {}
             }
         }
     }
@@ -411,6 +477,7 @@ impl Link {
             s.phase = Phase::Connected;
             s.sessions += 1;
             s.channel_id = c.channel_id.clone();
+            s.connected_since = Some(SystemTime::now());
         });
         let (sink, incoming) = c.ws.split();
         let limits = self.limits;
@@ -454,30 +521,9 @@ impl Link {
     }
 }
 
-/// Exponential backoff with full jitter: uniform in [0, min(max, min_delay x 2^failures)].
-pub fn reconnect_delay(failures: u32, min_delay: Duration, max_delay: Duration) -> Duration {
-    let ceiling = min_delay
-        .saturating_mul(1u32 << failures.min(16))
-        .min(max_delay);
-    ceiling.mul_f64(fastrand::f64())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reconnect_delay_grows_exponentially_with_jitter_and_is_capped() {
-        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
-        for failures in 0..40 {
-            let ceiling = (min * 2u32.pow(failures.min(16))).min(max);
-            for _ in 0..50 {
-                assert!(reconnect_delay(failures, min, max) <= ceiling);
-            }
-        }
-        let spread: Vec<_> = (0..50).map(|_| reconnect_delay(10, min, max)).collect();
-        assert!(spread.iter().any(|d| *d != spread[0]), "no jitter");
-    }
 
     #[test]
     fn malformed_client_token_is_refused_with_the_rule() {

@@ -10,13 +10,14 @@ use futures_util::stream::SplitStream;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::oneshot;
 use tokio::task::{JoinError, JoinSet};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, protocol::CloseFrame};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, trace, warn};
 
 use std::collections::{HashMap, VecDeque};
 
-use super::local::{ConnExit, ConnHandle, ConnTask, ExitCause, LocalStream, Open};
+use super::local::{ConnExit, ConnHandle, ConnTask, ExitCause, LocalStream, Open, OpenGuard};
 use super::source::Accepted;
 use super::streams::{Route, StreamTable};
 use super::ws::{Outbound, WsStream};
@@ -90,11 +91,27 @@ impl Session<'_> {
         let accepting = matches!(self.role, Role::Source(_));
         // A second handle, so a send permit does not borrow `self`.
         let out = self.out.clone();
+        // Dead-link detection: anything received (data, ping, pong) proves the link alive.
+        // The timer is re-armed lazily, once per idle period, not once per message.
+        let idle = self.limits.idle_timeout;
+        let mut last_rx = Instant::now();
+        let idle_check = tokio::time::sleep(idle);
+        tokio::pin!(idle_check);
         loop {
             let ready = accepting && self.tunnel_services.is_some();
             tokio::select! {
                 _ = cancel.cancelled() => return SessionEnd::Cancelled,
+                _ = &mut idle_check, if !idle.is_zero() => {
+                    let deadline = last_rx + idle;
+                    if Instant::now() >= deadline {
+                        return SessionEnd::Lost(format!(
+                            "nothing received for {idle:?} (no data, no ping, no pong): the link is dead"
+                        ));
+                    }
+                    idle_check.as_mut().reset(deadline);
+                }
                 ws = incoming.next() => {
+                    last_rx = Instant::now();
                     if let Err(end) = self.on_ws(ws, &mut reader, cancel).await {
                         return end;
                     }
@@ -385,6 +402,7 @@ impl Session<'_> {
             reset: reset.clone(),
             limits: self.limits,
             stats: self.stats.clone(),
+            _open: OpenGuard::new(self.stats.clone()),
         };
         // Inherit the session's span so connection logs carry the tunnel and token.
         self.tasks

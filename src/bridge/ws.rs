@@ -146,27 +146,27 @@ impl std::fmt::Display for DataEndpoint {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
 /// Why a websocket handshake failed.
+#[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    #[error("cannot reach {endpoint}: {source}")]
     /// TCP connect failed.
+    #[error("cannot reach {endpoint}: {source}")]
     Connect {
         /// Where.
         endpoint: String,
         /// Why.
         source: io::Error,
     },
-    #[error("TLS handshake with {endpoint} failed: {source}")]
     /// The TLS handshake failed.
+    #[error("TLS handshake with {endpoint} failed: {source}")]
     Tls {
         /// With whom.
         endpoint: String,
         /// Why.
         source: io::Error,
     },
-    #[error("the service rejected the websocket upgrade: HTTP {status}: {body}")]
     /// The service answered the upgrade with an HTTP error.
+    #[error("the service rejected the websocket upgrade: HTTP {status}: {body}")]
     Rejected {
         /// HTTP status.
         status: u16,
@@ -175,19 +175,19 @@ pub enum HandshakeError {
         /// The service's `channel-id`, when it sent one.
         channel_id: Option<String>,
     },
-    #[error("the service did not echo subprotocol {SUBPROTOCOL_V3}: {0}")]
     /// The 101 response did not carry the offered subprotocol.
+    #[error("the service did not echo subprotocol {SUBPROTOCOL_V3}: {0}")]
     Subprotocol(String),
-    #[error("websocket handshake failed: {0}")]
     /// Any other websocket-level failure.
+    #[error("websocket handshake failed: {0}")]
     Websocket(tungstenite::Error),
+    /// The request would exceed the service's 4 KiB limit.
     #[error(
         "the handshake request would be {0} bytes; the service accepts at most {MAX_HANDSHAKE_REQUEST}: check the access token"
     )]
-    /// The request would exceed the service's 4 KiB limit.
     RequestTooLarge(usize),
-    #[error("the handshake did not finish within {0:?}")]
     /// The handshake took longer than allowed.
+    #[error("the handshake did not finish within {0:?}")]
     Timeout(Duration),
 }
 
@@ -307,6 +307,9 @@ async fn connect_inner(p: &HandshakeParams<'_>, req: Request) -> Result<Connecte
             source,
         })?;
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = crate::net::harden(socket2::SockRef::from(&tcp)) {
+        tracing::debug!("keepalive on the websocket socket: {e}");
+    }
     let io: Box<dyn Io> = match (p.endpoint.tls, p.tls) {
         (true, Some(config)) => {
             let name =

@@ -4,35 +4,35 @@
 
 use bytes::Bytes;
 
-#[derive(Clone, PartialEq, prost::Message)]
 /// One tunnel message (protobuf, `Message.proto`).
+#[derive(Clone, PartialEq, prost::Message)]
 pub struct Message {
-    #[prost(enumeration = "MessageType", tag = "1")]
     /// `MessageType` as its wire value (unknown values are kept).
+    #[prost(enumeration = "MessageType", tag = "1")]
     pub r#type: i32,
-    #[prost(int32, tag = "2")]
     /// Stream the message belongs to; chosen by the source.
+    #[prost(int32, tag = "2")]
     pub stream_id: i32,
-    #[prost(bool, tag = "3")]
     /// An unknown type marked ignorable may be dropped.
+    #[prost(bool, tag = "3")]
     pub ignorable: bool,
-    #[prost(bytes = "bytes", tag = "4")]
     /// DATA bytes, at most 64512.
+    #[prost(bytes = "bytes", tag = "4")]
     pub payload: Bytes,
-    #[prost(string, tag = "5")]
     /// Service the stream belongs to (V2+); empty for V1 peers.
+    #[prost(string, tag = "5")]
     pub service_id: String,
-    #[prost(string, repeated, tag = "6")]
     /// SERVICE_IDS: the tunnel's services.
+    #[prost(string, repeated, tag = "6")]
     pub available_service_ids: Vec<String>,
-    #[prost(uint32, tag = "7")]
     /// Connection within the stream (V3); 0 means absent.
+    #[prost(uint32, tag = "7")]
     pub connection_id: u32,
 }
 
+/// `Message.Type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
-/// `Message.Type`.
 pub enum MessageType {
     /// Invalid on the wire.
     Unknown = 0,

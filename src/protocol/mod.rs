@@ -24,6 +24,10 @@ pub const MAX_HANDSHAKE_REQUEST: usize = 4096;
 pub const MAX_ACCESS_TOKEN: usize = 4096;
 /// Reference clients ping every 20 s; the service never requires pongs.
 pub const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// A websocket that receives nothing for this long is presumed dead. No source states the
+/// service's own idle behaviour; a service that answers pings keeps the link alive, and one
+/// that does not (spec §1.5) costs one reconnect per minute while the tunnel is idle.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Subprotocol of the V1 message format.
 pub const SUBPROTOCOL_V1: &str = "aws.iot.securetunneling-1.0";
@@ -79,34 +83,34 @@ pub enum Format {
 /// A violation of the wire protocol by the peer or the service: the session cannot go on.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("text websocket frame received; the protocol only uses binary frames")]
     /// A text frame arrived.
+    #[error("text websocket frame received; the protocol only uses binary frames")]
     TextFrame,
-    #[error("websocket message of {0} bytes exceeds the {MAX_WS_MESSAGE}-byte limit")]
     /// A websocket message above the limit.
+    #[error("websocket message of {0} bytes exceeds the {MAX_WS_MESSAGE}-byte limit")]
     WsMessageTooLarge(usize),
-    #[error("message payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
     /// A payload above the limit.
+    #[error("message payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
     PayloadTooLarge(usize),
-    #[error("malformed tunnel message: {0}")]
     /// Bytes that are not a `Message`.
+    #[error("malformed tunnel message: {0}")]
     Malformed(#[from] prost::DecodeError),
-    #[error("message type {0} is not known and not marked ignorable")]
     /// A type this schema does not know, not ignorable.
+    #[error("message type {0} is not known and not marked ignorable")]
     UnknownType(i32),
-    #[error("{kind:?} is not valid toward a {mode} peer")]
     /// A type this end must never receive.
+    #[error("{kind:?} is not valid toward a {mode} peer")]
     UnexpectedType {
         /// The type received.
         kind: MessageType,
         /// This end.
         mode: Mode,
     },
-    #[error("{0:?} with stream id 0 is invalid")]
     /// A stream-opening message with stream id 0.
+    #[error("{0:?} with stream id 0 is invalid")]
     ZeroStreamId(MessageType),
-    #[error("i/o error while framing: {0}")]
     /// Reading the websocket failed while framing.
+    #[error("i/o error while framing: {0}")]
     Io(#[from] std::io::Error),
 }
 

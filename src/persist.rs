@@ -1,0 +1,371 @@
+//! Live sessions on disk, so a restart (crash, watchdog, OOM kill, upgrade) rejoins every
+//! tunnel with the same access and client token instead of losing it. One file per session
+//! in `<state_dir>/sessions/`, written atomically (exclusive no-follow temp file, fsync,
+//! rename) with mode 0600 in a directory only the agent's user may use. A file that is not
+//! ours or does not parse is moved aside with a warning, never fatal.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::secret::Secret;
+
+/// A file larger than this is not one of ours (a session file is under 5 KiB).
+const MAX_FILE: u64 = 64 * 1024;
+const SUFFIX: &str = ".session.json";
+
+/// What a restart needs to rejoin a tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistedSession {
+    /// Random name of the file, never derived from a token.
+    pub file_id: String,
+    pub thing: String,
+    pub region: String,
+    pub services: Vec<String>,
+    pub access_token: Secret,
+    pub client_token: Secret,
+    /// When the token first connected: the agent's own lifetime counts from it.
+    pub first_connected: Option<SystemTime>,
+}
+
+/// The file's shape. Tokens are written from and read into memory that is wiped.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileV1<T> {
+    version: u32,
+    thing: String,
+    region: String,
+    services: Vec<String>,
+    access_token: T,
+    client_token: T,
+    first_connected_unix: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{dir}: {source}")]
+    Io { dir: PathBuf, source: io::Error },
+    #[error(
+        "{dir} is owned by uid {owner}, not by this agent (uid {me}): sessions are not persisted there; give the agent its own state_dir"
+    )]
+    Foreign { dir: PathBuf, owner: u32, me: u32 },
+}
+
+/// The sessions directory.
+pub struct SessionStore {
+    dir: PathBuf,
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+impl SessionStore {
+    /// Opens (creating, mode 0700) `<state_dir>/sessions`. Refuses a directory that another
+    /// user owns: whoever controls it could plant sessions or read tokens.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_as(state_dir, euid())
+    }
+
+    fn open_as(state_dir: &Path, me: u32) -> Result<Self, StoreError> {
+        let dir = state_dir.join("sessions");
+        let io_err = |source| StoreError::Io {
+            dir: dir.clone(),
+            source,
+        };
+        match fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+        {
+            Ok(()) => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        for d in [state_dir, dir.as_path()] {
+            let meta = fs::symlink_metadata(d).map_err(io_err)?;
+            if meta.uid() != me || !meta.is_dir() {
+                return Err(StoreError::Foreign {
+                    dir: d.to_owned(),
+                    owner: meta.uid(),
+                    me,
+                });
+            }
+        }
+        // Only the agent's user may list or read the sessions.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
+        Ok(SessionStore { dir })
+    }
+
+    fn path(&self, file_id: &str) -> PathBuf {
+        self.dir.join(format!("{file_id}{SUFFIX}"))
+    }
+
+    /// A new random file id.
+    pub fn new_id() -> String {
+        uuid::Uuid::new_v4().simple().to_string()
+    }
+
+    /// Writes (or replaces) a session's file atomically.
+    pub fn save(&self, s: &PersistedSession) -> io::Result<()> {
+        let file = FileV1 {
+            version: 1,
+            thing: s.thing.clone(),
+            region: s.region.clone(),
+            services: s.services.clone(),
+            access_token: s.access_token.expose(),
+            client_token: s.client_token.expose(),
+            first_connected_unix: s
+                .first_connected
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+        };
+        // Room for the largest file up front, so the buffer never reallocates and leaves an
+        // unwiped copy of a token behind.
+        let mut text = Zeroizing::new(Vec::with_capacity(MAX_FILE as usize));
+        serde_json::to_writer(&mut *text, &file).map_err(io::Error::other)?;
+        let tmp = self
+            .dir
+            .join(format!(".{}.tmp-{}", s.file_id, fastrand::u64(..)));
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+            fs::rename(&tmp, self.path(&s.file_id))?;
+            sync_dir(&self.dir)
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    /// Removes a session's file (the session ended).
+    pub fn remove(&self, file_id: &str) -> io::Result<()> {
+        match fs::remove_file(self.path(file_id)) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every persisted session. Files that are not ours or do not parse are moved aside
+    /// (`<name>.rejected`), each with the reason; leftover temp files are removed.
+    pub fn load(&self) -> (Vec<PersistedSession>, Vec<String>) {
+        let mut sessions = Vec::new();
+        let mut warnings = Vec::new();
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                warnings.push(format!("{}: {e}", self.dir.display()));
+                return (sessions, warnings);
+            }
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        for name in names {
+            let path = self.dir.join(&name);
+            if name.starts_with('.') && name.contains(".tmp-") {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let Some(file_id) = name.strip_suffix(SUFFIX) else {
+                continue;
+            };
+            match read_session(&path, file_id) {
+                Ok(s) => sessions.push(s),
+                Err(why) => {
+                    let aside = self.dir.join(format!("{name}.rejected"));
+                    let moved = fs::rename(&path, &aside).is_ok();
+                    warnings.push(format!(
+                        "session file {} {why}; {}",
+                        path.display(),
+                        if moved {
+                            format!("moved aside to {}", aside.display())
+                        } else {
+                            "left in place (cannot move it)".to_owned()
+                        }
+                    ));
+                }
+            }
+        }
+        (sessions, warnings)
+    }
+}
+
+fn read_session(path: &Path, file_id: &str) -> Result<PersistedSession, String> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| format!("cannot be opened ({e})"))?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() || meta.uid() != euid() || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "is not a private file of this agent (uid {}, mode {:04o})",
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    if meta.len() > MAX_FILE {
+        return Err(format!(
+            "is {} bytes, too large to be a session",
+            meta.len()
+        ));
+    }
+    let mut text = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
+    io::Read::read_to_end(&mut io::Read::take(f, MAX_FILE), &mut text)
+        .map_err(|e| e.to_string())?;
+    let file: FileV1<String> =
+        serde_json::from_slice(&text).map_err(|e| format!("does not parse ({e})"))?;
+    // Wrap the tokens at once so they are wiped whatever happens next.
+    let access_token = Secret::new(file.access_token);
+    let client_token = Secret::new(file.client_token);
+    if file.version != 1 {
+        return Err(format!("has version {}, this agent reads 1", file.version));
+    }
+    let s = PersistedSession {
+        file_id: file_id.to_owned(),
+        thing: file.thing,
+        region: file.region,
+        services: file.services,
+        access_token,
+        client_token,
+        first_connected: file
+            .first_connected_unix
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+    };
+    validate(&s)?;
+    Ok(s)
+}
+
+/// Rule: a persisted session is used only if it is as valid as a notify would have to be.
+fn validate(s: &PersistedSession) -> Result<(), String> {
+    use crate::protocol::{
+        access_token_problem, is_valid_client_token, is_valid_region, is_valid_service_id,
+    };
+    if !is_valid_service_id(&s.thing) {
+        return Err("names an invalid thing".into());
+    }
+    if !is_valid_region(&s.region) {
+        return Err("names an invalid region".into());
+    }
+    if !(1..=3).contains(&s.services.len()) || !s.services.iter().all(|x| is_valid_service_id(x)) {
+        return Err("lists invalid services".into());
+    }
+    if let Some(p) = access_token_problem(s.access_token.expose()) {
+        return Err(format!("holds an unusable access token ({p})"));
+    }
+    if !is_valid_client_token(s.client_token.expose()) {
+        return Err("holds an invalid client token".into());
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str) -> PersistedSession {
+        PersistedSession {
+            file_id: id.to_owned(),
+            thing: "gw-1".into(),
+            region: "eu-west-1".into(),
+            services: vec!["SSH".into(), "HTTP".into()],
+            access_token: Secret::new("AQGA-token"),
+            client_token: Secret::new(uuid::Uuid::new_v4().to_string()),
+            first_connected: Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
+        }
+    }
+
+    #[test]
+    fn a_saved_session_loads_back_and_leaves_with_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SessionStore::open(dir.path()).unwrap();
+        let s = session(&SessionStore::new_id());
+        store.save(&s).unwrap();
+        let (loaded, warnings) = store.load();
+        assert_eq!(loaded, vec![s.clone()]);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let meta = fs::metadata(store.path(&s.file_id)).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let dmeta = fs::metadata(dir.path().join("sessions")).unwrap();
+        assert_eq!(dmeta.mode() & 0o777, 0o700);
+        store.remove(&s.file_id).unwrap();
+        assert!(store.load().0.is_empty());
+        store.remove(&s.file_id).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_or_foreign_file_is_moved_aside_never_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SessionStore::open(dir.path()).unwrap();
+        let good = session("good");
+        store.save(&good).unwrap();
+        fs::write(store.path("garbage"), "{not json").unwrap();
+        fs::set_permissions(store.path("garbage"), fs::Permissions::from_mode(0o600)).unwrap();
+        // World-readable: someone else may have written or read it.
+        store.save(&session("open")).unwrap();
+        fs::set_permissions(store.path("open"), fs::Permissions::from_mode(0o644)).unwrap();
+        // A symlink is never followed.
+        std::os::unix::fs::symlink(store.path("good"), store.path("link")).unwrap();
+        let (loaded, warnings) = store.load();
+        assert_eq!(loaded, vec![good]);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings.iter().all(|w| !w.contains("AQGA")), "{warnings:?}");
+        assert!(store.dir.join(format!("garbage{SUFFIX}.rejected")).exists());
+        // Moved aside: the next start does not warn again.
+        assert!(store.load().1.is_empty());
+    }
+
+    #[test]
+    fn an_invalid_session_is_refused_like_a_bad_notify() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SessionStore::open(dir.path()).unwrap();
+        let mut s = session("bad");
+        s.client_token = Secret::new("short");
+        store.save(&s).unwrap();
+        let (loaded, warnings) = store.load();
+        assert!(loaded.is_empty());
+        assert!(warnings[0].contains("client token"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_state_dir_owned_by_someone_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = euid() + 1;
+        let err = SessionStore::open_as(dir.path(), other).err().unwrap();
+        assert!(
+            matches!(err, StoreError::Foreign { me, .. } if me == other),
+            "{err}"
+        );
+        assert!(err.to_string().contains("state_dir"), "{err}");
+    }
+
+    #[test]
+    fn the_file_never_holds_a_token_after_remove_and_temp_files_do_not_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SessionStore::open(dir.path()).unwrap();
+        fs::write(store.dir.join(".x.tmp-1"), "partial").unwrap();
+        let (loaded, warnings) = store.load();
+        assert!(loaded.is_empty() && warnings.is_empty());
+        assert!(!store.dir.join(".x.tmp-1").exists());
+    }
+}
