@@ -4,9 +4,11 @@
 # workspace. Each step is idempotent and names itself when it fails.
 #   ./test.sh [cargo test arguments...]
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")" || exit 1
+# Debian installs mosquitto in /usr/sbin, which a normal user's PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
-step() { printf '\n== %s\n' "$1" >&2; }
+step() { printf '\n== %s\n' "$1"; }
 fail() { printf 'test.sh: step "%s" failed\n' "$1" >&2; exit 1; }
 
 # Real peers: mosquitto (the AWS IoT Core stand-in), openssl (key formats), python3 + venv
@@ -27,13 +29,12 @@ python3 -c "import venv, ensurepip" >/dev/null 2>&1 && have_venv=true
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     case "$p" in python3|python3-venv) $have_venv && continue ;; esac
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    as_root apt-get update -qq || fail "apt-get update"
-    as_root apt-get -o DPkg::Lock::Timeout=900 install -y -qq "${missing[@]}" >/dev/null \
-        || fail "apt-get install ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || fail "apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq \
+        "${missing[@]}" >/dev/null || fail "apt-get install ${missing[*]}"
 fi
 
 step "python venv with boto3 and aws-cli (.venv)"

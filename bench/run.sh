@@ -5,8 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "bench: $*" >&2; }
-log "building (release, demo feature; static x86_64 musl agent)"
+log "building (release: the workspace, then the device agent alone; static x86_64 musl agent)"
 cargo build --locked --release --workspace --bins >&2
+# Built alone last, so target/release/securetunnel-agent has the device's feature set, not the
+# one unified with the emulator's.
+cargo build --locked --release -p securetunnel-agent >&2
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl >&2
 CC_x86_64_unknown_linux_musl=gcc CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
     cargo build --locked --release --target x86_64-unknown-linux-musl --bin securetunnel-agent >&2

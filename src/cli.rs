@@ -163,7 +163,7 @@ pub struct LocalProxyArgs {
 /// A problem with the command line: printed with what to do, exit status 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct UsageError(String);
+pub(crate) struct UsageError(String);
 
 fn usage(msg: impl Into<String>) -> UsageError {
     UsageError(msg.into())
@@ -171,7 +171,7 @@ fn usage(msg: impl Into<String>) -> UsageError {
 
 impl LocalProxyArgs {
     /// The data-plane endpoint from `-e` or `-r`.
-    pub fn endpoint(&self) -> Result<DataEndpoint, UsageError> {
+    pub(crate) fn endpoint(&self) -> Result<DataEndpoint, UsageError> {
         match (&self.region, &self.proxy_endpoint) {
             (_, Some(e)) => DataEndpoint::parse_override(e)
                 .map_err(|p| usage(format!("-e/--proxy-endpoint {e:?}: {p}"))),
@@ -186,7 +186,7 @@ impl LocalProxyArgs {
     }
 
     /// The access token from the environment (or, with a warning, `-t`).
-    pub fn access_token(&self) -> Result<Secret, UsageError> {
+    pub(crate) fn access_token(&self) -> Result<Secret, UsageError> {
         let token = match &self.access_token {
             Some(t) => {
                 warn!(
@@ -206,7 +206,7 @@ impl LocalProxyArgs {
     }
 
     /// The TLS configuration for a `wss` endpoint: platform roots, `-c`, `-k`.
-    pub fn tls(
+    pub(crate) fn tls(
         &self,
         endpoint: &DataEndpoint,
     ) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, UsageError> {
@@ -230,7 +230,7 @@ impl LocalProxyArgs {
     }
 
     /// Builds the bridge configuration; binds source listeners now so a taken port fails early.
-    pub async fn bridge_config(&self) -> Result<BridgeConfig, UsageError> {
+    pub(crate) async fn bridge_config(&self) -> Result<BridgeConfig, UsageError> {
         let endpoint = self.endpoint()?;
         let host = self.local_bind_address.as_deref().unwrap_or(DEFAULT_HOST);
         let role = match (&self.source, &self.destination) {

@@ -12,7 +12,8 @@
 //!   tunnel table), `agent` (carries out the table's decisions), `status` (status.json,
 //!   systemd).
 //!
-//! The public API is what the binary, the emulator crate and the tests use.
+//! The public API is what the binary, the emulator crate and the integration tests use to
+//! run a bridge; the agent's own state stays private.
 #![warn(missing_docs)]
 
 mod agent;

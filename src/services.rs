@@ -126,7 +126,7 @@ pub struct ServiceMap {
 /// A TOML value of the map: `SSH = 22` or `HTTP = "10.0.0.2:8080"`.
 #[derive(Deserialize)]
 #[serde(untagged)]
-pub enum RawEndpoint {
+enum RawEndpoint {
     /// A bare port.
     Port(i64),
     /// Any other endpoint form.
@@ -151,7 +151,8 @@ impl TryFrom<BTreeMap<String, RawEndpoint>> for ServiceMap {
 
 impl ServiceMap {
     /// Parses a `[services]` table body.
-    pub fn from_toml_str(s: &str) -> Result<Self, String> {
+    #[cfg(test)]
+    pub(crate) fn from_toml_str(s: &str) -> Result<Self, String> {
         toml::from_str(s).map_err(|e| e.to_string())
     }
 
@@ -214,7 +215,7 @@ impl ServiceMap {
         Ok(())
     }
 
-    /// The map with one more named mapping (builder for tests and tools).
+    /// The map with one more named mapping: builds a map in code, without parsing text.
     pub fn with(mut self, service: &str, endpoint: LocalEndpoint) -> Self {
         self.named.insert(service.to_owned(), endpoint);
         self

@@ -51,11 +51,8 @@ fn epoch(t: SystemTime) -> f64 {
 
 // --- field rules (botocore model, spec §6.2) ---
 
-fn is_name(s: &str) -> bool {
-    (1..=128).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
-}
+/// ThingName and Service share one pattern, the agent's rule.
+use securetunnel_agent::protocol::is_valid_service_id as is_name;
 
 fn is_tunnel_id(s: &str) -> bool {
     (1..=128).contains(&s.len())

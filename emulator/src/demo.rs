@@ -200,7 +200,7 @@ async fn wait_peer(emu: &Emulator, tunnel: &str, mode: Mode) -> DemoResult<()> {
 }
 
 /// The agent binary: `SECURETUNNEL_DEMO_AGENT` (e.g. a qemu wrapper for an ARM build), else
-/// the one next to the running executable (both are built by `cargo build`).
+/// the one next to the running executable (both are built by `cargo build --workspace`).
 pub fn sibling_agent() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SECURETUNNEL_DEMO_AGENT") {
         return Some(PathBuf::from(p));

@@ -4,7 +4,7 @@
 use tokio_tungstenite::tungstenite::handshake::server::Request;
 
 use super::state::{State, TokenUse};
-use securetunnel_agent::bridge::ws::request_size;
+use securetunnel_agent::bridge::request_size;
 use securetunnel_agent::protocol::{
     MAX_HANDSHAKE_REQUEST, Mode, SUBPROTOCOL_V1, SUBPROTOCOL_V2, SUBPROTOCOL_V3,
     is_valid_client_token,

@@ -41,7 +41,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 pub use handshake::{CLIENT_TOKEN_MISMATCH, PREVIOUSLY_USED};
-use securetunnel_agent::bridge::ws::ws_config;
+use securetunnel_agent::bridge::ws_config;
 use securetunnel_agent::protocol::{FrameCodec, Message, MessageType, Mode, SUBPROTOCOL_V1};
 pub use state::{PeerEvent, PeerEventKind, TunnelTokens};
 
@@ -595,7 +595,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Ar
 
 async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
-    let io: Box<dyn securetunnel_agent::bridge::ws::Io> = match tls {
+    let io: Box<dyn securetunnel_agent::bridge::Io> = match tls {
         Some(acceptor) => match acceptor.accept(tcp).await {
             Ok(s) => Box::new(s),
             Err(e) => {

@@ -18,12 +18,12 @@ use tracing::debug;
 
 use super::Shared;
 use super::state::{PeerCmd, PeerHandle};
-use securetunnel_agent::protocol::codec::RawFrameCodec;
+use securetunnel_agent::protocol::RawFrameCodec;
 use securetunnel_agent::protocol::{
     FrameReader, LENGTH_PREFIX, MAX_PAYLOAD, MAX_WS_MESSAGE, Message, MessageType, Mode,
 };
 
-pub type PeerIo = super::pong_filter::PongFilter<Box<dyn securetunnel_agent::bridge::ws::Io>>;
+pub type PeerIo = super::pong_filter::PongFilter<Box<dyn securetunnel_agent::bridge::Io>>;
 pub type PeerWs = WebSocketStream<PeerIo>;
 
 /// Rule (spec §3.1, service side): what a client may send. Returns the decoded message.

@@ -303,14 +303,18 @@ pub fn venv_bin(name: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// What a boto3 call ended with: the response, or the service's (code, message).
-pub type Boto3Result = Result<serde_json::Value, (String, String)>;
+/// A modelled service error, as boto3 reports it: (code, message).
+pub type ServiceError = (String, String);
 
 /// One iotsecuretunneling call through boto3 (`tools/tunnels.py`) against a control plane
-/// at `endpoint` (`http://127.0.0.1:PORT`). A harness failure is the error code `harness`.
-pub async fn boto3(endpoint: &str, op: &str, params: serde_json::Value) -> Boto3Result {
-    let harness = |m: String| ("harness".to_owned(), m);
-    let python = venv_bin("python").map_err(harness)?;
+/// at `endpoint` (`http://127.0.0.1:PORT`): the response or the service's error; `Err` when
+/// boto3 itself could not run.
+pub async fn boto3(
+    endpoint: &str,
+    op: &str,
+    params: serde_json::Value,
+) -> Result<Result<serde_json::Value, ServiceError>, String> {
+    let python = venv_bin("python")?;
     let out = tokio::process::Command::new(python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/tunnels.py"))
         .arg(endpoint)
@@ -318,17 +322,17 @@ pub async fn boto3(endpoint: &str, op: &str, params: serde_json::Value) -> Boto3
         .arg(params.to_string())
         .output()
         .await
-        .map_err(|e| harness(format!("cannot run boto3: {e}")))?;
+        .map_err(|e| format!("cannot run boto3: {e}"))?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|_| {
-        harness(format!(
+        format!(
             "boto3 printed no JSON: {}",
             String::from_utf8_lossy(&out.stderr)
-        ))
+        )
     })?;
     if out.status.success() {
-        Ok(v)
+        Ok(Ok(v))
     } else {
         let field = |k: &str| v[k].as_str().unwrap_or("").to_owned();
-        Err((field("error"), field("message")))
+        Ok(Err((field("error"), field("message"))))
     }
 }

@@ -9,7 +9,7 @@ mod local;
 mod relay;
 mod source;
 mod streams;
-pub mod ws;
+mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -29,7 +29,7 @@ use crate::secret::Secret;
 use crate::services::SharedServiceMap;
 use relay::{Session, SessionEnd};
 pub use source::SourceListeners;
-pub use ws::{DataEndpoint, HandshakeError};
+pub use ws::{DataEndpoint, HandshakeError, Io, request_size, ws_config};
 
 /// Timeouts, bounds and retry policies of a bridge, in one place.
 #[derive(Clone, Copy, Debug)]
@@ -144,13 +144,6 @@ pub struct Stats {
     pub pings_sent: AtomicU64,
     /// Pongs received (informational: the service may not answer pings).
     pub pongs_received: AtomicU64,
-}
-
-impl Stats {
-    /// Reads one counter.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
 }
 
 /// Where the bridge is in its life.

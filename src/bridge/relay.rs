@@ -213,6 +213,12 @@ impl Session<'_> {
 
     /// As `send`; `queued` fires once the message is in the writer's queue.
     fn send_then(&mut self, msg: Message, queued: Option<oneshot::Sender<()>>) {
+        if matches!(
+            msg.kind(),
+            Some(MessageType::StreamReset | MessageType::ConnectionReset)
+        ) {
+            self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
+        }
         if self.backlog.is_empty() {
             match self.out.try_send(Outbound::Frame(msg)) {
                 Ok(()) => {
@@ -607,7 +613,6 @@ impl Session<'_> {
             ExitCause::Flushed => return,
         };
         debug!(service = %service, stream, conn, kind = ?reset.kind(), "local side ended");
-        self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
         self.send(reset);
     }
 }

@@ -152,17 +152,17 @@ pub enum HandshakeError {
     /// TCP connect failed.
     #[error("cannot reach {endpoint}: {source}")]
     Connect {
-        /// Where.
+        /// The endpoint as `wss://host:port`.
         endpoint: String,
-        /// Why.
+        /// The socket error.
         source: io::Error,
     },
     /// The TLS handshake failed.
     #[error("TLS handshake with {endpoint} failed: {source}")]
     Tls {
-        /// With whom.
+        /// The endpoint as `wss://host:port`.
         endpoint: String,
-        /// Why.
+        /// The TLS error (certificate, protocol).
         source: io::Error,
     },
     /// The service answered the upgrade with an HTTP error.

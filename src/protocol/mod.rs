@@ -2,12 +2,12 @@
 //! function with a unit test named after the rule (spec §1-§3). Nothing else in the crate
 //! hard-codes a size, a subprotocol or a reset decision.
 
-pub mod codec;
-pub mod message;
+mod codec;
+mod message;
 
 use std::time::Duration;
 
-pub use codec::{FrameCodec, FrameReader};
+pub use codec::{FrameCodec, FrameReader, RawFrameCodec};
 pub use message::{Message, MessageType};
 
 /// Bytes of the big-endian length prefix in front of every tunnel frame.
@@ -15,19 +15,19 @@ pub const LENGTH_PREFIX: usize = 2;
 /// Largest `payload` of one message; outgoing data is chunked to this.
 pub const MAX_PAYLOAD: usize = 64512;
 /// Largest serialized message the u16 prefix can describe.
-pub const MAX_MESSAGE: usize = u16::MAX as usize;
+pub(crate) const MAX_MESSAGE: usize = u16::MAX as usize;
 /// Largest websocket message either side may send or accept (2 x 65538).
 pub const MAX_WS_MESSAGE: usize = 131_076;
 /// The whole HTTP upgrade request must stay under this, or the service rejects it.
 pub const MAX_HANDSHAKE_REQUEST: usize = 4096;
 /// Client-side bound on an access token (reference localproxy).
-pub const MAX_ACCESS_TOKEN: usize = 4096;
+pub(crate) const MAX_ACCESS_TOKEN: usize = 4096;
 /// Reference clients ping every 20 s; the service never requires pongs.
-pub const PING_INTERVAL: Duration = Duration::from_secs(20);
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// A websocket that receives nothing for this long is presumed dead. No source states the
 /// service's own idle behaviour; a service that answers pings keeps the link alive, and one
 /// that does not (spec §1.5) costs one reconnect per minute while the tunnel is idle.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Subprotocol of the V1 message format.
 pub const SUBPROTOCOL_V1: &str = "aws.iot.securetunneling-1.0";
@@ -109,14 +109,14 @@ pub enum ProtocolError {
     /// A stream-opening message with stream id 0.
     #[error("{0:?} with stream id 0 is invalid")]
     ZeroStreamId(MessageType),
-    /// Reading the websocket failed while framing.
+    /// Required by the tokio-util `Decoder` trait; the frame reader never produces it.
     #[error("i/o error while framing: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// What the session should do with a decoded message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Incoming {
+pub(crate) enum Incoming {
     /// Act on a message of this type.
     Handle(MessageType),
     /// Drop silently: an ignorable unknown type, or a stream-bound message for stream 0.
@@ -126,7 +126,7 @@ pub enum Incoming {
 /// Rule (spec §3.1, §3.3): which messages a peer in `mode` accepts. Type 0 and unknown types
 /// not marked ignorable are errors; only the source opens streams and connections; only the
 /// service sends SESSION_RESET and SERVICE_IDS, so those are always accepted from it.
-pub fn admit(mode: Mode, msg: &Message) -> Result<Incoming, ProtocolError> {
+pub(crate) fn admit(mode: Mode, msg: &Message) -> Result<Incoming, ProtocolError> {
     let kind = match msg.kind() {
         Some(MessageType::Unknown) | None if msg.ignorable => return Ok(Incoming::Ignore),
         Some(MessageType::Unknown) | None => return Err(ProtocolError::UnknownType(msg.r#type)),
@@ -157,7 +157,7 @@ pub fn admit(mode: Mode, msg: &Message) -> Result<Incoming, ProtocolError> {
 }
 
 /// Rule (spec §3.2): the message format implied by a STREAM_START.
-pub fn format_of_stream_start(service_id: &str, connection_id: u32) -> Format {
+pub(crate) fn format_of_stream_start(service_id: &str, connection_id: u32) -> Format {
     match (service_id.is_empty(), connection_id) {
         (_, c) if c > 0 => Format::V3,
         (false, _) => Format::V2,
@@ -167,7 +167,11 @@ pub fn format_of_stream_start(service_id: &str, connection_id: u32) -> Format {
 
 /// Rule (spec §3.4): a local connection that ends on its own is reported with CONNECTION_RESET
 /// to V3 peers and STREAM_RESET to V1/V2 peers (connection id 0), which ends their stream.
-pub fn reset_on_local_close(stream_id: i32, service_id: &str, connection_id: u32) -> Message {
+pub(crate) fn reset_on_local_close(
+    stream_id: i32,
+    service_id: &str,
+    connection_id: u32,
+) -> Message {
     if connection_id == 0 {
         Message::stream_reset(stream_id, service_id)
     } else {
@@ -177,7 +181,7 @@ pub fn reset_on_local_close(stream_id: i32, service_id: &str, connection_id: u32
 
 /// Rule (spec §3.4): a local connect that fails answers STREAM_RESET when it was asked for by
 /// STREAM_START (the stream never came up) and CONNECTION_RESET for a CONNECTION_START.
-pub fn reset_on_connect_failure(
+pub(crate) fn reset_on_connect_failure(
     opened_by_stream_start: bool,
     stream_id: i32,
     service_id: &str,
@@ -193,7 +197,7 @@ pub fn reset_on_connect_failure(
 /// Rule (spec §1.2): a rejected upgrade is retried only for 5xx (service trouble) and 429
 /// (connection rate limit); any other 4xx means the token or request is wrong and retrying
 /// with the same token cannot help.
-pub fn handshake_status_is_retryable(status: u16) -> bool {
+pub(crate) fn handshake_status_is_retryable(status: u16) -> bool {
     status == 429 || (500..=599).contains(&status)
 }
 
@@ -206,7 +210,7 @@ pub fn is_valid_client_token(token: &str) -> bool {
 }
 
 /// Rule (spec §1.1): the data-plane host for a region; China regions live under `.com.cn`.
-pub fn data_plane_host(region: &str) -> String {
+pub(crate) fn data_plane_host(region: &str) -> String {
     let suffix = if region.starts_with("cn-") {
         "amazonaws.com.cn"
     } else {
@@ -225,7 +229,7 @@ pub fn is_valid_service_id(id: &str) -> bool {
 
 /// Rule (spec §5): region names look like `us-east-1`, `cn-north-1`, `us-gov-west-1`:
 /// two letters, one or more lowercase words, a number.
-pub fn is_valid_region(region: &str) -> bool {
+pub(crate) fn is_valid_region(region: &str) -> bool {
     let parts: Vec<&str> = region.split('-').collect();
     let Some((last, rest)) = parts.split_last() else {
         return false;
@@ -241,7 +245,7 @@ pub fn is_valid_region(region: &str) -> bool {
 
 /// Rule (spec §1.2): the service rejects an access token that is empty, over 4096 bytes or
 /// carries control characters; catch it before it reaches the wire.
-pub fn access_token_problem(token: &str) -> Option<&'static str> {
+pub(crate) fn access_token_problem(token: &str) -> Option<&'static str> {
     if token.is_empty() {
         Some("the access token is empty")
     } else if token.len() > MAX_ACCESS_TOKEN {

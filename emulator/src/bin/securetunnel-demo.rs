@@ -17,6 +17,19 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
+    // `cargo run -p securetunnel-emulator` rebuilds the demo but not the agent it drives.
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(agent_t), Some(demo_t)) = (
+        modified(&agent),
+        std::env::current_exe().ok().as_deref().and_then(modified),
+    ) {
+        if agent_t < demo_t {
+            eprintln!(
+                "securetunnel-demo: warning: {} is older than this demo; cargo build --workspace rebuilds both",
+                agent.display()
+            );
+        }
+    }
     // The demo checks every step itself; DEMO_LOG=3..6 shows its in-process parts' logs.
     let level = std::env::var("DEMO_LOG")
         .ok()
