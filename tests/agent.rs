@@ -5,94 +5,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::rig::{AgentProc, Rig, RigOptions, within_deadline};
+use common::e2e::*;
+use common::rig::{Rig, RigOptions, within_deadline};
 use common::*;
-use securetunnel_agent::bridge::Phase;
-use securetunnel_agent::protocol::{Format, Mode};
-use securetunnel_emulator::testkit::{EchoService, echo_tcp, echo_transfer};
-use securetunnel_emulator::{Emulator, TunnelTokens};
+use securetunnel_agent::protocol::Mode;
+use securetunnel_emulator::TunnelTokens;
+use securetunnel_emulator::testkit::echo_tcp;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
-
-/// Waits until `cond` holds on the emulator, re-checking on each of its changes.
-async fn until(emu: &Emulator, what: &str, cond: impl Fn(&Emulator) -> bool) {
-    let mut changes = emu.changes();
-    within_deadline(what, async {
-        while !cond(emu) {
-            if changes.changed().await.is_err() {
-                return;
-            }
-        }
-    })
-    .await;
-}
-
-fn tokens(open: &Value) -> TunnelTokens {
-    TunnelTokens {
-        tunnel_id: open["tunnelId"].as_str().unwrap().into(),
-        source_access_token: open["sourceAccessToken"].as_str().unwrap().into(),
-        destination_access_token: open["destinationAccessToken"].as_str().unwrap().into(),
-    }
-}
-
-/// RotateTunnelAccessToken with a destinationConfig for the thing's SSH service.
-async fn rotate(rig: &Rig, tunnel_id: &str, mode: &str, thing: &str) -> Value {
-    let params = json!({"tunnelId": tunnel_id, "clientMode": mode, "destinationConfig": dest_config(thing, &["SSH"])});
-    rig.api("rotate_tunnel_access_token", params).await.unwrap()
-}
-
-/// This project's source side for the tunnel, listening on free ports, ready for clients.
-async fn ready_source(
-    emu: &Emulator,
-    t: &TunnelTokens,
-    mappings: &str,
-) -> (Running, SourceListenersAddrs) {
-    let (mut src, addrs) = source(emu, t, mappings, Format::V3).await;
-    src.wait_phase(Phase::Ready).await;
-    (src, addrs)
-}
-
-fn dest_config(thing: &str, services: &[&str]) -> Value {
-    json!({"thingName": thing, "services": services})
-}
-
-async fn open(rig: &Rig, thing: &str, services: &[&str], minutes: u32) -> TunnelTokens {
-    let r = rig
-        .api(
-            "open_tunnel",
-            json!({
-                "description": "e2e",
-                "destinationConfig": dest_config(thing, services),
-                "timeoutConfig": {"maxLifetimeTimeoutMinutes": minutes},
-            }),
-        )
-        .await
-        .unwrap();
-    tokens(&r)
-}
-
-/// Agent for `thing` serving every service in `services` from one echo service.
-async fn agent(rig: &Rig, thing: &str, services: &[&str], extra: &str) -> (AgentProc, EchoService) {
-    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
-    let map: String = services
-        .iter()
-        .map(|s| format!("{s} = \"{}\"\n", echo.addr.unwrap()))
-        .collect();
-    let cfg = rig.agent_config(thing, &map, extra);
-    let mut a = rig.spawn_agent(&cfg);
-    a.expect("subscribed to tunnel notifications").await;
-    (a, echo)
-}
-
-async fn transfer(addrs: &SourceListenersAddrs, service: &str, seed: u64) {
-    let c = TcpStream::connect(addrs.get(service)).await.unwrap();
-    within(
-        "transfer through the agent",
-        echo_transfer(c, 1 << 20, seed),
-    )
-    .await
-    .unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_rotate_and_close_drive_the_agents_bridge() {

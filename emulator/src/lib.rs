@@ -451,6 +451,14 @@ impl Emulator {
         }
     }
 
+    /// Whether the tunnel is closed (CloseTunnel or its lifetime ended).
+    pub fn is_closed(&self, tunnel_id: &str) -> bool {
+        self.shared
+            .lock()
+            .tunnel(tunnel_id)
+            .is_none_or(|t| t.closed)
+    }
+
     pub fn is_connected(&self, tunnel_id: &str, mode: Mode) -> bool {
         self.shared
             .lock()

@@ -336,3 +336,75 @@ pub async fn boto3(
         Ok(Err((field("error"), field("message"))))
     }
 }
+
+/// A TCP relay on a free loopback port in front of `target`. `black_hole` turns the
+/// connections open at that moment into dead links: nothing is forwarded any more in either
+/// direction and nothing is closed, as when a cellular link changes address. Connections
+/// made afterwards are relayed normally.
+pub struct TcpRelay {
+    pub addr: SocketAddr,
+    hole: Arc<std::sync::Mutex<tokio_util::sync::CancellationToken>>,
+    accepted: Arc<AtomicU64>,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl TcpRelay {
+    pub async fn start(target: SocketAddr) -> io::Result<TcpRelay> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let hole = Arc::new(std::sync::Mutex::new(
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (holes, count) = (hole.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    a = listener.accept() => {
+                        let Ok((client, _)) = a else { return };
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let hole = holes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        conns.spawn(relay_one(client, target, hole));
+                    }
+                    Some(_) = conns.join_next() => {}
+                }
+            }
+        });
+        Ok(TcpRelay {
+            addr,
+            hole,
+            accepted,
+            _task: AbortOnDropHandle::new(task),
+        })
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Every connection open now becomes a dead link (kept open, nothing forwarded).
+    pub fn black_hole(&self) {
+        let mut h = self.hole.lock().unwrap_or_else(|e| e.into_inner());
+        h.cancel();
+        *h = tokio_util::sync::CancellationToken::new();
+    }
+}
+
+async fn relay_one(
+    mut client: TcpStream,
+    target: SocketAddr,
+    hole: tokio_util::sync::CancellationToken,
+) {
+    let Ok(mut server) = TcpStream::connect(target).await else {
+        return;
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        _ = hole.cancelled() => {
+            // Both sockets stay open and unread until the relay goes away.
+            std::future::pending::<()>().await;
+        }
+    }
+}

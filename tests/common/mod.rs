@@ -2,6 +2,7 @@
 //! wait for events. Every test gets its own ports and tunnels, so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod e2e;
 pub mod rig;
 
 use std::sync::Arc;

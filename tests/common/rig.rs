@@ -148,6 +148,21 @@ pub struct Rig {
     _dir: tempfile::TempDir,
 }
 
+/// Keys added to an agent config's sections.
+#[derive(Default)]
+pub struct ConfigExtra<'a> {
+    /// The `[services]` body.
+    pub services: &'a str,
+    /// Lines added to `[mqtt]`.
+    pub mqtt: &'a str,
+    /// Lines added to `[tunnel]`.
+    pub tunnel: &'a str,
+    /// Anything after `[services]` (whole tables such as `[limits]`).
+    pub rest: &'a str,
+    /// Connect MQTT to this port instead of mosquitto's (a relay in front of it).
+    pub mqtt_port: Option<u16>,
+}
+
 pub struct RigOptions {
     /// One "minute" of tunnel lifetime.
     pub minute: Duration,
@@ -200,19 +215,35 @@ impl Rig {
 
     /// Writes an agent config for `thing` with the given `[services]` body and extra TOML.
     pub fn agent_config(&self, thing: &str, services: &str, extra: &str) -> PathBuf {
+        self.agent_config_with(
+            thing,
+            &ConfigExtra {
+                services,
+                rest: extra,
+                ..ConfigExtra::default()
+            },
+        )
+    }
+
+    /// The same with keys added to `[mqtt]` and `[tunnel]`, and another MQTT port (a relay).
+    pub fn agent_config_with(&self, thing: &str, x: &ConfigExtra<'_>) -> PathBuf {
         let (cert, key) = self.files.thing(thing);
         let state = self.files.dir.join(format!("state-{thing}"));
         let text = format!(
             "thing_name = \"{thing}\"\nstate_dir = \"{}\"\n\n[mqtt]\nendpoint = \"127.0.0.1\"\nport = {}\n\
-             cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nkeep_alive_secs = 5\n\n[tunnel]\nendpoint = \"{}\"\n\
-             ca = \"{}\"\n\n[services]\n{services}\n\n{extra}\n",
+             cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nkeep_alive_secs = 5\n{}\n\n[tunnel]\nendpoint = \"{}\"\n\
+             ca = \"{}\"\n{}\n\n[services]\n{}\n\n{}\n",
             state.display(),
-            self.mosquitto.port,
+            x.mqtt_port.unwrap_or(self.mosquitto.port),
             cert.display(),
             key.display(),
             self.files.ca.display(),
+            x.mqtt,
             self.emu.endpoint(),
             self.emu_ca.display(),
+            x.tunnel,
+            x.services,
+            x.rest,
         );
         Files::write(&self.files.dir, &format!("{thing}.toml"), &text)
     }
@@ -222,7 +253,21 @@ impl Rig {
     }
 
     pub fn spawn_agent_with_env(&self, config: &Path, env: &[(&str, &str)]) -> AgentProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
+        self.spawn_agent_program(
+            Path::new(env!("CARGO_BIN_EXE_securetunnel-agent")),
+            config,
+            env,
+        )
+    }
+
+    /// The agent from `program` (a copy, for upgrade tests).
+    pub fn spawn_agent_program(
+        &self,
+        program: &Path,
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> AgentProc {
+        let mut child = Command::new(program)
             .args(["run", "-v", "5", "--config"])
             .arg(config)
             .envs(env.iter().copied())
@@ -285,6 +330,25 @@ impl AgentProc {
 
     pub fn count(&self, text: &str) -> usize {
         self.log.count(|l| l.contains(text))
+    }
+
+    /// SIGKILL: no clean-up at all, as a crash or the OOM killer.
+    pub async fn kill9(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("agent running") as i32;
+        // SAFETY: kill(2) with a live child's pid and a valid signal number.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        within_deadline("agent exits after SIGTERM", self.child.wait())
+            .await
+            .unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("agent running")
     }
 
     pub fn status(&self) -> Value {

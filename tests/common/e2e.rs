@@ -1,0 +1,97 @@
+//! Helpers for end-to-end tests of the agent process: tunnels opened through boto3, the
+//! agent serving them, this project's source side, checked transfers.
+
+use securetunnel_agent::bridge::Phase;
+use securetunnel_agent::protocol::Format;
+use securetunnel_emulator::testkit::{EchoService, echo_tcp, echo_transfer};
+use securetunnel_emulator::{Emulator, TunnelTokens};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+
+use super::rig::{AgentProc, Rig, within_deadline};
+use super::*;
+
+/// Waits until `cond` holds on the emulator, re-checking on each of its changes.
+pub async fn until(emu: &Emulator, what: &str, cond: impl Fn(&Emulator) -> bool) {
+    let mut changes = emu.changes();
+    within_deadline(what, async {
+        while !cond(emu) {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+pub fn tokens(open: &Value) -> TunnelTokens {
+    TunnelTokens {
+        tunnel_id: open["tunnelId"].as_str().unwrap().into(),
+        source_access_token: open["sourceAccessToken"].as_str().unwrap().into(),
+        destination_access_token: open["destinationAccessToken"].as_str().unwrap().into(),
+    }
+}
+
+/// RotateTunnelAccessToken with a destinationConfig for the thing's SSH service.
+pub async fn rotate(rig: &Rig, tunnel_id: &str, mode: &str, thing: &str) -> Value {
+    let params = json!({"tunnelId": tunnel_id, "clientMode": mode, "destinationConfig": dest_config(thing, &["SSH"])});
+    rig.api("rotate_tunnel_access_token", params).await.unwrap()
+}
+
+/// This project's source side for the tunnel, listening on free ports, ready for clients.
+pub async fn ready_source(
+    emu: &Emulator,
+    t: &TunnelTokens,
+    mappings: &str,
+) -> (Running, SourceListenersAddrs) {
+    let (mut src, addrs) = source(emu, t, mappings, Format::V3).await;
+    src.wait_phase(Phase::Ready).await;
+    (src, addrs)
+}
+
+pub fn dest_config(thing: &str, services: &[&str]) -> Value {
+    json!({"thingName": thing, "services": services})
+}
+
+pub async fn open(rig: &Rig, thing: &str, services: &[&str], minutes: u32) -> TunnelTokens {
+    let r = rig
+        .api(
+            "open_tunnel",
+            json!({
+                "description": "e2e",
+                "destinationConfig": dest_config(thing, services),
+                "timeoutConfig": {"maxLifetimeTimeoutMinutes": minutes},
+            }),
+        )
+        .await
+        .unwrap();
+    tokens(&r)
+}
+
+/// Agent for `thing` serving every service in `services` from one echo service.
+pub async fn agent(
+    rig: &Rig,
+    thing: &str,
+    services: &[&str],
+    extra: &str,
+) -> (AgentProc, EchoService) {
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map: String = services
+        .iter()
+        .map(|s| format!("{s} = \"{}\"\n", echo.addr.unwrap()))
+        .collect();
+    let cfg = rig.agent_config(thing, &map, extra);
+    let mut a = rig.spawn_agent(&cfg);
+    a.expect("subscribed to tunnel notifications").await;
+    (a, echo)
+}
+
+pub async fn transfer(addrs: &SourceListenersAddrs, service: &str, seed: u64) {
+    let c = TcpStream::connect(addrs.get(service)).await.unwrap();
+    within(
+        "transfer through the agent",
+        echo_transfer(c, 1 << 20, seed),
+    )
+    .await
+    .unwrap();
+}
