@@ -101,10 +101,24 @@ fn check(arch: &str) {
     for script in ["postinst", "prerm"] {
         assert_eq!(mode(&x.join("control").join(script)), 0o755, "{script}");
     }
+    let postinst = std::fs::read_to_string(x.join("control/postinst")).unwrap();
+    assert!(postinst.contains("enable"), "{postinst}");
+    // Upgrades leave the running agent alone: it re-executes the new binary itself.
     assert!(
-        std::fs::read_to_string(x.join("control/postinst"))
-            .unwrap()
-            .contains("enable")
+        !postinst.contains("restart") && !postinst.contains(" start"),
+        "{postinst}"
+    );
+    let trace = Command::new("sh")
+        .arg("-x")
+        .arg(x.join("control/prerm"))
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    assert!(trace.status.success());
+    let trace = String::from_utf8_lossy(&trace.stderr);
+    assert!(
+        !trace.contains("init.d"),
+        "prerm upgrade touched the service:\n{trace}"
     );
 
     let data = x.join("data");

@@ -125,6 +125,8 @@ pub struct Shared {
     reset_on_reconnect: AtomicBool,
     /// Fault: drop every accepted peer this long after its upgrade.
     drop_after: Mutex<Option<Duration>>,
+    /// Fault: black-hole every accepted peer this long after its upgrade.
+    hole_after: Mutex<Option<Duration>>,
     region: String,
     minute: Duration,
     max_open_tunnels: usize,
@@ -270,6 +272,7 @@ impl Emulator {
             replaced_peer: Mutex::new(ReplacedPeer::Close),
             reset_on_reconnect: AtomicBool::new(true),
             drop_after: Mutex::new(None),
+            hole_after: Mutex::new(None),
             region: cfg.region,
             minute: cfg.minute,
             max_open_tunnels: cfg.max_open_tunnels,
@@ -354,6 +357,23 @@ impl Emulator {
             .drop_after
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = after;
+    }
+
+    /// Fault: black-hole every accepted peer `after` its upgrade (see `black_hole`).
+    pub fn set_black_hole_after_upgrade(&self, after: Option<Duration>) {
+        *self
+            .shared
+            .hole_after
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = after;
+    }
+
+    /// Every tunnel's id, oldest first.
+    pub fn tunnel_ids(&self) -> Vec<String> {
+        let st = self.shared.lock();
+        let mut t: Vec<_> = st.tunnels().map(|t| (t.created_at, t.id.clone())).collect();
+        t.sort();
+        t.into_iter().map(|(_, id)| id).collect()
     }
 
     /// Fault: the peer stops reading and writing without closing anything (a dead link).
@@ -672,8 +692,11 @@ async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
     if !register(&shared, &tunnel_id, mode, handle.clone()) {
         return;
     }
-    let drop_after = *shared.drop_after.lock().unwrap_or_else(|e| e.into_inner());
-    peer::run(shared, tunnel_id, mode, handle, ws, (tx, rx), drop_after).await;
+    let faults = peer::Faults {
+        drop_after: *shared.drop_after.lock().unwrap_or_else(|e| e.into_inner()),
+        hole_after: *shared.hole_after.lock().unwrap_or_else(|e| e.into_inner()),
+    };
+    peer::run(shared, tunnel_id, mode, handle, ws, (tx, rx), faults).await;
 }
 
 /// Installs a newly connected peer: SERVICE_IDS first (V2/V3 peers), the replaced peer

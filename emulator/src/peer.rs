@@ -55,6 +55,15 @@ pub fn check_client_frame(mode: Mode, raw: &Bytes) -> Result<Message, &'static s
     }
 }
 
+/// Faults switched on for every accepted peer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// Cut the connection (no close frame) this long after the upgrade.
+    pub drop_after: Option<Duration>,
+    /// Black-hole it this long after the upgrade.
+    pub hole_after: Option<Duration>,
+}
+
 pub async fn run(
     shared: Arc<Shared>,
     tunnel_id: String,
@@ -62,9 +71,17 @@ pub async fn run(
     peer: PeerHandle,
     ws: PeerWs,
     (tx, rx): (mpsc::Sender<PeerCmd>, mpsc::Receiver<PeerCmd>),
-    drop_after: Option<Duration>,
+    faults: Faults,
 ) {
     let (kill, hole) = (peer.kill.clone(), peer.hole.clone());
+    let drop_after = faults.drop_after;
+    if let Some(after) = faults.hole_after {
+        let hole = hole.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            hole.cancel();
+        });
+    }
     let (sink, stream) = ws.split();
     let writer = tokio::spawn(write_loop(
         sink,

@@ -10,6 +10,14 @@ expect_mode() { # path mode owner:group
     [ "$got" = "$2 $3" ] || fail "$1 is '$got', expected '$2 $3'"
 }
 
+# Upgrades leave the running agent alone (it re-executes itself once no local connection is
+# open): postinst neither starts nor restarts it, prerm stops it only on removal.
+ctl="$(mktemp -d)"; trap 'rm -rf "$ctl"' EXIT
+dpkg-deb -e "$deb" "$ctl" || fail "dpkg-deb -e"
+! grep -Eq 'deb-systemd-invoke|systemctl .*(start|restart)' "$ctl/postinst" || fail "postinst starts or restarts the agent"
+[ "$(grep -c 'deb-systemd-invoke' "$ctl/prerm")" = "$(grep -c 'deb-systemd-invoke stop' "$ctl/prerm")" ] || fail "prerm does more than stop"
+grep -B1 'deb-systemd-invoke stop' "$ctl/prerm" | grep -q '"$1" = remove' || fail "prerm stops the agent on upgrade"
+
 dpkg -i "$deb" >/dev/null || fail "dpkg -i"
 getent passwd securetunnel-agent >/dev/null || fail "system user not created"
 expect_mode /usr/bin/securetunnel-agent 755 root:root

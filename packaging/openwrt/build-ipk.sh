@@ -30,8 +30,11 @@ cat > "$work/control/postinst" <<'POSTINST'
 [ -n "$IPKG_INSTROOT" ] || /etc/init.d/securetunnel-agent enable
 exit 0
 POSTINST
+# An upgrade leaves the running agent alone: it re-executes the new binary itself once no
+# local connection is open (the upgrade may run through the tunnel it serves).
 cat > "$work/control/prerm" <<'PRERM'
 #!/bin/sh
+[ "$1" = upgrade ] && exit 0
 [ -n "$IPKG_INSTROOT" ] || { /etc/init.d/securetunnel-agent stop; /etc/init.d/securetunnel-agent disable; }
 exit 0
 PRERM

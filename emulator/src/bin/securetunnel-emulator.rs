@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use securetunnel_emulator::pki::{Issued, mutual_tls_client};
 use securetunnel_emulator::publisher::PublisherConfig;
-use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls};
+use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls, ReplacedPeer};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -70,6 +70,29 @@ struct Args {
     /// Notify topic; {thing} is replaced by the thing name.
     #[arg(long, default_value = securetunnel_emulator::publisher::AWS_NOTIFY_TOPIC)]
     notify_topic: String,
+    /// What happens to a peer a new connection of the same mode replaces.
+    #[arg(long, value_enum, default_value_t = Replaced::Close)]
+    replaced_peer: Replaced,
+    /// Do not reset the other side's streams when a peer (re)connects.
+    #[arg(long)]
+    no_stream_reset_on_reconnect: bool,
+    /// Accept every upgrade, then cut the connection (no close frame) after this many ms.
+    #[arg(long)]
+    drop_after_upgrade_ms: Option<u64>,
+    /// Black-hole every connection this many ms after its upgrade (no reads, no writes, no close).
+    #[arg(long)]
+    black_hole_after_ms: Option<u64>,
+    /// Print a JSON line per peer connect and disconnect, with whether a reconnecting peer
+    /// presented the same access and client token as the previous one of its mode.
+    #[arg(long)]
+    events: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Replaced {
+    Close,
+    Keep,
+    Drop,
 }
 
 fn publisher(args: &Args) -> Result<Option<PublisherConfig>, Box<dyn std::error::Error>> {
@@ -153,6 +176,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(path, pem)?;
     }
     emu.set_reframe(args.reframe);
+    emu.set_replaced_peer(match args.replaced_peer {
+        Replaced::Close => ReplacedPeer::Close,
+        Replaced::Keep => ReplacedPeer::Keep,
+        Replaced::Drop => ReplacedPeer::Drop,
+    });
+    emu.set_reset_streams_on_reconnect(!args.no_stream_reset_on_reconnect);
+    emu.set_drop_after_upgrade(args.drop_after_upgrade_ms.map(Duration::from_millis));
+    emu.set_black_hole_after_upgrade(args.black_hole_after_ms.map(Duration::from_millis));
     emu.set_answer_pings(!args.no_pongs);
     if let Some((n, status)) = args.fail_handshakes {
         emu.fail_next_handshakes(n, status);
@@ -178,6 +209,57 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let cancel = CancellationToken::new();
     securetunnel_agent::signals::cancel_on_signals(cancel.clone())?;
-    cancel.cancelled().await;
+    if args.events {
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = print_events(&emu) => {}
+        }
+    } else {
+        cancel.cancelled().await;
+    }
     Ok(())
+}
+
+/// One JSON line per peer event, as they happen.
+async fn print_events(emu: &Emulator) {
+    use securetunnel_emulator::PeerEventKind;
+    use std::collections::HashMap;
+    let mut changes = emu.changes();
+    let mut printed: HashMap<String, usize> = HashMap::new();
+    loop {
+        for id in emu.tunnel_ids() {
+            let events = emu.peer_events(&id);
+            let done = printed.entry(id.clone()).or_default();
+            for (i, e) in events.iter().enumerate().skip(*done) {
+                let previous = events[..i]
+                    .iter()
+                    .rev()
+                    .find(|p| p.mode == e.mode && p.kind == PeerEventKind::Connected);
+                let (change, why) = match &e.kind {
+                    PeerEventKind::Connected => ("connected", None),
+                    PeerEventKind::Gone(why) => ("gone", Some(why.clone())),
+                };
+                let same = match (&e.kind, previous) {
+                    (PeerEventKind::Connected, Some(p)) => {
+                        Some(p.access_token == e.access_token && p.client_token == e.client_token)
+                    }
+                    _ => None,
+                };
+                let line = serde_json::json!({
+                    "event": "peer",
+                    "tunnelId": id,
+                    "mode": e.mode.as_str(),
+                    "peer": e.peer,
+                    "change": change,
+                    "why": why,
+                    "sameTokensAsBefore": same,
+                });
+                println!("{line}");
+            }
+            *done = events.len();
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }
