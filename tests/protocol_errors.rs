@@ -44,15 +44,40 @@ async fn a_text_frame_is_a_protocol_error_not_a_panic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_frame_is_a_protocol_error_not_a_panic() {
+async fn a_malformed_frame_is_dropped_and_the_session_goes_on() {
+    let (t, _echo) = echo_tunnel().await;
+    // A frame whose body is not a Message: its length prefix still delimits the next one.
     let garbage = vec![0u8, 3, 0xff, 0xff, 0xff];
-    violation_ends_the_session_and_the_destination_reconnects(WsMessage::binary(garbage)).await;
+    assert!(
+        t.emu
+            .inject_ws(
+                &t.tokens.tunnel_id,
+                Mode::Destination,
+                WsMessage::binary(garbage)
+            )
+            .await
+    );
+    // Traffic after it shares its ordered path: by the time it flows, the frame was handled.
+    let client = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+    within(
+        "transfer after the bad frame",
+        echo_transfer(client, 64 << 10, 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(get(&t.dest.stats.protocol_errors), 1);
+    assert_eq!(get(&t.dest.stats.sessions), 1, "the session was dropped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_message_type_is_a_protocol_error_unless_ignorable() {
+async fn an_unknown_message_type_resets_its_stream_unless_ignorable() {
     let (mut t, _echo) = echo_tunnel().await;
-    let mut unknown = Message::stream_reset(1, "SSH");
+    let client = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+    within("first transfer", echo_transfer(client, 64 << 10, 2))
+        .await
+        .unwrap();
+    let stream = t.emu.active_stream(&t.tokens.tunnel_id, "SSH").unwrap();
+    let mut unknown = Message::stream_reset(stream, "SSH");
     unknown.r#type = 42;
     unknown.ignorable = true;
     assert!(
@@ -62,20 +87,34 @@ async fn an_unknown_message_type_is_a_protocol_error_unless_ignorable() {
     );
     // Traffic after the ignorable message shares its ordered path: it was skipped.
     let client = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
-    within("transfer", echo_transfer(client, 64 << 10, 2))
+    within("transfer", echo_transfer(client, 64 << 10, 3))
         .await
         .unwrap();
     assert_eq!(get(&t.dest.stats.protocol_errors), 0);
-    assert_eq!(get(&t.dest.stats.sessions), 1);
 
+    // Not ignorable: the destination resets that stream (the source hears STREAM_RESET);
+    // the tunnel and its session go on.
+    let resets = get(&t.src.stats.stream_resets_received);
     unknown.ignorable = false;
     assert!(
         t.emu
             .inject(&t.tokens.tunnel_id, Mode::Destination, &unknown)
             .await
     );
-    t.dest.wait_sessions(2).await;
+    t.src.wait_resets(resets + 1).await;
     assert_eq!(get(&t.dest.stats.protocol_errors), 1);
+    assert_eq!(
+        get(&t.dest.stats.sessions),
+        1,
+        "the whole session was dropped"
+    );
+    let client = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+    within(
+        "transfer on a new stream",
+        echo_transfer(client, 64 << 10, 4),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

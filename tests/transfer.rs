@@ -155,7 +155,7 @@ async fn a_hand_rolled_v1_subprotocol_source_talks_to_our_destination() {
     let mut echoed = Vec::new();
     while echoed.len() < hello.len() {
         match within("echo over v1", ws.next()).await.unwrap().unwrap() {
-            Ws::Binary(b) => reader.push(b).unwrap(),
+            Ws::Binary(b) => reader.push(b),
             other => panic!("unexpected {other:?}"),
         }
         while let Some(m) = reader.next_frame().unwrap() {

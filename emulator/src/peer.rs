@@ -20,7 +20,7 @@ use super::Shared;
 use super::state::{PeerCmd, PeerHandle};
 use securetunnel_agent::protocol::RawFrameCodec;
 use securetunnel_agent::protocol::{
-    FrameReader, LENGTH_PREFIX, MAX_PAYLOAD, MAX_WS_MESSAGE, Message, MessageType, Mode,
+    FrameReader, LENGTH_PREFIX, MAX_PAYLOAD, MAX_WS_FRAME, Message, MessageType, Mode,
 };
 
 pub type PeerIo = super::pong_filter::PongFilter<Box<dyn securetunnel_agent::bridge::Io>>;
@@ -132,9 +132,8 @@ async fn read_loop(
             Ok(_) => continue,
             Err(_) => return "connection lost",
         };
-        if frames.push(data).is_err() {
-            return violation(&own, "websocket message above 131076 bytes");
-        }
+        // tungstenite enforces the 131076-byte frame limit (ws_config).
+        frames.push(data);
         let mut batch = Vec::new();
         while let Ok(Some(raw)) = frames.next_frame() {
             match check_client_frame(mode, &raw) {
@@ -180,7 +179,7 @@ async fn write_loop(
                 pending.extend_from_slice(&raw);
                 let mut close = None;
                 // Merge whatever else is waiting, then cut at random points.
-                while pending.len() < 2 * MAX_WS_MESSAGE {
+                while pending.len() < 2 * MAX_WS_FRAME {
                     match rx.try_recv() {
                         Ok(PeerCmd::Frame(more)) => pending.extend_from_slice(&more),
                         Ok(other) => {
@@ -192,7 +191,7 @@ async fn write_loop(
                 }
                 let mut r = Ok(());
                 while !pending.is_empty() && r.is_ok() {
-                    let n = fastrand::usize(1..=pending.len().min(MAX_WS_MESSAGE));
+                    let n = fastrand::usize(1..=pending.len().min(MAX_WS_FRAME));
                     r = sink
                         .send(WsMessage::Binary(pending.split_to(n).freeze()))
                         .await;

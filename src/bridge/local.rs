@@ -3,12 +3,12 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream, tcp, unix};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -115,19 +115,29 @@ pub struct ConnExit {
     pub id: u64,
     pub service: String,
     pub stream_id: i32,
+    /// The connection's key in the stream table (never 0).
     pub conn_id: u32,
+    /// The connection id the peer uses on the wire (0 for V1/V2 streams).
+    pub wire_conn: u32,
     pub cause: ExitCause,
 }
+
+/// Payload bytes on their way to a local socket, with their share of the byte budget.
+pub type Chunk = (Bytes, OwnedSemaphorePermit);
 
 /// What the session keeps per connection. Dropping it asks the task to flush what is
 /// queued toward the local socket and close it; `reset` drops the queue and resets it.
 #[derive(Debug)]
 pub struct ConnHandle {
     pub id: u64,
-    pub tx: mpsc::Sender<Bytes>,
+    pub tx: mpsc::Sender<Chunk>,
     pub queued: Arc<AtomicUsize>,
+    /// Bytes written to the local socket so far: a consumer making progress moves it.
+    pub written: Arc<AtomicU64>,
     pub reset: CancellationToken,
     pub closing: CancellationToken,
+    /// `true` once the local socket is up: a consumer is only "stalled" after that.
+    pub connected: watch::Receiver<bool>,
 }
 
 impl Drop for ConnHandle {
@@ -166,11 +176,16 @@ pub struct ConnTask {
     pub service: String,
     pub stream_id: i32,
     pub conn_id: u32,
-    pub rx: mpsc::Receiver<Bytes>,
+    pub wire_conn: u32,
+    pub rx: mpsc::Receiver<Chunk>,
     pub queued: Arc<AtomicUsize>,
+    pub written: Arc<AtomicU64>,
     pub out: mpsc::Sender<Outbound>,
     pub closing: CancellationToken,
     pub reset: CancellationToken,
+    pub connected: watch::Sender<bool>,
+    /// The byte budget shared by every connection of the agent.
+    pub budget: Arc<Semaphore>,
     pub limits: Limits,
     pub stats: Arc<Stats>,
     pub _open: OpenGuard,
@@ -194,6 +209,7 @@ impl ConnTask {
                 None => return self.exit(ExitCause::ConnectFailed { by_stream_start }),
             },
         };
+        self.connected.send_replace(true);
         let cause = self.pump(stream).await;
         self.exit(cause)
     }
@@ -204,18 +220,22 @@ impl ConnTask {
             service: self.service,
             stream_id: self.stream_id,
             conn_id: self.conn_id,
+            wire_conn: self.wire_conn,
             cause,
         }
     }
 
-    /// Bounded retries with doubling delays; gives up early if the stream is reset meanwhile.
+    /// Bounded retries with doubling delays; a reset or close of the connection cancels
+    /// the attempt under way, so a refused or reset connection frees its slot at once.
     async fn connect(&self, endpoint: &LocalEndpoint) -> Option<LocalStream> {
         let mut delay = self.limits.connect_retry_delay;
         for attempt in 1..=self.limits.connect_attempts.max(1) {
             self.stats.local_connects.fetch_add(1, Ordering::Relaxed);
-            let result =
-                tokio::time::timeout(self.limits.connect_timeout, LocalStream::connect(endpoint))
-                    .await;
+            let result = tokio::select! {
+                _ = self.closing.cancelled() => return None,
+                _ = self.reset.cancelled() => return None,
+                r = tokio::time::timeout(self.limits.connect_timeout, LocalStream::connect(endpoint)) => r,
+            };
             let err = match result {
                 Ok(Ok(s)) => {
                     info!(%endpoint, conn = self.conn_id, "connected to local service");
@@ -244,11 +264,12 @@ impl ConnTask {
         let up = pump_up(
             &reader,
             &self.out,
+            &self.budget,
             &self.service,
             self.stream_id,
-            self.conn_id,
+            self.wire_conn,
         );
-        let down = pump_down(&mut writer, &mut self.rx, &self.queued);
+        let down = pump_down(&mut writer, &mut self.rx, &self.queued, &self.written);
         tokio::pin!(up, down);
         tokio::select! {
             biased;
@@ -278,17 +299,25 @@ impl ConnTask {
     }
 }
 
-/// Local -> tunnel: every read becomes one DATA message of at most `MAX_PAYLOAD` bytes.
+/// Local -> tunnel: every read becomes one DATA message of at most `MAX_PAYLOAD` bytes. The
+/// bytes count against the agent's budget until the websocket writer has sent them, so
+/// reading waits while the budget is spent.
 async fn pump_up(
     reader: &ReadHalf,
     out: &mpsc::Sender<Outbound>,
+    budget: &Arc<Semaphore>,
     service: &str,
     stream_id: i32,
-    conn_id: u32,
+    wire_conn: u32,
 ) -> io::Result<()> {
     let mut size = MIN_READ;
     loop {
         reader.readable().await?;
+        let mut permit = budget
+            .clone()
+            .acquire_many_owned(size as u32)
+            .await
+            .map_err(|_| io::Error::other("byte budget closed"))?;
         // Allocate only once data is waiting: idle connections hold no buffer.
         let mut buf = BytesMut::with_capacity(size);
         let n = match reader.try_read_buf(&mut (&mut buf).limit(size)) {
@@ -297,13 +326,19 @@ async fn pump_up(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
+        // Keep the share of the budget this chunk holds.
+        drop(permit.split(size - n));
         size = if n == size {
             (size * 2).min(MAX_PAYLOAD)
         } else {
             size.max(MIN_READ)
         };
-        let msg = Message::data(stream_id, service, conn_id, buf.freeze());
-        if out.send(Outbound::Frame(msg)).await.is_err() {
+        let msg = Message::data(stream_id, service, wire_conn, buf.freeze());
+        let data = Outbound::Data {
+            msg,
+            _budget: permit,
+        };
+        if out.send(data).await.is_err() {
             return Err(io::Error::other("tunnel session ended"));
         }
     }
@@ -312,11 +347,13 @@ async fn pump_up(
 /// Tunnel -> local: until the session drops the sender, then half-close.
 async fn pump_down(
     writer: &mut WriteHalf,
-    rx: &mut mpsc::Receiver<Bytes>,
+    rx: &mut mpsc::Receiver<Chunk>,
     queued: &AtomicUsize,
+    written: &AtomicU64,
 ) -> io::Result<()> {
-    while let Some(chunk) = rx.recv().await {
+    while let Some((chunk, _budget)) = rx.recv().await {
         writer.write_all(&chunk).await?;
+        written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         // Counted until written: the chunk in hand is memory held for this connection too.
         queued.fetch_sub(chunk.len(), Ordering::Relaxed);
     }

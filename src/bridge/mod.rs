@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Frames waiting for the websocket writer.
     pub outgoing_depth: usize,
+    /// Bytes held for local sockets or read from them and not yet sent, all connections
+    /// together; a bridge shares the agent's budget (`Bridge::with_budget`) or has its own.
+    pub buffer_budget: usize,
     /// Time the TCP, TLS and websocket handshake together may take.
     pub handshake_timeout: Duration,
     /// Base of the exponential websocket reconnect backoff.
@@ -101,6 +104,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             max_connections: 128,
             outgoing_depth: 8,
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
             handshake_timeout: Duration::from_secs(15),
             reconnect_min_delay: Duration::from_millis(500),
             reconnect_max_delay: Duration::from_secs(30),
@@ -260,7 +264,12 @@ struct Link {
     limits: Limits,
     stats: Arc<Stats>,
     state: watch::Sender<State>,
+    /// Bytes held for local sockets and read from them, shared with the agent's other bridges.
+    budget: Arc<Semaphore>,
 }
+
+/// Default byte budget: 8 MiB (`limits.max_buffered_kib` in the agent's config).
+pub const DEFAULT_BUFFER_BUDGET: usize = 8 << 20;
 
 /// Accepted clients waiting for the session (source mode).
 const ACCEPT_QUEUE: usize = 16;
@@ -294,6 +303,7 @@ impl Bridge {
                 tls: cfg.tls,
                 access_token: cfg.access_token,
                 client_token,
+                budget: Arc::new(Semaphore::new(cfg.limits.buffer_budget)),
                 limits: cfg.limits,
                 stats: Arc::default(),
                 state,
@@ -310,6 +320,13 @@ impl Bridge {
     /// The bridge's state, updated as it changes.
     pub fn state(&self) -> watch::Receiver<State> {
         self.link.state.subscribe()
+    }
+
+    /// Shares `budget` (bytes) with other bridges instead of the bridge's own
+    /// `limits.buffer_budget`: the agent bounds what all its tunnels hold together.
+    pub fn with_budget(mut self, budget: Arc<Semaphore>) -> Self {
+        self.link.budget = budget;
+        self
     }
 
     /// Cancel it to retire the bridge: the current websocket session goes on, but once it
@@ -493,6 +510,7 @@ impl Link {
             next_id: 0,
             waiting: Default::default(),
             backlog: Default::default(),
+            budget: self.budget.clone(),
         };
         let end = session.run(incoming, &mut writer, accepts, cancel).await;
         session.shutdown().await;

@@ -3,12 +3,13 @@
 //! protocol error or cancellation; every local connection of the session ends with it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use tokio::sync::mpsc::{self, error::TrySendError};
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, protocol::CloseFrame};
@@ -24,6 +25,7 @@ use super::ws::{Outbound, WsStream};
 use super::{Limits, Phase, State, Stats};
 use crate::protocol::{
     self, Format, FrameCodec, FrameReader, Incoming, Message, MessageType, Mode, ProtocolError,
+    Violation, connection_key,
 };
 use crate::services::SharedServiceMap;
 
@@ -65,9 +67,27 @@ pub struct Session<'a> {
     pub next_id: u64,
     /// Source, V1/V2 peers: clients waiting for the service's one connection to end.
     pub waiting: HashMap<String, VecDeque<LocalStream>>,
-    /// Control messages waiting for room in the writer's queue. Bounded by construction:
-    /// each comes from one event on one of at most `max_connections` connections.
+    /// Control messages waiting for room in the writer's queue. While it holds
+    /// `BACKLOG_LIMIT` messages the websocket is not read, so a peer that provokes replies
+    /// faster than they can be sent is slowed down, not buffered.
     pub backlog: VecDeque<(Message, Option<oneshot::Sender<()>>)>,
+    /// The agent's byte budget: every payload held for a local socket takes its share.
+    pub budget: Arc<Semaphore>,
+}
+
+/// Control messages waiting for the writer before the websocket reader pauses.
+pub const BACKLOG_LIMIT: usize = 64;
+
+/// Rule (bounded memory): a payload decoded from a websocket message is a slice of it and
+/// keeps all of it alive; one smaller than a quarter of that buffer is copied out, so what a
+/// queued payload pins is at most 4 times what it counts.
+pub fn should_copy_payload(payload: usize, backing: usize) -> bool {
+    payload.saturating_mul(4) < backing
+}
+
+/// Warnings about a peer's bad messages: the first few, then at powers of two.
+fn worth_logging(n: u64) -> bool {
+    n <= 3 || n.is_power_of_two()
 }
 
 type Writer = tokio_util::task::AbortOnDropHandle<Result<(), tungstenite::Error>>;
@@ -110,7 +130,7 @@ impl Session<'_> {
                     }
                     idle_check.as_mut().reset(deadline);
                 }
-                ws = incoming.next() => {
+                ws = incoming.next(), if self.backlog.len() < BACKLOG_LIMIT => {
                     last_rx = Instant::now();
                     if let Err(end) = self.on_ws(ws, &mut reader, cancel).await {
                         return end;
@@ -141,10 +161,18 @@ impl Session<'_> {
         }
     }
 
-    /// Closes every local connection of the session and waits for their tasks to end.
+    /// Closes every local connection of the session: each first delivers what is already
+    /// queued for its local socket (within `close_linger`); then the rest are aborted.
     pub async fn shutdown(&mut self) {
         drop(self.table.reset_all());
-        self.tasks.shutdown().await;
+        let tasks = &mut self.tasks;
+        let flushed = tokio::time::timeout(self.limits.close_linger, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if flushed.is_err() {
+            self.tasks.shutdown().await;
+        }
     }
 
     async fn on_ws(
@@ -159,13 +187,18 @@ impl Session<'_> {
             )),
             Some(Err(e)) => Err(SessionEnd::Lost(format!("websocket read failed: {e}"))),
             Some(Ok(WsMessage::Binary(data))) => {
-                reader.push(data).map_err(SessionEnd::Protocol)?;
-                while let Some(msg) = reader.next_frame().map_err(SessionEnd::Protocol)? {
-                    self.on_message(msg, cancel)
-                        .await
-                        .map_err(SessionEnd::Protocol)?;
+                reader.push(data);
+                loop {
+                    match reader.next_frame() {
+                        Ok(Some(msg)) => {
+                            let backing = reader.backing_len();
+                            self.on_message(msg, backing, cancel).await?;
+                        }
+                        Ok(None) => return Ok(()),
+                        // The length prefix still delimits the next frame.
+                        Err(e) => self.violation(None, e)?,
+                    }
                 }
-                Ok(())
             }
             Some(Ok(WsMessage::Text(_))) => Err(SessionEnd::Protocol(ProtocolError::TextFrame)),
             Some(Ok(WsMessage::Close(frame))) => Err(SessionEnd::Closed(frame)),
@@ -182,17 +215,19 @@ impl Session<'_> {
     async fn on_message(
         &mut self,
         msg: Message,
+        backing: usize,
         cancel: &CancellationToken,
-    ) -> Result<(), ProtocolError> {
-        let kind = match protocol::admit(self.mode(), &msg)? {
-            Incoming::Ignore => {
+    ) -> Result<(), SessionEnd> {
+        let kind = match protocol::admit(self.mode(), &msg) {
+            Ok(Incoming::Ignore) => {
                 trace!(kind = msg.r#type, stream = msg.stream_id, "ignored message");
                 return Ok(());
             }
-            Incoming::Handle(kind) => kind,
+            Ok(Incoming::Handle(kind)) => kind,
+            Err(e) => return self.violation(Some(&msg), e),
         };
         match kind {
-            MessageType::Data => self.on_data(msg, cancel).await,
+            MessageType::Data => self.on_data(msg, backing, cancel).await,
             MessageType::StreamStart => self.on_stream_start(msg),
             MessageType::ConnectionStart => self.on_connection_start(msg),
             MessageType::StreamReset => self.on_stream_reset(&msg),
@@ -204,6 +239,29 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// A bad message from the peer ends only what it belongs to (`protocol::violation_scope`).
+    fn violation(&mut self, msg: Option<&Message>, e: ProtocolError) -> Result<(), SessionEnd> {
+        let n = self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        match protocol::violation_scope(msg.map(|m| m.stream_id), &e) {
+            Violation::Session => Err(SessionEnd::Protocol(e)),
+            Violation::ResetStream => {
+                let Some(m) = msg else { return Ok(()) };
+                if worth_logging(n) {
+                    warn!(service = ?m.service_id, stream = m.stream_id, violations = n, "bad message from the peer: {e}; resetting its stream");
+                }
+                drop(self.table.reset_stream(&m.service_id, m.stream_id));
+                self.send(Message::stream_reset(m.stream_id, &m.service_id));
+                Ok(())
+            }
+            Violation::Drop => {
+                if worth_logging(n) {
+                    warn!(violations = n, "bad message from the peer dropped: {e}");
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Queues a control message without ever waiting: the session is the websocket's only
     /// reader, and blocking it on the writer could close a wait cycle through the service's
     /// relay. Order is kept: once anything is in the backlog, everything goes behind it.
@@ -213,11 +271,15 @@ impl Session<'_> {
 
     /// As `send`; `queued` fires once the message is in the writer's queue.
     fn send_then(&mut self, msg: Message, queued: Option<oneshot::Sender<()>>) {
-        if matches!(
-            msg.kind(),
-            Some(MessageType::StreamReset | MessageType::ConnectionReset)
-        ) {
-            self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
+        match msg.kind() {
+            Some(MessageType::StreamReset) => {
+                self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
+                self.table.reset_sent(&msg.service_id, msg.stream_id);
+            }
+            Some(MessageType::ConnectionReset) => {
+                self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
         if self.backlog.is_empty() {
             match self.out.try_send(Outbound::Frame(msg)) {
@@ -237,66 +299,157 @@ impl Session<'_> {
         }
     }
 
-    /// Backpressure policy: a full connection queue pauses the websocket reader (and so the
-    /// whole tunnel) for at most `stall_timeout`; a connection whose local consumer makes no
-    /// progress for that long is reset so the other connections go on.
-    async fn on_data(&mut self, msg: Message, cancel: &CancellationToken) {
-        let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
-        let handle = match self.table.route(&service, stream, conn) {
+    /// Backpressure policy: a full connection queue, or a spent byte budget, pauses the
+    /// websocket reader (and so the whole tunnel) for at most `stall_timeout`, counted once
+    /// the connection is up. Then connections whose local consumer made no progress are
+    /// reset, so the others go on.
+    async fn on_data(&mut self, msg: Message, backing: usize, cancel: &CancellationToken) {
+        let (service, stream) = (msg.service_id, msg.stream_id);
+        let key = connection_key(msg.connection_id);
+        let handle = match self.table.route(&service, stream, key) {
             Route::Deliver(h) => h,
             Route::StaleStream => {
-                trace!(service = %service, stream, "stale stream: dropping DATA");
+                if self.table.answer_stray_data(&service, stream) {
+                    debug!(service = ?service, stream, "DATA for a stream that is not active: resetting it");
+                    self.send(Message::stream_reset(stream, &service));
+                }
                 return;
             }
             Route::UnknownConnection => {
-                debug!(service = %service, stream, conn, "no such connection: dropping DATA");
+                debug!(service = ?service, stream, conn = key, "no such connection: dropping DATA");
                 return;
             }
         };
-        let len = msg.payload.len();
-        // Count the bytes before the message becomes visible to the receiver, which
-        // subtracts them: a permit first, then the count, then the send.
-        match handle.tx.try_reserve() {
-            Ok(permit) => {
-                ConnHandle::note_queued(&handle.queued, len, self.stats);
-                permit.send(msg.payload);
-                return;
-            }
-            // The task is ending; its exit is handled in `on_conn_exit`.
-            Err(TrySendError::Closed(())) => return,
-            Err(TrySendError::Full(())) => {}
+        let mut payload = msg.payload;
+        if should_copy_payload(payload.len(), backing) {
+            payload = Bytes::copy_from_slice(&payload);
         }
-        self.stats.stalls.fetch_add(1, Ordering::Relaxed);
-        let (tx, queued, id) = (handle.tx.clone(), handle.queued.clone(), handle.id);
-        let waited = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(self.limits.stall_timeout, tx.reserve()) => r,
+        let len = payload.len();
+        let budget = self.budget.clone().try_acquire_many_owned(len as u32).ok();
+        // Count the bytes before the chunk becomes visible to the receiver, which subtracts
+        // them: a slot first, then the count, then the send.
+        let waiting = match budget {
+            Some(permit) => match handle.tx.try_reserve() {
+                Ok(slot) => {
+                    ConnHandle::note_queued(&handle.queued, len, self.stats);
+                    slot.send((payload, permit));
+                    return;
+                }
+                // The task is ending; its exit is handled in `on_conn_exit`.
+                Err(TrySendError::Closed(())) => return,
+                Err(TrySendError::Full(())) => Some(permit),
+            },
+            None => None,
         };
-        match waited {
-            Ok(Ok(permit)) => {
-                ConnHandle::note_queued(&queued, len, self.stats);
-                permit.send(msg.payload);
+        self.stall(payload, waiting, &service, stream, key, cancel)
+            .await;
+    }
+
+    /// Waits for a queue slot and budget for one payload; see `on_data`.
+    async fn stall(
+        &mut self,
+        payload: Bytes,
+        mut permit: Option<OwnedSemaphorePermit>,
+        service: &str,
+        stream: i32,
+        key: u32,
+        cancel: &CancellationToken,
+    ) {
+        self.stats.stalls.fetch_add(1, Ordering::Relaxed);
+        let len = payload.len();
+        for _round in 0..2 {
+            let Some(handle) = self.table.get(service, key) else {
+                return;
+            };
+            let (tx, queued, id) = (handle.tx.clone(), handle.queued.clone(), handle.id);
+            let mut connected = handle.connected.clone();
+            let own_queue_full = permit.is_some();
+            let before = self.progress_snapshot();
+            let budget = self.budget.clone();
+            let acquire = async {
+                let permit = match permit.take() {
+                    Some(p) => p,
+                    None => budget.acquire_many_owned(len as u32).await.ok()?,
+                };
+                let slot = tx.reserve().await.ok()?;
+                Some((slot, permit))
+            };
+            // A connection still connecting is not a stalled consumer.
+            let deadline = async {
+                let _ = connected.wait_for(|up| *up).await;
+                tokio::time::sleep(self.limits.stall_timeout).await;
+            };
+            let waited = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = acquire => Some(r),
+                _ = deadline => None,
+            };
+            match waited {
+                Some(Some((slot, permit))) => {
+                    ConnHandle::note_queued(&queued, len, self.stats);
+                    slot.send((payload, permit));
+                    return;
+                }
+                Some(None) => return,
+                None if own_queue_full => {
+                    self.reset_stalled(service, stream, key, id);
+                    return;
+                }
+                None => {
+                    // The budget is spent: reset whoever holds bytes and wrote nothing.
+                    if self.reset_idle_holders(&before) == 0 {
+                        self.reset_stalled(service, stream, key, id);
+                        return;
+                    }
+                }
             }
-            Ok(Err(_)) => {}
-            Err(_) => self.reset_stalled(&service, stream, conn, id),
         }
     }
 
-    fn reset_stalled(&mut self, service: &str, stream: i32, conn: u32, id: u64) {
-        let Some(handle) = self.table.remove_if(service, conn, |h| h.id == id) else {
+    /// (service, connection, task id, bytes written so far, bytes queued) of every
+    /// connection: who made progress while the reader waited.
+    fn progress_snapshot(&self) -> Vec<(String, u32, u64, u64)> {
+        self.table
+            .connections()
+            .filter(|(_, _, h)| h.queued.load(Ordering::Relaxed) > 0)
+            .map(|(s, k, h)| (s.to_owned(), k, h.id, h.written.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Resets the connections of `before` that still hold bytes and wrote none since.
+    fn reset_idle_holders(&mut self, before: &[(String, u32, u64, u64)]) -> usize {
+        let mut reset = 0;
+        for (service, key, id, written) in before {
+            let idle = self.table.get(service, *key).is_some_and(|h| {
+                h.id == *id
+                    && h.written.load(Ordering::Relaxed) == *written
+                    && h.queued.load(Ordering::Relaxed) > 0
+            });
+            if idle {
+                let stream = self.table.active_stream(service).unwrap_or(0);
+                self.reset_stalled(service, stream, *key, *id);
+                reset += 1;
+            }
+        }
+        reset
+    }
+
+    fn reset_stalled(&mut self, service: &str, stream: i32, key: u32, id: u64) {
+        let wire = self.table.wire_connection_id(service, key);
+        let Some(handle) = self.table.remove_if(service, key, |h| h.id == id) else {
             return;
         };
         handle.reset.cancel();
         self.stats.stall_resets.fetch_add(1, Ordering::Relaxed);
         warn!(
-            service = %service, stream, conn,
+            service = ?service, stream, conn = key,
             "local consumer stopped reading for {:?}: resetting this connection to keep the tunnel moving",
             self.limits.stall_timeout
         );
-        if conn == 0 {
+        if wire == 0 {
             drop(self.table.reset_stream(service, stream));
         }
-        self.send(protocol::reset_on_local_close(stream, service, conn));
+        self.send(protocol::reset_on_local_close(stream, service, wire));
     }
 
     fn services(&self) -> &[String] {
@@ -309,28 +462,30 @@ impl Session<'_> {
             return;
         };
         let Some(endpoint) = map.current().resolve(&service, self.services()).cloned() else {
-            warn!(
-                service = %service, stream,
-                "refusing stream: service {service:?} is not in the service map"
-            );
-            self.stats.refused_streams.fetch_add(1, Ordering::Relaxed);
+            let n = self.stats.refused_streams.fetch_add(1, Ordering::Relaxed) + 1;
+            if worth_logging(n) {
+                warn!(
+                    service = ?service, stream, refused = n,
+                    "refusing stream: the service is not in the service map"
+                );
+            }
             self.send(Message::stream_reset(stream, &service));
             return;
         };
-        let replaced = self.table.start_stream(&service, stream);
+        let format = protocol::format_of_stream_start(&service, conn);
+        let replaced = self
+            .table
+            .start_stream(&service, stream, format == Format::V3);
         if !replaced.is_empty() {
-            info!(service = %service, stream, closed = replaced.len(), "new stream replaces the active one");
+            info!(service = ?service, stream, closed = replaced.len(), "new stream replaces the active one");
         }
         drop(replaced);
-        debug!(
-            service = %service, stream, conn,
-            format = ?protocol::format_of_stream_start(&service, conn), "stream start"
-        );
+        debug!(service = ?service, stream, conn, ?format, "stream start");
         let open = Open::Connect {
             endpoint,
             by_stream_start: true,
         };
-        self.open_local(service, stream, conn, open);
+        self.open_local(service, stream, connection_key(conn), open);
     }
 
     fn on_connection_start(&mut self, msg: Message) {
@@ -342,22 +497,19 @@ impl Session<'_> {
             None => {
                 // The source believes in a stream we do not have (we were reset, it was
                 // not): reset it so its next connection starts a fresh stream.
-                debug!(service = %service, stream, "CONNECTION_START without a stream: resetting it");
+                debug!(service = ?service, stream, "CONNECTION_START without a stream: resetting it");
                 self.send(Message::stream_reset(stream, &service));
                 return;
             }
             Some(active) if active != stream => {
-                trace!(service = %service, stream, active, "stale CONNECTION_START dropped");
+                trace!(service = ?service, stream, active, "stale CONNECTION_START dropped");
                 return;
             }
             Some(_) => {}
         }
-        if conn == 0 {
-            warn!(service = %service, stream, "CONNECTION_START without a connection id ignored");
-            return;
-        }
+        let conn = connection_key(conn);
         if self.table.contains(&service, conn) {
-            warn!(service = %service, stream, conn, "CONNECTION_START reuses a live connection id: resetting it");
+            warn!(service = ?service, stream, conn, "CONNECTION_START reuses a live connection id: resetting it");
             drop(self.table.reset_connection(&service, stream, conn));
             self.send(Message::connection_reset(stream, &service, conn));
             return;
@@ -374,12 +526,15 @@ impl Session<'_> {
     }
 
     /// Registers the connection (its queue exists at once, so DATA that arrives while the
-    /// local connect is under way waits in it) and starts its task.
+    /// local connect is under way waits in it) and starts its task. The limit counts running
+    /// tasks, so connections that were reset but are still flushing count too.
     fn open_local(&mut self, service: String, stream: i32, conn: u32, open: Open) {
-        if self.table.connection_count() >= self.limits.max_connections {
+        let wire = self.table.wire_connection_id(&service, conn);
+        let running = self.stats.open_connections.load(Ordering::Relaxed);
+        if running >= self.limits.max_connections {
             warn!(
-                service = %service, stream, conn,
-                "refusing connection: {} connections already open on this tunnel", self.limits.max_connections
+                service = ?service, stream, conn,
+                "refusing connection: {running} connections already open on this tunnel (limits.max_connections_per_tunnel)"
             );
             let by_stream_start = matches!(
                 open,
@@ -388,24 +543,34 @@ impl Session<'_> {
                     ..
                 }
             );
-            let reset = protocol::reset_on_connect_failure(by_stream_start, stream, &service, conn);
+            if by_stream_start {
+                // The refused stream must not stay active.
+                drop(self.table.reset_stream(&service, stream));
+            }
+            let reset = protocol::reset_on_connect_failure(by_stream_start, stream, &service, wire);
             self.send(reset);
             return;
         }
         let (tx, rx) = mpsc::channel(self.limits.queue_depth.max(1));
         let queued = Arc::new(AtomicUsize::new(0));
+        let written = Arc::new(AtomicU64::new(0));
         let (closing, reset) = (CancellationToken::new(), CancellationToken::new());
+        let (connected_tx, connected) = tokio::sync::watch::channel(false);
         self.next_id += 1;
         let task = ConnTask {
             id: self.next_id,
             service: service.clone(),
             stream_id: stream,
             conn_id: conn,
+            wire_conn: wire,
             rx,
             queued: queued.clone(),
+            written: written.clone(),
             out: self.out.clone(),
             closing: closing.clone(),
             reset: reset.clone(),
+            connected: connected_tx,
+            budget: self.budget.clone(),
             limits: self.limits,
             stats: self.stats.clone(),
             _open: OpenGuard::new(self.stats.clone()),
@@ -417,8 +582,10 @@ impl Session<'_> {
             id: self.next_id,
             tx,
             queued,
+            written,
             reset,
             closing,
+            connected,
         };
         self.table.insert(&service, conn, handle);
         self.stats
@@ -433,10 +600,10 @@ impl Session<'_> {
         self.state.send_modify(|s| s.resets_received += 1);
         match self.table.reset_stream(&msg.service_id, msg.stream_id) {
             Some(closed) => info!(
-                service = %msg.service_id, stream = msg.stream_id, closed = closed.len(),
+                service = ?msg.service_id, stream = msg.stream_id, closed = closed.len(),
                 "stream reset by peer"
             ),
-            None => trace!(service = %msg.service_id, stream = msg.stream_id, "stale STREAM_RESET"),
+            None => trace!(service = ?msg.service_id, stream = msg.stream_id, "stale STREAM_RESET"),
         }
     }
 
@@ -444,11 +611,12 @@ impl Session<'_> {
         self.stats
             .connection_resets_received
             .fetch_add(1, Ordering::Relaxed);
+        let conn = connection_key(msg.connection_id);
         let closed = self
             .table
-            .reset_connection(&msg.service_id, msg.stream_id, msg.connection_id);
+            .reset_connection(&msg.service_id, msg.stream_id, conn);
         debug!(
-            service = %msg.service_id, stream = msg.stream_id, conn = msg.connection_id,
+            service = ?msg.service_id, stream = msg.stream_id, conn,
             found = closed.is_some(), "connection reset by peer"
         );
     }
@@ -476,7 +644,7 @@ impl Session<'_> {
         match &self.role {
             Role::Destination(map) => {
                 for s in map.current().unmapped(&ids) {
-                    warn!(service = %s, "service {s:?} is not in the service map: its streams will be refused");
+                    warn!(service = ?s, "the service is not in the service map: its streams will be refused");
                 }
             }
             Role::Source(_) => {}
@@ -495,12 +663,12 @@ impl Session<'_> {
         };
         let waiting: usize = self.waiting.values().map(VecDeque::len).sum();
         if self.table.connection_count() + waiting >= self.limits.max_connections {
-            warn!(service = %service, "refusing local client: {} connections already open", self.limits.max_connections);
+            warn!(service = ?service, "refusing local client: {} connections already open", self.limits.max_connections);
             return;
         }
         if format != Format::V3 && self.table.active_stream(&service).is_some() {
             // Like the reference proxy: the client waits until the active one ends.
-            debug!(service = %service, "client waits: a {format:?} destination carries one connection per service at a time");
+            debug!(service = ?service, "client waits: a {format:?} destination carries one connection per service at a time");
             self.waiting
                 .entry(service)
                 .or_default()
@@ -537,16 +705,19 @@ impl Session<'_> {
                 )
             }
             _ => {
-                let stream = self.table.open_stream(&service);
-                let conn = if format == Format::V3 {
-                    self.table.next_connection_id(&service)
+                let v3 = format == Format::V3;
+                let stream = self.table.open_stream(&service, v3);
+                // V1/V2 destinations get no connection id; the table keys it as 1.
+                let (key, wire) = if v3 {
+                    let c = self.table.next_connection_id(&service);
+                    (c, c)
                 } else {
-                    0
+                    (1, 0)
                 };
-                (stream, conn, Message::stream_start(stream, &service, conn))
+                (stream, key, Message::stream_start(stream, &service, wire))
             }
         };
-        debug!(service = %service, stream, conn, kind = ?msg.kind(), "opening tunnel connection");
+        debug!(service = ?service, stream, conn, kind = ?msg.kind(), "opening tunnel connection");
         // Starts keep their order; the task sends data only once its start is queued.
         let (queued, started) = oneshot::channel();
         self.send_then(msg, Some(queued));
@@ -564,6 +735,8 @@ impl Session<'_> {
         if listener.is_empty() {
             return match services {
                 [one] => Some(one.clone()),
+                // As localproxy: a tunnel without services gets no service id.
+                [] => Some(String::new()),
                 _ => {
                     warn!(services = ?services, "refusing local client: an unnamed listener needs a tunnel with exactly one service; name the mappings");
                     None
@@ -571,7 +744,7 @@ impl Session<'_> {
             };
         }
         if !services.iter().any(|s| s == listener) {
-            warn!(service = %listener, tunnel = ?services, "refusing local client: the tunnel does not offer this service");
+            warn!(service = ?listener, tunnel = ?services, "refusing local client: the tunnel does not offer this service");
             return None;
         }
         Some(listener.to_owned())
@@ -588,6 +761,7 @@ impl Session<'_> {
             service,
             stream_id: stream,
             conn_id: conn,
+            wire_conn: wire,
             cause,
         } = exit;
         if self
@@ -602,17 +776,17 @@ impl Session<'_> {
                 if by_stream_start {
                     drop(self.table.reset_stream(&service, stream));
                 }
-                protocol::reset_on_connect_failure(by_stream_start, stream, &service, conn)
+                protocol::reset_on_connect_failure(by_stream_start, stream, &service, wire)
             }
             ExitCause::LocalClosed => {
-                if conn == 0 {
+                if wire == 0 {
                     drop(self.table.reset_stream(&service, stream));
                 }
-                protocol::reset_on_local_close(stream, &service, conn)
+                protocol::reset_on_local_close(stream, &service, wire)
             }
             ExitCause::Flushed => return,
         };
-        debug!(service = %service, stream, conn, kind = ?reset.kind(), "local side ended");
+        debug!(service = ?service, stream, conn, kind = ?reset.kind(), "local side ended");
         self.send(reset);
     }
 }

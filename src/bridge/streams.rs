@@ -1,11 +1,14 @@
 //! The stream/connection table of one tunnel: which stream is active per service and which
 //! local connections belong to it. Pure state, no I/O: the session decides what to send.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 #[derive(Debug)]
 struct ServiceStreams<H> {
     active: Option<i32>,
+    /// Whether the active stream's peer puts connection ids on the wire (V3), or leaves them
+    /// out (V1/V2: one connection, keyed as connection 1).
+    wire_ids: bool,
     conns: HashMap<u32, H>,
     last_stream: i32,
     last_conn: u32,
@@ -15,12 +18,16 @@ impl<H> Default for ServiceStreams<H> {
     fn default() -> Self {
         ServiceStreams {
             active: None,
+            wire_ids: true,
             conns: HashMap::new(),
             last_stream: 0,
             last_conn: 0,
         }
     }
 }
+
+/// Stray streams remembered, so each is answered with one STREAM_RESET only.
+const STRAY_MEMORY: usize = 32;
 
 /// Where a DATA message goes.
 #[derive(Debug)]
@@ -36,12 +43,15 @@ pub enum Route<'a, H> {
 #[derive(Debug)]
 pub struct StreamTable<H> {
     services: HashMap<String, ServiceStreams<H>>,
+    /// (service, stream) pairs already answered for stray DATA; bounded.
+    strays: VecDeque<(String, i32)>,
 }
 
 impl<H> Default for StreamTable<H> {
     fn default() -> Self {
         StreamTable {
             services: HashMap::new(),
+            strays: VecDeque::new(),
         }
     }
 }
@@ -51,24 +61,64 @@ impl<H> StreamTable<H> {
         self.services.get(service).and_then(|s| s.active)
     }
 
-    /// STREAM_START: `stream` becomes the service's active stream. The connections of the
-    /// stream it replaces are returned, to be closed.
-    pub fn start_stream(&mut self, service: &str, stream: i32) -> Vec<H> {
+    /// STREAM_START: `stream` becomes the service's active stream, with connection ids on
+    /// the wire or not (`wire_ids`). The connections of the stream it replaces are returned,
+    /// to be closed.
+    pub fn start_stream(&mut self, service: &str, stream: i32, wire_ids: bool) -> Vec<H> {
         let s = self.services.entry(service.to_owned()).or_default();
         s.active = Some(stream);
+        s.wire_ids = wire_ids;
         s.conns.drain().map(|(_, h)| h).collect()
     }
 
     /// Source side: the next stream id for a service (1, 2, ... wrapping to 1 after
     /// i32::MAX), made active. Counters outlive resets so ids are not reused soon.
-    pub fn open_stream(&mut self, service: &str) -> i32 {
+    pub fn open_stream(&mut self, service: &str, wire_ids: bool) -> i32 {
         let s = self.services.entry(service.to_owned()).or_default();
         s.last_stream = match s.last_stream.checked_add(1) {
             Some(next) if next > 0 => next,
             _ => 1,
         };
         s.active = Some(s.last_stream);
+        s.wire_ids = wire_ids;
         s.last_stream
+    }
+
+    /// The connection id to put on the wire for connection `key` of the service's stream:
+    /// none (0) when its peer speaks V1/V2.
+    pub fn wire_connection_id(&self, service: &str, key: u32) -> u32 {
+        match self.services.get(service) {
+            Some(s) if !s.wire_ids => 0,
+            _ => key,
+        }
+    }
+
+    /// Rule (issue: a stray stream's client must not hang): DATA for a stream that is not
+    /// active is answered with one STREAM_RESET per stream, so the source closes the client
+    /// it is still feeding; repeats are dropped silently. Memory is bounded.
+    pub fn answer_stray_data(&mut self, service: &str, stream: i32) -> bool {
+        if self.answered(service, stream) {
+            return false;
+        }
+        self.reset_sent(service, stream);
+        true
+    }
+
+    fn answered(&self, service: &str, stream: i32) -> bool {
+        self.strays
+            .iter()
+            .any(|(s, id)| *id == stream && s == service)
+    }
+
+    /// A STREAM_RESET went out for this stream: DATA that follows it needs no other.
+    pub fn reset_sent(&mut self, service: &str, stream: i32) {
+        if self.answered(service, stream) {
+            return;
+        }
+        if self.strays.len() >= STRAY_MEMORY {
+            self.strays.pop_front();
+        }
+        self.strays.push_back((service.to_owned(), stream));
     }
 
     /// Source side: the next connection id for a service, never 0 (0 means "absent").
@@ -81,6 +131,17 @@ impl<H> StreamTable<H> {
     pub fn insert(&mut self, service: &str, conn: u32, handle: H) {
         let s = self.services.entry(service.to_owned()).or_default();
         s.conns.insert(conn, handle);
+    }
+
+    pub fn get(&self, service: &str, conn: u32) -> Option<&H> {
+        self.services.get(service)?.conns.get(&conn)
+    }
+
+    /// Every connection: (service, connection, handle).
+    pub fn connections(&self) -> impl Iterator<Item = (&str, u32, &H)> {
+        self.services
+            .iter()
+            .flat_map(|(s, ss)| ss.conns.iter().map(move |(k, h)| (s.as_str(), *k, h)))
     }
 
     pub fn contains(&self, service: &str, conn: u32) -> bool {
@@ -153,7 +214,7 @@ mod tests {
     #[test]
     fn data_for_a_stale_stream_or_unknown_connection_is_not_delivered() {
         let mut t = StreamTable::default();
-        t.start_stream("SSH", 5);
+        t.start_stream("SSH", 5, true);
         t.insert("SSH", 1, "conn1");
         assert!(matches!(t.route("SSH", 5, 1), Route::Deliver(&mut "conn1")));
         assert!(matches!(t.route("SSH", 4, 1), Route::StaleStream));
@@ -164,10 +225,10 @@ mod tests {
     #[test]
     fn a_new_stream_start_replaces_the_old_stream_and_its_connections() {
         let mut t = StreamTable::default();
-        t.start_stream("SSH", 1);
+        t.start_stream("SSH", 1, true);
         t.insert("SSH", 1, "a");
         t.insert("SSH", 2, "b");
-        let mut closed = t.start_stream("SSH", 2);
+        let mut closed = t.start_stream("SSH", 2, true);
         closed.sort();
         assert_eq!(closed, ["a", "b"]);
         assert_eq!(t.active_stream("SSH"), Some(2));
@@ -177,10 +238,10 @@ mod tests {
     #[test]
     fn stream_reset_closes_every_connection_of_the_stream_only_if_it_matches() {
         let mut t = StreamTable::default();
-        t.start_stream("SSH", 3);
+        t.start_stream("SSH", 3, true);
         t.insert("SSH", 1, "a");
         t.insert("SSH", 2, "b");
-        t.start_stream("HTTP", 1);
+        t.start_stream("HTTP", 1, true);
         t.insert("HTTP", 1, "h");
         assert!(t.reset_stream("SSH", 2).is_none());
         assert_eq!(t.reset_stream("SSH", 3).map(|v| v.len()), Some(2));
@@ -191,7 +252,7 @@ mod tests {
     #[test]
     fn connection_reset_closes_one_connection_and_keeps_the_stream() {
         let mut t = StreamTable::default();
-        t.start_stream("SSH", 3);
+        t.start_stream("SSH", 3, true);
         t.insert("SSH", 1, "a");
         t.insert("SSH", 2, "b");
         assert_eq!(t.reset_connection("SSH", 2, 1), None);
@@ -203,14 +264,14 @@ mod tests {
     #[test]
     fn session_reset_closes_everything_but_ids_keep_counting() {
         let mut t = StreamTable::default();
-        assert_eq!(t.open_stream("SSH"), 1);
+        assert_eq!(t.open_stream("SSH", true), 1);
         assert_eq!(t.next_connection_id("SSH"), 1);
         t.insert("SSH", 1, "a");
-        t.open_stream("HTTP");
+        t.open_stream("HTTP", true);
         t.insert("HTTP", 1, "h");
         assert_eq!(t.reset_all().len(), 2);
         assert_eq!(t.active_stream("SSH"), None);
-        assert_eq!(t.open_stream("SSH"), 2);
+        assert_eq!(t.open_stream("SSH", true), 2);
         assert_eq!(t.next_connection_id("SSH"), 2);
     }
 
@@ -218,7 +279,7 @@ mod tests {
     fn source_stream_ids_wrap_to_one() {
         let mut t: StreamTable<()> = StreamTable::default();
         t.services.entry("S".into()).or_default().last_stream = i32::MAX;
-        assert_eq!(t.open_stream("S"), 1);
+        assert_eq!(t.open_stream("S", true), 1);
         t.services.entry("S".into()).or_default().last_conn = u32::MAX;
         assert_eq!(t.next_connection_id("S"), 1);
     }
@@ -226,9 +287,33 @@ mod tests {
     #[test]
     fn remove_if_ignores_a_successor_with_the_same_id() {
         let mut t = StreamTable::default();
-        t.start_stream("SSH", 1);
+        t.start_stream("SSH", 1, true);
         t.insert("SSH", 1, 10u64);
         assert_eq!(t.remove_if("SSH", 1, |h| *h == 9), None);
         assert_eq!(t.remove_if("SSH", 1, |h| *h == 10), Some(10));
+    }
+
+    #[test]
+    fn data_for_an_inactive_stream_is_answered_with_one_stream_reset() {
+        let mut t: StreamTable<()> = StreamTable::default();
+        assert!(t.answer_stray_data("SSH", 7));
+        assert!(!t.answer_stray_data("SSH", 7), "once per stream");
+        assert!(t.answer_stray_data("SSH", 8));
+        assert!(t.answer_stray_data("HTTP", 7));
+        // Bounded: a flood of stray streams forgets the oldest.
+        for id in 100..100 + STRAY_MEMORY as i32 {
+            t.answer_stray_data("X", id);
+        }
+        assert_eq!(t.strays.len(), STRAY_MEMORY);
+        assert!(t.answer_stray_data("SSH", 7));
+    }
+
+    #[test]
+    fn a_v1_v2_stream_puts_no_connection_id_on_the_wire() {
+        let mut t: StreamTable<()> = StreamTable::default();
+        t.start_stream("SSH", 1, false);
+        assert_eq!(t.wire_connection_id("SSH", 1), 0);
+        t.start_stream("SSH", 2, true);
+        assert_eq!(t.wire_connection_id("SSH", 1), 1);
     }
 }

@@ -12,7 +12,7 @@ use futures_util::stream::SplitSink;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
@@ -25,8 +25,8 @@ use tracing::error;
 
 use super::Stats;
 use crate::protocol::{
-    self, FrameCodec, LENGTH_PREFIX, MAX_HANDSHAKE_REQUEST, MAX_MESSAGE, MAX_WS_MESSAGE, Message,
-    Mode, SUBPROTOCOL_V3,
+    self, FrameCodec, LENGTH_PREFIX, MAX_HANDSHAKE_REQUEST, MAX_MESSAGE, MAX_WS_FRAME,
+    MAX_WS_MESSAGE, Message, Mode, SUBPROTOCOL_V3,
 };
 use crate::secret::Secret;
 
@@ -41,8 +41,8 @@ pub type WsStream = WebSocketStream<Box<dyn Io>>;
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_WS_MESSAGE))
-        .max_frame_size(Some(MAX_WS_MESSAGE))
-        .read_buffer_size(MAX_WS_MESSAGE)
+        .max_frame_size(Some(MAX_WS_FRAME))
+        .read_buffer_size(MAX_WS_FRAME)
         .write_buffer_size(0)
 }
 
@@ -126,9 +126,24 @@ impl DataEndpoint {
         let scheme = if self.tls { "wss" } else { "ws" };
         format!(
             "{scheme}://{}/tunnel?local-proxy-mode={}",
-            self.authority(),
+            self.host_header(),
             mode.as_str()
         )
+    }
+
+    /// Rule (test-rig §5): the `Host:` of the upgrade names the port only when it is not the
+    /// scheme's default, as the reference localproxy sends it (`Host: <host>`).
+    pub fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            if self.host.contains(':') {
+                format!("[{}]", self.host)
+            } else {
+                self.host.clone()
+            }
+        } else {
+            self.authority()
+        }
     }
 }
 
@@ -379,8 +394,13 @@ fn map_ws_error(e: tungstenite::Error) -> HandshakeError {
 /// What the session hands to the writer.
 #[derive(Debug)]
 pub enum Outbound {
-    /// A tunnel message to frame and send.
+    /// A control message to frame and send.
     Frame(Message),
+    /// DATA read from a local socket, holding its share of the byte budget until framed.
+    Data {
+        msg: Message,
+        _budget: OwnedSemaphorePermit,
+    },
     /// Send a close frame and stop.
     Close(u16, &'static str),
 }
@@ -389,7 +409,7 @@ pub enum Outbound {
 const MAX_FRAME: usize = LENGTH_PREFIX + MAX_MESSAGE;
 
 /// Writes queued frames, several to a websocket message when they are already waiting
-/// (never above `MAX_WS_MESSAGE`), and pings every `ping_every`. Ends when the session
+/// (never above `MAX_WS_FRAME`), and pings every `ping_every`. Ends when the session
 /// drops its sender or asks for a close.
 pub async fn write_loop(
     mut sink: SplitSink<WsStream, WsMessage>,
@@ -416,12 +436,15 @@ pub async fn write_loop(
                 return Ok(());
             }
             Some(Outbound::Close(code, reason)) => close = Some((code, reason)),
-            Some(Outbound::Frame(msg)) => {
+            Some(Outbound::Frame(msg) | Outbound::Data { msg, .. }) => {
+                // A DATA message's budget share is released once its bytes are in `buf`.
                 encode(&msg, &mut buf);
                 // Batch frames that are already waiting, while a largest frame still fits.
-                while buf.len() + MAX_FRAME <= MAX_WS_MESSAGE {
+                while buf.len() + MAX_FRAME <= MAX_WS_FRAME {
                     match rx.try_recv() {
-                        Ok(Outbound::Frame(m)) => encode(&m, &mut buf),
+                        Ok(Outbound::Frame(m) | Outbound::Data { msg: m, .. }) => {
+                            encode(&m, &mut buf)
+                        }
                         Ok(Outbound::Close(code, reason)) => {
                             close = Some((code, reason));
                             break;
@@ -490,8 +513,25 @@ mod tests {
     fn region_url_is_the_destination_tunnel_path() {
         assert_eq!(
             DataEndpoint::for_region("eu-west-1").url(Mode::Destination),
-            "wss://data.tunneling.iot.eu-west-1.amazonaws.com:443/tunnel?local-proxy-mode=destination"
+            "wss://data.tunneling.iot.eu-west-1.amazonaws.com/tunnel?local-proxy-mode=destination"
         );
+    }
+
+    #[test]
+    fn host_header_omits_the_default_port() {
+        let e = DataEndpoint::for_region("us-east-1");
+        assert_eq!(
+            e.host_header(),
+            "data.tunneling.iot.us-east-1.amazonaws.com"
+        );
+        let req = handshake_request(&params(&e, &Secret::new("t"), &Secret::new("c"))).unwrap();
+        assert_eq!(req.uri().port_u16(), None, "{}", req.uri());
+        let e = DataEndpoint::parse_override("127.0.0.1:8443").unwrap();
+        assert_eq!(e.host_header(), "127.0.0.1:8443");
+        let e = DataEndpoint::parse_override("[::1]").unwrap();
+        assert_eq!(e.host_header(), "[::1]");
+        let e = DataEndpoint::parse_override("ws://127.0.0.1:80").unwrap();
+        assert_eq!(e.host_header(), "127.0.0.1");
     }
 
     fn params<'a>(e: &'a DataEndpoint, t: &'a Secret, c: &'a Secret) -> HandshakeParams<'a> {

@@ -6,7 +6,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message as _;
 use tokio_util::codec::{Decoder, Encoder};
 
-use super::{LENGTH_PREFIX, MAX_MESSAGE, MAX_PAYLOAD, MAX_WS_MESSAGE, Message, ProtocolError};
+use super::{LENGTH_PREFIX, MAX_MESSAGE, MAX_PAYLOAD, Message, ProtocolError};
 
 /// Decodes `Message`s and encodes them with their length prefix.
 #[derive(Debug, Default, Clone, Copy)]
@@ -40,11 +40,8 @@ impl Decoder for FrameCodec {
             return Ok(None);
         };
         // Decoding from `Bytes` makes `payload` a slice of the received buffer: no copy.
-        let msg = Message::decode(body)?;
-        if msg.payload.len() > MAX_PAYLOAD {
-            return Err(ProtocolError::PayloadTooLarge(msg.payload.len()));
-        }
-        Ok(Some(msg))
+        // Sizes are checked by `protocol::admit`, which knows the message's stream.
+        Ok(Some(Message::decode(body)?))
     }
 }
 
@@ -87,6 +84,7 @@ impl Encoder<&Message> for FrameCodec {
 pub struct FrameReader<D = FrameCodec> {
     buf: BytesMut,
     codec: D,
+    backing: usize,
 }
 
 impl<D: Decoder<Error = ProtocolError>> FrameReader<D> {
@@ -95,24 +93,30 @@ impl<D: Decoder<Error = ProtocolError>> FrameReader<D> {
         FrameReader {
             buf: BytesMut::new(),
             codec,
+            backing: 0,
         }
     }
 
-    /// Rule (spec §1.4): a websocket message above 131076 bytes is a protocol violation.
-    pub fn push(&mut self, data: Bytes) -> Result<(), ProtocolError> {
-        if data.len() > MAX_WS_MESSAGE {
-            return Err(ProtocolError::WsMessageTooLarge(data.len()));
-        }
+    /// Appends a websocket message. Message boundaries mean nothing to tunnel frames; the
+    /// websocket layer bounds frame and message sizes (spec §1.4).
+    pub fn push(&mut self, data: Bytes) {
         if self.buf.is_empty() {
             // Take the message's own allocation when nothing is pending: frames are then
             // sliced out of it without copying.
+            self.backing = data.len();
             self.buf = data
                 .try_into_mut()
                 .unwrap_or_else(|b| BytesMut::from(&b[..]));
         } else {
             self.buf.extend_from_slice(&data);
+            self.backing = self.backing.max(self.buf.capacity());
         }
-        Ok(())
+    }
+
+    /// Size of the buffer the frames being decoded are slices of: a payload kept from it
+    /// keeps all of it alive.
+    pub fn backing_len(&self) -> usize {
+        self.backing
     }
 
     /// The next whole frame, or `None` until more bytes arrive.
@@ -176,7 +180,7 @@ mod tests {
             let mut reader = FrameReader::new(FrameCodec);
             let mut got = Vec::new();
             for w in points.windows(2) {
-                reader.push(wire.slice(w[0]..w[1])).unwrap();
+                reader.push(wire.slice(w[0]..w[1]));
                 while let Some(m) = reader.next_frame().unwrap() {
                     got.push(m);
                 }
@@ -192,9 +196,9 @@ mod tests {
         let b = Message::stream_reset(1, "SSH");
         let wire = encode_all(&[a.clone(), b.clone(), a.clone()]).freeze();
         let mut reader = FrameReader::new(FrameCodec);
-        reader.push(wire.slice(..3)).unwrap();
+        reader.push(wire.slice(..3));
         assert!(reader.next_frame().unwrap().is_none());
-        reader.push(wire.slice(3..)).unwrap();
+        reader.push(wire.slice(3..));
         let got: Vec<_> = std::iter::from_fn(|| reader.next_frame().unwrap()).collect();
         assert_eq!(got, vec![a.clone(), b, a]);
     }
@@ -206,13 +210,15 @@ mod tests {
             FrameCodec.encode(&big, &mut BytesMut::new()),
             Err(ProtocolError::PayloadTooLarge(_))
         ));
-        // Hand-build the oversize frame a broken peer might send.
+        // Hand-build the oversize frame a broken peer might send: it decodes, and
+        // `protocol::admit` refuses it with its stream known.
         let body = big.encode_to_vec();
         let mut wire = BytesMut::new();
         wire.put_u16(body.len() as u16);
         wire.extend_from_slice(&body);
+        let got = FrameCodec.decode(&mut wire).unwrap().unwrap();
         assert!(matches!(
-            FrameCodec.decode(&mut wire),
+            crate::protocol::admit(crate::protocol::Mode::Destination, &got),
             Err(ProtocolError::PayloadTooLarge(_))
         ));
     }
@@ -232,21 +238,21 @@ mod tests {
     }
 
     #[test]
-    fn websocket_message_above_131076_bytes_is_rejected() {
+    fn a_frame_split_across_messages_of_any_size_decodes() {
+        // A message reassembled from fragments may exceed one websocket frame (131076).
+        let big = Message::data(1, "SSH", 1, vec![5u8; MAX_PAYLOAD].into());
+        let wire = encode_all(&[big.clone(), big.clone(), big.clone()]).freeze();
+        assert!(wire.len() > crate::protocol::MAX_WS_FRAME);
         let mut reader = FrameReader::new(FrameCodec);
-        assert!(reader.push(Bytes::from(vec![0u8; MAX_WS_MESSAGE])).is_ok());
-        assert!(matches!(
-            reader.push(Bytes::from(vec![0u8; MAX_WS_MESSAGE + 1])),
-            Err(ProtocolError::WsMessageTooLarge(_))
-        ));
+        reader.push(wire);
+        let got: Vec<_> = std::iter::from_fn(|| reader.next_frame().unwrap()).collect();
+        assert_eq!(got, vec![big.clone(), big.clone(), big]);
     }
 
     #[test]
     fn garbage_body_is_a_malformed_error_not_a_panic() {
         let mut reader = FrameReader::new(FrameCodec);
-        reader
-            .push(Bytes::from_static(&[0, 3, 0xff, 0xff, 0xff]))
-            .unwrap();
+        reader.push(Bytes::from_static(&[0, 3, 0xff, 0xff, 0xff]));
         assert!(matches!(
             reader.next_frame(),
             Err(ProtocolError::Malformed(_))
@@ -258,7 +264,7 @@ mod tests {
         let m = Message::stream_start(1, "SSH", 1);
         let wire = encode_all(&[m.clone(), m]).freeze();
         let mut reader = FrameReader::new(RawFrameCodec);
-        reader.push(wire.clone()).unwrap();
+        reader.push(wire.clone());
         let first = reader.next_frame().unwrap().unwrap();
         assert_eq!(first, wire.slice(..wire.len() / 2));
         let decoded = FrameCodec

@@ -16,8 +16,12 @@ pub const LENGTH_PREFIX: usize = 2;
 pub const MAX_PAYLOAD: usize = 64512;
 /// Largest serialized message the u16 prefix can describe.
 pub(crate) const MAX_MESSAGE: usize = u16::MAX as usize;
-/// Largest websocket message either side may send or accept (2 x 65538).
-pub const MAX_WS_MESSAGE: usize = 131_076;
+/// Largest websocket frame either side may send or accept (2 x 65538). The rule is about
+/// frames: a message reassembled from fragments may be larger, and tunnel frames are
+/// validated one by one (spec §1.4).
+pub const MAX_WS_FRAME: usize = 131_076;
+/// Largest websocket message accepted after reassembly: a memory bound, not a protocol rule.
+pub const MAX_WS_MESSAGE: usize = 1 << 20;
 /// The whole HTTP upgrade request must stay under this, or the service rejects it.
 pub const MAX_HANDSHAKE_REQUEST: usize = 4096;
 /// Client-side bound on an access token (reference localproxy).
@@ -86,9 +90,6 @@ pub enum ProtocolError {
     /// A text frame arrived.
     #[error("text websocket frame received; the protocol only uses binary frames")]
     TextFrame,
-    /// A websocket message above the limit.
-    #[error("websocket message of {0} bytes exceeds the {MAX_WS_MESSAGE}-byte limit")]
-    WsMessageTooLarge(usize),
     /// A payload above the limit.
     #[error("message payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
     PayloadTooLarge(usize),
@@ -162,6 +163,36 @@ pub(crate) fn format_of_stream_start(service_id: &str, connection_id: u32) -> Fo
         (_, c) if c > 0 => Format::V3,
         (false, _) => Format::V2,
         (true, _) => Format::V1,
+    }
+}
+
+/// Rule (V3 guide, spec §3.1): a connection id of 0 (absent) on STREAM_START,
+/// CONNECTION_START, DATA or CONNECTION_RESET means connection 1; the stream's peer then
+/// speaks V1/V2 and gets no connection ids back.
+pub(crate) fn connection_key(wire: u32) -> u32 {
+    wire.max(1)
+}
+
+/// What a peer's bad message costs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Violation {
+    /// Drop the message, warn; the session goes on (framing is intact).
+    Drop,
+    /// Reset the message's stream; the tunnel's other streams go on.
+    ResetStream,
+    /// The session cannot go on.
+    Session,
+}
+
+/// Rule (spec §2.1 "end the stream with STREAM_RESET"): a bad message ends only what it
+/// belongs to. Its stream, when it names one; nothing when it cannot be attributed (the
+/// length prefix still delimits the next frame); the session only when the websocket itself
+/// breaks the protocol.
+pub(crate) fn violation_scope(stream_id: Option<i32>, err: &ProtocolError) -> Violation {
+    match (err, stream_id) {
+        (ProtocolError::TextFrame | ProtocolError::Io(_), _) => Violation::Session,
+        (_, Some(id)) if id != 0 => Violation::ResetStream,
+        _ => Violation::Drop,
     }
 }
 
@@ -423,5 +454,28 @@ mod tests {
         assert!(access_token_problem("").is_some());
         assert!(access_token_problem(&"a".repeat(4097)).is_some());
         assert!(access_token_problem("a\nb").is_some());
+    }
+
+    #[test]
+    fn connection_id_zero_is_read_as_one() {
+        assert_eq!(connection_key(0), 1);
+        assert_eq!(connection_key(1), 1);
+        assert_eq!(connection_key(7), 7);
+    }
+
+    #[test]
+    fn a_bad_message_resets_its_stream_not_the_tunnel() {
+        let unknown = ProtocolError::UnknownType(42);
+        assert_eq!(violation_scope(Some(3), &unknown), Violation::ResetStream);
+        assert_eq!(violation_scope(Some(0), &unknown), Violation::Drop);
+        let big = ProtocolError::PayloadTooLarge(70_000);
+        assert_eq!(violation_scope(Some(3), &big), Violation::ResetStream);
+        use prost::Message as _;
+        let garbage = ProtocolError::Malformed(Message::decode(&[0xffu8, 0xff][..]).unwrap_err());
+        assert_eq!(violation_scope(None, &garbage), Violation::Drop);
+        assert_eq!(
+            violation_scope(Some(3), &ProtocolError::TextFrame),
+            Violation::Session
+        );
     }
 }
