@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
@@ -21,8 +21,8 @@ use crate::bridge::{
     Bridge, BridgeConfig, BridgeEnd, BridgeError, DataEndpoint, Limits, Phase, Role, State, Stats,
 };
 use crate::config::{Checked, Config};
-use crate::notify::{self, MqttPhase, MqttState, Notification, NotifyClient};
-use crate::persist::{PersistedSession, SessionStore};
+use crate::notify::{self, MqttPhase, MqttState, Notice, Notification, NotifyClient};
+use crate::persist::{Moment, PersistedSession, SessionStore};
 use crate::secret::Secret;
 use crate::services::{ServiceMap, SharedServiceMap};
 use crate::session::{Decision, SessionTable, TunnelKey};
@@ -48,7 +48,7 @@ pub enum AgentExit {
 /// A bridge reached its first websocket.
 struct Connected {
     id: u64,
-    at: SystemTime,
+    at: Moment,
 }
 
 /// A session task's end: the bridge's result, and whether the agent's lifetime ended it.
@@ -106,6 +106,7 @@ impl Agent {
                 }
             }
         } else {
+            SessionStore::clear(&cfg.state_dir);
             None
         };
         let (services_tx, services) = SharedServiceMap::new(cfg.services.clone());
@@ -163,7 +164,11 @@ impl Agent {
                 _ = cancel.cancelled() => break AgentExit::Stopped,
                 Some(()) = recv_signal(&mut hangup) => agent.reload(),
                 _ = tick(&mut watchdog) => systemd::watchdog(),
-                Some(n) = notifications.recv() => agent.on_notification(n),
+                Some(Notice { notification, ack }) = notifications.recv() => {
+                    agent.on_notification(notification);
+                    // Acted on (persisted): the broker may forget it.
+                    ack.send();
+                }
                 Some(c) = connected.recv() => agent.on_connected(c),
                 Some(done) = agent.bridges.join_next() => {
                     if let Ok(exit) = done {
@@ -178,7 +183,15 @@ impl Agent {
                 }
             }
         };
-        systemd::stopping();
+        // No stream may start from here on: the bridges stop in this same turn of the loop.
+        agent.stop_bridges();
+        match &exit {
+            AgentExit::Stopped => systemd::stopping(),
+            // Same PID, new image: systemd waits for the new process's READY=1.
+            AgentExit::Upgrade(_) => systemd::reexecuting(),
+        }
+        // Notices not acted on stay unacknowledged: the broker delivers them again.
+        drop(notifications);
         mqtt_cancel.cancel();
         let _ = mqtt_task.await;
         agent.shutdown().await;
@@ -194,14 +207,16 @@ impl Agent {
         for w in warnings {
             warn!("{w}");
         }
-        let now_sys = SystemTime::now();
+        let now_moment = Moment::now();
         for s in sessions {
             let key = TunnelKey::new(&s.thing, &s.region, &s.services);
-            let left = s.first_connected.map(|t| {
-                self.table
-                    .max_lifetime()
-                    .saturating_sub(now_sys.duration_since(t).unwrap_or_default())
-            });
+            // Unknown elapsed time (clock unset or stepped across a reboot): the lifetime
+            // starts again at this connect; the service still enforces the real one.
+            let left = s
+                .first_connected
+                .as_ref()
+                .and_then(|m| m.elapsed_until(&now_moment))
+                .map(|elapsed| self.table.max_lifetime().saturating_sub(elapsed));
             if s.thing != self.cfg.thing_name {
                 info!(thing = %s.thing, services = ?s.services, "persisted session dropped: the thing is no longer configured");
                 self.forget(&s.file_id);
@@ -457,10 +472,20 @@ impl Agent {
             watch.waiting_for(open);
             return None;
         }
+        // The new binary must accept this configuration before it replaces us.
+        let path = watch.path().to_owned();
+        if let Err(why) = crate::upgrade::accepts_config(&path, &self.cfg.path) {
+            watch.reject();
+            error!(
+                "the new binary at {} refuses the configuration, staying on the running version until it is replaced again:\n{why}",
+                path.display()
+            );
+            return None;
+        }
         info!(
             "the agent's binary was replaced and no local connection is open: re-executing it; tunnels rejoin with their tokens"
         );
-        Some(watch.path().to_owned())
+        Some(path)
     }
 
     /// SIGHUP: a new service map for new streams; live tunnels and connections stay.
@@ -541,11 +566,15 @@ impl Agent {
         line
     }
 
-    /// Stops every bridge; persisted sessions stay on disk, so the next start rejoins them.
-    async fn shutdown(&mut self) {
+    fn stop_bridges(&self) {
         for live in self.live.values() {
             live.cancel.cancel();
         }
+    }
+
+    /// Stops every bridge; persisted sessions stay on disk, so the next start rejoins them.
+    async fn shutdown(&mut self) {
+        self.stop_bridges();
         let drained = tokio::time::timeout(DRAIN, async {
             while self.bridges.join_next().await.is_some() {}
         })
@@ -611,7 +640,7 @@ impl SessionTask {
                 let _ = connected
                     .send(Connected {
                         id,
-                        at: SystemTime::now(),
+                        at: Moment::now(),
                     })
                     .await;
                 Instant::now() + max_lifetime

@@ -158,6 +158,10 @@ pub struct LocalProxyArgs {
     /// Reset a connection whose local consumer reads nothing for this many milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub stall_timeout_ms: u64,
+    /// Drop and reconnect a websocket that receives nothing for this many seconds, once the
+    /// service has answered a ping (0: TCP keepalive only).
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout_secs: u64,
 }
 
 /// A problem with the command line: printed with what to do, exit status 2.
@@ -269,7 +273,8 @@ impl LocalProxyArgs {
         let limits = Limits {
             stall_timeout: std::time::Duration::from_millis(self.stall_timeout_ms.max(1)),
             ..Limits::default()
-        };
+        }
+        .with_idle_timeout(std::time::Duration::from_secs(self.idle_timeout_secs));
         Ok(BridgeConfig {
             role,
             tls: self.tls(&endpoint)?,

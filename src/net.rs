@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
@@ -46,10 +46,15 @@ pub fn harden_sockets_to(peers: &[SocketAddr]) -> usize {
         if !is_socket {
             continue;
         }
-        // SAFETY: the descriptor is only borrowed for the duration of a few socket option
-        // calls. If another thread closed it meanwhile, those calls fail (or set options
-        // on whatever took the number, which is harmless); no memory is involved.
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        // Work on a duplicate this function owns, so the descriptor cannot be closed under
+        // it. If the number was reused meanwhile, the peer check below skips it.
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) has no memory effects; it returns -1 or a new fd.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            continue;
+        }
+        // SAFETY: `dup` is a fresh descriptor nothing else owns; OwnedFd closes it.
+        let fd = unsafe { OwnedFd::from_raw_fd(dup) };
         let sock = SockRef::from(&fd);
         let wanted = sock
             .peer_addr()

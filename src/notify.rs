@@ -30,6 +30,28 @@ pub struct Notification {
     pub services: Vec<String>,
 }
 
+/// Acknowledges one notify to the broker, once the agent has acted on it (the session is
+/// persisted): a crash or a stop before that means the broker delivers it again.
+pub struct Ack {
+    client: AsyncClient,
+    /// The PUBLISH with its payload (the token) dropped: acking needs its id and QoS only.
+    publish: rumqttc::Publish,
+}
+
+impl Ack {
+    pub fn send(self) {
+        if let Err(e) = self.client.try_ack(&self.publish) {
+            debug!("notify not acknowledged: {e}");
+        }
+    }
+}
+
+/// A notify handed to the agent, with what acknowledges it.
+pub struct Notice {
+    pub notification: Notification,
+    pub ack: Ack,
+}
+
 /// Why a notify was refused; never contains the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -159,7 +181,7 @@ impl NotifyClient {
     /// Runs until `cancel`; valid notifications go to `out`, refusals are logged here.
     pub async fn run(
         self,
-        out: mpsc::Sender<Notification>,
+        out: mpsc::Sender<Notice>,
         state: watch::Sender<MqttState>,
         cancel: CancellationToken,
         spread: Duration,
@@ -255,9 +277,21 @@ impl NotifyClient {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    self.on_publish(&p.topic, &p.payload, &out).await;
-                    // Acknowledged once handed over: a crash before that means redelivery.
-                    let _ = client.try_ack(&p);
+                    // Acknowledged by the agent once it acted on it, or here if refused; not
+                    // at all when the agent stops first (the broker delivers it again).
+                    let mut header = p.clone();
+                    header.payload = bytes::Bytes::new();
+                    let ack = Ack {
+                        client: client.clone(),
+                        publish: header,
+                    };
+                    tokio::select! {
+                        _ = cancel.cancelled() => {
+                            disconnect(&client, &mut events).await;
+                            return;
+                        }
+                        () = self.on_publish(&p.topic, &p.payload, ack, &out) => {}
+                    }
                 }
                 Ok(_) => {}
                 Err(why) => {
@@ -301,27 +335,41 @@ impl NotifyClient {
 
     /// Keepalive and user timeout on rumqttc's socket, found by the broker's address.
     async fn harden_socket(&self) {
-        match tokio::net::lookup_host((self.config.host.as_str(), self.config.port)).await {
-            Ok(addrs) => {
+        // Bounded: a slow resolver must not hold up the subscription.
+        let lookup = tokio::net::lookup_host((self.config.host.as_str(), self.config.port));
+        match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+            Ok(Ok(addrs)) => {
                 let addrs: Vec<_> = addrs.collect();
                 let n = crate::net::harden_sockets_to(&addrs);
                 debug!(sockets = n, "keepalive set on the MQTT socket");
             }
-            Err(e) => debug!("keepalive on the MQTT socket: cannot resolve the broker: {e}"),
+            Ok(Err(e)) => debug!("keepalive on the MQTT socket: cannot resolve the broker: {e}"),
+            Err(_) => {
+                debug!("keepalive on the MQTT socket: the broker's name did not resolve in 2 s")
+            }
         }
     }
 
-    async fn on_publish(&self, topic: &str, payload: &[u8], out: &mpsc::Sender<Notification>) {
+    async fn on_publish(&self, topic: &str, payload: &[u8], ack: Ack, out: &mpsc::Sender<Notice>) {
         if topic != self.topic {
-            warn!(topic, "message on an unexpected topic ignored");
+            warn!(topic = ?topic, "message on an unexpected topic ignored");
+            ack.send();
             return;
         }
         match parse(&self.thing, payload) {
             Ok(n) => {
                 info!(region = %n.region, services = ?n.services, token = %n.token, "tunnel notification received");
-                let _ = out.send(n).await;
+                let notice = Notice {
+                    notification: n,
+                    ack,
+                };
+                // The agent gone (stopping): the notice drops unacknowledged.
+                let _ = out.send(notice).await;
             }
-            Err(refusal) => warn!(bytes = payload.len(), "notify refused: {refusal}"),
+            Err(refusal) => {
+                warn!(bytes = payload.len(), "notify refused: {refusal}");
+                ack.send();
+            }
         }
     }
 }

@@ -30,7 +30,49 @@ pub struct PersistedSession {
     pub access_token: Secret,
     pub client_token: Secret,
     /// When the token first connected: the agent's own lifetime counts from it.
-    pub first_connected: Option<SystemTime>,
+    pub first_connected: Option<Moment>,
+}
+
+/// A moment on two clocks: the wall clock, which survives a reboot but may jump (or be unset
+/// before NTP on a gateway without a real-time clock), and the time since boot of one boot,
+/// which does neither but is only comparable within that boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moment {
+    pub unix_secs: u64,
+    pub boot_id: String,
+    pub uptime_ms: u64,
+}
+
+impl Moment {
+    pub fn now() -> Moment {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        let uptime_ms = std::fs::read_to_string("/proc/uptime")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0, |secs| (secs * 1000.0) as u64);
+        Moment {
+            unix_secs: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            boot_id,
+            uptime_ms,
+        }
+    }
+
+    /// Rule: the time from `self` to `later`. Within one boot, by the time since boot;
+    /// across a reboot, by the wall clock if the result is plausible (not negative, at most
+    /// the service's 12 hours); otherwise unknown (`None`).
+    pub fn elapsed_until(&self, later: &Moment) -> Option<Duration> {
+        if !self.boot_id.is_empty() && self.boot_id == later.boot_id {
+            return Some(Duration::from_millis(
+                later.uptime_ms.saturating_sub(self.uptime_ms),
+            ));
+        }
+        let secs = later.unix_secs.checked_sub(self.unix_secs)?;
+        (secs <= 12 * 3600).then(|| Duration::from_secs(secs))
+    }
 }
 
 /// The file's shape. Tokens are written from and read into memory that is wiped.
@@ -44,6 +86,10 @@ struct FileV1<T> {
     access_token: T,
     client_token: T,
     first_connected_unix: Option<u64>,
+    #[serde(default)]
+    boot_id: String,
+    #[serde(default)]
+    first_connected_uptime_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,9 +133,20 @@ impl SessionStore {
             Ok(()) => {}
             Err(e) => return Err(io_err(e)),
         }
-        for d in [state_dir, dir.as_path()] {
-            let meta = fs::symlink_metadata(d).map_err(io_err)?;
-            if meta.uid() != me || !meta.is_dir() {
+        // The state directory may be a symlink (to a data partition); the sessions
+        // directory inside it may not.
+        for (d, meta) in [
+            (state_dir, fs::metadata(state_dir)),
+            (dir.as_path(), fs::symlink_metadata(&dir)),
+        ] {
+            let meta = meta.map_err(io_err)?;
+            if !meta.is_dir() {
+                return Err(StoreError::Io {
+                    dir: d.to_owned(),
+                    source: io::Error::other("not a directory"),
+                });
+            }
+            if meta.uid() != me {
                 return Err(StoreError::Foreign {
                     dir: d.to_owned(),
                     owner: meta.uid(),
@@ -120,10 +177,12 @@ impl SessionStore {
             services: s.services.clone(),
             access_token: s.access_token.expose(),
             client_token: s.client_token.expose(),
-            first_connected_unix: s
+            first_connected_unix: s.first_connected.as_ref().map(|m| m.unix_secs),
+            boot_id: s
                 .first_connected
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map(|d| d.as_secs()),
+                .as_ref()
+                .map_or_else(String::new, |m| m.boot_id.clone()),
+            first_connected_uptime_ms: s.first_connected.as_ref().map_or(0, |m| m.uptime_ms),
         };
         // Room for the largest file up front, so the buffer never reallocates and leaves an
         // unwiped copy of a token behind.
@@ -148,6 +207,22 @@ impl SessionStore {
             let _ = fs::remove_file(&tmp);
         }
         written
+    }
+
+    /// Removes every session file: persistence was turned off, and the files hold tokens.
+    pub fn clear(state_dir: &Path) {
+        let dir = state_dir.join("sessions");
+        let owned = fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir() && m.uid() == euid());
+        if !owned {
+            return;
+        }
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(SUFFIX) || name.ends_with(".rejected") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Removes a session's file (the session ended).
@@ -189,7 +264,10 @@ impl SessionStore {
                 Ok(s) => sessions.push(s),
                 Err(why) => {
                     let aside = self.dir.join(format!("{name}.rejected"));
-                    let moved = fs::rename(&path, &aside).is_ok();
+                    // Kept for whoever investigates, readable by this user only: it may hold
+                    // a token.
+                    let moved = fs::rename(&path, &aside).is_ok()
+                        && fs::set_permissions(&aside, fs::Permissions::from_mode(0o600)).is_ok();
                     warnings.push(format!(
                         "session file {} {why}; {}",
                         path.display(),
@@ -207,9 +285,10 @@ impl SessionStore {
 }
 
 fn read_session(path: &Path, file_id: &str) -> Result<PersistedSession, String> {
+    // O_NONBLOCK: a FIFO planted here must not hang the start.
     let f = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| format!("cannot be opened ({e})"))?;
     let meta = f.metadata().map_err(|e| e.to_string())?;
@@ -229,8 +308,15 @@ fn read_session(path: &Path, file_id: &str) -> Result<PersistedSession, String> 
     let mut text = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
     io::Read::read_to_end(&mut io::Read::take(f, MAX_FILE), &mut text)
         .map_err(|e| e.to_string())?;
-    let file: FileV1<String> =
-        serde_json::from_slice(&text).map_err(|e| format!("does not parse ({e})"))?;
+    // The error's position only: its text could quote a value.
+    let file: FileV1<String> = serde_json::from_slice(&text).map_err(|e| {
+        format!(
+            "does not parse ({:?} error at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        )
+    })?;
     // Wrap the tokens at once so they are wiped whatever happens next.
     let access_token = Secret::new(file.access_token);
     let client_token = Secret::new(file.client_token);
@@ -244,9 +330,11 @@ fn read_session(path: &Path, file_id: &str) -> Result<PersistedSession, String> 
         services: file.services,
         access_token,
         client_token,
-        first_connected: file
-            .first_connected_unix
-            .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+        first_connected: file.first_connected_unix.map(|unix_secs| Moment {
+            unix_secs,
+            boot_id: file.boot_id,
+            uptime_ms: file.first_connected_uptime_ms,
+        }),
     };
     validate(&s)?;
     Ok(s)
@@ -291,7 +379,11 @@ mod tests {
             services: vec!["SSH".into(), "HTTP".into()],
             access_token: Secret::new("AQGA-token"),
             client_token: Secret::new(uuid::Uuid::new_v4().to_string()),
-            first_connected: Some(UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
+            first_connected: Some(Moment {
+                unix_secs: 1_800_000_000,
+                boot_id: "b1".into(),
+                uptime_ms: 5000,
+            }),
         }
     }
 
@@ -367,5 +459,47 @@ mod tests {
         let (loaded, warnings) = store.load();
         assert!(loaded.is_empty() && warnings.is_empty());
         assert!(!store.dir.join(".x.tmp-1").exists());
+    }
+
+    #[test]
+    fn elapsed_time_since_a_first_connect_survives_clock_jumps_and_reboots() {
+        let at = |unix_secs, boot: &str, uptime_ms| Moment {
+            unix_secs,
+            boot_id: boot.into(),
+            uptime_ms,
+        };
+        let first = at(1000, "b1", 10_000);
+        // Same boot: the time since boot decides, whatever the wall clock did (NTP step).
+        assert_eq!(
+            first.elapsed_until(&at(999_999, "b1", 70_000)),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            first.elapsed_until(&at(5, "b1", 70_000)),
+            Some(Duration::from_secs(60))
+        );
+        // Another boot: the wall clock, when plausible.
+        assert_eq!(
+            first.elapsed_until(&at(1600, "b2", 1)),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(first.elapsed_until(&at(500, "b2", 1)), None, "clock behind");
+        assert_eq!(
+            first.elapsed_until(&at(1000 + 13 * 3600, "b2", 1)),
+            None,
+            "beyond any tunnel's lifetime: the clock was unset"
+        );
+        let now = Moment::now();
+        assert!(!now.boot_id.is_empty() && now.uptime_ms > 0);
+    }
+
+    #[test]
+    fn turning_persistence_off_removes_the_files_that_hold_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SessionStore::open(dir.path()).unwrap();
+        store.save(&session("a")).unwrap();
+        std::fs::write(store.dir.join("x.session.json.rejected"), "t").unwrap();
+        SessionStore::clear(dir.path());
+        assert_eq!(std::fs::read_dir(&store.dir).unwrap().count(), 0);
     }
 }

@@ -94,6 +94,14 @@ pub mod systemd {
         send(&[NotifyState::Stopping]);
     }
 
+    /// Before re-executing a new binary (same PID): reloading until its READY=1.
+    pub fn reexecuting() {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => send(&[NotifyState::Reloading, now]),
+            Err(_) => send(&[NotifyState::Reloading]),
+        }
+    }
+
     /// RELOADING=1 with the monotonic timestamp newer systemd requires, then READY=1.
     pub fn reloading() {
         match NotifyState::monotonic_usec_now() {

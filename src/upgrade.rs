@@ -53,6 +53,12 @@ impl BinaryWatch {
         if path.to_string_lossy().ends_with(" (deleted)") {
             return None;
         }
+        // Already different at start (a filesystem that reports other identities through
+        // /proc): watching would re-execute in a loop. Upgrades then need a restart.
+        if file_id(&path) != Some(running) {
+            info!(path = %path.display(), "the running binary cannot be matched to its path: upgrades take effect at the next restart");
+            return None;
+        }
         Some(BinaryWatch {
             path,
             running,
@@ -65,6 +71,15 @@ impl BinaryWatch {
     /// The path to re-execute.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The new file was refused: it is not taken again until it changes.
+    pub fn reject(&mut self) {
+        if let Some(id) = self.candidate.take() {
+            self.running = id;
+        }
+        self.announced = false;
+        self.waiting_logged = false;
     }
 
     /// Rule: the binary counts as replaced once the file at its path differs from the
@@ -97,6 +112,27 @@ impl BinaryWatch {
                 "re-executing the new binary once no local connection is open (open ones keep running)"
             );
         }
+    }
+}
+
+/// Rule: a new binary replaces the running one only if it accepts the configuration
+/// (`check-config`); `Err` carries what it said.
+pub fn accepts_config(binary: &Path, config: &Path) -> Result<(), String> {
+    let out = std::process::Command::new(binary)
+        .arg("check-config")
+        .arg("--config")
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -143,5 +179,43 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(!w.replaced());
         assert!(!w.replaced());
+    }
+
+    #[test]
+    fn a_refused_binary_is_not_taken_again_until_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent");
+        std::fs::write(&path, b"v1").unwrap();
+        let mut w = BinaryWatch::watching(path.clone(), file_id(&path).unwrap()).unwrap();
+        let new = dir.path().join("new");
+        std::fs::write(&new, b"v2").unwrap();
+        std::fs::rename(&new, &path).unwrap();
+        w.replaced();
+        assert!(w.replaced());
+        w.reject();
+        assert!(!w.replaced() && !w.replaced());
+        std::fs::write(&new, b"version 3").unwrap();
+        std::fs::rename(&new, &path).unwrap();
+        w.replaced();
+        assert!(w.replaced());
+    }
+
+    #[test]
+    fn a_binary_that_refuses_the_config_is_not_executed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("agent");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho 'thing_name: missing' >&2\nexit 2\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = accepts_config(&script, Path::new("/etc/x.toml")).unwrap_err();
+        assert!(err.contains("thing_name"), "{err}");
+        let ok = dir.path().join("ok");
+        std::fs::write(&ok, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&ok, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(accepts_config(&ok, Path::new("/etc/x.toml")).is_ok());
     }
 }

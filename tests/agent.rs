@@ -93,6 +93,7 @@ async fn open_rotate_and_close_drive_the_agents_bridge() {
     let line = agent.expect("session ended").await;
     assert!(line.contains("closed by the service"), "{line}");
     assert_eq!(agent.status()["tunnels"], json!([]));
+    assert_eq!(agent.session_files(), 0, "a closed session stays persisted");
     assert!(
         !agent.log.text().contains(&t.destination_access_token[..40]),
         "a token reached the log"

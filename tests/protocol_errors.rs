@@ -214,6 +214,29 @@ async fn unanswered_pings_do_not_end_the_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_whose_service_never_answers_pings_is_not_dropped() {
+    // The idle timeout needs a service that answers pings (spec §1.5): without a single
+    // pong on this websocket, a quiet link is not taken for dead.
+    let emu = emulator(false).await;
+    emu.set_answer_pings(false);
+    let tokens = emu.open_tunnel(&["SSH"], Duration::from_secs(600));
+    let limits = test_limits().with_idle_timeout(Duration::from_millis(300));
+    let mut dest = destination_with(&emu, &tokens, ServiceMap::default(), limits);
+    dest.wait_phase(Phase::Ready).await;
+    // Pings are the clock: ten of them (100 ms apart) span three idle timeouts.
+    let mut changes = emu.changes();
+    within("ten unanswered pings", async {
+        while emu.pings_received(&tokens.tunnel_id, Mode::Destination) < 10 {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(get(&dest.stats.pongs_received), 0);
+    assert_eq!(get(&dest.stats.sessions), 1, "dropped for silence");
+    dest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_does_not_echo_the_subprotocol_is_refused_and_retried() {
     use securetunnel_agent::bridge::{BridgeConfig, DataEndpoint, Role};
     init_logs();

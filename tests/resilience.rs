@@ -21,17 +21,6 @@ fn config_path(rig: &Rig, thing: &str) -> PathBuf {
     rig.files.dir.join(format!("{thing}.toml"))
 }
 
-fn session_files(rig: &Rig, thing: &str) -> usize {
-    let dir = rig.files.dir.join(format!("state-{thing}/sessions"));
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".session.json"))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// Connected destination peers of a tunnel, oldest first: (peer id, access token, client token).
 fn destination_connects(rig: &Rig, id: &str) -> Vec<(u64, String, Option<String>)> {
     rig.emu
@@ -56,7 +45,7 @@ async fn restart_rejoins(thing: &str, sigkill: bool) {
     let before = rig.emu.peer_tokens(&id, Mode::Destination).unwrap();
     assert_eq!(before.0, t.destination_access_token);
     assert!(before.1.is_some(), "the agent presents a client token");
-    assert_eq!(session_files(&rig, thing), 1);
+    assert_eq!(agent.session_files(), 1);
     let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     // A transfer under way when the agent goes.
     let mut held = live_client(addrs.get("SSH")).await;
@@ -74,7 +63,7 @@ async fn restart_rejoins(thing: &str, sigkill: bool) {
     } else {
         let status = agent.terminate().await;
         assert!(status.success(), "SIGTERM exit: {status:?}");
-        assert_eq!(session_files(&rig, thing), 1, "SIGTERM kept the session");
+        assert_eq!(agent.session_files(), 1, "SIGTERM kept the session");
     }
     until(&rig.emu, "the service sees the destination gone", |e| {
         !e.is_connected(&id, Mode::Destination)
@@ -83,6 +72,8 @@ async fn restart_rejoins(thing: &str, sigkill: bool) {
 
     let mut agent = rig.spawn_agent(&config_path(&rig, thing));
     agent.expect("session resumed with its tokens").await;
+    // Resumed before the first notify can arrive: before MQTT is even subscribed.
+    agent.expect("subscribed to tunnel notifications").await;
     until(&rig.emu, "agent rejoins", |e| {
         e.is_connected(&id, Mode::Destination)
     })
@@ -136,6 +127,7 @@ async fn a_token_rotated_while_the_agent_was_down_is_dropped_and_the_new_one_ser
 
     let mut agent = rig.spawn_agent(&config_path(&rig, thing));
     agent.expect("session resumed with its tokens").await;
+    agent.expect("subscribed to tunnel notifications").await;
     until(&rig.emu, "the new token is served", |e| {
         e.peer_token_is(&id, Mode::Destination, &new_dest)
     })
@@ -150,7 +142,7 @@ async fn a_token_rotated_while_the_agent_was_down_is_dropped_and_the_new_one_ser
         "{log}"
     );
     assert_eq!(
-        session_files(&rig, thing),
+        agent.session_files(),
         1,
         "only the new session is persisted"
     );
@@ -180,6 +172,8 @@ async fn a_black_holed_websocket_is_dropped_and_reconnected_within_the_idle_time
     })
     .await;
     let tokens = rig.emu.peer_tokens(&id, Mode::Destination).unwrap();
+    // The idle timeout applies once the service has answered a ping.
+    agent.expect("idle timeout armed").await;
     assert!(rig.emu.black_hole(&id, Mode::Destination));
     let holed = Instant::now();
     until(&rig.emu, "agent reconnects", |e| {
@@ -292,6 +286,8 @@ async fn a_second_tunnel_for_the_same_services_is_not_ended_before_its_own_lifet
     .await;
     // Two "minutes" later, a second tunnel with the same services: time is the subject.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Its first connect comes seconds after its notify: the lifetime counts from the connect.
+    rig.emu.fail_next_handshakes(2, 503);
     let b = open(&rig, thing, &["SSH"], 30).await;
     agent
         .expect("rotation: starting a bridge with the new token")
@@ -326,6 +322,11 @@ async fn a_second_tunnel_for_the_same_services_is_not_ended_before_its_own_lifet
     );
     let line = agent.expect("session ended").await;
     assert!(line.contains("maximum lifetime"), "{line}");
+    assert_eq!(
+        agent.session_files(),
+        0,
+        "the ended sessions' files are gone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,10 +345,21 @@ async fn a_rotation_connects_the_new_bridge_before_the_old_one_closes() {
     let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     let c = TcpStream::connect(addrs.get("SSH")).await.unwrap();
     let running = tokio::spawn(echo_transfer(c, 32 << 20, 9));
+    // The new bridge's first handshakes fail: the old one must go on serving meanwhile.
+    rig.emu.fail_next_handshakes(2, 503);
     let rotated = Instant::now();
     let r = rotate(&rig, &id, "DESTINATION", thing).await;
     let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
     let old_dest = t.destination_access_token.clone();
+    agent
+        .expect("rotation: starting a bridge with the new token")
+        .await;
+    assert!(!rig.emu.peer_token_is(&id, Mode::Destination, &new_dest));
+    transfer(&addrs, "SSH", 12).await;
+    assert!(
+        !rig.emu.peer_token_is(&id, Mode::Destination, &new_dest),
+        "the overlap ended before the transfer through the old bridge was done"
+    );
     until(
         &rig.emu,
         "the old destination is closed by the agent",

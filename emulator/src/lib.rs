@@ -215,6 +215,13 @@ impl Shared {
         Some(token)
     }
 
+    fn ping_seen(&self, tunnel: &str, mode: Mode) {
+        if let Some(t) = self.lock().tunnel_mut(tunnel) {
+            t.count_ping(mode);
+        }
+        self.changed();
+    }
+
     fn peer_gone(&self, tunnel: &str, mode: Mode, peer: &PeerHandle, why: &str) {
         if let Some(t) = self.lock().tunnel_mut(tunnel) {
             t.clear_peer(mode, peer.id);
@@ -394,6 +401,14 @@ impl Emulator {
             .tunnel(tunnel_id)
             .map(|t| t.events.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Pings the tunnel's `mode` peers sent so far (answered or not).
+    pub fn pings_received(&self, tunnel_id: &str, mode: Mode) -> u64 {
+        self.shared
+            .lock()
+            .tunnel(tunnel_id)
+            .map_or(0, |t| t.pings(mode))
     }
 
     /// The access and client token the connected peer of `mode` presented.

@@ -129,6 +129,10 @@ async fn read_loop(
             Ok(WsMessage::Binary(b)) => b,
             Ok(WsMessage::Text(_)) => return violation(&own, "text frames are not allowed"),
             Ok(WsMessage::Close(_)) => return "closed by the client",
+            Ok(WsMessage::Ping(_)) => {
+                shared.ping_seen(tunnel_id, mode);
+                continue;
+            }
             Ok(_) => continue,
             Err(_) => return "connection lost",
         };

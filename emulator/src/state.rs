@@ -90,6 +90,8 @@ pub struct Tunnel {
     pub active_streams: HashMap<String, i32>,
     /// Peer connections and disconnections, oldest first (bounded).
     pub events: std::collections::VecDeque<PeerEvent>,
+    /// Pings received from each mode's peers (source, destination).
+    pub pings: [u64; 2],
 }
 
 /// Peer events kept per tunnel.
@@ -127,6 +129,15 @@ impl Tunnel {
 
     pub fn last_updated(&self, mode: Mode) -> SystemTime {
         self.slots[idx(mode)].last_updated
+    }
+
+    /// Pings received from `mode`'s peers.
+    pub fn pings(&self, mode: Mode) -> u64 {
+        self.pings[idx(mode)]
+    }
+
+    pub fn count_ping(&mut self, mode: Mode) {
+        self.pings[idx(mode)] += 1;
     }
 
     /// Records a peer event.
@@ -236,6 +247,7 @@ impl State {
                 slots: [slot(src.clone()), slot(dst.clone())],
                 active_streams: HashMap::new(),
                 events: Default::default(),
+                pings: [0, 0],
             },
         );
         TunnelTokens {

@@ -511,6 +511,7 @@ impl Link {
             waiting: Default::default(),
             backlog: Default::default(),
             budget: self.budget.clone(),
+            pong_seen: false,
         };
         let end = session.run(incoming, &mut writer, accepts, cancel).await;
         session.shutdown().await;
@@ -549,5 +550,24 @@ mod tests {
             limits: Limits::default(),
         };
         assert!(matches!(Bridge::new(cfg), Err(BridgeError::ClientToken)));
+    }
+
+    #[test]
+    fn reconnects_back_off_from_half_a_second_to_30_seconds() {
+        let l = Limits::default();
+        assert_eq!(l.reconnect_min_delay, Duration::from_millis(500));
+        assert_eq!(l.reconnect_max_delay, Duration::from_secs(30));
+        assert_eq!(l.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_link_is_pinged_at_least_three_times_per_idle_timeout() {
+        let l = Limits::default().with_idle_timeout(Duration::from_secs(3));
+        assert_eq!(l.ping_interval, Duration::from_secs(1));
+        let l = Limits::default().with_idle_timeout(Duration::from_secs(120));
+        assert_eq!(l.ping_interval, protocol::PING_INTERVAL);
+        let l = Limits::default().with_idle_timeout(Duration::ZERO);
+        assert_eq!(l.ping_interval, protocol::PING_INTERVAL);
+        assert!(l.idle_timeout.is_zero());
     }
 }

@@ -73,6 +73,8 @@ pub struct Session<'a> {
     pub backlog: VecDeque<(Message, Option<oneshot::Sender<()>>)>,
     /// The agent's byte budget: every payload held for a local socket takes its share.
     pub budget: Arc<Semaphore>,
+    /// A pong arrived on this websocket: the service answers pings.
+    pub pong_seen: bool,
 }
 
 /// Control messages waiting for the writer before the websocket reader pauses.
@@ -112,7 +114,10 @@ impl Session<'_> {
         // A second handle, so a send permit does not borrow `self`.
         let out = self.out.clone();
         // Dead-link detection: anything received (data, ping, pong) proves the link alive.
-        // The timer is re-armed lazily, once per idle period, not once per message.
+        // It is enforced once the service answered a ping on this websocket: one that does
+        // not answer (spec §1.5) would otherwise see an idle tunnel dropped, and its streams
+        // reset, every period; TCP keepalive still covers that link. The timer is re-armed
+        // lazily, once per idle period, not once per message.
         let idle = self.limits.idle_timeout;
         let mut last_rx = Instant::now();
         let idle_check = tokio::time::sleep(idle);
@@ -123,12 +128,12 @@ impl Session<'_> {
                 _ = cancel.cancelled() => return SessionEnd::Cancelled,
                 _ = &mut idle_check, if !idle.is_zero() => {
                     let deadline = last_rx + idle;
-                    if Instant::now() >= deadline {
+                    if Instant::now() >= deadline && self.pong_seen {
                         return SessionEnd::Lost(format!(
                             "nothing received for {idle:?} (no data, no ping, no pong): the link is dead"
                         ));
                     }
-                    idle_check.as_mut().reset(deadline);
+                    idle_check.as_mut().reset(deadline.max(Instant::now() + idle / 4));
                 }
                 ws = incoming.next(), if self.backlog.len() < BACKLOG_LIMIT => {
                     last_rx = Instant::now();
@@ -203,8 +208,16 @@ impl Session<'_> {
             Some(Ok(WsMessage::Text(_))) => Err(SessionEnd::Protocol(ProtocolError::TextFrame)),
             Some(Ok(WsMessage::Close(frame))) => Err(SessionEnd::Closed(frame)),
             Some(Ok(WsMessage::Pong(_))) => {
-                // Informational only: the service may not answer pings (spec §1.5).
-                self.stats.pongs_received.fetch_add(1, Ordering::Relaxed);
+                // The service may not answer pings (spec §1.5); once it does, the idle
+                // timeout applies to this websocket.
+                let n = self.stats.pongs_received.fetch_add(1, Ordering::Relaxed);
+                if !self.pong_seen {
+                    self.pong_seen = true;
+                    debug!(
+                        pongs = n + 1,
+                        "the service answers pings: idle timeout armed"
+                    );
+                }
                 Ok(())
             }
             // tungstenite answers pings itself.

@@ -315,16 +315,12 @@ pub async fn connect(p: &HandshakeParams<'_>) -> Result<Connected, HandshakeErro
 
 async fn connect_inner(p: &HandshakeParams<'_>, req: Request) -> Result<Connected, HandshakeError> {
     let endpoint = p.endpoint.to_string();
-    let tcp = TcpStream::connect((p.endpoint.host.as_str(), p.endpoint.port))
+    let tcp = connect_tcp(p.endpoint)
         .await
         .map_err(|source| HandshakeError::Connect {
             endpoint: endpoint.clone(),
             source,
         })?;
-    let _ = tcp.set_nodelay(true);
-    if let Err(e) = crate::net::harden(socket2::SockRef::from(&tcp)) {
-        tracing::debug!("keepalive on the websocket socket: {e}");
-    }
     let io: Box<dyn Io> = match (p.endpoint.tls, p.tls) {
         (true, Some(config)) => {
             let name =
@@ -367,6 +363,15 @@ async fn connect_inner(p: &HandshakeParams<'_>, req: Request) -> Result<Connecte
         ws,
         channel_id: header("channel-id"),
     })
+}
+
+/// The websocket's TCP connection: no Nagle delay, and dead-link detection
+/// (`net::harden`) from the start.
+async fn connect_tcp(endpoint: &DataEndpoint) -> io::Result<TcpStream> {
+    let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+    tcp.set_nodelay(true)?;
+    crate::net::harden(socket2::SockRef::from(&tcp))?;
+    Ok(tcp)
 }
 
 fn map_ws_error(e: tungstenite::Error) -> HandshakeError {
@@ -575,5 +580,20 @@ mod tests {
             handshake_request(&params(&e, &t, &c)),
             Err(HandshakeError::RequestTooLarge(n)) if n > MAX_HANDSHAKE_REQUEST
         ));
+    }
+
+    #[tokio::test]
+    async fn the_websocket_socket_has_keepalive_and_a_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let e = DataEndpoint::parse_override(&format!("ws://{}", listener.local_addr().unwrap()))
+            .unwrap();
+        let tcp = connect_tcp(&e).await.unwrap();
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(crate::net::USER_TIMEOUT)
+        );
+        assert!(tcp.nodelay().unwrap());
     }
 }

@@ -351,6 +351,17 @@ impl AgentProc {
         self.child.id().expect("agent running")
     }
 
+    /// Persisted sessions in the agent's state directory.
+    pub fn session_files(&self) -> usize {
+        std::fs::read_dir(self.state_dir.join("sessions"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".session.json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     pub fn status(&self) -> Value {
         let text = std::fs::read_to_string(self.state_dir.join("status.json")).unwrap();
         serde_json::from_str(&text).unwrap()
