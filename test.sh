@@ -44,5 +44,5 @@ if [ ! -x .venv/bin/aws ] || ! .venv/bin/python -c "import boto3" 2>/dev/null; t
 fi
 .venv/bin/aws --version >/dev/null 2>&1 || fail "aws-cli in .venv"
 
-step "cargo test --workspace"
-cargo test --workspace --locked "$@" || fail "cargo test"
+step "cargo test --workspace --all-features"
+cargo test --workspace --all-features --locked "$@" || fail "cargo test"

@@ -79,6 +79,8 @@ pub struct Agent {
     tunnel_tls: Arc<rustls::ClientConfig>,
     table: SessionTable,
     store: Option<SessionStore>,
+    /// Bytes all tunnels together hold for and from local sockets.
+    budget: Arc<tokio::sync::Semaphore>,
     bridges: JoinSet<SessionExit>,
     connected_tx: mpsc::Sender<Connected>,
     live: HashMap<u64, Live>,
@@ -111,6 +113,7 @@ impl Agent {
         };
         let (services_tx, services) = SharedServiceMap::new(cfg.services.clone());
         let (connected_tx, mut connected) = mpsc::channel(cfg.limits.max_tunnels * 2 + 4);
+        check_descriptor_limit(&cfg);
         let (mqtt_state, mqtt) = watch::channel(MqttState::connecting());
         let mut agent = Agent {
             services,
@@ -122,6 +125,7 @@ impl Agent {
                 cfg.rotation,
             ),
             store,
+            budget: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered)),
             status: StatusFile::new(&cfg.state_dir),
             tunnel_tls: checked.tunnel_tls,
             bridges: JoinSet::new(),
@@ -366,7 +370,7 @@ impl Agent {
             .with_idle_timeout(self.cfg.tunnel.idle_timeout),
         };
         let bridge = match Bridge::new(config) {
-            Ok(b) => b,
+            Ok(b) => b.with_budget(self.budget.clone()),
             Err(e) => {
                 warn!(session = id, "cannot start the bridge: {e}");
                 self.table.ended(id);
@@ -584,6 +588,29 @@ impl Agent {
             self.bridges.shutdown().await;
         }
         info!("agent stopped");
+    }
+}
+
+/// Outside systemd the descriptor limit is the shell's (often 1024): say when the
+/// configured limits could exceed it.
+fn check_descriptor_limit(cfg: &Config) {
+    let (needed, _) = crate::config::resource_needs(&cfg.limits);
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))?
+                .split_whitespace()
+                .nth(3)?
+                .parse::<u64>()
+                .ok()
+        });
+    if let Some(soft) = soft.filter(|s| *s < needed) {
+        warn!(
+            needed,
+            limit = soft,
+            "the open-files limit is lower than the configured limits can need: connections may fail with 'too many open files'; raise it (ulimit -n, LimitNOFILE) or lower limits.max_tunnels / limits.max_connections_per_tunnel"
+        );
     }
 }
 

@@ -319,9 +319,36 @@ pub async fn local_proxy(args: LocalProxyArgs, cancel: CancellationToken) -> Exi
     }
 }
 
+/// Libraries whose verbose output can carry secrets or peer data, and the most they may log:
+/// tungstenite writes the raw upgrade request (both tokens) at trace level, rumqttc the
+/// packets (notify payloads hold tokens), rustls handshake details.
+pub const QUIET_TARGETS: &[(&str, tracing::Level)] = &[
+    ("tungstenite", tracing::Level::WARN),
+    ("tokio_tungstenite", tracing::Level::WARN),
+    ("rumqttc", tracing::Level::INFO),
+    ("rustls", tracing::Level::WARN),
+    ("tokio_rustls", tracing::Level::WARN),
+];
+
+/// Rule (secrets): the agent logs at `level`; the libraries in `QUIET_TARGETS` never above
+/// their cap, whatever the level and whether their `log` records are forwarded (feature
+/// `log`).
+pub fn log_filter(
+    level: tracing::level_filters::LevelFilter,
+) -> tracing_subscriber::filter::Targets {
+    let mut targets = tracing_subscriber::filter::Targets::new().with_default(level);
+    for (target, cap) in QUIET_TARGETS {
+        let cap = tracing::level_filters::LevelFilter::from_level(*cap);
+        targets = targets.with_target(*target, cap.min(level));
+    }
+    targets
+}
+
 /// tracing to stderr at the localproxy-style level.
 pub fn init_logging(verbose: u8) {
     use tracing::level_filters::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let level = match verbose {
         0 => LevelFilter::OFF,
         1 | 2 => LevelFilter::ERROR,
@@ -330,10 +357,15 @@ pub fn init_logging(verbose: u8) {
         5 => LevelFilter::DEBUG,
         _ => LevelFilter::TRACE,
     };
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
+    // With feature `log`, try_init also forwards the `log` crate's records, through the
+    // same filter.
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        )
+        .with(log_filter(level))
         .try_init();
 }
 
@@ -387,5 +419,20 @@ mod tests {
             .to_string();
         assert!(err.contains("useast1"), "{err}");
         assert!(Cli::try_parse_from(["x", "local-proxy", "-s", "1", "-d", "2"]).is_err());
+    }
+
+    #[test]
+    fn libraries_that_log_secrets_are_capped_at_every_level() {
+        use tracing::Level;
+        use tracing::level_filters::LevelFilter;
+        let f = log_filter(LevelFilter::TRACE);
+        assert!(!f.would_enable("tungstenite::handshake::client", &Level::TRACE));
+        assert!(!f.would_enable("tokio_tungstenite", &Level::DEBUG));
+        assert!(!f.would_enable("rumqttc::state", &Level::DEBUG));
+        assert!(f.would_enable("rumqttc::state", &Level::INFO));
+        assert!(f.would_enable("securetunnel_agent::bridge", &Level::TRACE));
+        let quiet = log_filter(LevelFilter::ERROR);
+        assert!(!quiet.would_enable("tungstenite", &Level::WARN));
+        assert!(!quiet.would_enable("securetunnel_agent", &Level::WARN));
     }
 }

@@ -120,6 +120,12 @@ struct RawLimits {
     max_connections_per_tunnel: usize,
     #[serde(default = "default_max_lifetime")]
     max_lifetime_minutes: f64,
+    #[serde(default = "default_buffered_kib")]
+    max_buffered_kib: usize,
+}
+
+fn default_buffered_kib() -> usize {
+    crate::bridge::DEFAULT_BUFFER_BUDGET / 1024
 }
 
 impl Default for RawLimits {
@@ -128,6 +134,7 @@ impl Default for RawLimits {
             max_tunnels: default_max_tunnels(),
             max_connections_per_tunnel: default_max_connections(),
             max_lifetime_minutes: default_max_lifetime(),
+            max_buffered_kib: default_buffered_kib(),
         }
     }
 }
@@ -193,6 +200,33 @@ pub struct AgentLimits {
     pub max_tunnels: usize,
     pub max_connections_per_tunnel: usize,
     pub max_lifetime: Duration,
+    /// Bytes all tunnels together hold for and from local sockets.
+    pub max_buffered: usize,
+}
+
+/// The systemd unit's ceilings (packaging/systemd/securetunnel-agent.service; a test keeps
+/// them equal).
+pub const UNIT_LIMIT_NOFILE: u64 = 8192;
+pub const UNIT_MEMORY_MAX: u64 = 96 << 20;
+/// Descriptors besides the tunnels' (MQTT, logs, state files, resolver).
+const BASE_FDS: u64 = 64;
+/// Memory besides the byte budget: the binary, TLS configurations, runtime.
+const BASE_MEMORY: u64 = 16 << 20;
+/// Per tunnel: websocket read buffer and write batch (2 x 128 KiB), a reassembled message
+/// (up to 1 MiB), TLS buffers.
+const TUNNEL_MEMORY: u64 = 1536 << 10;
+/// Per local connection, payload aside (that is in the budget): socket, task, queue.
+const CONNECTION_MEMORY: u64 = 16 << 10;
+
+/// Rule: what the limits can need at most, as (descriptors, bytes).
+pub fn resource_needs(l: &AgentLimits) -> (u64, u64) {
+    let (tunnels, conns) = (l.max_tunnels as u64, l.max_connections_per_tunnel as u64);
+    let fds = BASE_FDS + tunnels * (conns + 2);
+    let memory = BASE_MEMORY
+        + l.max_buffered as u64
+        + tunnels * TUNNEL_MEMORY
+        + tunnels * conns * CONNECTION_MEMORY;
+    (fds, memory)
 }
 
 /// A validated configuration.
@@ -420,6 +454,43 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             "use up to 720 minutes, fractions allowed (the service closes every tunnel after 720)",
         ));
     }
+    if !(256..=262_144).contains(&l.max_buffered_kib) {
+        errors.push(err(
+            "limits.max_buffered_kib",
+            format!("{} is out of range", l.max_buffered_kib),
+            "use 256-262144 KiB (default 8192)",
+        ));
+    }
+    if errors.is_empty() {
+        let limits = AgentLimits {
+            max_tunnels: l.max_tunnels,
+            max_connections_per_tunnel: l.max_connections_per_tunnel,
+            max_lifetime: Duration::ZERO,
+            max_buffered: l.max_buffered_kib * 1024,
+        };
+        let (fds, memory) = resource_needs(&limits);
+        if fds > UNIT_LIMIT_NOFILE {
+            errors.push(err(
+                "limits.max_tunnels x limits.max_connections_per_tunnel",
+                format!(
+                    "{} x {} connections need up to {fds} file descriptors; the service unit allows {UNIT_LIMIT_NOFILE} (LimitNOFILE)",
+                    l.max_tunnels, l.max_connections_per_tunnel
+                ),
+                "lower one of them, or raise LimitNOFILE in a drop-in and run the agent outside these checks",
+            ));
+        }
+        if memory > UNIT_MEMORY_MAX {
+            errors.push(err(
+                "limits.max_tunnels x limits.max_connections_per_tunnel + limits.max_buffered_kib",
+                format!(
+                    "these limits can need {} MiB; the service unit allows {} MiB (MemoryMax)",
+                    memory >> 20,
+                    UNIT_MEMORY_MAX >> 20
+                ),
+                "lower max_tunnels, max_connections_per_tunnel or max_buffered_kib",
+            ));
+        }
+    }
     if !raw.state_dir.is_absolute() {
         errors.push(err(
             "state_dir",
@@ -456,6 +527,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             max_tunnels: raw.limits.max_tunnels,
             max_connections_per_tunnel: raw.limits.max_connections_per_tunnel,
             max_lifetime: Duration::from_secs_f64(raw.limits.max_lifetime_minutes * 60.0),
+            max_buffered: raw.limits.max_buffered_kib * 1024,
         },
         rotation: raw.rotation.policy,
         state_dir: raw.state_dir,
@@ -667,6 +739,15 @@ fn summary(cfg: &Config) -> Vec<(String, String)> {
                 cfg.tunnel.stall_timeout.as_millis()
             ),
         ),
+        ("resources".into(), {
+            let (fds, memory) = resource_needs(&cfg.limits);
+            format!(
+                "{} KiB buffered at most; up to {fds} descriptors (unit: {UNIT_LIMIT_NOFILE}), {} MiB (unit: {} MiB)",
+                cfg.limits.max_buffered / 1024,
+                memory >> 20,
+                UNIT_MEMORY_MAX >> 20
+            )
+        }),
         (
             "dead links".into(),
             if cfg.tunnel.idle_timeout.is_zero() {
@@ -817,5 +898,47 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, 2, "an example in config/ is missing");
+    }
+
+    #[test]
+    fn limits_that_would_not_fit_the_units_ceilings_are_refused() {
+        let l = AgentLimits {
+            max_tunnels: 10,
+            max_connections_per_tunnel: 128,
+            max_lifetime: Duration::ZERO,
+            max_buffered: 8 << 20,
+        };
+        let (fds, memory) = resource_needs(&l);
+        assert!(
+            fds <= UNIT_LIMIT_NOFILE && memory <= UNIT_MEMORY_MAX,
+            "defaults fit"
+        );
+        let e = parse_str(&format!(
+            "{MIN}\n[limits]\nmax_tunnels = 100\nmax_connections_per_tunnel = 1024\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("LimitNOFILE") && e.contains("MemoryMax"), "{e}");
+        assert!(
+            e.contains("limits.max_tunnels x limits.max_connections_per_tunnel"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_units_ceilings_are_the_ones_checked() {
+        let unit = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("packaging/systemd/securetunnel-agent.service"),
+        )
+        .unwrap();
+        assert!(
+            unit.contains(&format!("\nLimitNOFILE={UNIT_LIMIT_NOFILE}\n")),
+            "{unit}"
+        );
+        assert!(
+            unit.contains(&format!("\nMemoryMax={}M\n", UNIT_MEMORY_MAX >> 20)),
+            "{unit}"
+        );
     }
 }

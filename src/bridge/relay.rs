@@ -192,6 +192,7 @@ impl Session<'_> {
             )),
             Some(Err(e)) => Err(SessionEnd::Lost(format!("websocket read failed: {e}"))),
             Some(Ok(WsMessage::Binary(data))) => {
+                trace!(bytes = data.len(), "websocket message");
                 reader.push(data);
                 loop {
                     match reader.next_frame() {

@@ -260,6 +260,16 @@ impl Rig {
         )
     }
 
+    /// The agent with other global arguments (`-v 6`).
+    pub fn spawn_agent_with_args(&self, config: &Path, args: &[&str]) -> AgentProc {
+        self.spawn(
+            Path::new(env!("CARGO_BIN_EXE_securetunnel-agent")),
+            config,
+            &[],
+            args,
+        )
+    }
+
     /// The agent from `program` (a copy, for upgrade tests).
     pub fn spawn_agent_program(
         &self,
@@ -267,8 +277,20 @@ impl Rig {
         config: &Path,
         env: &[(&str, &str)],
     ) -> AgentProc {
+        self.spawn(program, config, env, &["-v", "5"])
+    }
+
+    fn spawn(
+        &self,
+        program: &Path,
+        config: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> AgentProc {
         let mut child = Command::new(program)
-            .args(["run", "-v", "5", "--config"])
+            .arg("run")
+            .args(args)
+            .arg("--config")
             .arg(config)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
