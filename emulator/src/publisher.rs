@@ -36,6 +36,8 @@ impl Publisher {
         let topic = cfg.topic;
         let mut opts = MqttOptions::new(cfg.client_id, cfg.host, cfg.port);
         opts.set_keep_alive(Duration::from_secs(30))
+            // Large enough for hostile tests (an oversized notify), not only real ones.
+            .set_max_packet_size(1 << 20, 1 << 20)
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 cfg.tls,
             )));

@@ -127,12 +127,14 @@ pub async fn service_tcp(bind: &str, how: Behaviour) -> io::Result<EchoService> 
 }
 
 pub fn echo_unix(path: &Path) -> io::Result<EchoService> {
+    service_unix(path, Behaviour::Echo)
+}
+
+/// A Unix-socket service: its small socket buffers (no TCP autotuning) make a consumer
+/// that does not read back up quickly.
+pub fn service_unix(path: &Path, how: Behaviour) -> io::Result<EchoService> {
     let listener = UnixListener::bind(path)?;
-    Ok(spawn_service(
-        AnyListener::Unix(listener),
-        Behaviour::Echo,
-        None,
-    ))
+    Ok(spawn_service(AnyListener::Unix(listener), how, None))
 }
 
 #[derive(Debug, Clone)]

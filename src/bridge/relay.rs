@@ -405,14 +405,18 @@ impl Session<'_> {
                     return;
                 }
                 Some(None) => return,
-                None if own_queue_full => {
-                    self.reset_stalled(service, stream, key, id);
-                    return;
-                }
                 None => {
-                    // The budget is spent: reset whoever holds bytes and wrote nothing.
-                    if self.reset_idle_holders(&before) == 0 {
-                        self.reset_stalled(service, stream, key, id);
+                    // Every connection that held bytes and wrote none for the whole wait is
+                    // reset (this one included), not only the one being fed.
+                    let reset = self.reset_idle_holders(&before);
+                    let this_one_gone = self.table.get(service, key).is_none_or(|h| h.id != id);
+                    if own_queue_full || reset == 0 {
+                        if !this_one_gone {
+                            self.reset_stalled(service, stream, key, id);
+                        }
+                        return;
+                    }
+                    if this_one_gone {
                         return;
                     }
                 }

@@ -150,11 +150,21 @@ pub async fn source(
     mappings: &str,
     format: Format,
 ) -> (Running, SourceListenersAddrs) {
+    source_with(emu, t, mappings, format, test_limits()).await
+}
+
+pub async fn source_with(
+    emu: &Emulator,
+    t: &TunnelTokens,
+    mappings: &str,
+    format: Format,
+    limits: Limits,
+) -> (Running, SourceListenersAddrs) {
     let map = ServiceMap::parse_mappings(mappings, "127.0.0.1", true).expect("mappings");
     let listeners = SourceListeners::bind(&map).await.expect("bind listeners");
     let addrs = SourceListenersAddrs::of(&listeners, &map);
     let role = Role::Source { listeners, format };
-    let running = spawn_bridge(config(emu, &t.source_access_token, role, test_limits()));
+    let running = spawn_bridge(config(emu, &t.source_access_token, role, limits));
     (running, addrs)
 }
 
