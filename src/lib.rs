@@ -21,6 +21,9 @@ pub mod backoff;
 pub mod bridge;
 pub mod cli;
 mod config;
+#[cfg(fuzzing)]
+#[allow(missing_docs)]
+pub mod fuzzing;
 mod net;
 mod notify;
 mod persist;

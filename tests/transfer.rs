@@ -223,3 +223,19 @@ async fn a_replacing_destination_closes_the_old_one_and_resets_the_sources_strea
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_listener_on_a_tunnel_without_services_sends_no_service_id() {
+    // As localproxy: `-s 5555` against a tunnel opened without services (spec §3.3).
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = ServiceMap::unnamed(tcp(echo.addr.unwrap()));
+    let t = tunnel(&[], map, "0", Format::V3).await;
+    let client = TcpStream::connect(t.addrs.get("")).await.unwrap();
+    within(
+        "echo without a service id",
+        echo_transfer(client, 256 << 10, 8),
+    )
+    .await
+    .unwrap();
+    assert_eq!(echo.accepted(), 1);
+}

@@ -148,9 +148,17 @@ impl Shared {
         st.tunnel(tunnel)?.peer(mode).map(|p| p.tx.clone())
     }
 
-    /// Follows the source's streams, to reset them toward a replaced peer's partner.
+    /// Follows the source's streams, to reset them toward a replaced peer's partner, and
+    /// counts DATA bytes each way.
     fn track(&self, tunnel: &str, from: Mode, msg: &Message) {
         let kind = msg.kind();
+        if kind == Some(MessageType::Data) {
+            if let Some(t) = self.lock().tunnel_mut(tunnel) {
+                t.count_data(from.peer(), msg.payload.len());
+            }
+            self.changed();
+            return;
+        }
         if !matches!(
             kind,
             Some(MessageType::StreamStart) | Some(MessageType::StreamReset)
@@ -401,6 +409,14 @@ impl Emulator {
             .tunnel(tunnel_id)
             .map(|t| t.events.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// DATA payload bytes relayed toward `mode`'s peers so far.
+    pub fn data_bytes_to(&self, tunnel_id: &str, mode: Mode) -> u64 {
+        self.shared
+            .lock()
+            .tunnel(tunnel_id)
+            .map_or(0, |t| t.data_bytes(mode))
     }
 
     /// Pings the tunnel's `mode` peers sent so far (answered or not).

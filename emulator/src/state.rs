@@ -92,6 +92,8 @@ pub struct Tunnel {
     pub events: std::collections::VecDeque<PeerEvent>,
     /// Pings received from each mode's peers (source, destination).
     pub pings: [u64; 2],
+    /// DATA payload bytes relayed toward each mode (source, destination).
+    pub data: [u64; 2],
 }
 
 /// Peer events kept per tunnel.
@@ -134,6 +136,14 @@ impl Tunnel {
     /// Pings received from `mode`'s peers.
     pub fn pings(&self, mode: Mode) -> u64 {
         self.pings[idx(mode)]
+    }
+
+    pub fn count_data(&mut self, to: Mode, bytes: usize) {
+        self.data[idx(to)] += bytes as u64;
+    }
+
+    pub fn data_bytes(&self, to: Mode) -> u64 {
+        self.data[idx(to)]
     }
 
     pub fn count_ping(&mut self, mode: Mode) {
@@ -248,6 +258,7 @@ impl State {
                 active_streams: HashMap::new(),
                 events: Default::default(),
                 pings: [0, 0],
+                data: [0, 0],
             },
         );
         TunnelTokens {

@@ -29,6 +29,8 @@ use crate::secret::Secret;
 use crate::services::SharedServiceMap;
 use relay::{Session, SessionEnd};
 pub use source::SourceListeners;
+#[cfg(fuzzing)]
+pub(crate) use ws::handshake_against;
 pub use ws::{DataEndpoint, HandshakeError, Io, request_size, ws_config};
 
 /// Timeouts, bounds and retry policies of a bridge, in one place.

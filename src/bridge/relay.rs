@@ -562,8 +562,7 @@ impl Session<'_> {
                 }
             );
             if by_stream_start {
-                // The refused stream must not stay active.
-                drop(self.table.reset_stream(&service, stream));
+                self.table.refuse_start(&service, stream);
             }
             let reset = protocol::reset_on_connect_failure(by_stream_start, stream, &service, wire);
             self.send(reset);

@@ -110,6 +110,12 @@ impl<H> StreamTable<H> {
             .any(|(s, id)| *id == stream && s == service)
     }
 
+    /// Rule: a STREAM_START refused at the connection limit leaves no active stream, so
+    /// what follows for it is answered as a stray, not silently dropped.
+    pub fn refuse_start(&mut self, service: &str, stream: i32) {
+        drop(self.reset_stream(service, stream));
+    }
+
     /// A STREAM_RESET went out for this stream: DATA that follows it needs no other.
     pub fn reset_sent(&mut self, service: &str, stream: i32) {
         if self.answered(service, stream) {
@@ -315,5 +321,14 @@ mod tests {
         assert_eq!(t.wire_connection_id("SSH", 1), 0);
         t.start_stream("SSH", 2, true);
         assert_eq!(t.wire_connection_id("SSH", 1), 1);
+    }
+
+    #[test]
+    fn a_stream_refused_at_the_connection_limit_is_not_left_active() {
+        let mut t: StreamTable<()> = StreamTable::default();
+        t.start_stream("SSH", 4, true);
+        t.refuse_start("SSH", 4);
+        assert_eq!(t.active_stream("SSH"), None);
+        assert!(matches!(t.route("SSH", 4, 1), Route::StaleStream));
     }
 }

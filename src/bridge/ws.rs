@@ -348,6 +348,15 @@ async fn connect_inner(p: &HandshakeParams<'_>, req: Request) -> Result<Connecte
     let (ws, response) = tokio_tungstenite::client_async_with_config(req, io, Some(ws_config()))
         .await
         .map_err(map_ws_error)?;
+    let channel_id = check_upgrade_response(&response)?;
+    Ok(Connected { ws, channel_id })
+}
+
+/// Rule (spec §1.2): a 101 counts only with the offered subprotocol echoed; the service's
+/// `channel-id` is kept for support cases. Returns the channel id.
+pub fn check_upgrade_response<B>(
+    response: &tungstenite::http::Response<B>,
+) -> Result<Option<String>, HandshakeError> {
     let header = |name: &str| {
         response
             .headers()
@@ -356,13 +365,57 @@ async fn connect_inner(p: &HandshakeParams<'_>, req: Request) -> Result<Connecte
             .map(str::to_owned)
     };
     match header("sec-websocket-protocol") {
-        Some(sp) if sp == SUBPROTOCOL_V3 => {}
-        other => return Err(HandshakeError::Subprotocol(format!("got {other:?}"))),
+        Some(sp) if sp == SUBPROTOCOL_V3 => Ok(header("channel-id")),
+        other => Err(HandshakeError::Subprotocol(format!("got {other:?}"))),
     }
-    Ok(Connected {
-        ws,
-        channel_id: header("channel-id"),
-    })
+}
+
+/// The whole client side of an upgrade against `response` (raw bytes from a server), as a
+/// synchronous exchange in memory: what the fuzz target drives.
+#[cfg(fuzzing)]
+pub fn handshake_against(response: &[u8]) -> Result<Option<String>, HandshakeError> {
+    struct Exchange<'a>(std::io::Cursor<&'a [u8]>);
+    impl io::Read for Exchange<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+    impl io::Write for Exchange<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let (endpoint, token, client) = (
+        DataEndpoint::for_region("us-east-1"),
+        Secret::new("AQGA-fuzz"),
+        Secret::new("00000000-0000-4000-8000-000000000000"),
+    );
+    let req = handshake_request(&HandshakeParams {
+        endpoint: &endpoint,
+        mode: Mode::Destination,
+        tls: None,
+        access_token: &token,
+        client_token: &client,
+        timeout: Duration::from_secs(1),
+    })?;
+    // RFC 6455's example key, so a fuzzed response can carry the matching accept value
+    // (s3pPLMBiTxaQ9kYGzzhZRbK+xOo=) and reach the checks after it.
+    let mut req = req;
+    req.headers_mut().insert(
+        "sec-websocket-key",
+        HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+    );
+    let stream = Exchange(std::io::Cursor::new(response));
+    match tungstenite::client::client_with_config(req, stream, Some(ws_config())) {
+        Ok((_ws, resp)) => check_upgrade_response(&resp),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(map_ws_error(e)),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => {
+            Err(HandshakeError::Timeout(Duration::ZERO))
+        }
+    }
 }
 
 /// The websocket's TCP connection: no Nagle delay, and dead-link detection
