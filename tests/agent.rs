@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::e2e::*;
 use common::rig::{Rig, RigOptions, within_deadline};
@@ -242,32 +242,62 @@ async fn bad_notifies_are_each_refused_and_the_agent_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotation_halfway_does_not_extend_the_tunnels_lifetime() {
-    // Time scale: one minute of lifetime lasts 4 s.
-    let minute = Duration::from_secs(4);
-    let rig = Rig::start(RigOptions { minute }).await;
+async fn a_tunnel_the_service_closes_at_its_lifetime_ends_the_rotated_session_for_good() {
+    // The tunnel's lifetime is the service's (a rotation never extends it); one "minute" lasts
+    // 4 s here. The agent's own cap (720 min) is not what ends it.
+    let rig = Rig::start(RigOptions {
+        minute: Duration::from_secs(4),
+    })
+    .await;
     let (mut agent, _echo) = agent(&rig, "gw-life", &["SSH"], "").await;
-    let opened = Instant::now();
     let t = open(&rig, "gw-life", &["SSH"], 1).await;
-    agent.expect("session started").await;
-    // Let half the lifetime pass: time itself is what this test is about.
-    tokio::time::sleep(minute / 2).await;
-    rotate(&rig, &t.tunnel_id, "DESTINATION", "gw-life").await;
-    agent
-        .expect("rotation: starting a bridge with the new token")
-        .await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    let r = rotate(&rig, &id, "DESTINATION", "gw-life").await;
+    let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
+    until(&rig.emu, "agent follows the rotation", |e| {
+        e.peer_token_is(&id, Mode::Destination, &new_dest)
+    })
+    .await;
     let line = agent.expect("session ended").await;
-    let lived = opened.elapsed();
     assert!(line.contains("closed by the service"), "{line}");
-    assert!(
-        lived >= minute - Duration::from_millis(200),
-        "ended early: {lived:?}"
-    );
-    assert!(
-        lived < minute + minute / 2,
-        "rotation extended the lifetime: {lived:?}"
-    );
+    assert!(rig.emu.is_closed(&id), "ended before the service closed it");
+    // Ended for good: the agent does not try the new token again after the close.
+    assert_eq!(rig.emu.handshakes_for_token(&new_dest), 1);
     assert_eq!(agent.status()["tunnels"], json!([]));
+    assert_eq!(agent.session_files(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_own_max_lifetime_ends_a_session() {
+    // The service would keep the tunnel 30 minutes; the agent's cap is 0.05 min (3 s).
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, _echo) = agent(
+        &rig,
+        "gw-cap",
+        &["SSH"],
+        "[limits]\nmax_lifetime_minutes = 0.05\n",
+    )
+    .await;
+    let t = open(&rig, "gw-cap", &["SSH"], 30).await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    let line = agent.expect("session ended").await;
+    assert!(line.contains("maximum lifetime"), "{line}");
+    assert!(!rig.emu.is_closed(&id), "the service had not closed it");
+    until(&rig.emu, "the agent leaves the tunnel", |e| {
+        !e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    assert_eq!(rig.emu.handshakes_for_token(&t.destination_access_token), 1);
+    assert_eq!(agent.status()["tunnels"], json!([]));
+    assert_eq!(agent.session_files(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,10 +331,12 @@ async fn a_rejected_token_ends_the_session_and_it_leaves_the_table() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_follows_a_rotation_when_the_service_disconnects_the_old_token_at_once() {
+async fn the_agent_follows_a_rotation_when_the_service_cuts_the_old_token_at_once() {
+    // The service cuts the old connection (no close frame) before the notify arrives: the
+    // agent must not take it for the tunnel's end, nor reconnect with the revoked token.
     let rig = Rig::start(RigOptions::default()).await;
     rig.emu.set_disconnect_on_rotate(true);
-    let (_agent, _echo) = agent(&rig, "gw-cut", &["SSH"], "").await;
+    let (mut agent, _echo) = agent(&rig, "gw-cut", &["SSH"], "").await;
     let t = open(&rig, "gw-cut", &["SSH"], 30).await;
     let id = t.tunnel_id.clone();
     until(&rig.emu, "agent connects", |e| {
@@ -319,6 +351,19 @@ async fn the_agent_follows_a_rotation_when_the_service_disconnects_the_old_token
     .await;
     let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     transfer(&addrs, "SSH", 6).await;
+    agent
+        .expect("rotation: starting a bridge with the new token")
+        .await;
+    assert_eq!(
+        agent.status()["tunnels"][0]["rotations"],
+        1,
+        "taken for a new tunnel"
+    );
+    assert_eq!(
+        agent.count("session ended"),
+        0,
+        "taken for the tunnel's end"
+    );
     assert_eq!(rig.emu.handshakes_for_token(&t.destination_access_token), 1);
 }
 
@@ -372,7 +417,7 @@ async fn systemd_gets_ready_only_once_subscribed_then_status_and_watchdog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_service_map_and_live_tunnels_keep_running() {
     let rig = Rig::start(RigOptions::default()).await;
-    let (mut agent, mut first) = agent(&rig, "gw-hup", &["SSH"], "").await;
+    let (mut agent, first) = agent(&rig, "gw-hup", &["SSH"], "").await;
     let t = open(&rig, "gw-hup", &["SSH"], 30).await;
     agent.expect("session started").await;
     let id = t.tunnel_id.clone();
@@ -421,5 +466,4 @@ async fn sighup_reloads_the_service_map_and_live_tunnels_keep_running() {
         "a live connection was dropped by the reload"
     );
     assert_eq!(agent.count("session started"), 1);
-    let _ = first.wait_closed(0).await;
 }

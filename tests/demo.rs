@@ -1,10 +1,21 @@
-//! The README's demo, run exactly as the `securetunnel-demo` binary runs it: the real agent
-//! binary as destination and source processes, through the emulator.
+//! The README's demos, run as the `securetunnel-demo` binary runs them, with the agent binary
+//! under test: the headline flow (embedded broker, emulator, the agent process with a config
+//! file: open, transfer, rotate, transfer, close, SIGTERM exit 0) and the `local-proxy` pair.
 
 use securetunnel_emulator::demo::{DemoOptions, run};
+use securetunnel_emulator::demo_agent;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_moves_data_between_two_agent_processes_and_both_exit_cleanly() {
+async fn the_headline_demo_opens_rotates_and_closes_a_tunnel_and_the_agent_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = std::path::Path::new(env!("CARGO_BIN_EXE_securetunnel-agent"));
+    if let Err(e) = demo_agent::run(agent, dir.path(), 4 << 20).await {
+        panic!("demo failed: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_proxy_demo_moves_data_between_two_agent_processes_and_both_exit_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let opts = DemoOptions {
         agent: env!("CARGO_BIN_EXE_securetunnel-agent").into(),

@@ -118,18 +118,28 @@ async fn an_unknown_message_type_resets_its_stream_unless_ignorable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handshake_5xx_is_retried_with_backoff() {
+async fn handshake_5xx_is_retried_with_a_growing_backoff() {
     let emu = emulator(true).await;
     let tokens = emu.open_tunnel(&["SSH"], Duration::from_secs(600));
-    emu.fail_next_handshakes(2, 503);
-    let mut dest = destination(&emu, &tokens, ServiceMap::default());
+    emu.fail_next_handshakes(5, 503);
+    // Base 20 ms, cap 200 ms: the n-th retry waits between half and all of min(cap, base x 2^n).
+    let limits = test_limits();
+    let mut dest = destination_with(&emu, &tokens, ServiceMap::default(), limits);
     dest.wait_phase(Phase::Ready).await;
-    assert_eq!(get(&dest.stats.handshake_failures), 2);
+    assert_eq!(get(&dest.stats.handshake_failures), 5);
     assert_eq!(get(&dest.stats.sessions), 1);
-    assert_eq!(
-        emu.handshakes_for_token(&tokens.destination_access_token),
-        3
-    );
+    let times = emu.handshake_times(&tokens.destination_access_token);
+    assert_eq!(times.len(), 6);
+    for (n, pair) in times.windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        let ceiling =
+            (limits.reconnect_min_delay * 2u32.pow(n as u32 + 1)).min(limits.reconnect_max_delay);
+        assert!(
+            gap >= ceiling / 2,
+            "retry {} came after {gap:?}, before half of {ceiling:?}",
+            n + 1
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,9 +214,9 @@ async fn unanswered_pings_do_not_end_the_session() {
             .unwrap();
         seed += 1;
     }
-    assert_eq!(
-        get(&t.dest.stats.pongs_received),
-        pongs_before,
+    // A pong already on its way when the switch flipped may still arrive; no more.
+    assert!(
+        get(&t.dest.stats.pongs_received) <= pongs_before + 1,
         "pongs were not dropped"
     );
     assert_eq!(get(&t.dest.stats.sessions), 1);

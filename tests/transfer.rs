@@ -3,9 +3,9 @@
 mod common;
 
 use common::*;
-use securetunnel_agent::protocol::Format;
+use securetunnel_agent::protocol::{Format, Mode};
 use securetunnel_agent::services::{LocalEndpoint, ServiceMap};
-use securetunnel_emulator::testkit::{echo_tcp, echo_transfer, echo_unix};
+use securetunnel_emulator::testkit::{SENTINEL_LEN, echo_tcp, echo_transfer, echo_unix};
 use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,7 +19,11 @@ async fn one_64_mib_transfer_over_wss_with_reframing_is_byte_exact() {
         .await
         .unwrap();
     eprintln!("64 MiB echo: {:.1} MiB/s each way", report.mib_per_s());
-    assert_eq!(report.bytes, 64 << 20);
+    // Every byte crossed the tunnel both ways (not a shortcut around it).
+    let id = &t.tokens.tunnel_id;
+    let crossed = (64 << 20) + SENTINEL_LEN as u64;
+    assert_eq!(t.emu.data_bytes_to(id, Mode::Destination), crossed);
+    assert_eq!(t.emu.data_bytes_to(id, Mode::Source), crossed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

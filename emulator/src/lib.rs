@@ -212,13 +212,10 @@ impl Shared {
                 st.tunnel(tunnel_id).and_then(|t| t.peer(mode).cloned()),
             )
         };
+        // Cut without a close frame: a close frame (1000) would say "tunnel closed", which a
+        // rotation is not.
         if let Some(p) = peer.filter(|_| self.disconnect_on_rotate.load(Ordering::Relaxed)) {
-            if p.tx
-                .try_send(PeerCmd::Close(1000, "access token rotated".into()))
-                .is_err()
-            {
-                p.kill.cancel();
-            }
+            p.kill.cancel();
         }
         Some(token)
     }
@@ -433,7 +430,7 @@ impl Emulator {
             .map(|p| (p.token.clone(), p.client_token.clone()))
     }
 
-    /// Switch: disconnect the peer whose token is rotated, at once.
+    /// Switch: cut the connection (no close frame) of the peer whose token is rotated, at once.
     pub fn set_disconnect_on_rotate(&self, on: bool) {
         self.shared
             .disconnect_on_rotate
@@ -520,6 +517,11 @@ impl Emulator {
     /// Handshakes that presented this token, accepted or not.
     pub fn handshakes_for_token(&self, token: &str) -> u64 {
         self.shared.lock().handshakes_for_token(token)
+    }
+
+    /// When each handshake presenting this token arrived, oldest first.
+    pub fn handshake_times(&self, token: &str) -> Vec<std::time::Instant> {
+        self.shared.lock().handshake_times(token)
     }
 
     /// The stream the source has open for a service, as the emulator saw it.

@@ -193,7 +193,7 @@ pub struct TunnelTokens {
 pub struct State {
     tunnels: BTreeMap<String, Tunnel>,
     tokens: HashMap<String, TokenRef>,
-    handshakes: HashMap<String, u64>,
+    handshakes: HashMap<String, Vec<std::time::Instant>>,
     fail_next: Option<(u32, u16)>,
 }
 
@@ -331,11 +331,18 @@ impl State {
     }
 
     pub fn count_handshake(&mut self, token: &str) {
-        *self.handshakes.entry(token.to_owned()).or_default() += 1;
+        let times = self.handshakes.entry(token.to_owned()).or_default();
+        if times.len() < MAX_EVENTS {
+            times.push(std::time::Instant::now());
+        }
     }
 
     pub fn handshakes_for_token(&self, token: &str) -> u64 {
-        self.handshakes.get(token).copied().unwrap_or(0)
+        self.handshakes.get(token).map_or(0, |t| t.len() as u64)
+    }
+
+    pub fn handshake_times(&self, token: &str) -> Vec<std::time::Instant> {
+        self.handshakes.get(token).cloned().unwrap_or_default()
     }
 
     pub fn fail_next_handshakes(&mut self, n: u32, status: u16) {

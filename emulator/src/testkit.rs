@@ -154,8 +154,13 @@ fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Bytes `echo_transfer` sends after the data, to catch a longer echo.
+pub const SENTINEL_LEN: usize = 16;
+
 /// Writes `size` pseudo-random bytes (from `seed`) through an echo path while reading the
-/// echo back; fails unless the echo has the same length and SHA-256 as what was sent.
+/// echo back; fails unless the echo has the same length and SHA-256 as what was sent and
+/// nothing more (a sentinel written after the data must come back next). A cut connection
+/// is an I/O error (EOF, reset); wrong data is `InvalidData`.
 pub async fn echo_transfer<S>(stream: S, size: usize, seed: u64) -> io::Result<TransferReport>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -191,7 +196,19 @@ where
         got.update(&buf[..n]);
         received += n;
     }
-    let (sent, _w) = writer.await.map_err(io::Error::other)??;
+    let (sent, mut w) = writer.await.map_err(io::Error::other)??;
+    // A sentinel after the data: bytes beyond `size` (a duplicated tail) come back first.
+    let sentinel: [u8; SENTINEL_LEN] =
+        std::array::from_fn(|i| (seed as u8).wrapping_add(i as u8) ^ 0xA5);
+    w.write_all(&sentinel).await?;
+    let mut back = [0u8; SENTINEL_LEN];
+    r.read_exact(&mut back).await?;
+    if back != sentinel {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("echo has bytes beyond the {size} sent"),
+        ));
+    }
     let (sent, got) = (hex(sent.as_ref()), hex(got.finish().as_ref()));
     if sent != got || received != size {
         return Err(io::Error::new(

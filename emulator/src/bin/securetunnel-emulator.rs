@@ -55,7 +55,7 @@ struct Args {
     /// Time scale: seconds that one minute of tunnel lifetime lasts.
     #[arg(long, default_value_t = 60.0)]
     minute_secs: f64,
-    /// Disconnect a peer at once when its token is rotated.
+    /// Cut the connection (no close frame) of a peer at once when its token is rotated.
     #[arg(long)]
     disconnect_on_rotate: bool,
     /// MQTT broker (host:port, mutual TLS) to publish notifies to.
