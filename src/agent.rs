@@ -80,7 +80,7 @@ pub struct Agent {
     table: SessionTable,
     store: Option<SessionStore>,
     /// Bytes all tunnels together hold for and from local sockets.
-    budget: Arc<tokio::sync::Semaphore>,
+    budget: crate::bridge::Budget,
     bridges: JoinSet<SessionExit>,
     connected_tx: mpsc::Sender<Connected>,
     live: HashMap<u64, Live>,
@@ -125,7 +125,7 @@ impl Agent {
                 cfg.rotation,
             ),
             store,
-            budget: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered)),
+            budget: crate::bridge::Budget::new(cfg.limits.max_buffered),
             status: StatusFile::new(&cfg.state_dir),
             tunnel_tls: checked.tunnel_tls,
             bridges: JoinSet::new(),

@@ -200,14 +200,14 @@ pub struct AgentLimits {
     pub max_tunnels: usize,
     pub max_connections_per_tunnel: usize,
     pub max_lifetime: Duration,
-    /// Bytes all tunnels together hold for and from local sockets.
+    /// Bytes all tunnels together hold toward local sockets.
     pub max_buffered: usize,
 }
 
 /// The systemd unit's ceilings (packaging/systemd/securetunnel-agent.service; a test keeps
 /// them equal).
 pub const UNIT_LIMIT_NOFILE: u64 = 8192;
-pub const UNIT_MEMORY_MAX: u64 = 96 << 20;
+pub const UNIT_MEMORY_MAX: u64 = 128 << 20;
 /// Descriptors besides the tunnels' (MQTT, logs, state files, resolver).
 const BASE_FDS: u64 = 64;
 /// Memory besides the byte budget: the binary, TLS configurations, runtime.
@@ -222,9 +222,10 @@ const CONNECTION_MEMORY: u64 = 16 << 10;
 pub fn resource_needs(l: &AgentLimits) -> (u64, u64) {
     let (tunnels, conns) = (l.max_tunnels as u64, l.max_connections_per_tunnel as u64);
     let fds = BASE_FDS + tunnels * (conns + 2);
+    // A queued payload can keep 4 times its count alive (`relay::should_copy_payload`).
     let memory = BASE_MEMORY
-        + l.max_buffered as u64
-        + tunnels * TUNNEL_MEMORY
+        + 4 * l.max_buffered as u64
+        + tunnels * (TUNNEL_MEMORY + crate::bridge::DEFAULT_UPWARD_BUDGET as u64)
         + tunnels * conns * CONNECTION_MEMORY;
     (fds, memory)
 }

@@ -83,18 +83,29 @@ fn classify(r: io::Result<securetunnel_emulator::testkit::TransferReport>, o: &m
     }
 }
 
-/// `n` transfers of `size` bytes started at once, while `fault` happens.
+/// Bytes the emulator must have relayed to the destination before a fault fires: the
+/// transfers are under way, far from done.
+const UNDER_WAY: u64 = 1 << 20;
+
+/// `n` transfers of `size` bytes started at once; `fault` happens once they are under way.
 async fn transfers_during(
+    emu: &securetunnel_emulator::Emulator,
+    id: &str,
     addr: std::net::SocketAddr,
     n: usize,
     size: usize,
     fault: impl std::future::Future<Output = ()>,
 ) -> Outcome {
+    let base = emu.data_bytes_to(id, Mode::Destination);
     let mut tasks = Vec::new();
     for seed in 0..n {
         let c = TcpStream::connect(addr).await.unwrap();
         tasks.push(tokio::spawn(echo_transfer(c, size, seed as u64)));
     }
+    until(emu, "the transfers are under way", |e| {
+        e.data_bytes_to(id, Mode::Destination) >= base + UNDER_WAY
+    })
+    .await;
     fault.await;
     let mut o = Outcome::default();
     for t in tasks {
@@ -148,11 +159,12 @@ impl Stage {
 async fn websocket_drop_mid_transfer() {
     let s = stage("f-drop", "", "").await;
     let (emu, id) = (&s.rig.emu, s.id());
-    let o = transfers_during(s.addrs.get("SSH"), 4, 8 << 20, async {
+    let o = transfers_during(emu, &id, s.addrs.get("SSH"), 4, 8 << 20, async {
         emu.drop_peer(&id, Mode::Destination);
     })
     .await;
     assert_eq!(o.exact + o.reset, 4, "{o:?}");
+    assert!(o.reset >= 1, "the drop cut no transfer: {o:?}");
     s.wait_reconnect(2).await;
     s.works(1).await;
     s.assert_rss();
@@ -162,7 +174,7 @@ async fn websocket_drop_mid_transfer() {
 async fn session_reset_mid_transfer() {
     let s = stage("f-sreset", "", "").await;
     let (emu, id) = (&s.rig.emu, s.id());
-    let o = transfers_during(s.addrs.get("SSH"), 4, 8 << 20, async {
+    let o = transfers_during(emu, &id, s.addrs.get("SSH"), 4, 8 << 20, async {
         assert!(
             emu.inject(&id, Mode::Destination, &Message::session_reset())
                 .await
@@ -170,6 +182,7 @@ async fn session_reset_mid_transfer() {
     })
     .await;
     assert_eq!(o.exact + o.reset, 4, "{o:?}");
+    assert!(o.reset >= 1, "the reset cut no transfer: {o:?}");
     s.works(2).await;
     s.assert_rss();
 }
@@ -178,13 +191,14 @@ async fn session_reset_mid_transfer() {
 async fn stream_reset_mid_transfer() {
     let s = stage("f-reset", "", "").await;
     let (emu, id) = (&s.rig.emu, s.id());
-    let o = transfers_during(s.addrs.get("SSH"), 4, 8 << 20, async {
+    let o = transfers_during(emu, &id, s.addrs.get("SSH"), 4, 8 << 20, async {
         let stream = emu.active_stream(&id, "SSH").unwrap();
         let reset = Message::stream_reset(stream, "SSH");
         assert!(emu.inject(&id, Mode::Destination, &reset).await);
     })
     .await;
     assert_eq!(o.exact + o.reset, 4, "{o:?}");
+    assert!(o.reset >= 1, "the reset cut no transfer: {o:?}");
     s.works(3).await;
     s.assert_rss();
 }
@@ -195,11 +209,11 @@ async fn black_holed_peer() {
     // The idle timeout applies once the service answered a ping.
     s.agent.expect("idle timeout armed").await;
     let (emu, id) = (&s.rig.emu, s.id());
-    let o = transfers_during(s.addrs.get("SSH"), 2, 32 << 20, async {
+    let o = transfers_during(emu, &id, s.addrs.get("SSH"), 2, 32 << 20, async {
         emu.black_hole(&id, Mode::Destination);
     })
     .await;
-    assert_eq!(o.exact + o.reset, 2, "{o:?}");
+    assert_eq!(o.reset, 2, "a transfer went through a black hole: {o:?}");
     s.wait_reconnect(2).await;
     s.works(4).await;
     s.assert_rss();
@@ -230,12 +244,13 @@ async fn broker_restart() {
 async fn storm_of_5xx_answers() {
     let s = stage("f-5xx", "", "").await;
     let (emu, id) = (&s.rig.emu, s.id());
-    let o = transfers_during(s.addrs.get("SSH"), 2, 8 << 20, async {
+    let o = transfers_during(emu, &id, s.addrs.get("SSH"), 2, 8 << 20, async {
         emu.fail_next_handshakes(4, 503);
         emu.drop_peer(&id, Mode::Destination);
     })
     .await;
     assert_eq!(o.exact + o.reset, 2, "{o:?}");
+    assert!(o.reset >= 1, "the drop cut no transfer: {o:?}");
     s.wait_reconnect(2).await;
     assert!(emu.handshakes_for_token(&s.t.destination_access_token) >= 5);
     s.works(6).await;
@@ -247,7 +262,7 @@ async fn revoked_token_answered_4xx() {
     let mut s = stage("f-4xx", "", "").await;
     let (emu, id) = (&s.rig.emu, s.id());
     let agent = &mut s.agent;
-    let o = transfers_during(s.addrs.get("SSH"), 2, 8 << 20, async {
+    let o = transfers_during(emu, &id, s.addrs.get("SSH"), 2, 8 << 20, async {
         // Revoked without a notify (no publisher on this path), then the link drops: the
         // reconnect is refused for good.
         emu.rotate(&id, Mode::Destination).unwrap();
@@ -259,7 +274,7 @@ async fn revoked_token_answered_4xx() {
         emu.close_tunnel(&id);
     })
     .await;
-    assert_eq!(o.exact + o.reset, 2, "{o:?}");
+    assert_eq!(o.reset, 2, "a transfer outlived its tunnel: {o:?}");
     // The agent goes on: a new tunnel is served.
     let t2 = open(&s.rig, "f-4xx", &["SSH"], 30).await;
     let id2 = t2.tunnel_id.clone();
@@ -281,8 +296,8 @@ async fn duplicate_notify() {
     })
     .to_string()
     .into_bytes();
-    let emu = &s.rig.emu;
-    let o = transfers_during(s.addrs.get("SSH"), 2, 8 << 20, async {
+    let (emu, id) = (&s.rig.emu, s.id());
+    let o = transfers_during(emu, &id, s.addrs.get("SSH"), 2, 8 << 20, async {
         for _ in 0..3 {
             emu.publish_raw("$aws/things/f-dup/tunnels/notify", notify.clone())
                 .await
@@ -301,7 +316,7 @@ async fn rotation_mid_transfer() {
     let s = stage("f-rot", "", "").await;
     let id = s.id();
     let rig = &s.rig;
-    let o = transfers_during(s.addrs.get("SSH"), 4, 8 << 20, async {
+    let o = transfers_during(&rig.emu, &id, s.addrs.get("SSH"), 4, 8 << 20, async {
         rotate(rig, &id, "DESTINATION", "f-rot").await;
     })
     .await;
@@ -493,7 +508,7 @@ async fn flood_of_unmapped_stream_starts() {
         e.is_connected(&id, Mode::Destination)
     })
     .await;
-    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
+    let (src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     const STARTS: i32 = 20_000;
     for batch in 0..STARTS / 5000 {
         let mut wire = BytesMut::new();
@@ -509,6 +524,15 @@ async fn flood_of_unmapped_stream_starts() {
     }
     // Traffic behind the flood shares its ordered path: it was all handled.
     transfer(&addrs, "SSH", 9).await;
+    // Each refusal was answered: a full reply backlog pauses the reader, it drops nothing.
+    let mut state = src.state.clone();
+    within("every refusal reaches the source", async {
+        state
+            .wait_for(|s| s.resets_received >= STARTS as u64)
+            .await
+            .unwrap();
+    })
+    .await;
     let refusals = agent.count("refusing stream");
     assert!(
         (1..=40).contains(&refusals),
@@ -521,10 +545,10 @@ async fn flood_of_unmapped_stream_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_notify() {
     let mut s = stage("f-big", "", "").await;
-    let emu = &s.rig.emu;
+    let (emu, id) = (&s.rig.emu, s.id());
     // 256 KiB on the notify topic: more than any MQTT client of the agent will read.
     let big = vec![b'x'; 256 << 10];
-    let o = transfers_during(s.addrs.get("SSH"), 2, 8 << 20, async {
+    let o = transfers_during(emu, &id, s.addrs.get("SSH"), 2, 8 << 20, async {
         emu.publish_raw("$aws/things/f-big/tunnels/notify", big.clone())
             .await
             .unwrap();

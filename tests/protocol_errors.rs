@@ -10,7 +10,7 @@ use securetunnel_agent::protocol::{Format, Message, Mode};
 use securetunnel_agent::secret::Secret;
 use securetunnel_agent::services::ServiceMap;
 use securetunnel_emulator::CLIENT_TOKEN_MISMATCH;
-use securetunnel_emulator::testkit::{echo_tcp, echo_transfer};
+use securetunnel_emulator::testkit::{echo_tcp, echo_transfer, wait_closed};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -277,4 +277,85 @@ async fn a_server_that_does_not_echo_the_subprotocol_is_refused_and_retried() {
     );
     assert!(get(&dest.stats.handshake_failures) >= 1);
     assert_eq!(dest.state.borrow().phase, Phase::Connecting);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_frame_above_131076_bytes_ends_the_session() {
+    use securetunnel_agent::protocol::{FrameCodec, MAX_WS_FRAME};
+    use tokio_util::codec::Encoder;
+    let (mut t, _echo) = echo_tunnel().await;
+    let id = t.tokens.tunnel_id.clone();
+    // Exactly the limit: DATA frames for stream 0, which the agent drops; the session goes on.
+    let mut wire = bytes::BytesMut::new();
+    while MAX_WS_FRAME - wire.len() > 60_100 {
+        let m = Message::data(0, "SSH", 0, vec![1u8; 50_000].into());
+        FrameCodec.encode(&m, &mut wire).unwrap();
+    }
+    let mut payload = MAX_WS_FRAME - wire.len();
+    let rest = loop {
+        let mut buf = bytes::BytesMut::new();
+        let m = Message::data(0, "SSH", 0, vec![2u8; payload].into());
+        FrameCodec.encode(&m, &mut buf).unwrap();
+        if wire.len() + buf.len() <= MAX_WS_FRAME {
+            break buf;
+        }
+        payload -= 1;
+    };
+    wire.extend_from_slice(&rest);
+    assert_eq!(wire.len(), MAX_WS_FRAME);
+    assert!(
+        t.emu
+            .inject_ws(&id, Mode::Destination, WsMessage::binary(wire.freeze()))
+            .await
+    );
+    let client = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+    within(
+        "transfer after the largest frame",
+        echo_transfer(client, 64 << 10, 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        get(&t.dest.stats.sessions),
+        1,
+        "a frame at the limit ended the session"
+    );
+    // One byte more is refused by the websocket layer: the session ends and is reconnected.
+    let over = vec![0u8; MAX_WS_FRAME + 1];
+    assert!(
+        t.emu
+            .inject_ws(&id, Mode::Destination, WsMessage::binary(over))
+            .await
+    );
+    t.dest.wait_sessions(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_start_on_a_v2_stream_resets_that_stream() {
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
+    let mut t = tunnel(&["SSH"], map, "SSH=0", Format::V2).await;
+    let mut held = live_client(t.addrs.get("SSH")).await;
+    let id = t.tokens.tunnel_id.clone();
+    let stream = t.emu.active_stream(&id, "SSH").unwrap();
+    let resets = get(&t.src.stats.stream_resets_received);
+    // A V2 stream carries one connection: a second one on it is the peer's error.
+    let start = Message::connection_start(stream, "SSH", 2);
+    assert!(t.emu.inject(&id, Mode::Destination, &start).await);
+    t.src.wait_resets(resets + 1).await;
+    within("the stream's client is closed", wait_closed(&mut held)).await;
+    assert_eq!(get(&t.dest.stats.protocol_errors), 1);
+    assert_eq!(
+        get(&t.dest.stats.connections_opened),
+        1,
+        "a second connection was opened"
+    );
+    // The tunnel goes on.
+    let client = TcpStream::connect(t.addrs.get("SSH")).await.unwrap();
+    within(
+        "transfer on a new stream",
+        echo_transfer(client, 64 << 10, 5),
+    )
+    .await
+    .unwrap();
 }

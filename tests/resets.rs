@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use securetunnel_agent::bridge::{BridgeEnd, Limits};
+use securetunnel_agent::bridge::{BridgeEnd, Limits, Phase};
 use securetunnel_agent::protocol::{Format, Message, Mode};
 use securetunnel_agent::services::{LocalEndpoint, ServiceMap};
 use securetunnel_emulator::testkit::{
@@ -341,9 +341,10 @@ async fn a_tunnel_close_delivers_what_is_queued_for_local_sockets() {
     })
     .await;
     t.emu.close_tunnel(&t.tokens.tunnel_id);
-    // The consumer starts reading well after the close was handled (the scenario, not a
-    // synchronisation), within the 3 s the destination gives queued data.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The consumer starts reading only once the destination handled the close, within the
+    // 3 s it gives queued data.
+    let mut dest = t.dest;
+    dest.wait_phase(Phase::Draining).await;
     let _ = go.send(());
     let got = within("the local reader sees the end", reader)
         .await

@@ -12,6 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::log_rate::Kind;
 use super::ws::Outbound;
 use super::{Limits, Stats};
 use crate::protocol::{MAX_PAYLOAD, Message};
@@ -184,8 +185,8 @@ pub struct ConnTask {
     pub closing: CancellationToken,
     pub reset: CancellationToken,
     pub connected: watch::Sender<bool>,
-    /// The byte budget shared by every connection of the agent.
-    pub budget: Arc<Semaphore>,
+    /// Bytes read from local sockets and not yet framed: the tunnel's upward budget.
+    pub upward: Arc<Semaphore>,
     pub limits: Limits,
     pub stats: Arc<Stats>,
     pub _open: OpenGuard,
@@ -195,6 +196,8 @@ impl ConnTask {
     pub async fn run(mut self, open: Open) -> ConnExit {
         let stream = match open {
             Open::Accepted { local, started } => {
+                // The local socket is up already: a full queue is a consumer's matter.
+                self.connected.send_replace(true);
                 if started.await.is_err() {
                     // The session ended first: nothing was announced to the peer.
                     return self.exit(ExitCause::Flushed);
@@ -238,14 +241,18 @@ impl ConnTask {
             };
             let err = match result {
                 Ok(Ok(s)) => {
-                    info!(%endpoint, conn = self.conn_id, "connected to local service");
+                    if let Some(suppressed) = self.stats.logs.admit(Kind::LocalConnect) {
+                        info!(%endpoint, conn = self.conn_id, suppressed, "connected to local service");
+                    }
                     return Some(s);
                 }
                 Ok(Err(e)) => e,
                 Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
             };
             if attempt == self.limits.connect_attempts.max(1) {
-                warn!(%endpoint, attempts = attempt, "could not connect to local service: {err}");
+                if let Some(suppressed) = self.stats.logs.admit(Kind::LocalConnect) {
+                    warn!(%endpoint, attempts = attempt, suppressed, "could not connect to local service: {err}");
+                }
                 return None;
             }
             debug!(%endpoint, attempt, "local connect failed, retrying: {err}");
@@ -264,7 +271,7 @@ impl ConnTask {
         let up = pump_up(
             &reader,
             &self.out,
-            &self.budget,
+            &self.upward,
             &self.service,
             self.stream_id,
             self.wire_conn,
@@ -300,8 +307,8 @@ impl ConnTask {
 }
 
 /// Local -> tunnel: every read becomes one DATA message of at most `MAX_PAYLOAD` bytes. The
-/// bytes count against the agent's budget until the websocket writer has sent them, so
-/// reading waits while the budget is spent.
+/// bytes count against the tunnel's upward budget until the websocket writer has framed
+/// them, so reading waits while it is spent; one tunnel cannot take another's.
 async fn pump_up(
     reader: &ReadHalf,
     out: &mpsc::Sender<Outbound>,
@@ -352,8 +359,16 @@ async fn pump_down(
     written: &AtomicU64,
 ) -> io::Result<()> {
     while let Some((chunk, _budget)) = rx.recv().await {
-        writer.write_all(&chunk).await?;
-        written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        // Progress is counted per write, so a slow consumer is not taken for a stalled one.
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            let n = writer.write(rest).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            written.fetch_add(n as u64, Ordering::Relaxed);
+            rest = &rest[n..];
+        }
         // Counted until written: the chunk in hand is memory held for this connection too.
         queued.fetch_sub(chunk.len(), Ordering::Relaxed);
     }

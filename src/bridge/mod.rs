@@ -6,6 +6,7 @@
 //! listeners of source mode.
 
 mod local;
+mod log_rate;
 mod relay;
 mod source;
 mod streams;
@@ -59,9 +60,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// Frames waiting for the websocket writer.
     pub outgoing_depth: usize,
-    /// Bytes held for local sockets or read from them and not yet sent, all connections
-    /// together; a bridge shares the agent's budget (`Bridge::with_budget`) or has its own.
+    /// Bytes held for local sockets, all connections together; a bridge shares the agent's
+    /// budget (`Bridge::with_budget`) or has its own of this size.
     pub buffer_budget: usize,
+    /// Bytes read from local sockets and not yet framed for the websocket, per tunnel.
+    pub upward_budget: usize,
     /// Time the TCP, TLS and websocket handshake together may take.
     pub handshake_timeout: Duration,
     /// Base of the exponential websocket reconnect backoff.
@@ -86,6 +89,15 @@ impl Limits {
         }
     }
 
+    /// Rule: the longest all local connect attempts of one connection can take: each
+    /// attempt's timeout plus the delays between them at their ceiling.
+    pub fn connect_give_up(&self) -> Duration {
+        let attempts = self.connect_attempts.max(1);
+        self.connect_timeout
+            .saturating_mul(attempts)
+            .saturating_add(self.connect_retry_max_delay.saturating_mul(attempts - 1))
+    }
+
     /// Most bytes held toward one local connection: its queue plus the chunk being written.
     pub fn connection_buffer_bound(&self) -> usize {
         (self.queue_depth.max(1) + 1) * protocol::MAX_PAYLOAD
@@ -107,6 +119,7 @@ impl Default for Limits {
             max_connections: 128,
             outgoing_depth: 8,
             buffer_budget: DEFAULT_BUFFER_BUDGET,
+            upward_budget: DEFAULT_UPWARD_BUDGET,
             handshake_timeout: Duration::from_secs(15),
             reconnect_min_delay: Duration::from_millis(500),
             reconnect_max_delay: Duration::from_secs(30),
@@ -150,6 +163,8 @@ pub struct Stats {
     pub pings_sent: AtomicU64,
     /// Pongs received (informational: the service may not answer pings).
     pub pongs_received: AtomicU64,
+    /// Allowances of the log lines a peer or local client can provoke.
+    pub(crate) logs: log_rate::LogRate,
 }
 
 /// Where the bridge is in its life.
@@ -161,6 +176,9 @@ pub enum Phase {
     Connected,
     /// SERVICE_IDS received: streams can be opened.
     Ready,
+    /// The websocket session ended; local connections are delivering what is queued for
+    /// them (within `Limits::close_linger`).
+    Draining,
     /// The bridge returned.
     Ended,
 }
@@ -266,12 +284,48 @@ struct Link {
     limits: Limits,
     stats: Arc<Stats>,
     state: watch::Sender<State>,
-    /// Bytes held for local sockets and read from them, shared with the agent's other bridges.
-    budget: Arc<Semaphore>,
+    /// Bytes held for local sockets, shared with the agent's other bridges.
+    budget: Budget,
+    /// Bytes read from local sockets and not yet sent: this tunnel's own.
+    upward: Arc<Semaphore>,
+}
+
+/// A byte budget: a semaphore of bytes, and its size.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    sem: Arc<Semaphore>,
+    total: usize,
+}
+
+impl Budget {
+    /// `total` bytes.
+    pub fn new(total: usize) -> Self {
+        Budget {
+            sem: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    pub(crate) fn semaphore(&self) -> &Arc<Semaphore> {
+        &self.sem
+    }
+
+    /// Rule: under pressure when less than a quarter is left; then connections holding
+    /// bytes that their consumers do not take are reset (see `relay::Session::sweep`).
+    pub(crate) fn scarce(&self) -> bool {
+        self.sem.available_permits() < self.total / 4
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.total.saturating_sub(self.sem.available_permits())
+    }
 }
 
 /// Default byte budget: 8 MiB (`limits.max_buffered_kib` in the agent's config).
 pub const DEFAULT_BUFFER_BUDGET: usize = 8 << 20;
+/// Default upward budget per tunnel: 1 MiB, 16 full payloads.
+pub const DEFAULT_UPWARD_BUDGET: usize = 1 << 20;
 
 /// Accepted clients waiting for the session (source mode).
 const ACCEPT_QUEUE: usize = 16;
@@ -305,7 +359,8 @@ impl Bridge {
                 tls: cfg.tls,
                 access_token: cfg.access_token,
                 client_token,
-                budget: Arc::new(Semaphore::new(cfg.limits.buffer_budget)),
+                budget: Budget::new(cfg.limits.buffer_budget),
+                upward: Arc::new(Semaphore::new(cfg.limits.upward_budget)),
                 limits: cfg.limits,
                 stats: Arc::default(),
                 state,
@@ -326,7 +381,7 @@ impl Bridge {
 
     /// Shares `budget` (bytes) with other bridges instead of the bridge's own
     /// `limits.buffer_budget`: the agent bounds what all its tunnels hold together.
-    pub fn with_budget(mut self, budget: Arc<Semaphore>) -> Self {
+    pub fn with_budget(mut self, budget: Budget) -> Self {
         self.link.budget = budget;
         self
     }
@@ -427,7 +482,7 @@ impl Link {
                             let (code, reason) = frame
                                 .map(|f| (u16::from(f.code), f.reason.to_string()))
                                 .unwrap_or((1005, String::new()));
-                            info!(code, reason = %reason, "the service closed the tunnel");
+                            info!(code, reason = ?reason, "the service closed the tunnel");
                             return Ok(BridgeEnd::ClosedByService { code, reason });
                         }
                         SessionEnd::Cancelled => return Ok(BridgeEnd::Cancelled),
@@ -513,9 +568,12 @@ impl Link {
             waiting: Default::default(),
             backlog: Default::default(),
             budget: self.budget.clone(),
+            upward: self.upward.clone(),
+            swept: Vec::new(),
             pong_seen: false,
         };
         let end = session.run(incoming, &mut writer, accepts, cancel).await;
+        self.state.send_modify(|s| s.phase = Phase::Draining);
         session.shutdown().await;
         drop(session);
         let close = match &end {

@@ -19,6 +19,7 @@ use tracing::{Instrument, debug, info, trace, warn};
 use std::collections::{HashMap, VecDeque};
 
 use super::local::{ConnExit, ConnHandle, ConnTask, ExitCause, LocalStream, Open, OpenGuard};
+use super::log_rate::Kind;
 use super::source::Accepted;
 use super::streams::{Route, StreamTable};
 use super::ws::{Outbound, WsStream};
@@ -72,7 +73,12 @@ pub struct Session<'a> {
     /// faster than they can be sent is slowed down, not buffered.
     pub backlog: VecDeque<(Message, Option<oneshot::Sender<()>>)>,
     /// The agent's byte budget: every payload held for a local socket takes its share.
-    pub budget: Arc<Semaphore>,
+    pub budget: super::Budget,
+    /// Bytes read from local sockets and not yet framed: this tunnel's upward budget.
+    pub upward: Arc<Semaphore>,
+    /// (service, connection, task id, bytes written) of the connected holders at the last
+    /// sweep: who made no progress since (see `sweep`).
+    pub swept: Vec<(String, u32, u64, u64)>,
     /// A pong arrived on this websocket: the service answers pings.
     pub pong_seen: bool,
 }
@@ -85,11 +91,6 @@ pub const BACKLOG_LIMIT: usize = 64;
 /// queued payload pins is at most 4 times what it counts.
 pub fn should_copy_payload(payload: usize, backing: usize) -> bool {
     payload.saturating_mul(4) < backing
-}
-
-/// Warnings about a peer's bad messages: the first few, then at powers of two.
-fn worth_logging(n: u64) -> bool {
-    n <= 3 || n.is_power_of_two()
 }
 
 type Writer = tokio_util::task::AbortOnDropHandle<Result<(), tungstenite::Error>>;
@@ -122,8 +123,18 @@ impl Session<'_> {
         let mut last_rx = Instant::now();
         let idle_check = tokio::time::sleep(idle);
         tokio::pin!(idle_check);
+        let mut sweep = tokio::time::interval(
+            self.limits
+                .stall_timeout
+                .max(std::time::Duration::from_millis(1)),
+        );
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Frames of a received message not decoded yet: decoding pauses while the backlog
+        // is full, so one message of tiny frames cannot queue a reply for each.
+        let mut undecoded = false;
         loop {
             let ready = accepting && self.tunnel_services.is_some();
+            let room = self.backlog.len() < BACKLOG_LIMIT;
             tokio::select! {
                 _ = cancel.cancelled() => return SessionEnd::Cancelled,
                 _ = &mut idle_check, if !idle.is_zero() => {
@@ -135,12 +146,20 @@ impl Session<'_> {
                     }
                     idle_check.as_mut().reset(deadline.max(Instant::now() + idle / 4));
                 }
-                ws = incoming.next(), if self.backlog.len() < BACKLOG_LIMIT => {
+                ws = incoming.next(), if room && !undecoded => {
                     last_rx = Instant::now();
-                    if let Err(end) = self.on_ws(ws, &mut reader, cancel).await {
-                        return end;
+                    match self.on_ws(ws, &mut reader, cancel).await {
+                        Ok(more) => undecoded = more,
+                        Err(end) => return end,
                     }
                 }
+                _ = std::future::ready(()), if room && undecoded => {
+                    match self.decode(&mut reader, cancel).await {
+                        Ok(more) => undecoded = more,
+                        Err(end) => return end,
+                    }
+                }
+                _ = sweep.tick() => self.sweep(),
                 Some(exit) = self.tasks.join_next() => self.on_conn_exit(exit),
                 Some(accepted) = accepts.recv(), if ready => self.on_accept(accepted),
                 Some(service) = next_waiting(&self.waiting, self.table), if !self.waiting.is_empty() => {
@@ -185,7 +204,7 @@ impl Session<'_> {
         ws: Option<Result<WsMessage, tungstenite::Error>>,
         reader: &mut FrameReader<FrameCodec>,
         cancel: &CancellationToken,
-    ) -> Result<(), SessionEnd> {
+    ) -> Result<bool, SessionEnd> {
         match ws {
             None => Err(SessionEnd::Lost(
                 "websocket ended without a close frame".into(),
@@ -194,17 +213,7 @@ impl Session<'_> {
             Some(Ok(WsMessage::Binary(data))) => {
                 trace!(bytes = data.len(), "websocket message");
                 reader.push(data);
-                loop {
-                    match reader.next_frame() {
-                        Ok(Some(msg)) => {
-                            let backing = reader.backing_len();
-                            self.on_message(msg, backing, cancel).await?;
-                        }
-                        Ok(None) => return Ok(()),
-                        // The length prefix still delimits the next frame.
-                        Err(e) => self.violation(None, e)?,
-                    }
-                }
+                self.decode(reader, cancel).await
             }
             Some(Ok(WsMessage::Text(_))) => Err(SessionEnd::Protocol(ProtocolError::TextFrame)),
             Some(Ok(WsMessage::Close(frame))) => Err(SessionEnd::Closed(frame)),
@@ -219,11 +228,32 @@ impl Session<'_> {
                         "the service answers pings: idle timeout armed"
                     );
                 }
-                Ok(())
+                Ok(false)
             }
             // tungstenite answers pings itself.
-            Some(Ok(_)) => Ok(()),
+            Some(Ok(_)) => Ok(false),
         }
+    }
+
+    /// Decodes and handles the frames buffered in `reader` while the backlog has room;
+    /// `Ok(true)` when it stopped for the backlog with frames left.
+    async fn decode(
+        &mut self,
+        reader: &mut FrameReader<FrameCodec>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, SessionEnd> {
+        while self.backlog.len() < BACKLOG_LIMIT {
+            match reader.next_frame() {
+                Ok(Some(msg)) => {
+                    let backing = reader.backing_len();
+                    self.on_message(msg, backing, cancel).await?;
+                }
+                Ok(None) => return Ok(false),
+                // The length prefix still delimits the next frame.
+                Err(e) => self.violation(None, e)?,
+            }
+        }
+        Ok(true)
     }
 
     async fn on_message(
@@ -243,7 +273,7 @@ impl Session<'_> {
         match kind {
             MessageType::Data => self.on_data(msg, backing, cancel).await,
             MessageType::StreamStart => self.on_stream_start(msg),
-            MessageType::ConnectionStart => self.on_connection_start(msg),
+            MessageType::ConnectionStart => self.on_connection_start(msg)?,
             MessageType::StreamReset => self.on_stream_reset(&msg),
             MessageType::ConnectionReset => self.on_connection_reset(&msg),
             MessageType::SessionReset => self.on_session_reset(),
@@ -260,16 +290,19 @@ impl Session<'_> {
             Violation::Session => Err(SessionEnd::Protocol(e)),
             Violation::ResetStream => {
                 let Some(m) = msg else { return Ok(()) };
-                if worth_logging(n) {
-                    warn!(service = ?m.service_id, stream = m.stream_id, violations = n, "bad message from the peer: {e}; resetting its stream");
+                if let Some(suppressed) = self.stats.logs.admit(Kind::Violation) {
+                    warn!(service = ?m.service_id, stream = m.stream_id, violations = n, suppressed, "bad message from the peer: {e}; resetting its stream");
                 }
                 drop(self.table.reset_stream(&m.service_id, m.stream_id));
                 self.send(Message::stream_reset(m.stream_id, &m.service_id));
                 Ok(())
             }
             Violation::Drop => {
-                if worth_logging(n) {
-                    warn!(violations = n, "bad message from the peer dropped: {e}");
+                if let Some(suppressed) = self.stats.logs.admit(Kind::Violation) {
+                    warn!(
+                        violations = n,
+                        suppressed, "bad message from the peer dropped: {e}"
+                    );
                 }
                 Ok(())
             }
@@ -339,7 +372,12 @@ impl Session<'_> {
             payload = Bytes::copy_from_slice(&payload);
         }
         let len = payload.len();
-        let budget = self.budget.clone().try_acquire_many_owned(len as u32).ok();
+        let budget = self
+            .budget
+            .semaphore()
+            .clone()
+            .try_acquire_many_owned(len as u32)
+            .ok();
         // Count the bytes before the chunk becomes visible to the receiver, which subtracts
         // them: a slot first, then the count, then the send.
         let waiting = match budget {
@@ -359,7 +397,11 @@ impl Session<'_> {
             .await;
     }
 
-    /// Waits for a queue slot and budget for one payload; see `on_data`.
+    /// Waits for a queue slot and budget for one payload; see `on_data`. The websocket is
+    /// not read meanwhile. After each `stall_timeout` without room, every connected
+    /// connection that holds bytes and wrote none in that time is reset (this one
+    /// included); this one is also reset if it never connected. A slow consumer that keeps
+    /// writing is waited for: that is backpressure, not a stall.
     async fn stall(
         &mut self,
         payload: Bytes,
@@ -371,15 +413,16 @@ impl Session<'_> {
     ) {
         self.stats.stalls.fetch_add(1, Ordering::Relaxed);
         let len = payload.len();
-        for _round in 0..2 {
+        let stall = self.limits.stall_timeout;
+        let connect_limit = self.limits.connect_give_up().saturating_add(stall);
+        loop {
             let Some(handle) = self.table.get(service, key) else {
                 return;
             };
             let (tx, queued, id) = (handle.tx.clone(), handle.queued.clone(), handle.id);
             let mut connected = handle.connected.clone();
-            let own_queue_full = permit.is_some();
             let before = self.progress_snapshot();
-            let budget = self.budget.clone();
+            let budget = self.budget.semaphore().clone();
             let acquire = async {
                 let permit = match permit.take() {
                     Some(p) => p,
@@ -388,10 +431,19 @@ impl Session<'_> {
                 let slot = tx.reserve().await.ok()?;
                 Some((slot, permit))
             };
-            // A connection still connecting is not a stalled consumer.
+            // A connection still connecting is not a stalled consumer, unless it takes
+            // longer than any connect could.
             let deadline = async {
-                let _ = connected.wait_for(|up| *up).await;
-                tokio::time::sleep(self.limits.stall_timeout).await;
+                let up = tokio::time::timeout(connect_limit, async {
+                    connected.wait_for(|up| *up).await.is_ok()
+                })
+                .await;
+                match up {
+                    Ok(true) => tokio::time::sleep(stall).await,
+                    // The task ended: `acquire` fails at once.
+                    Ok(false) => std::future::pending().await,
+                    Err(_) => {}
+                }
             };
             let waited = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -406,30 +458,44 @@ impl Session<'_> {
                 }
                 Some(None) => return,
                 None => {
-                    // Every connection that held bytes and wrote none for the whole wait is
-                    // reset (this one included), not only the one being fed.
-                    let reset = self.reset_idle_holders(&before);
-                    let this_one_gone = self.table.get(service, key).is_none_or(|h| h.id != id);
-                    if own_queue_full || reset == 0 {
-                        if !this_one_gone {
-                            self.reset_stalled(service, stream, key, id);
-                        }
+                    self.reset_idle_holders(&before);
+                    let Some(up) = self
+                        .table
+                        .get(service, key)
+                        .filter(|h| h.id == id)
+                        .map(|h| *h.connected.borrow())
+                    else {
+                        return;
+                    };
+                    if !up {
+                        self.reset_stalled(service, stream, key, id);
                         return;
                     }
-                    if this_one_gone {
-                        return;
-                    }
+                    // It wrote, or others freed the budget: wait again (holding on to a
+                    // queue permit is not needed; it is re-acquired).
                 }
             }
         }
     }
 
-    /// (service, connection, task id, bytes written so far, bytes queued) of every
-    /// connection: who made progress while the reader waited.
+    /// Under budget pressure (`Budget::scarce`), resets the connected holders that wrote
+    /// nothing since the previous sweep: the budget is shared with other tunnels, whose
+    /// readers would otherwise wait on consumers only this session can reset. Called every
+    /// `stall_timeout`.
+    pub fn sweep(&mut self) {
+        let before = std::mem::take(&mut self.swept);
+        if self.budget.scarce() {
+            self.reset_idle_holders(&before);
+        }
+        self.swept = self.progress_snapshot();
+    }
+
+    /// (service, connection, task id, bytes written so far) of every connected connection
+    /// holding bytes: who made progress while the reader waited.
     fn progress_snapshot(&self) -> Vec<(String, u32, u64, u64)> {
         self.table
             .connections()
-            .filter(|(_, _, h)| h.queued.load(Ordering::Relaxed) > 0)
+            .filter(|(_, _, h)| h.queued.load(Ordering::Relaxed) > 0 && *h.connected.borrow())
             .map(|(s, k, h)| (s.to_owned(), k, h.id, h.written.load(Ordering::Relaxed)))
             .collect()
     }
@@ -459,11 +525,13 @@ impl Session<'_> {
         };
         handle.reset.cancel();
         self.stats.stall_resets.fetch_add(1, Ordering::Relaxed);
-        warn!(
-            service = ?service, stream, conn = key,
-            "local consumer stopped reading for {:?}: resetting this connection to keep the tunnel moving",
-            self.limits.stall_timeout
-        );
+        if let Some(suppressed) = self.stats.logs.admit(Kind::Stall) {
+            warn!(
+                service = ?service, stream, conn = key, suppressed,
+                "local consumer stopped reading for {:?}: resetting this connection to keep the tunnel moving",
+                self.limits.stall_timeout
+            );
+        }
         if wire == 0 {
             drop(self.table.reset_stream(service, stream));
         }
@@ -481,9 +549,9 @@ impl Session<'_> {
         };
         let Some(endpoint) = map.current().resolve(&service, self.services()).cloned() else {
             let n = self.stats.refused_streams.fetch_add(1, Ordering::Relaxed) + 1;
-            if worth_logging(n) {
+            if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
                 warn!(
-                    service = ?service, stream, refused = n,
+                    service = ?service, stream, refused = n, suppressed,
                     "refusing stream: the service is not in the service map"
                 );
             }
@@ -494,8 +562,10 @@ impl Session<'_> {
         let replaced = self
             .table
             .start_stream(&service, stream, format == Format::V3);
-        if !replaced.is_empty() {
-            info!(service = ?service, stream, closed = replaced.len(), "new stream replaces the active one");
+        if !replaced.is_empty()
+            && let Some(suppressed) = self.stats.logs.admit(Kind::Replace)
+        {
+            info!(service = ?service, stream, closed = replaced.len(), suppressed, "new stream replaces the active one");
         }
         drop(replaced);
         debug!(service = ?service, stream, conn, ?format, "stream start");
@@ -506,41 +576,49 @@ impl Session<'_> {
         self.open_local(service, stream, connection_key(conn), open);
     }
 
-    fn on_connection_start(&mut self, msg: Message) {
-        let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
+    fn on_connection_start(&mut self, msg: Message) -> Result<(), SessionEnd> {
         let Role::Destination(map) = self.role else {
-            return;
+            return Ok(());
         };
+        if self.table.active_stream(&msg.service_id) == Some(msg.stream_id)
+            && !self.table.has_wire_ids(&msg.service_id)
+        {
+            return self.violation(Some(&msg), ProtocolError::ConnectionOnSingleStream);
+        }
+        let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
         match self.table.active_stream(&service) {
             None => {
                 // The source believes in a stream we do not have (we were reset, it was
                 // not): reset it so its next connection starts a fresh stream.
                 debug!(service = ?service, stream, "CONNECTION_START without a stream: resetting it");
                 self.send(Message::stream_reset(stream, &service));
-                return;
+                return Ok(());
             }
             Some(active) if active != stream => {
                 trace!(service = ?service, stream, active, "stale CONNECTION_START dropped");
-                return;
+                return Ok(());
             }
             Some(_) => {}
         }
         let conn = connection_key(conn);
         if self.table.contains(&service, conn) {
-            warn!(service = ?service, stream, conn, "CONNECTION_START reuses a live connection id: resetting it");
+            if let Some(suppressed) = self.stats.logs.admit(Kind::Replace) {
+                warn!(service = ?service, stream, conn, suppressed, "CONNECTION_START reuses a live connection id: resetting it");
+            }
             drop(self.table.reset_connection(&service, stream, conn));
             self.send(Message::connection_reset(stream, &service, conn));
-            return;
+            return Ok(());
         }
         let Some(endpoint) = map.current().resolve(&service, self.services()).cloned() else {
             self.send(Message::connection_reset(stream, &service, conn));
-            return;
+            return Ok(());
         };
         let open = Open::Connect {
             endpoint,
             by_stream_start: false,
         };
         self.open_local(service, stream, conn, open);
+        Ok(())
     }
 
     /// Registers the connection (its queue exists at once, so DATA that arrives while the
@@ -550,10 +628,12 @@ impl Session<'_> {
         let wire = self.table.wire_connection_id(&service, conn);
         let running = self.stats.open_connections.load(Ordering::Relaxed);
         if running >= self.limits.max_connections {
-            warn!(
-                service = ?service, stream, conn,
-                "refusing connection: {running} connections already open on this tunnel (limits.max_connections_per_tunnel)"
-            );
+            if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
+                warn!(
+                    service = ?service, stream, conn, suppressed,
+                    "refusing connection: {running} connections already open on this tunnel (limits.max_connections_per_tunnel)"
+                );
+            }
             let by_stream_start = matches!(
                 open,
                 Open::Connect {
@@ -587,7 +667,7 @@ impl Session<'_> {
             closing: closing.clone(),
             reset: reset.clone(),
             connected: connected_tx,
-            budget: self.budget.clone(),
+            upward: self.upward.clone(),
             limits: self.limits,
             stats: self.stats.clone(),
             _open: OpenGuard::new(self.stats.clone()),
@@ -655,8 +735,7 @@ impl Session<'_> {
             debug!("SERVICE_IDS during the session ignored");
             return;
         }
-        let mut ids = msg.available_service_ids;
-        ids.dedup();
+        let ids = protocol::distinct_services(msg.available_service_ids);
         info!(services = ?ids, "tunnel services");
         match &self.role {
             Role::Destination(map) => {
@@ -678,9 +757,13 @@ impl Session<'_> {
         let Some(service) = self.wire_service(&accepted.service, format) else {
             return;
         };
+        // As `open_local`: running tasks count, flushing ones included.
         let waiting: usize = self.waiting.values().map(VecDeque::len).sum();
-        if self.table.connection_count() + waiting >= self.limits.max_connections {
-            warn!(service = ?service, "refusing local client: {} connections already open", self.limits.max_connections);
+        let running = self.stats.open_connections.load(Ordering::Relaxed);
+        if running + waiting >= self.limits.max_connections {
+            if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
+                warn!(service = ?service, suppressed, "refusing local client: {} connections already open", self.limits.max_connections);
+            }
             return;
         }
         if format != Format::V3 && self.table.active_stream(&service).is_some() {
@@ -755,13 +838,17 @@ impl Session<'_> {
                 // As localproxy: a tunnel without services gets no service id.
                 [] => Some(String::new()),
                 _ => {
-                    warn!(services = ?services, "refusing local client: an unnamed listener needs a tunnel with exactly one service; name the mappings");
+                    if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
+                        warn!(services = ?services, suppressed, "refusing local client: an unnamed listener needs a tunnel with exactly one service; name the mappings");
+                    }
                     None
                 }
             };
         }
         if !services.iter().any(|s| s == listener) {
-            warn!(service = ?listener, tunnel = ?services, "refusing local client: the tunnel does not offer this service");
+            if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
+                warn!(service = ?listener, tunnel = ?services, suppressed, "refusing local client: the tunnel does not offer this service");
+            }
             return None;
         }
         Some(listener.to_owned())
@@ -805,5 +892,21 @@ impl Session<'_> {
         };
         debug!(service = ?service, stream, conn, kind = ?reset.kind(), "local side ended");
         self.send(reset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_payloads_are_copied_out_of_large_messages() {
+        // A 1-byte payload must not keep a 1 MiB message alive.
+        assert!(should_copy_payload(1, 1 << 20));
+        assert!(should_copy_payload(1000, 4001));
+        // A payload that is most of its message stays a slice of it: no copy on the hot path.
+        assert!(!should_copy_payload(1000, 4000));
+        assert!(!should_copy_payload(64512, 64516));
+        assert!(!should_copy_payload(usize::MAX, 1));
     }
 }

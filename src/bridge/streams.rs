@@ -84,6 +84,12 @@ impl<H> StreamTable<H> {
         s.last_stream
     }
 
+    /// Whether the service's stream carries connection ids (V3): only such a stream takes
+    /// CONNECTION_START.
+    pub fn has_wire_ids(&self, service: &str) -> bool {
+        self.services.get(service).is_none_or(|s| s.wire_ids)
+    }
+
     /// The connection id to put on the wire for connection `key` of the service's stream:
     /// none (0) when its peer speaks V1/V2.
     pub fn wire_connection_id(&self, service: &str, key: u32) -> u32 {
@@ -208,6 +214,7 @@ impl<H> StreamTable<H> {
         s.conns.remove(&conn)
     }
 
+    #[cfg(test)]
     pub fn connection_count(&self) -> usize {
         self.services.values().map(|s| s.conns.len()).sum()
     }

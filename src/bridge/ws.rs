@@ -181,11 +181,11 @@ pub enum HandshakeError {
         source: io::Error,
     },
     /// The service answered the upgrade with an HTTP error.
-    #[error("the service rejected the websocket upgrade: HTTP {status}: {body}")]
+    #[error("the service rejected the websocket upgrade: HTTP {status}: {body:?}")]
     Rejected {
         /// HTTP status.
         status: u16,
-        /// The service's plain-text reason.
+        /// The service's plain-text reason, at most `MAX_REASON` bytes of it.
         body: String,
         /// The service's `channel-id`, when it sent one.
         channel_id: Option<String>,
@@ -427,6 +427,15 @@ async fn connect_tcp(endpoint: &DataEndpoint) -> io::Result<TcpStream> {
     Ok(tcp)
 }
 
+/// Bytes of a rejection's body kept for the error: enough for the service's reason.
+pub const MAX_REASON: usize = 256;
+
+/// A rejection body as text: lossy UTF-8, trimmed, cut at `MAX_REASON` bytes.
+fn reason_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX_REASON)]);
+    text.trim().to_owned()
+}
+
 fn map_ws_error(e: tungstenite::Error) -> HandshakeError {
     match e {
         tungstenite::Error::Http(resp) => HandshakeError::Rejected {
@@ -434,7 +443,7 @@ fn map_ws_error(e: tungstenite::Error) -> HandshakeError {
             body: resp
                 .body()
                 .as_deref()
-                .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                .map(reason_text)
                 .unwrap_or_default(),
             channel_id: resp
                 .headers()
@@ -463,6 +472,23 @@ pub enum Outbound {
     Close(u16, &'static str),
 }
 
+impl Outbound {
+    /// Frames the message into `buf`; a DATA message's budget share is released here, once
+    /// its bytes are in `buf` (bounded by `MAX_WS_FRAME`), not after the send. A close
+    /// request is returned instead.
+    fn frame_into(self, buf: &mut BytesMut) -> Option<(u16, &'static str)> {
+        match self {
+            Outbound::Frame(msg) => encode(&msg, buf),
+            Outbound::Data { msg, _budget } => {
+                encode(&msg, buf);
+                drop(_budget);
+            }
+            Outbound::Close(code, reason) => return Some((code, reason)),
+        }
+        None
+    }
+}
+
 /// Largest encoded frame, prefix included.
 const MAX_FRAME: usize = LENGTH_PREFIX + MAX_MESSAGE;
 
@@ -487,34 +513,26 @@ pub async fn write_loop(
                 continue;
             }
         };
-        let mut close = None;
-        match first {
+        let close = match first {
             None => {
                 let _ = sink.close().await;
                 return Ok(());
             }
-            Some(Outbound::Close(code, reason)) => close = Some((code, reason)),
-            Some(Outbound::Frame(msg) | Outbound::Data { msg, .. }) => {
-                // A DATA message's budget share is released once its bytes are in `buf`.
-                encode(&msg, &mut buf);
+            Some(out) => {
+                let mut close = out.frame_into(&mut buf);
                 // Batch frames that are already waiting, while a largest frame still fits.
-                while buf.len() + MAX_FRAME <= MAX_WS_FRAME {
+                while close.is_none() && buf.len() + MAX_FRAME <= MAX_WS_FRAME {
                     match rx.try_recv() {
-                        Ok(Outbound::Frame(m) | Outbound::Data { msg: m, .. }) => {
-                            encode(&m, &mut buf)
-                        }
-                        Ok(Outbound::Close(code, reason)) => {
-                            close = Some((code, reason));
-                            break;
-                        }
+                        Ok(out) => close = out.frame_into(&mut buf),
                         Err(_) => break,
                     }
                 }
                 if !buf.is_empty() {
                     sink.send(WsMessage::Binary(buf.split().freeze())).await?;
                 }
+                close
             }
-        }
+        };
         if let Some((code, reason)) = close {
             let frame = CloseFrame {
                 code: code.into(),

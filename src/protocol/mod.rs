@@ -110,6 +110,11 @@ pub enum ProtocolError {
     /// A stream-opening message with stream id 0.
     #[error("{0:?} with stream id 0 is invalid")]
     ZeroStreamId(MessageType),
+    /// CONNECTION_START on a stream started without connection ids (V1/V2).
+    #[error(
+        "CONNECTION_START on a stream started without connection ids: a V1/V2 stream carries one connection"
+    )]
+    ConnectionOnSingleStream,
     /// Required by the tokio-util `Decoder` trait; the frame reader never produces it.
     #[error("i/o error while framing: {0}")]
     Io(#[from] std::io::Error),
@@ -194,6 +199,14 @@ pub(crate) fn violation_scope(stream_id: Option<i32>, err: &ProtocolError) -> Vi
         (_, Some(id)) if id != 0 => Violation::ResetStream,
         _ => Violation::Drop,
     }
+}
+
+/// Rule: SERVICE_IDS is read as a set in the peer's order: a repeated id counts once,
+/// wherever it repeats.
+pub(crate) fn distinct_services(mut ids: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    ids.retain(|id| seen.insert(id.clone()));
+    ids
 }
 
 /// Rule (spec §3.4): a local connection that ends on its own is reported with CONNECTION_RESET
@@ -476,6 +489,20 @@ mod tests {
         assert_eq!(
             violation_scope(Some(3), &ProtocolError::TextFrame),
             Violation::Session
+        );
+    }
+
+    #[test]
+    fn service_ids_are_a_set_in_the_peers_order() {
+        let ids = ["b", "a", "b", "c", "a"].map(String::from).to_vec();
+        assert_eq!(distinct_services(ids), ["b", "a", "c"]);
+    }
+
+    #[test]
+    fn connection_start_on_a_single_connection_stream_resets_that_stream() {
+        assert_eq!(
+            violation_scope(Some(3), &ProtocolError::ConnectionOnSingleStream),
+            Violation::ResetStream
         );
     }
 }
