@@ -44,5 +44,16 @@ if [ ! -x .venv/bin/aws ] || ! .venv/bin/python -c "import boto3" 2>/dev/null; t
 fi
 .venv/bin/aws --version >/dev/null 2>&1 || fail "aws-cli in .venv"
 
+# The .ipk tests pack the real static ARM binaries (cross/README.md): cross compilers,
+# qemu-user, rust-src and zig come from cross/setup.sh.
+step "static ARM binaries for the package tests (cross/setup.sh, cross/build.sh)"
+CROSS_TARGETS=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf)
+cross/setup.sh "${CROSS_TARGETS[@]}" || fail "cross/setup.sh"
+mkdir -p target
+cross/build.sh "${CROSS_TARGETS[@]}" >/dev/null 2>target/cross-build.log \
+    || { tail -n 30 target/cross-build.log >&2; fail "cross/build.sh ${CROSS_TARGETS[*]}"; }
+export SECURETUNNEL_IPK_BINARY_AARCH64="$PWD/target/aarch64-unknown-linux-musl/release/securetunnel-agent"
+export SECURETUNNEL_IPK_BINARY_ARM="$PWD/target/armv7-unknown-linux-musleabihf/release/securetunnel-agent"
+
 step "cargo test --workspace --all-features"
 cargo test --workspace --all-features --locked "$@" || fail "cargo test"

@@ -1,6 +1,7 @@
 //! The OpenWrt packages: each .ipk unpacks to what opkg expects, with the right control
-//! fields, files, modes and procd init script. The payload is the binary named by
-//! SECURETUNNEL_IPK_BINARY_<ARCH> (the cross builds), else this build's binary.
+//! fields, files, modes and procd init script, and carries a static binary for its
+//! architecture: the cross build named by SECURETUNNEL_IPK_BINARY_<ARCH> (`./test.sh` builds
+//! and names them; there is no host-binary substitute).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -16,16 +17,57 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/openwrt/build-ipk.sh")
+}
+
+/// The cross-built binary for an opkg architecture, and the ELF machine it must be.
+fn binary(arch: &str) -> (PathBuf, u16) {
+    let (name, target, machine) = match arch {
+        "aarch64_generic" => ("AARCH64", "aarch64-unknown-linux-musl", 183),
+        "arm_cortex-a7" => ("ARM", "armv7-unknown-linux-musleabihf", 40),
+        other => panic!("no cross target for {other}"),
+    };
+    let var = format!("SECURETUNNEL_IPK_BINARY_{name}");
+    let path = std::env::var(&var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: run ./test.sh, or build the binary with \
+             `cross/setup.sh {target} && cross/build.sh {target}` and set \
+             {var}=target/{target}/release/securetunnel-agent"
+        )
+    });
+    (PathBuf::from(path), machine)
+}
+
 fn build(arch: &str, out: &Path) -> PathBuf {
-    let var = format!(
-        "SECURETUNNEL_IPK_BINARY_{}",
-        arch.split('_').next().unwrap().to_uppercase()
-    );
-    let binary =
-        std::env::var(var).unwrap_or_else(|_| env!("CARGO_BIN_EXE_securetunnel-agent").into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/openwrt/build-ipk.sh");
-    let printed = run(Command::new(script).arg(binary).arg(arch).arg(out));
+    let (binary, _) = binary(arch);
+    let printed = run(Command::new(script()).arg(binary).arg(arch).arg(out));
     PathBuf::from(printed.trim())
+}
+
+/// (ELF machine, has a program interpreter) of an ELF file, little-endian, 32 or 64 bit.
+fn elf_machine_and_interp(bytes: &[u8]) -> (u16, bool) {
+    assert_eq!(&bytes[..4], b"\x7fELF", "not an ELF file");
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+    let is64 = bytes[4] == 2;
+    let (phoff, phentsize, phnum) = if is64 {
+        (
+            u64_at(32) as usize,
+            u16_at(54) as usize,
+            u16_at(56) as usize,
+        )
+    } else {
+        (
+            u32_at(28) as usize,
+            u16_at(42) as usize,
+            u16_at(44) as usize,
+        )
+    };
+    // PT_INTERP (3): a dynamically linked binary, which OpenWrt's musl may not satisfy.
+    let interp = (0..phnum).any(|i| u32_at(phoff + i * phentsize) == 3);
+    (u16_at(18), interp)
 }
 
 fn mode(p: &Path) -> u32 {
@@ -139,6 +181,14 @@ fn check(arch: &str) {
         ]
     );
     assert_eq!(mode(&data.join("usr/bin/securetunnel-agent")), 0o755);
+    let packed = std::fs::read(data.join("usr/bin/securetunnel-agent")).unwrap();
+    let (machine, interp) = elf_machine_and_interp(&packed);
+    assert_eq!(
+        machine,
+        binary(arch).1,
+        "the {arch} package carries another machine's binary"
+    );
+    assert!(!interp, "the {arch} package's binary is not static");
     assert_eq!(mode(&data.join("etc/init.d/securetunnel-agent")), 0o755);
     assert_eq!(mode(&data.join("etc/securetunnel-agent/agent.toml")), 0o600);
     let owners = run(Command::new("tar")
@@ -176,4 +226,23 @@ fn the_aarch64_ipk_is_laid_out_as_opkg_expects() {
 #[test]
 fn the_arm_cortex_a7_ipk_is_laid_out_as_opkg_expects() {
     check("arm_cortex-a7");
+}
+
+#[test]
+fn a_binary_for_another_machine_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = env!("CARGO_BIN_EXE_securetunnel-agent");
+    let out = Command::new(script())
+        .arg(host)
+        .arg("arm_cortex-a7")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the host binary was packed for ARM");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ELF machine 62") && err.contains("cross/build.sh"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

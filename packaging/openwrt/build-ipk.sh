@@ -6,6 +6,16 @@ set -euo pipefail
 binary="${1:?binary}"; arch="${2:?opkg architecture}"; out="${3:?output directory}"
 here="$(cd "$(dirname "$0")" && pwd)"; root="$(cd "$here/../.." && pwd)"
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -n 1)"
+# The binary must be for the package's architecture: OpenWrt has no way to run another.
+case "$arch" in
+    aarch64_*) want=183 ;;      # EM_AARCH64
+    arm_*) want=40 ;;           # EM_ARM
+    x86_64) want=62 ;;          # EM_X86_64
+    *) echo "build-ipk: unknown opkg architecture $arch" >&2; exit 2 ;;
+esac
+[ "$(head -c 4 "$binary" | od -An -c | tr -d ' ')" = '177ELF' ] || { echo "build-ipk: $binary is not an ELF binary" >&2; exit 1; }
+machine="$(od -An -t u2 -j 18 -N 2 "$binary" | tr -d ' ')"
+[ "$machine" = "$want" ] || { echo "build-ipk: $binary is for ELF machine $machine, $arch needs $want; build it with cross/build.sh" >&2; exit 1; }
 work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/data/usr/bin" "$work/data/etc/init.d" "$work/data/etc/securetunnel-agent" "$work/control"
 install -m 0755 "$binary" "$work/data/usr/bin/securetunnel-agent"

@@ -440,11 +440,7 @@ fn map_ws_error(e: tungstenite::Error) -> HandshakeError {
     match e {
         tungstenite::Error::Http(resp) => HandshakeError::Rejected {
             status: resp.status().as_u16(),
-            body: resp
-                .body()
-                .as_deref()
-                .map(reason_text)
-                .unwrap_or_default(),
+            body: resp.body().as_deref().map(reason_text).unwrap_or_default(),
             channel_id: resp
                 .headers()
                 .get("channel-id")
