@@ -348,12 +348,13 @@ impl Agent {
         persisted: Option<PersistedSession>,
         deadline: Option<Instant>,
     ) {
-        let endpoint = self
+        let mut endpoint = self
             .cfg
             .tunnel
             .endpoint
             .clone()
             .unwrap_or_else(|| DataEndpoint::for_region(region));
+        endpoint.connect_to = crate::config::resolve_override(&self.cfg.tunnel.resolve, &endpoint);
         let config = BridgeConfig {
             role: Role::Destination {
                 services: self.services.clone(),

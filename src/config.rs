@@ -78,6 +78,8 @@ fn default_keep_alive() -> u64 {
 #[serde(deny_unknown_fields)]
 struct RawTunnel {
     endpoint: Option<String>,
+    #[serde(default)]
+    resolve: std::collections::BTreeMap<String, String>,
     ca: Option<PathBuf>,
     #[serde(default = "default_stall_ms")]
     stall_timeout_ms: u64,
@@ -91,6 +93,7 @@ impl Default for RawTunnel {
     fn default() -> Self {
         RawTunnel {
             endpoint: None,
+            resolve: Default::default(),
             ca: None,
             stall_timeout_ms: default_stall_ms(),
             idle_timeout_secs: default_idle_secs(),
@@ -188,6 +191,8 @@ pub struct MqttConfig {
 pub struct TunnelConfig {
     /// Data-plane endpoint override; by default the notify's region decides.
     pub endpoint: Option<DataEndpoint>,
+    /// Addresses for data-plane hosts, instead of DNS: host -> (address, port if given).
+    pub resolve: std::collections::BTreeMap<String, (std::net::IpAddr, Option<u16>)>,
     pub ca: Option<PathBuf>,
     pub stall_timeout: Duration,
     /// Zero: off.
@@ -228,6 +233,28 @@ pub fn resource_needs(l: &AgentLimits) -> (u64, u64) {
         + tunnels * (TUNNEL_MEMORY + crate::bridge::DEFAULT_UPWARD_BUDGET as u64)
         + tunnels * conns * CONNECTION_MEMORY;
     (fds, memory)
+}
+
+/// `ip`, `ip:port` or `[ipv6]:port`, as a `tunnel.resolve` value.
+fn parse_resolve_value(v: &str) -> Option<(std::net::IpAddr, Option<u16>)> {
+    if let Ok(ip) = v.parse() {
+        return Some((ip, None));
+    }
+    let sa: std::net::SocketAddr = v.parse().ok()?;
+    (sa.port() != 0).then_some((sa.ip(), Some(sa.port())))
+}
+
+/// Rule: `tunnel.resolve` replaces DNS for a data-plane host (names compared without case);
+/// the endpoint's port applies unless the entry names one. TLS still verifies the host name.
+pub fn resolve_override(
+    resolve: &std::collections::BTreeMap<String, (std::net::IpAddr, Option<u16>)>,
+    endpoint: &DataEndpoint,
+) -> Option<std::net::SocketAddr> {
+    let (ip, port) = resolve.get(&endpoint.host.to_ascii_lowercase())?;
+    Some(std::net::SocketAddr::new(
+        *ip,
+        port.unwrap_or(endpoint.port),
+    ))
 }
 
 /// A validated configuration.
@@ -405,6 +432,19 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         }
         None => None,
     };
+    let mut resolve = std::collections::BTreeMap::new();
+    for (host, value) in &raw.tunnel.resolve {
+        match parse_resolve_value(value) {
+            Some(v) if !host.is_empty() => {
+                resolve.insert(host.to_ascii_lowercase(), v);
+            }
+            _ => errors.push(err(
+                &format!("tunnel.resolve.{host:?}"),
+                format!("{value:?} is not an IP address with an optional port"),
+                "give the address to connect to for this host, e.g. \"10.0.0.5\" or \"[fd00::5]:8443\"",
+            )),
+        }
+    }
     if raw.tunnel.idle_timeout_secs != 0 && !(3..=3600).contains(&raw.tunnel.idle_timeout_secs) {
         errors.push(err(
             "tunnel.idle_timeout_secs",
@@ -518,6 +558,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         thing_name: raw.thing_name,
         tunnel: TunnelConfig {
             endpoint,
+            resolve,
             ca: raw.tunnel.ca,
             stall_timeout: Duration::from_millis(raw.tunnel.stall_timeout_ms),
             idle_timeout: Duration::from_secs(raw.tunnel.idle_timeout_secs),
@@ -686,10 +727,14 @@ fn summary(cfg: &Config) -> Vec<(String, String)> {
                 .map(|e| format!("(unnamed) -> {e}")),
         )
         .collect();
-    let tunnel = match &cfg.tunnel.endpoint {
+    let mut tunnel = match &cfg.tunnel.endpoint {
         Some(e) => format!("{e} (override)"),
         None => "data.tunneling.iot.<region>.amazonaws.com:443, region from each notify".into(),
     };
+    for (host, (ip, port)) in &cfg.tunnel.resolve {
+        let port = port.map(|p| format!(" port {p}")).unwrap_or_default();
+        tunnel.push_str(&format!("; {host} at {ip}{port} (tunnel.resolve)"));
+    }
     vec![
         ("thing name".into(), cfg.thing_name.clone()),
         ("notify topic".into(), cfg.notify_topic()),
@@ -808,6 +853,33 @@ mod tests {
         assert_eq!(c.rotation, RotationPolicy::Replace);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.notify_topic(), "$aws/things/gw-1/tunnels/notify");
+    }
+
+    #[test]
+    fn tunnel_resolve_replaces_dns_for_a_data_plane_host_and_keeps_its_port() {
+        let c = parse_str(&format!(
+            "{MIN}\n[tunnel]\nresolve = {{ \"Data.Tunneling.IoT.us-east-1.amazonaws.com\" = \"10.0.0.5\", \"other\" = \"[fd00::5]:8443\" }}\n"
+        ))
+        .unwrap();
+        let ep = DataEndpoint::for_region("us-east-1");
+        assert_eq!(
+            resolve_override(&c.tunnel.resolve, &ep),
+            Some("10.0.0.5:443".parse().unwrap())
+        );
+        let other = DataEndpoint::parse_override("other:9000").unwrap();
+        assert_eq!(
+            resolve_override(&c.tunnel.resolve, &other),
+            Some("[fd00::5]:8443".parse().unwrap())
+        );
+        assert_eq!(
+            resolve_override(&c.tunnel.resolve, &DataEndpoint::for_region("eu-west-1")),
+            None
+        );
+        let e = parse_str(&format!(
+            "{MIN}\n[tunnel]\nresolve = {{ \"h\" = \"not-an-ip\" }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.0[0].key, "tunnel.resolve.\"h\"");
     }
 
     #[test]

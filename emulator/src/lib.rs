@@ -248,7 +248,7 @@ pub struct Emulator {
 
 impl Emulator {
     pub async fn start(cfg: EmulatorConfig) -> Result<Emulator, EmulatorError> {
-        let (acceptor, ca_pem) = tls_acceptor(cfg.tls)?;
+        let (acceptor, ca_pem) = tls_acceptor(cfg.tls, &cfg.region)?;
         let listener =
             TcpListener::bind(cfg.listen)
                 .await
@@ -616,14 +616,22 @@ fn close_tunnel(shared: &Shared, tunnel_id: &str, reason: &str) {
     shared.changed();
 }
 
-fn tls_acceptor(tls: EmulatorTls) -> Result<(Option<TlsAcceptor>, Option<String>), EmulatorError> {
+/// The acceptor, and the PEM of the CA that signed a generated certificate. A generated
+/// certificate also names the region's real data-plane host, so an agent that derives the
+/// endpoint from the notify's region verifies it as it would the real service.
+fn tls_acceptor(
+    tls: EmulatorTls,
+    region: &str,
+) -> Result<(Option<TlsAcceptor>, Option<String>), EmulatorError> {
     let cert_err = |e: &dyn std::fmt::Display| EmulatorError::Certificate(e.to_string());
     let (issued, ca_pem) = match tls {
         EmulatorTls::Plain => return Ok((None, None)),
         EmulatorTls::Pem { cert_pem, key_pem } => (pki::Issued { cert_pem, key_pem }, None),
         EmulatorTls::Generate => {
             let ca = pki::TestPki::new("securetunnel emulator CA").map_err(|e| cert_err(&e))?;
-            (ca.server(&[]).map_err(|e| cert_err(&e))?, Some(ca.ca_pem()))
+            let host = securetunnel_agent::bridge::DataEndpoint::for_region(region).host;
+            let issued = ca.server(&[&host]).map_err(|e| cert_err(&e))?;
+            (issued, Some(ca.ca_pem()))
         }
     };
     let key = issued.key_der().map_err(|e| cert_err(&e))?;

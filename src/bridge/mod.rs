@@ -142,7 +142,7 @@ pub struct Stats {
     pub connections_opened: AtomicU64,
     /// Local connections open now (their tasks are running).
     pub open_connections: AtomicUsize,
-    /// Streams refused because their service is not in the service map.
+    /// Streams and connections refused because their service is not in the service map.
     pub refused_streams: AtomicU64,
     /// Times a full connection queue paused the websocket reader.
     pub stalls: AtomicU64,

@@ -610,6 +610,14 @@ impl Session<'_> {
             return Ok(());
         }
         let Some(endpoint) = map.current().resolve(&service, self.services()).cloned() else {
+            // Removed from the map by a reload while its stream was open.
+            let n = self.stats.refused_streams.fetch_add(1, Ordering::Relaxed) + 1;
+            if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
+                warn!(
+                    service = ?service, stream, conn, refused = n, suppressed,
+                    "refusing connection: the service is not in the service map"
+                );
+            }
             self.send(Message::connection_reset(stream, &service, conn));
             return Ok(());
         };

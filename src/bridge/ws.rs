@@ -55,6 +55,9 @@ pub struct DataEndpoint {
     pub port: u16,
     /// `wss://` (true) or plain `ws://` to loopback (testing).
     pub tls: bool,
+    /// Connect to this address instead of resolving `host` (`tunnel.resolve`); TLS and the
+    /// upgrade still name `host`.
+    pub connect_to: Option<std::net::SocketAddr>,
 }
 
 impl DataEndpoint {
@@ -64,6 +67,7 @@ impl DataEndpoint {
             host: protocol::data_plane_host(region),
             port: 443,
             tls: true,
+            connect_to: None,
         }
     }
 
@@ -110,6 +114,7 @@ impl DataEndpoint {
             host: host.to_owned(),
             port,
             tls,
+            connect_to: None,
         })
     }
 
@@ -421,7 +426,10 @@ pub fn handshake_against(response: &[u8]) -> Result<Option<String>, HandshakeErr
 /// The websocket's TCP connection: no Nagle delay, and dead-link detection
 /// (`net::harden`) from the start.
 async fn connect_tcp(endpoint: &DataEndpoint) -> io::Result<TcpStream> {
-    let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
+    let tcp = match endpoint.connect_to {
+        Some(addr) => TcpStream::connect(addr).await?,
+        None => TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?,
+    };
     tcp.set_nodelay(true)?;
     crate::net::harden(socket2::SockRef::from(&tcp))?;
     Ok(tcp)

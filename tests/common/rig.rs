@@ -161,7 +161,14 @@ pub struct ConfigExtra<'a> {
     pub rest: &'a str,
     /// Connect MQTT to this port instead of mosquitto's (a relay in front of it).
     pub mqtt_port: Option<u16>,
+    /// No `tunnel.endpoint`: the endpoint comes from the notify's region (`DATA_HOST`), and
+    /// `[tunnel] resolve` must point it at the emulator.
+    pub region_endpoint: bool,
 }
+
+/// The data-plane host of the emulator's region (us-east-1); its generated certificate
+/// names it.
+pub const DATA_HOST: &str = "data.tunneling.iot.us-east-1.amazonaws.com";
 
 pub struct RigOptions {
     /// One "minute" of tunnel lifetime.
@@ -229,9 +236,14 @@ impl Rig {
     pub fn agent_config_with(&self, thing: &str, x: &ConfigExtra<'_>) -> PathBuf {
         let (cert, key) = self.files.thing(thing);
         let state = self.files.dir.join(format!("state-{thing}"));
+        let endpoint = if x.region_endpoint {
+            String::new()
+        } else {
+            format!("endpoint = \"{}\"", self.emu.endpoint())
+        };
         let text = format!(
             "thing_name = \"{thing}\"\nstate_dir = \"{}\"\n\n[mqtt]\nendpoint = \"127.0.0.1\"\nport = {}\n\
-             cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nkeep_alive_secs = 5\n{}\n\n[tunnel]\nendpoint = \"{}\"\n\
+             cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nkeep_alive_secs = 5\n{}\n\n[tunnel]\n{}\n\
              ca = \"{}\"\n{}\n\n[services]\n{}\n\n{}\n",
             state.display(),
             x.mqtt_port.unwrap_or(self.mosquitto.port),
@@ -239,7 +251,7 @@ impl Rig {
             key.display(),
             self.files.ca.display(),
             x.mqtt,
-            self.emu.endpoint(),
+            endpoint,
             self.emu_ca.display(),
             x.tunnel,
             x.services,
