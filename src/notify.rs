@@ -230,6 +230,23 @@ impl NotifyClient {
             if matches!(event, Ok(Event::Incoming(_))) {
                 last_rx = Instant::now();
             }
+            // A refused subscription leaves the agent deaf: reconnect with backoff and ask
+            // again (a fixed device policy is picked up), as AWS IoT would disconnect anyway.
+            let event = match event {
+                Ok(Event::Incoming(Packet::SubAck(ack)))
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure)) =>
+                {
+                    events.clean();
+                    Err(format!(
+                        "the broker refused the subscription to {}: check that the device policy allows iot:Subscribe and iot:Receive on it",
+                        self.topic
+                    ))
+                }
+                other => other,
+            };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     connected_at = Some(Instant::now());
@@ -257,24 +274,16 @@ impl NotifyClient {
                         error!("cannot queue the subscription to {}: {e}", self.topic);
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                    {
-                        error!(topic = %self.topic, "the broker refused the subscription: check the device policy allows iot:Subscribe and iot:Receive on this topic");
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if policy.failures() > 0 {
+                        info!(broker = %broker, attempts = policy.failures() + 1, topic = %self.topic, "MQTT reconnected; subscribed to tunnel notifications");
                     } else {
-                        if policy.failures() > 0 {
-                            info!(broker = %broker, attempts = policy.failures() + 1, topic = %self.topic, "MQTT reconnected; subscribed to tunnel notifications");
-                        } else {
-                            info!(broker = %broker, topic = %self.topic, "subscribed to tunnel notifications");
-                        }
-                        state.send_modify(|s| {
-                            s.phase = MqttPhase::Subscribed;
-                            s.since = SystemTime::now();
-                        });
+                        info!(broker = %broker, topic = %self.topic, "subscribed to tunnel notifications");
                     }
+                    state.send_modify(|s| {
+                        s.phase = MqttPhase::Subscribed;
+                        s.since = SystemTime::now();
+                    });
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     // Acknowledged by the agent once it acted on it, or here if refused; not

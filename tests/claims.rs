@@ -157,3 +157,318 @@ async fn sighup_with_an_invalid_config_keeps_the_old_map_and_a_removed_service_i
     transfer(&addrs, "SSH", 3).await;
     assert_eq!(agent.count("session started"), 1);
 }
+
+/// A front for the broker the tests can switch: relay to mosquitto, or refuse (accept and
+/// close at once, recording when: each is one CONNECT attempt of the agent).
+struct BrokerFront {
+    addr: std::net::SocketAddr,
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<std::sync::Mutex<tokio_util::sync::CancellationToken>>,
+    attempts: tokio::sync::watch::Receiver<Vec<std::time::Instant>>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl BrokerFront {
+    async fn start(broker: std::net::SocketAddr) -> BrokerFront {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut = std::sync::Arc::new(std::sync::Mutex::new(
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let (tx, attempts) = tokio::sync::watch::channel(Vec::new());
+        let (r, c) = (refusing.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if r.load(Ordering::SeqCst) {
+                    tx.send_modify(|v| v.push(std::time::Instant::now()));
+                    drop(client);
+                    continue;
+                }
+                let token = c.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(broker).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        BrokerFront {
+            addr,
+            refusing,
+            cut,
+            attempts,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// Cuts the relayed connections (both sides see EOF) and refuses new ones.
+    fn outage(&self) {
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut c = self.cut.lock().unwrap();
+        c.cancel();
+        *c = tokio_util::sync::CancellationToken::new();
+    }
+
+    fn restore(&self) {
+        self.refusing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn wait_attempts(&mut self, n: usize) -> Vec<std::time::Instant> {
+        within("CONNECT attempts", self.attempts.wait_for(|v| v.len() >= n))
+            .await
+            .unwrap()
+            .clone()
+    }
+}
+
+async fn agent_behind_front(
+    rig: &Rig,
+    thing: &str,
+) -> (
+    common::rig::AgentProc,
+    BrokerFront,
+    securetunnel_emulator::testkit::EchoService,
+) {
+    let front = BrokerFront::start(([127, 0, 0, 1], rig.mosquitto.port).into()).await;
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let cfg = rig.agent_config_with(
+        thing,
+        &ConfigExtra {
+            services: &format!("SSH = \"{}\"", echo.addr.unwrap()),
+            mqtt: "reconnect_spread_secs = 0",
+            mqtt_port: Some(front.addr.port()),
+            ..ConfigExtra::default()
+        },
+    );
+    let mut agent = rig.spawn_agent(&cfg);
+    agent.expect("subscribed to tunnel notifications").await;
+    (agent, front, echo)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_reconnects_back_off_and_an_outage_is_logged_once() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, mut front, _echo) = agent_behind_front(&rig, "gw-mqtt-backoff").await;
+    front.outage();
+    agent.expect("MQTT connection ended").await;
+    // Failures 2, 3 and 4 of the streak wait at least half of 1, 2 and 4 s... and never
+    // two CONNECTs within 1 s.
+    let at = front.wait_attempts(4).await;
+    let gaps: Vec<_> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    for (gap, floor) in gaps.iter().zip([1.0, 2.0, 4.0]) {
+        assert!(
+            gap.as_secs_f64() >= floor * 0.99,
+            "attempt gaps {gaps:?}: one is below its backoff floor of {floor} s"
+        );
+    }
+    assert_eq!(
+        agent.count("MQTT connection ended"),
+        1,
+        "the outage was logged more than once"
+    );
+    front.restore();
+    agent.expect("MQTT reconnected; subscribed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_published_during_an_mqtt_outage_arrives_after_it() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, front, _echo) = agent_behind_front(&rig, "gw-qos1").await;
+    front.outage();
+    agent.expect("MQTT connection ended").await;
+    // OpenTunnel while the agent is offline: the broker keeps the QoS 1 notify for its
+    // persistent session.
+    let t = open(&rig, "gw-qos1", &["SSH"], 30).await;
+    front.restore();
+    // The broker delivers it right after the CONNACK, before the SUBACK.
+    agent.expect("session started").await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "the agent connects", |e| {
+        e.peer_token_is(&id, Mode::Destination, &t.destination_access_token)
+    })
+    .await;
+}
+
+/// A TLS "broker" that accepts every CONNECT and refuses every SUBSCRIBE (SUBACK 0x80), as
+/// a broker whose policy denies the topic; it counts the connections.
+async fn refusing_broker(
+    rig: &Rig,
+) -> (
+    u16,
+    tokio::sync::watch::Receiver<Vec<std::time::Instant>>,
+    tokio_util::task::AbortOnDropHandle<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = rustls::ServerConfig::builder_with_provider(securetunnel_agent::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            rig.files.server.cert_der(),
+            rig.files.server.key_der().unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tx.send_modify(|v| v.push(std::time::Instant::now()));
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                loop {
+                    // Fixed header, then the remaining length (variable-length integer).
+                    let Ok(first) = tls.read_u8().await else {
+                        return;
+                    };
+                    let (mut len, mut shift) = (0usize, 0);
+                    loop {
+                        let Ok(b) = tls.read_u8().await else { return };
+                        len |= ((b & 0x7f) as usize) << shift;
+                        shift += 7;
+                        if b & 0x80 == 0 {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if tls.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let reply = match first >> 4 {
+                        1 => vec![0x20, 0x02, 0x00, 0x00],
+                        8 => vec![0x90, 0x03, body[0], body[1], 0x80],
+                        12 => vec![0xd0, 0x00],
+                        _ => continue,
+                    };
+                    if tls.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx, tokio_util::task::AbortOnDropHandle::new(task))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_is_reported_and_asked_again_with_backoff() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (port, mut connects, _broker) = refusing_broker(&rig).await;
+    let cfg = rig.agent_config_with(
+        "gw-denied",
+        &ConfigExtra {
+            services: "SSH = 22",
+            mqtt_port: Some(port),
+            ..ConfigExtra::default()
+        },
+    );
+    let mut agent = rig.spawn_agent(&cfg);
+    let line = agent.expect("refused the subscription").await;
+    assert!(line.contains("iot:Subscribe"), "{line}");
+    // Not deaf for good: it reconnects and asks again, backing off.
+    let at = within("the agent asks again", connects.wait_for(|v| v.len() >= 3))
+        .await
+        .unwrap()
+        .clone();
+    assert!(at[2] - at[1] >= std::time::Duration::from_secs(1), "{at:?}");
+    assert_eq!(agent.count("subscribed to tunnel notifications"), 0);
+    // At warning level once; the repeats are debug lines.
+    assert_eq!(agent.count("WARN"), 1, "{}", agent.log.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_rotation_keeps_the_old_session_beside_the_new_one() {
+    let rig = Rig::start(RigOptions::default()).await;
+    // The service leaves a replaced destination connected: only the agent could close it.
+    rig.emu
+        .set_replaced_peer(securetunnel_emulator::ReplacedPeer::Keep);
+    let (mut agent, _echo) = agent(
+        &rig,
+        "gw-par",
+        &["SSH"],
+        "[rotation]\npolicy = \"parallel\"\n",
+    )
+    .await;
+    let t = open(&rig, "gw-par", &["SSH"], 30).await;
+    agent.expect("session started").await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "the agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    let r = rotate(&rig, &id, "DESTINATION", "gw-par").await;
+    let new = r["destinationAccessToken"].as_str().unwrap().to_owned();
+    agent.expect("session started").await;
+    until(&rig.emu, "the new session connects", |e| {
+        e.peer_token_is(&id, Mode::Destination, &new)
+    })
+    .await;
+    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
+    transfer(&addrs, "SSH", 1).await;
+    let old_gone = rig.emu.peer_events(&id).iter().any(|e| {
+        e.access_token == t.destination_access_token
+            && matches!(e.kind, securetunnel_emulator::PeerEventKind::Gone(_))
+    });
+    assert!(
+        !old_gone,
+        "the old session was closed: {:?}",
+        rig.emu.peer_events(&id)
+    );
+    assert_eq!(agent.count("rotation:"), 0);
+    assert_eq!(agent.status()["tunnels"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_replaced_token_is_ignored() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, _echo) = agent(&rig, "gw-redeliver", &["SSH"], "").await;
+    let t = open(&rig, "gw-redeliver", &["SSH"], 30).await;
+    agent.expect("session started").await;
+    let id = t.tunnel_id.clone();
+    let r = rotate(&rig, &id, "DESTINATION", "gw-redeliver").await;
+    let new = r["destinationAccessToken"].as_str().unwrap().to_owned();
+    until(&rig.emu, "the agent follows the rotation", |e| {
+        e.peer_token_is(&id, Mode::Destination, &new)
+    })
+    .await;
+    let old_handshakes = rig.emu.handshakes_for_token(&t.destination_access_token);
+    // The broker delivers the first notify again (QoS 1 redelivery).
+    let notify = serde_json::json!({
+        "clientAccessToken": t.destination_access_token,
+        "clientMode": "destination",
+        "region": "us-east-1",
+        "services": ["SSH"],
+    });
+    rig.emu
+        .publish_raw(
+            "$aws/things/gw-redeliver/tunnels/notify",
+            notify.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    agent.expect("this token was already replaced").await;
+    assert_eq!(
+        rig.emu.handshakes_for_token(&t.destination_access_token),
+        old_handshakes,
+        "the replaced token was presented again"
+    );
+    assert!(rig.emu.peer_token_is(&id, Mode::Destination, &new));
+}
