@@ -147,6 +147,14 @@ impl Drop for ConnHandle {
     }
 }
 
+/// Rule: the waits between local connect attempts: `connect_retry_delay`, doubling, at
+/// most `connect_retry_max_delay`; one fewer than `connect_attempts`.
+pub fn connect_retry_delays(limits: &Limits) -> impl Iterator<Item = std::time::Duration> {
+    let (first, max) = (limits.connect_retry_delay, limits.connect_retry_max_delay);
+    let waits = limits.connect_attempts.max(1) as usize - 1;
+    std::iter::successors(Some(first.min(max)), move |d| Some((*d * 2).min(max))).take(waits)
+}
+
 impl ConnHandle {
     /// Records `len` more queued bytes and the high-water mark in `stats`.
     pub fn note_queued(queued: &AtomicUsize, len: usize, stats: &Stats) {
@@ -231,7 +239,7 @@ impl ConnTask {
     /// Bounded retries with doubling delays; a reset or close of the connection cancels
     /// the attempt under way, so a refused or reset connection frees its slot at once.
     async fn connect(&self, endpoint: &LocalEndpoint) -> Option<LocalStream> {
-        let mut delay = self.limits.connect_retry_delay;
+        let mut delays = connect_retry_delays(&self.limits);
         for attempt in 1..=self.limits.connect_attempts.max(1) {
             self.stats.local_connects.fetch_add(1, Ordering::Relaxed);
             let result = tokio::select! {
@@ -259,9 +267,8 @@ impl ConnTask {
             tokio::select! {
                 _ = self.closing.cancelled() => return None,
                 _ = self.reset.cancelled() => return None,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(delays.next().unwrap_or_default()) => {}
             }
-            delay = (delay * 2).min(self.limits.connect_retry_max_delay);
         }
         None
     }
@@ -373,4 +380,30 @@ async fn pump_down(
         queued.fetch_sub(chunk.len(), Ordering::Relaxed);
     }
     writer.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn local_connects_retry_5_times_with_doubling_delays_from_200_ms_to_2_s() {
+        let defaults = Limits::default();
+        assert_eq!(defaults.connect_attempts, 5);
+        let waits: Vec<_> = connect_retry_delays(&defaults).collect();
+        let ms = |v: &[u64]| v.iter().map(|m| Duration::from_millis(*m)).collect::<Vec<_>>();
+        assert_eq!(waits, ms(&[200, 400, 800, 1600]));
+        let many = Limits {
+            connect_attempts: 7,
+            ..defaults
+        };
+        let waits: Vec<_> = connect_retry_delays(&many).collect();
+        assert_eq!(waits, ms(&[200, 400, 800, 1600, 2000, 2000]));
+        let once = Limits {
+            connect_attempts: 1,
+            ..defaults
+        };
+        assert_eq!(connect_retry_delays(&once).count(), 0);
+    }
 }
