@@ -22,7 +22,18 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/securetunnel-agent";
 /// The service's ceiling on a tunnel's lifetime (720 minutes).
 pub const MAX_LIFETIME_MINUTES: u64 = 720;
 /// AWS IoT Core's ALPN protocol for MQTT over port 443.
-pub const MQTT_ALPN_443: &[u8] = b"x-amzn-mqtt-ca";
+pub const MQTT_ALPN_443: &str = "x-amzn-mqtt-ca";
+
+/// Rule: on port 443 AWS IoT tells MQTT from HTTPS by ALPN, so `x-amzn-mqtt-ca` is offered
+/// there unless `mqtt.alpn` says otherwise (`"mqtt"` for custom authorizers, `""` for none);
+/// other ports offer what `mqtt.alpn` names, by default nothing.
+pub fn mqtt_alpn(port: u16, configured: Option<&str>) -> Option<String> {
+    match configured {
+        Some("") => None,
+        Some(p) => Some(p.to_owned()),
+        None => (port == 443).then(|| MQTT_ALPN_443.to_owned()),
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +71,7 @@ struct RawMqtt {
     notify_topic: Option<String>,
     #[serde(default = "default_spread")]
     reconnect_spread_secs: u64,
+    alpn: Option<String>,
 }
 
 fn default_spread() -> u64 {
@@ -185,6 +197,8 @@ pub struct MqttConfig {
     pub notify_topic: Option<String>,
     /// The first reconnect after losing an established connection is spread over this.
     pub reconnect_spread: Duration,
+    /// ALPN protocol offered in the TLS handshake (`mqtt_alpn`).
+    pub alpn: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -381,6 +395,15 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             "give the AWS IoT Core data endpoint host only, e.g. a1b2c3-ats.iot.eu-west-1.amazonaws.com; the port goes in mqtt.port",
         ));
     }
+    if let Some(p) = &m.alpn
+        && (p.len() > 255 || !p.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        errors.push(err(
+            "mqtt.alpn",
+            format!("{p:?} is not an ALPN protocol name"),
+            "give one name such as \"x-amzn-mqtt-ca\" or \"mqtt\", or \"\" for none",
+        ));
+    }
     if m.port == 0 {
         errors.push(err(
             "mqtt.port",
@@ -554,6 +577,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             keep_alive: Duration::from_secs(raw.mqtt.keep_alive_secs),
             notify_topic: raw.mqtt.notify_topic,
             reconnect_spread: Duration::from_secs(raw.mqtt.reconnect_spread_secs),
+            alpn: mqtt_alpn(raw.mqtt.port, raw.mqtt.alpn.as_deref()),
         },
         thing_name: raw.thing_name,
         tunnel: TunnelConfig {
@@ -709,8 +733,8 @@ fn mqtt_client_config(
                 "give the device's private key in PEM",
             ),
         })?;
-    if cfg.mqtt.port == 443 {
-        config.alpn_protocols = vec![MQTT_ALPN_443.to_vec()];
+    if let Some(p) = &cfg.mqtt.alpn {
+        config.alpn_protocols = vec![p.as_bytes().to_vec()];
     }
     Ok(Arc::new(config))
 }
@@ -745,11 +769,11 @@ fn summary(cfg: &Config) -> Vec<(String, String)> {
                 cfg.mqtt.host,
                 cfg.mqtt.port,
                 cfg.mqtt.client_id,
-                if cfg.mqtt.port == 443 {
-                    ", ALPN x-amzn-mqtt-ca"
-                } else {
-                    ""
-                }
+                cfg.mqtt
+                    .alpn
+                    .as_deref()
+                    .map(|p| format!(", ALPN {p}"))
+                    .unwrap_or_default()
             ),
         ),
         ("certificate".into(), cfg.mqtt.cert.display().to_string()),
@@ -880,6 +904,17 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.0[0].key, "tunnel.resolve.\"h\"");
+    }
+
+    #[test]
+    fn port_443_offers_the_amazon_mqtt_alpn_unless_configured() {
+        assert_eq!(mqtt_alpn(443, None).as_deref(), Some("x-amzn-mqtt-ca"));
+        assert_eq!(mqtt_alpn(8883, None), None);
+        assert_eq!(mqtt_alpn(443, Some("mqtt")).as_deref(), Some("mqtt"));
+        assert_eq!(mqtt_alpn(443, Some("")), None);
+        assert_eq!(mqtt_alpn(8883, Some("x")).as_deref(), Some("x"));
+        let c = parse_str(&MIN.replace("[services]", "port = 443\n[services]")).unwrap();
+        assert_eq!(c.mqtt.alpn.as_deref(), Some("x-amzn-mqtt-ca"));
     }
 
     #[test]

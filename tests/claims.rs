@@ -300,25 +300,31 @@ async fn a_notify_published_during_an_mqtt_outage_arrives_after_it() {
     .await;
 }
 
-/// A TLS "broker" that accepts every CONNECT and refuses every SUBSCRIBE (SUBACK 0x80), as
-/// a broker whose policy denies the topic; it counts the connections.
-async fn refusing_broker(
-    rig: &Rig,
-) -> (
-    u16,
-    tokio::sync::watch::Receiver<Vec<std::time::Instant>>,
-    tokio_util::task::AbortOnDropHandle<()>,
-) {
+/// A TLS "broker" that accepts every CONNECT and grants (or refuses, SUBACK 0x80, as a
+/// broker whose policy denies the topic) every SUBSCRIBE. It records when each connection
+/// came and the ALPN protocol it negotiated (it speaks `x-amzn-mqtt-ca` and `mqtt`).
+struct FakeBroker {
+    port: u16,
+    connects: tokio::sync::watch::Receiver<Vec<std::time::Instant>>,
+    alpn: std::sync::Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+async fn fake_broker(rig: &Rig, grant: bool) -> FakeBroker {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let config = rustls::ServerConfig::builder_with_provider(securetunnel_agent::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            rig.files.server.cert_der(),
-            rig.files.server.key_der().unwrap(),
-        )
-        .unwrap();
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(securetunnel_agent::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                rig.files.server.cert_der(),
+                rig.files.server.key_der().unwrap(),
+            )
+            .unwrap();
+    config.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec(), b"mqtt".to_vec()];
+    let alpn = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = alpn.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -329,11 +335,13 @@ async fn refusing_broker(
                 return;
             };
             tx.send_modify(|v| v.push(std::time::Instant::now()));
-            let acceptor = acceptor.clone();
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                seen.lock().unwrap().push(negotiated);
                 loop {
                     // Fixed header, then the remaining length (variable-length integer).
                     let Ok(first) = tls.read_u8().await else {
@@ -354,7 +362,13 @@ async fn refusing_broker(
                     }
                     let reply = match first >> 4 {
                         1 => vec![0x20, 0x02, 0x00, 0x00],
-                        8 => vec![0x90, 0x03, body[0], body[1], 0x80],
+                        8 => vec![
+                            0x90,
+                            0x03,
+                            body[0],
+                            body[1],
+                            if grant { 0x01 } else { 0x80 },
+                        ],
                         12 => vec![0xd0, 0x00],
                         _ => continue,
                     };
@@ -365,18 +379,23 @@ async fn refusing_broker(
             });
         }
     });
-    (port, rx, tokio_util::task::AbortOnDropHandle::new(task))
+    FakeBroker {
+        port,
+        connects: rx,
+        alpn,
+        _task: tokio_util::task::AbortOnDropHandle::new(task),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_subscription_is_reported_and_asked_again_with_backoff() {
     let rig = Rig::start(RigOptions::default()).await;
-    let (port, mut connects, _broker) = refusing_broker(&rig).await;
+    let mut broker = fake_broker(&rig, false).await;
     let cfg = rig.agent_config_with(
         "gw-denied",
         &ConfigExtra {
             services: "SSH = 22",
-            mqtt_port: Some(port),
+            mqtt_port: Some(broker.port),
             ..ConfigExtra::default()
         },
     );
@@ -384,10 +403,13 @@ async fn a_refused_subscription_is_reported_and_asked_again_with_backoff() {
     let line = agent.expect("refused the subscription").await;
     assert!(line.contains("iot:Subscribe"), "{line}");
     // Not deaf for good: it reconnects and asks again, backing off.
-    let at = within("the agent asks again", connects.wait_for(|v| v.len() >= 3))
-        .await
-        .unwrap()
-        .clone();
+    let at = within(
+        "the agent asks again",
+        broker.connects.wait_for(|v| v.len() >= 3),
+    )
+    .await
+    .unwrap()
+    .clone();
     assert!(at[2] - at[1] >= std::time::Duration::from_secs(1), "{at:?}");
     assert_eq!(agent.count("subscribed to tunnel notifications"), 0);
     // At warning level once; the repeats are debug lines.
@@ -471,4 +493,34 @@ async fn a_redelivered_replaced_token_is_ignored() {
         "the replaced token was presented again"
     );
     assert!(rig.emu.peer_token_is(&id, Mode::Destination, &new));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mqtt_alpn_is_offered_in_the_tls_handshake() {
+    // Port 443 offers x-amzn-mqtt-ca (unit test `port_443_offers_the_amazon_mqtt_alpn_...`);
+    // here the same setting, named, on a free port, against a broker that negotiates it.
+    let rig = Rig::start(RigOptions::default()).await;
+    let broker = fake_broker(&rig, true).await;
+    let cfg = rig.agent_config_with(
+        "gw-alpn",
+        &ConfigExtra {
+            services: "SSH = 22",
+            mqtt: "alpn = \"x-amzn-mqtt-ca\"",
+            mqtt_port: Some(broker.port),
+            ..ConfigExtra::default()
+        },
+    );
+    let mut agent = rig.spawn_agent(&cfg);
+    agent.expect("subscribed to tunnel notifications").await;
+    assert_eq!(
+        broker
+            .alpn
+            .lock()
+            .unwrap()
+            .first()
+            .cloned()
+            .flatten()
+            .as_deref(),
+        Some(&b"x-amzn-mqtt-ca"[..])
+    );
 }

@@ -113,7 +113,10 @@ async fn no_ssl_host_verify_connects_without_the_ca_and_warns() {
     let proxy = Proxy::spawn(&emu, &t.destination_access_token, &["-k", "-d", "SSH=22"]);
     proxy.line("websocket connected").await;
     assert!(
-        proxy.log.count(|l| l.contains("WARN") && l.contains("verif")) >= 1,
+        proxy
+            .log
+            .count(|l| l.contains("WARN") && l.contains("verif"))
+            >= 1,
         "{}",
         proxy.log.text()
     );
@@ -150,8 +153,11 @@ async fn bind_address_sets_the_source_listen_address_and_the_destination_host() 
     assert_eq!(addr.ip().to_string(), "127.0.0.2", "{line}");
     src.line("tunnel services").await;
     let c = TcpStream::connect(addr).await.unwrap();
-    within("transfer between two local-proxy processes", echo_transfer(c, 1 << 20, 2))
-        .await
-        .unwrap();
+    within(
+        "transfer between two local-proxy processes",
+        echo_transfer(c, 1 << 20, 2),
+    )
+    .await
+    .unwrap();
     assert_eq!(echo.accepted(), 1);
 }

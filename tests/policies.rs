@@ -124,7 +124,10 @@ async fn a_local_service_cannot_push_faster_than_the_source_reads() {
     client.write_all(b"go").await.unwrap();
     // Unbounded buffering would swallow 256 MiB of loopback traffic in well under 2 s.
     let finished = tokio::time::timeout(Duration::from_secs(2), done.wait_for(|d| *d)).await;
-    assert!(finished.is_err(), "the service pushed everything into a client that reads nothing");
+    assert!(
+        finished.is_err(),
+        "the service pushed everything into a client that reads nothing"
+    );
     let mut buf = vec![0u8; 64 << 10];
     let mut got = 0usize;
     within("the client reads everything", async {

@@ -41,7 +41,12 @@ async fn the_binarys_flags_open_tunnels_fail_handshakes_name_the_region_and_prin
     let listening = next_json(&mut lines).await;
     assert_eq!(listening["event"], "listening");
     let endpoint = listening["endpoint"].as_str().unwrap().to_owned();
-    assert!(listening["controlEndpoint"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+    assert!(
+        listening["controlEndpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:")
+    );
     let tunnel = next_json(&mut lines).await;
     assert_eq!(tunnel["event"], "tunnel");
     assert_eq!(tunnel["services"], serde_json::json!(["SSH", "HTTP"]));
@@ -54,10 +59,13 @@ async fn the_binarys_flags_open_tunnels_fail_handshakes_name_the_region_and_prin
     let bridge = Bridge::new(BridgeConfig {
         role: Role::Destination {
             services: ServiceMap::default()
-                .with("SSH", securetunnel_agent::services::LocalEndpoint::Tcp {
-                    host: "127.0.0.1".into(),
-                    port: 22,
-                })
+                .with(
+                    "SSH",
+                    securetunnel_agent::services::LocalEndpoint::Tcp {
+                        host: "127.0.0.1".into(),
+                        port: 22,
+                    },
+                )
                 .into(),
         },
         endpoint: DataEndpoint::parse_override(&endpoint).unwrap(),

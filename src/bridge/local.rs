@@ -392,7 +392,11 @@ mod tests {
         let defaults = Limits::default();
         assert_eq!(defaults.connect_attempts, 5);
         let waits: Vec<_> = connect_retry_delays(&defaults).collect();
-        let ms = |v: &[u64]| v.iter().map(|m| Duration::from_millis(*m)).collect::<Vec<_>>();
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|m| Duration::from_millis(*m))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(waits, ms(&[200, 400, 800, 1600]));
         let many = Limits {
             connect_attempts: 7,
