@@ -74,8 +74,6 @@ pub struct Agent {
     /// The service map bridges resolve new streams against; replaced on SIGHUP.
     services: SharedServiceMap,
     services_tx: watch::Sender<Arc<ServiceMap>>,
-    /// READY=1 has been sent to systemd.
-    ready: bool,
     tunnel_tls: Arc<rustls::ClientConfig>,
     table: SessionTable,
     store: Option<SessionStore>,
@@ -118,7 +116,6 @@ impl Agent {
         let mut agent = Agent {
             services,
             services_tx,
-            ready: false,
             table: SessionTable::new(
                 cfg.limits.max_tunnels,
                 cfg.limits.max_lifetime,
@@ -138,7 +135,10 @@ impl Agent {
         info!(thing = %agent.cfg.thing_name, version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), "agent started");
         // Rejoin before the first notify can arrive.
         agent.resume();
-        agent.write_status();
+        // Running from here on: resumed tunnels are served whether or not MQTT is reachable,
+        // so a gateway that boots offline is started, not restarted every start timeout.
+        let status = agent.write_status();
+        systemd::ready(&status);
         let (tx, mut notifications) = mpsc::channel(notify::QUEUE);
         let mqtt_cancel = cancel.child_token();
         let client = NotifyClient {
@@ -254,12 +254,7 @@ impl Agent {
     }
 
     fn on_mqtt_state(&mut self) {
-        let status = self.write_status();
-        // Ready once notifications can arrive: the first confirmed subscription.
-        if !self.ready && self.mqtt.borrow().phase == MqttPhase::Subscribed {
-            self.ready = true;
-            systemd::ready(&status);
-        }
+        self.write_status();
     }
 
     fn on_notification(&mut self, n: Notification) {
@@ -540,6 +535,7 @@ impl Agent {
     }
 
     /// Writes status.json and tells systemd; returns the one-line status.
+    /// Writes status.json and systemd's STATUS=; returns the latter.
     fn write_status(&self) -> String {
         let now = Instant::now();
         let tunnels = self
@@ -554,16 +550,12 @@ impl Agent {
                 TunnelStatus::of(e, &format!("{phase:?}").to_lowercase(), now)
             })
             .collect();
-        let mqtt = self.mqtt.borrow().phase;
+        let mqtt = self.mqtt.borrow().clone();
         let snapshot = Snapshot {
-            mqtt: format!("{mqtt:?}").to_lowercase(),
+            mqtt: format!("{:?}", mqtt.phase).to_lowercase(),
             tunnels,
         };
-        let line = format!(
-            "{} tunnel(s) live; MQTT {}",
-            snapshot.tunnels.len(),
-            snapshot.mqtt
-        );
+        let line = status_line(snapshot.tunnels.len(), &mqtt);
         systemd::status(&line);
         if let Err(e) = self.status.write(&snapshot) {
             debug!(path = %self.status.path().display(), "status not written: {e}");
@@ -707,5 +699,41 @@ async fn tick(i: &mut Option<tokio::time::Interval>) {
             i.tick().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+/// Rule: systemd's one-line STATUS=: live tunnels and the MQTT phase, with the last MQTT
+/// error while it is not subscribed (cut to `STATUS_ERROR_CHARS`).
+pub fn status_line(tunnels: usize, mqtt: &MqttState) -> String {
+    let phase = format!("{:?}", mqtt.phase).to_lowercase();
+    match (&mqtt.last_error, mqtt.phase) {
+        (Some(e), p) if p != MqttPhase::Subscribed => {
+            let e: String = e.chars().take(STATUS_ERROR_CHARS).collect();
+            format!("{tunnels} tunnel(s) live; MQTT {phase} (last error: {e})")
+        }
+        _ => format!("{tunnels} tunnel(s) live; MQTT {phase}"),
+    }
+}
+
+/// Characters of the last MQTT error shown in STATUS=.
+const STATUS_ERROR_CHARS: usize = 160;
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn status_names_the_last_mqtt_error_until_subscribed() {
+        let mut m = MqttState::connecting();
+        assert_eq!(status_line(2, &m), "2 tunnel(s) live; MQTT connecting");
+        m.last_error = Some("connection refused".into());
+        assert_eq!(
+            status_line(2, &m),
+            "2 tunnel(s) live; MQTT connecting (last error: connection refused)"
+        );
+        m.last_error = Some("x".repeat(1000));
+        assert!(status_line(0, &m).len() < 250);
+        m.phase = MqttPhase::Subscribed;
+        assert_eq!(status_line(1, &m), "1 tunnel(s) live; MQTT subscribed");
     }
 }

@@ -376,13 +376,23 @@ async fn datagram(sock: &tokio::net::UnixDatagram) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn systemd_gets_ready_only_once_subscribed_then_status_and_watchdog() {
+async fn systemd_gets_ready_with_the_broker_down_then_status_and_watchdog() {
     let rig = Rig::start(RigOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
-    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
-    let cfg = rig.agent_config("gw-sd", &format!("SSH = \"{}\"\n", echo.addr.unwrap()), "");
+    // No broker where the agent looks: a gateway that boots offline.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = closed.local_addr().unwrap().port();
+    drop(closed);
+    let cfg = rig.agent_config_with(
+        "gw-sd",
+        &common::rig::ConfigExtra {
+            services: "SSH = 22",
+            mqtt_port: Some(nowhere),
+            ..Default::default()
+        },
+    );
     let mut agent = rig.spawn_agent_with_env(
         &cfg,
         &[
@@ -390,28 +400,43 @@ async fn systemd_gets_ready_only_once_subscribed_then_status_and_watchdog() {
             ("WATCHDOG_USEC", "200000"),
         ],
     );
-    let mut seen: Vec<String> = Vec::new();
-    let ready = loop {
-        let m = datagram(&sock).await;
-        if m.contains("READY=1") {
-            break m;
+    let ready = within("READY=1 with the broker down", async {
+        loop {
+            let m = datagram(&sock).await;
+            if m.contains("READY=1") {
+                break m;
+            }
         }
-        seen.push(m);
-    };
-    // READY=1 comes with the status that justifies it: subscribed to notifications.
-    assert!(ready.contains("MQTT subscribed"), "{ready}");
-    agent.expect("subscribed to tunnel notifications").await;
-    assert!(
-        seen.iter()
-            .any(|m| m.contains("STATUS=0 tunnel(s) live; MQTT connecting")),
-        "{seen:?}"
-    );
-    // The watchdog is fed from the main loop, at half of WATCHDOG_USEC.
+    })
+    .await;
+    assert!(ready.contains("MQTT connecting"), "{ready}");
+    // Offline: STATUS= says why, and the watchdog keeps being fed.
+    let mut why = false;
     let mut watchdogs = 0;
-    while watchdogs < 2 {
-        watchdogs += datagram(&sock).await.matches("WATCHDOG=1").count();
+    while !why || watchdogs < 2 {
+        let m = datagram(&sock).await;
+        why |= m.contains("STATUS=0 tunnel(s) live; MQTT connecting (last error:");
+        watchdogs += m.matches("WATCHDOG=1").count();
     }
+    assert_eq!(agent.count("subscribed"), 0);
     agent.child.start_kill().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_exits_2_which_the_unit_does_not_restart() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let cfg = rig.agent_config("gw-bad", "SSH = 99999", "");
+    let mut agent = rig.spawn_agent(&cfg);
+    let status = within("the agent exits", agent.child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(2));
+    assert!(agent.log.text().contains("99999"), "{}", agent.log.text());
+    let unit = include_str!("../packaging/systemd/securetunnel-agent.service");
+    assert!(unit.contains("\nRestartPreventExitStatus=2\n"), "{unit}");
+    assert!(unit.contains("\nStartLimitBurst="), "{unit}");
+    assert!(
+        !unit.contains("ExecStartPre="),
+        "check-config before run would fail the start outside RestartPreventExitStatus"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
