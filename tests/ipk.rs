@@ -129,6 +129,8 @@ fn check(arch: &str) {
     assert_eq!(field("Version"), env!("CARGO_PKG_VERSION"));
     assert_eq!(field("Architecture"), arch);
     assert_eq!(field("Section"), "net");
+    // The data plane's public roots come from OpenWrt's bundle.
+    assert_eq!(field("Depends"), "ca-bundle");
     assert_eq!(field("License"), "MIT");
     assert!(field("Installed-Size").parse::<u64>().unwrap() > 100_000);
     assert!(!field("Maintainer").is_empty() && !field("Description").is_empty());
@@ -149,6 +151,44 @@ fn check(arch: &str) {
     assert!(
         !postinst.contains("restart") && !postinst.contains(" start"),
         "{postinst}"
+    );
+    // postinst into an image root (IPKG_INSTROOT): the agent's user and group, with the
+    // first free ids from 200, and nothing started.
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/ash\nx:x:200:200::/:/bin/false\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nx:x:200:\n").unwrap();
+    std::fs::write(root.join("etc/shadow"), "root:::0:99999:7:::\n").unwrap();
+    for _ in 0..2 {
+        let out = Command::new("sh")
+            .arg(x.join("control/postinst"))
+            .env("IPKG_INSTROOT", &root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    let group = std::fs::read_to_string(root.join("etc/group")).unwrap();
+    assert!(group.ends_with("securetunnel-agent:x:201:\n"), "{group}");
+    assert!(
+        passwd.ends_with("securetunnel-agent:x:201:201:securetunnel-agent:/var/run/securetunnel-agent:/bin/false\n"),
+        "{passwd}"
+    );
+    assert_eq!(
+        passwd
+            .lines()
+            .filter(|l| l.starts_with("securetunnel-agent:"))
+            .count(),
+        1,
+        "added twice: {passwd}"
     );
     let trace = Command::new("sh")
         .arg("-x")
@@ -205,7 +245,11 @@ fn check(arch: &str) {
         "USE_PROCD=1",
         "START=",
         "procd_set_param command \"$PROG\" run --config \"$CONF\"",
-        "procd_set_param respawn",
+        "procd_set_param respawn 3600 5 5",
+        "procd_set_param user \"$USER\"",
+        "procd_set_param no_new_privs 1",
+        "procd_set_param term_timeout 15",
+        "chgrp \"$USER\" /etc/securetunnel-agent \"$CONF\"",
         "procd_send_signal securetunnel-agent '*' HUP",
     ] {
         assert!(init.contains(needle), "init script lacks {needle:?}");

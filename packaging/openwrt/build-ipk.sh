@@ -29,15 +29,34 @@ Source: https://github.com/securetunnel-agent/securetunnel-agent
 License: MIT
 Section: net
 Architecture: $arch
+Depends: ca-bundle
 Installed-Size: $((size * 1024))
 Maintainer: securetunnel-agent developers <securetunnel-agent@users.noreply.github.com>
 Description: AWS IoT Secure Tunneling agent: follows the thing's tunnel notifications and
  bridges each tunnel to local TCP or Unix sockets; also a drop-in for localproxy.
 CONTROL
 echo /etc/securetunnel-agent/agent.toml > "$work/control/conffiles"
+# The agent's own user and group (as OpenWrt's USERID packages make them: the first free id
+# from 200 up, no login). The init script gives it its configuration's group at each start,
+# which also covers images built offline (IPKG_INSTROOT), where ownership cannot be set.
 cat > "$work/control/postinst" <<'POSTINST'
 #!/bin/sh
-[ -n "$IPKG_INSTROOT" ] || /etc/init.d/securetunnel-agent enable
+root="${IPKG_INSTROOT:-}"
+name=securetunnel-agent
+free_id() { # file: the first id from 200 not in its third field
+	id=200
+	while cut -d: -f3 "$1" | grep -qx "$id"; do id=$((id + 1)); done
+	echo "$id"
+}
+if ! grep -qs "^$name:" "$root/etc/group"; then
+	echo "$name:x:$(free_id "$root/etc/group"):" >> "$root/etc/group"
+fi
+gid="$(grep -s "^$name:" "$root/etc/group" | cut -d: -f3)"
+if ! grep -qs "^$name:" "$root/etc/passwd"; then
+	echo "$name:x:$(free_id "$root/etc/passwd"):$gid:$name:/var/run/$name:/bin/false" >> "$root/etc/passwd"
+	[ -f "$root/etc/shadow" ] && echo "$name:*:0:0:99999:7:::" >> "$root/etc/shadow"
+fi
+[ -n "$root" ] || /etc/init.d/securetunnel-agent enable
 exit 0
 POSTINST
 # An upgrade leaves the running agent alone: it re-executes the new binary itself once no
