@@ -93,6 +93,8 @@ struct RawTunnel {
     #[serde(default)]
     resolve: std::collections::BTreeMap<String, String>,
     ca: Option<PathBuf>,
+    #[serde(default)]
+    ca_only: bool,
     #[serde(default = "default_stall_ms")]
     stall_timeout_ms: u64,
     #[serde(default = "default_idle_secs")]
@@ -107,6 +109,7 @@ impl Default for RawTunnel {
             endpoint: None,
             resolve: Default::default(),
             ca: None,
+            ca_only: false,
             stall_timeout_ms: default_stall_ms(),
             idle_timeout_secs: default_idle_secs(),
             persist_sessions: true,
@@ -208,6 +211,8 @@ pub struct TunnelConfig {
     /// Addresses for data-plane hosts, instead of DNS: host -> (address, port if given).
     pub resolve: std::collections::BTreeMap<String, (std::net::IpAddr, Option<u16>)>,
     pub ca: Option<PathBuf>,
+    /// Trust only `ca` for the data plane, not the platform roots.
+    pub ca_only: bool,
     pub stall_timeout: Duration,
     /// Zero: off.
     pub idle_timeout: Duration,
@@ -584,6 +589,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             endpoint,
             resolve,
             ca: raw.tunnel.ca,
+            ca_only: raw.tunnel.ca_only,
             stall_timeout: Duration::from_millis(raw.tunnel.stall_timeout_ms),
             idle_timeout: Duration::from_secs(raw.tunnel.idle_timeout_secs),
             persist_sessions: raw.tunnel.persist_sessions,
@@ -661,13 +667,28 @@ pub fn check_files(cfg: &Config) -> Result<Checked, ConfigErrors> {
             ));
         }
     }
-    let mut mqtt_trust = TlsOptions::platform();
+    // mqtt.ca pins the broker: only those roots.
+    let mut mqtt_trust = if cfg.mqtt.ca.is_some() {
+        TlsOptions::default()
+    } else {
+        TlsOptions::platform()
+    };
     if let Some(ca) = &cfg.mqtt.ca {
         if let Err(e) = read_certs("mqtt.ca", ca).map(|c| mqtt_trust.extra_roots.extend(c)) {
             errors.push(e);
         }
     }
-    let mut tunnel_trust = TlsOptions::platform();
+    let mut tunnel_trust = TlsOptions {
+        platform_roots: !cfg.tunnel.ca_only,
+        ..TlsOptions::default()
+    };
+    if cfg.tunnel.ca_only && cfg.tunnel.ca.is_none() {
+        errors.push(err(
+            "tunnel.ca_only",
+            "is true but tunnel.ca is not set: nothing would be trusted",
+            "set tunnel.ca to the CA file or directory to pin, or ca_only = false",
+        ));
+    }
     if let Some(ca) = &cfg.tunnel.ca {
         if let Err(e) = tunnel_trust.add_ca_path(ca) {
             errors.push(err(
@@ -786,7 +807,9 @@ fn summary(cfg: &Config) -> Vec<(String, String)> {
             cfg.mqtt
                 .ca
                 .as_ref()
-                .map_or("platform CA store".into(), |p| p.display().to_string()),
+                .map_or("platform CA store".into(), |p| {
+                    format!("{} only (pinned)", p.display())
+                }),
         ),
         ("tunnel endpoint".into(), tunnel),
         (
@@ -795,7 +818,11 @@ fn summary(cfg: &Config) -> Vec<(String, String)> {
                 .ca
                 .as_ref()
                 .map_or("platform CA store".into(), |p| {
-                    format!("{} + platform CA store", p.display())
+                    if cfg.tunnel.ca_only {
+                        format!("{} only (pinned)", p.display())
+                    } else {
+                        format!("{} + platform CA store", p.display())
+                    }
                 }),
         ),
         ("services".into(), services.join(", ")),

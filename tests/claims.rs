@@ -524,3 +524,57 @@ async fn the_mqtt_alpn_is_offered_in_the_tls_handshake() {
         Some(&b"x-amzn-mqtt-ca"[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_ca_pins_the_broker_even_when_the_platform_trusts_it() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let cfg = rig.agent_config("gw-pin", "SSH = 22", "");
+    // mqtt.ca names another CA; the platform store (SSL_CERT_FILE) holds the broker's.
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        &format!("ca = \"{}\"", rig.files.ca.display()),
+        &format!("ca = \"{}\"", rig.emu_ca.display()),
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let platform = rig.files.ca.to_str().unwrap();
+    let mut agent = rig.spawn_agent_with_env(&cfg, &[("SSL_CERT_FILE", platform)]);
+    let line = agent.expect("MQTT connection ended").await;
+    assert!(
+        line.contains("UnknownIssuer") || line.contains("certificate"),
+        "{line}"
+    );
+    assert_eq!(agent.count("subscribed"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_ca_only_pins_the_data_plane() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let cfg = rig.agent_config_with(
+        "gw-pin2",
+        &ConfigExtra {
+            services: "SSH = 22",
+            tunnel: "ca_only = true",
+            ..ConfigExtra::default()
+        },
+    );
+    // tunnel.ca names another CA (the broker's); the platform store holds the emulator's.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("ca = \"{}\"\nca_only", rig.emu_ca.display()),
+        &format!("ca = \"{}\"\nca_only", rig.files.ca.display()),
+    );
+    assert!(
+        text.contains(&format!("ca = \"{}\"\nca_only", rig.files.ca.display())),
+        "{text}"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let platform = rig.emu_ca.to_str().unwrap();
+    let mut agent = rig.spawn_agent_with_env(&cfg, &[("SSL_CERT_FILE", platform)]);
+    agent.expect("subscribed to tunnel notifications").await;
+    let t = open(&rig, "gw-pin2", &["SSH"], 30).await;
+    let line = agent.expect("TLS handshake").await;
+    assert!(
+        line.contains("UnknownIssuer") || line.contains("certificate"),
+        "{line}"
+    );
+    assert!(!rig.emu.is_connected(&t.tunnel_id, Mode::Destination));
+}
