@@ -529,12 +529,15 @@ impl Agent {
                 self.cfg.services = new.services;
                 info!(services = ?summary, "service map reloaded; live tunnels keep running");
             }
-            Err(e) => warn!("reload failed, keeping the current service map:\n{e}"),
+            // One line per problem would split the record in journald: join them.
+            Err(e) => warn!(
+                "reload failed, keeping the current service map: {}",
+                e.to_string().trim().replace('\n', "; ")
+            ),
         }
         self.write_status();
     }
 
-    /// Writes status.json and tells systemd; returns the one-line status.
     /// Writes status.json and systemd's STATUS=; returns the latter.
     fn write_status(&self) -> String {
         let now = Instant::now();

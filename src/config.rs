@@ -25,7 +25,7 @@ pub const MAX_LIFETIME_MINUTES: u64 = 720;
 pub const MQTT_ALPN_443: &str = "x-amzn-mqtt-ca";
 
 /// Rule: on port 443 AWS IoT tells MQTT from HTTPS by ALPN, so `x-amzn-mqtt-ca` is offered
-/// there unless `mqtt.alpn` says otherwise (`"mqtt"` for custom authorizers, `""` for none);
+/// there unless `mqtt.alpn` says otherwise (another name, or `""` for none);
 /// other ports offer what `mqtt.alpn` names, by default nothing.
 pub fn mqtt_alpn(port: u16, configured: Option<&str>) -> Option<String> {
     match configured {

@@ -84,16 +84,20 @@ struct RawNotify {
 /// Rule (spec §5): what a usable notify looks like.
 pub fn parse(thing: &str, payload: &[u8]) -> Result<Notification, Refusal> {
     let text = std::str::from_utf8(payload).map_err(|_| Refusal::NotUtf8)?;
+    // A string from the payload as a refusal quotes it: its start, enough to recognise it.
+    fn shown(s: &str) -> String {
+        s.chars().take(64).collect()
+    }
     let raw: RawNotify = serde_json::from_str(text).map_err(|e| Refusal::Json(e.to_string()))?;
     // Wrap the token at once so it is wiped whatever happens next.
     let token = Secret::new(raw.token.unwrap_or_default());
     let mode = raw.mode.unwrap_or_default();
     if mode != "destination" {
-        return Err(Refusal::Mode(mode));
+        return Err(Refusal::Mode(shown(&mode)));
     }
     let region = raw.region.unwrap_or_default();
     if !is_valid_region(&region) {
-        return Err(Refusal::Region(region));
+        return Err(Refusal::Region(shown(&region)));
     }
     if let Some(problem) = protocol::access_token_problem(token.expose()) {
         return Err(Refusal::Token(problem));
@@ -103,7 +107,7 @@ pub fn parse(thing: &str, payload: &[u8]) -> Result<Notification, Refusal> {
         return Err(Refusal::ServiceCount(services.len()));
     }
     if let Some(bad) = services.iter().find(|s| !is_valid_service_id(s)) {
-        return Err(Refusal::ServiceName(bad.clone()));
+        return Err(Refusal::ServiceName(shown(bad)));
     }
     Ok(Notification {
         thing: thing.to_owned(),

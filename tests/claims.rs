@@ -5,7 +5,7 @@
 mod common;
 
 use common::e2e::*;
-use common::rig::{ConfigExtra, DATA_HOST, Rig, RigOptions};
+use common::rig::{ConfigExtra, Rig, RigOptions};
 use common::*;
 use securetunnel_agent::protocol::Mode;
 use securetunnel_emulator::testkit::echo_tcp;
@@ -17,9 +17,14 @@ fn signal(agent: &common::rig::AgentProc, sig: i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_plane_endpoint_comes_from_the_notifys_region() {
-    // No tunnel.endpoint: the agent derives data.tunneling.iot.us-east-1.amazonaws.com from
+    // No tunnel.endpoint: the agent derives data.tunneling.iot.eu-west-1.amazonaws.com from
     // the notify, verifies that name in TLS, and reaches it through tunnel.resolve.
-    let rig = Rig::start(RigOptions::default()).await;
+    let rig = Rig::start(RigOptions {
+        region: "eu-west-1",
+        ..RigOptions::default()
+    })
+    .await;
+    const DATA_HOST: &str = "data.tunneling.iot.eu-west-1.amazonaws.com";
     let echo = echo_tcp("127.0.0.1:0").await.unwrap();
     let resolve = format!("resolve = {{ \"{DATA_HOST}\" = \"{}\" }}", rig.emu.addr());
     let cfg = rig.agent_config_with(
@@ -112,23 +117,23 @@ async fn sighup_with_an_invalid_config_keeps_the_old_map_and_a_removed_service_i
     let cfg = rig.files.dir.join("gw-hup2.toml");
     let good = std::fs::read_to_string(&cfg).unwrap();
 
-    // A broken file: the reload is refused with the reason, the old map keeps serving.
-    std::fs::write(
-        &cfg,
-        good.replace("[services]", "[services]\nBAD = \"no such\""),
-    )
-    .unwrap();
+    // A broken file that also drops WEB: the reload is refused with the reason, and the old
+    // map, WEB included, keeps serving.
+    let web_line = format!("WEB = \"{}\"\n", echo.addr.unwrap());
+    assert!(good.contains(&web_line), "{good}");
+    let broken = good
+        .replace(&web_line, "")
+        .replace("[services]", "[services]\nBAD = \"no such\"");
+    std::fs::write(&cfg, broken).unwrap();
     signal(&agent, libc::SIGHUP);
     let line = agent
         .expect("reload failed, keeping the current service map")
         .await;
-    assert!(agent.log.text().contains("BAD"), "{line}");
+    assert!(line.contains("service \"BAD\""), "{line}");
     transfer(&addrs, "SSH", 1).await;
     transfer(&addrs, "WEB", 2).await;
 
     // WEB removed: its new streams are refused, SSH still served, the tunnel lives on.
-    let web_line = format!("WEB = \"{}\"\n", echo.addr.unwrap());
-    assert!(good.contains(&web_line), "{good}");
     std::fs::write(&cfg, good.replace(&web_line, "")).unwrap();
     signal(&agent, libc::SIGHUP);
     agent.expect("service map reloaded").await;

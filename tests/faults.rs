@@ -413,7 +413,7 @@ async fn hundred_connections_with_stalled_consumers() {
                 echo.addr.unwrap(),
                 sock.display()
             ),
-            tunnel: "stall_timeout_ms = 500",
+            tunnel: "stall_timeout_ms = 1500",
             ..ConfigExtra::default()
         },
     );

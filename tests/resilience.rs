@@ -269,6 +269,7 @@ async fn a_second_tunnel_for_the_same_services_is_not_ended_before_its_own_lifet
     // One "minute" of tunnel lifetime lasts 1 s; the agent's own lifetime is 6 s.
     let rig = Rig::start(RigOptions {
         minute: Duration::from_secs(1),
+        ..RigOptions::default()
     })
     .await;
     let thing = "gw-two";

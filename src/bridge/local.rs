@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream, tcp, unix};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -97,6 +97,8 @@ pub enum Open {
     Accepted {
         local: LocalStream,
         started: tokio::sync::oneshot::Receiver<()>,
+        /// Its start message was STREAM_START (it opened the stream).
+        by_stream_start: bool,
     },
 }
 
@@ -124,7 +126,7 @@ pub struct ConnExit {
 }
 
 /// Payload bytes on their way to a local socket, with their share of the byte budget.
-pub type Chunk = (Bytes, OwnedSemaphorePermit);
+pub type Chunk = (Bytes, super::BudgetPermit);
 
 /// What the session keeps per connection. Dropping it asks the task to flush what is
 /// queued toward the local socket and close it; `reset` drops the queue and resets it.
@@ -203,7 +205,7 @@ pub struct ConnTask {
 impl ConnTask {
     pub async fn run(mut self, open: Open) -> ConnExit {
         let stream = match open {
-            Open::Accepted { local, started } => {
+            Open::Accepted { local, started, .. } => {
                 // The local socket is up already: a full queue is a consumer's matter.
                 self.connected.send_replace(true);
                 if started.await.is_err() {
@@ -258,7 +260,7 @@ impl ConnTask {
                 Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
             };
             if attempt == self.limits.connect_attempts.max(1) {
-                if let Some(suppressed) = self.stats.logs.admit(Kind::LocalConnect) {
+                if let Some(suppressed) = self.stats.logs.admit(Kind::LocalConnectFailed) {
                     warn!(%endpoint, attempts = attempt, suppressed, "could not connect to local service: {err}");
                 }
                 return None;

@@ -15,13 +15,17 @@ pub enum Kind {
     Refusal,
     /// A stream replacing another, or a connection id reused.
     Replace,
-    /// A local connect, or a failed one.
+    /// A local connect.
     LocalConnect,
+    /// A local connect that failed.
+    LocalConnectFailed,
+    /// A reset from the peer.
+    PeerReset,
     /// A connection reset because its consumer stalled.
     Stall,
 }
 
-const KINDS: usize = 5;
+const KINDS: usize = 7;
 
 /// Lines of one kind logged per window.
 pub const LINES_PER_WINDOW: u32 = 10;

@@ -159,6 +159,10 @@ pub struct Stats {
     pub session_resets_received: AtomicU64,
     /// STREAM_RESET and CONNECTION_RESET messages sent.
     pub resets_sent: AtomicU64,
+    /// DATA payload bytes received for open local connections.
+    pub bytes_from_tunnel: AtomicU64,
+    /// DATA payload bytes read from local connections and framed for the tunnel.
+    pub bytes_to_tunnel: AtomicU64,
     /// Pings sent.
     pub pings_sent: AtomicU64,
     /// Pongs received (informational: the service may not answer pings).
@@ -285,7 +289,7 @@ struct Link {
     stats: Arc<Stats>,
     state: watch::Sender<State>,
     /// Bytes held for local sockets, shared with the agent's other bridges.
-    budget: Budget,
+    budget: TunnelBudget,
     /// Bytes read from local sockets and not yet sent: this tunnel's own.
     upward: Arc<Semaphore>,
 }
@@ -297,6 +301,57 @@ pub struct Budget {
     total: usize,
 }
 
+/// One bridge's view of a budget: the budget itself, and the tunnel's own cap on it.
+#[derive(Clone, Debug)]
+pub(crate) struct TunnelBudget {
+    pub shared: Budget,
+    cap: Arc<Semaphore>,
+}
+
+/// A payload's share of the budget: released when the payload is written (or dropped).
+#[derive(Debug)]
+pub(crate) struct BudgetPermit {
+    _cap: tokio::sync::OwnedSemaphorePermit,
+    _shared: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl TunnelBudget {
+    /// Rule (fair share): a tunnel may hold at most half of a budget it shares with other
+    /// tunnels, so consumers of one tunnel cannot starve the rest; alone, all of it.
+    pub fn new(shared: Budget, sharing: bool) -> Self {
+        let cap = if sharing {
+            shared.total / 2
+        } else {
+            shared.total
+        };
+        TunnelBudget {
+            cap: Arc::new(Semaphore::new(cap.max(crate::protocol::MAX_PAYLOAD))),
+            shared,
+        }
+    }
+
+    /// `len` bytes now, if both the tunnel's cap and the budget have them.
+    pub fn try_acquire(&self, len: u32) -> Option<BudgetPermit> {
+        let cap = self.cap.clone().try_acquire_many_owned(len).ok()?;
+        let shared = self.shared.sem.clone().try_acquire_many_owned(len).ok()?;
+        Some(BudgetPermit {
+            _cap: cap,
+            _shared: shared,
+        })
+    }
+
+    /// `len` bytes once available: the tunnel's cap first, so a tunnel at its cap does not
+    /// hold a share of the budget while it waits.
+    pub async fn acquire(&self, len: u32) -> Option<BudgetPermit> {
+        let cap = self.cap.clone().acquire_many_owned(len).await.ok()?;
+        let shared = self.shared.sem.clone().acquire_many_owned(len).await.ok()?;
+        Some(BudgetPermit {
+            _cap: cap,
+            _shared: shared,
+        })
+    }
+}
+
 impl Budget {
     /// `total` bytes.
     pub fn new(total: usize) -> Self {
@@ -304,10 +359,6 @@ impl Budget {
             sem: Arc::new(Semaphore::new(total)),
             total,
         }
-    }
-
-    pub(crate) fn semaphore(&self) -> &Arc<Semaphore> {
-        &self.sem
     }
 
     /// Rule: under pressure when less than a quarter is left; then connections holding
@@ -359,7 +410,7 @@ impl Bridge {
                 tls: cfg.tls,
                 access_token: cfg.access_token,
                 client_token,
-                budget: Budget::new(cfg.limits.buffer_budget),
+                budget: TunnelBudget::new(Budget::new(cfg.limits.buffer_budget), false),
                 upward: Arc::new(Semaphore::new(cfg.limits.upward_budget)),
                 limits: cfg.limits,
                 stats: Arc::default(),
@@ -382,7 +433,7 @@ impl Bridge {
     /// Shares `budget` (bytes) with other bridges instead of the bridge's own
     /// `limits.buffer_budget`: the agent bounds what all its tunnels hold together.
     pub fn with_budget(mut self, budget: Budget) -> Self {
-        self.link.budget = budget;
+        self.link.budget = TunnelBudget::new(budget, true);
         self
     }
 
@@ -487,10 +538,8 @@ impl Link {
                         }
                         SessionEnd::Cancelled => return Ok(BridgeEnd::Cancelled),
                         SessionEnd::Lost(why) => why,
-                        SessionEnd::Protocol(e) => {
-                            self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                            format!("protocol error: {e}")
-                        }
+                        // Counted in `Session::violation`.
+                        SessionEnd::Protocol(e) => format!("protocol error: {e}"),
                     }
                 }
                 Err(e) if !e.is_retryable() => {
@@ -596,6 +645,25 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tunnel_holds_at_most_half_of_a_shared_budget() {
+        let shared = Budget::new(1 << 20);
+        let (a, b) = (
+            TunnelBudget::new(shared.clone(), true),
+            TunnelBudget::new(shared.clone(), true),
+        );
+        let held: Vec<_> = std::iter::from_fn(|| a.try_acquire(64 << 10)).collect();
+        assert_eq!(held.len(), 8, "half of 1 MiB in 64 KiB payloads");
+        let rest = b.try_acquire(512 << 10);
+        assert!(rest.is_some(), "the other tunnel gets the rest");
+        assert_eq!(shared.used(), 1 << 20);
+        drop(held);
+        assert!(a.try_acquire(64 << 10).is_some());
+        // Alone, a bridge may use all of its own budget.
+        let alone = TunnelBudget::new(Budget::new(1 << 20), false);
+        assert!(alone.try_acquire(1 << 20).is_some());
+    }
 
     #[test]
     fn malformed_client_token_is_refused_with_the_rule() {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use tokio::sync::mpsc::{self, error::TrySendError};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, protocol::CloseFrame};
@@ -73,7 +73,7 @@ pub struct Session<'a> {
     /// faster than they can be sent is slowed down, not buffered.
     pub backlog: VecDeque<(Message, Option<oneshot::Sender<()>>)>,
     /// The agent's byte budget: every payload held for a local socket takes its share.
-    pub budget: super::Budget,
+    pub budget: super::TunnelBudget,
     /// Bytes read from local sockets and not yet framed: this tunnel's upward budget.
     pub upward: Arc<Semaphore>,
     /// (service, connection, task id, bytes written) of the connected holders at the last
@@ -81,6 +81,13 @@ pub struct Session<'a> {
     pub swept: Vec<(String, u32, u64, u64)>,
     /// A pong arrived on this websocket: the service answers pings.
     pub pong_seen: bool,
+}
+
+/// Rule (stalled consumer): a consumer holding bytes that wrote less than one full payload
+/// in a `stall_timeout` window is stalled, even if it trickles: it would hold the whole
+/// tunnel (every stream waits behind it) for as long as it pleases.
+pub fn stalled(written_before: u64, written_now: u64) -> bool {
+    written_now.saturating_sub(written_before) < crate::protocol::MAX_PAYLOAD as u64
 }
 
 /// Control messages waiting for the writer before the websocket reader pauses.
@@ -147,17 +154,20 @@ impl Session<'_> {
                     idle_check.as_mut().reset(deadline.max(Instant::now() + idle / 4));
                 }
                 ws = incoming.next(), if room && !undecoded => {
-                    last_rx = Instant::now();
                     match self.on_ws(ws, &mut reader, cancel).await {
                         Ok(more) => undecoded = more,
                         Err(end) => return end,
                     }
+                    // Received now; and a stall while handling it paused reading, so the
+                    // peer gets a fresh idle window from its end.
+                    last_rx = Instant::now();
                 }
                 _ = std::future::ready(()), if room && undecoded => {
                     match self.decode(&mut reader, cancel).await {
                         Ok(more) => undecoded = more,
                         Err(end) => return end,
                     }
+                    last_rx = Instant::now();
                 }
                 _ = sweep.tick() => self.sweep(),
                 Some(exit) = self.tasks.join_next() => self.on_conn_exit(exit),
@@ -215,7 +225,9 @@ impl Session<'_> {
                 reader.push(data);
                 self.decode(reader, cancel).await
             }
-            Some(Ok(WsMessage::Text(_))) => Err(SessionEnd::Protocol(ProtocolError::TextFrame)),
+            Some(Ok(WsMessage::Text(_))) => self
+                .violation(None, ProtocolError::TextFrame)
+                .map(|()| false),
             Some(Ok(WsMessage::Close(frame))) => Err(SessionEnd::Closed(frame)),
             Some(Ok(WsMessage::Pong(_))) => {
                 // The service may not answer pings (spec §1.5); once it does, the idle
@@ -368,16 +380,13 @@ impl Session<'_> {
             }
         };
         let mut payload = msg.payload;
+        let n = payload.len() as u64;
+        self.stats.bytes_from_tunnel.fetch_add(n, Ordering::Relaxed);
         if should_copy_payload(payload.len(), backing) {
             payload = Bytes::copy_from_slice(&payload);
         }
         let len = payload.len();
-        let budget = self
-            .budget
-            .semaphore()
-            .clone()
-            .try_acquire_many_owned(len as u32)
-            .ok();
+        let budget = self.budget.try_acquire(len as u32);
         // Count the bytes before the chunk becomes visible to the receiver, which subtracts
         // them: a slot first, then the count, then the send.
         let waiting = match budget {
@@ -399,13 +408,13 @@ impl Session<'_> {
 
     /// Waits for a queue slot and budget for one payload; see `on_data`. The websocket is
     /// not read meanwhile. After each `stall_timeout` without room, every connected
-    /// connection that holds bytes and wrote none in that time is reset (this one
-    /// included); this one is also reset if it never connected. A slow consumer that keeps
-    /// writing is waited for: that is backpressure, not a stall.
+    /// connection that holds bytes and is `stalled` is reset (this one included); this one
+    /// is also reset if it did not connect within one connect attempt. A consumer that
+    /// keeps writing at least a payload per window is waited for: that is backpressure.
     async fn stall(
         &mut self,
         payload: Bytes,
-        mut permit: Option<OwnedSemaphorePermit>,
+        mut permit: Option<super::BudgetPermit>,
         service: &str,
         stream: i32,
         key: u32,
@@ -414,7 +423,8 @@ impl Session<'_> {
         self.stats.stalls.fetch_add(1, Ordering::Relaxed);
         let len = payload.len();
         let stall = self.limits.stall_timeout;
-        let connect_limit = self.limits.connect_give_up().saturating_add(stall);
+        // Data queued for a connection still connecting waits for one connect attempt.
+        let connect_limit = self.limits.connect_timeout.saturating_add(stall);
         loop {
             let Some(handle) = self.table.get(service, key) else {
                 return;
@@ -422,11 +432,11 @@ impl Session<'_> {
             let (tx, queued, id) = (handle.tx.clone(), handle.queued.clone(), handle.id);
             let mut connected = handle.connected.clone();
             let before = self.progress_snapshot();
-            let budget = self.budget.semaphore().clone();
+            let budget = self.budget.clone();
             let acquire = async {
                 let permit = match permit.take() {
                     Some(p) => p,
-                    None => budget.acquire_many_owned(len as u32).await.ok()?,
+                    None => budget.acquire(len as u32).await?,
                 };
                 let slot = tx.reserve().await.ok()?;
                 Some((slot, permit))
@@ -445,8 +455,11 @@ impl Session<'_> {
                     Err(_) => {}
                 }
             };
+            let gone = tx.clone();
             let waited = tokio::select! {
                 _ = cancel.cancelled() => return,
+                // The task ended (its exit is handled in `on_conn_exit`): nothing to wait for.
+                _ = gone.closed() => return,
                 r = acquire => Some(r),
                 _ = deadline => None,
             };
@@ -484,7 +497,7 @@ impl Session<'_> {
     /// `stall_timeout`.
     pub fn sweep(&mut self) {
         let before = std::mem::take(&mut self.swept);
-        if self.budget.scarce() {
+        if self.budget.shared.scarce() {
             self.reset_idle_holders(&before);
         }
         self.swept = self.progress_snapshot();
@@ -506,7 +519,7 @@ impl Session<'_> {
         for (service, key, id, written) in before {
             let idle = self.table.get(service, *key).is_some_and(|h| {
                 h.id == *id
-                    && h.written.load(Ordering::Relaxed) == *written
+                    && stalled(*written, h.written.load(Ordering::Relaxed))
                     && h.queued.load(Ordering::Relaxed) > 0
             });
             if idle {
@@ -642,13 +655,14 @@ impl Session<'_> {
                     "refusing connection: {running} connections already open on this tunnel (limits.max_connections_per_tunnel)"
                 );
             }
-            let by_stream_start = matches!(
-                open,
+            let by_stream_start = match &open {
                 Open::Connect {
-                    by_stream_start: true,
-                    ..
+                    by_stream_start, ..
                 }
-            );
+                | Open::Accepted {
+                    by_stream_start, ..
+                } => *by_stream_start,
+            };
             if by_stream_start {
                 self.table.refuse_start(&service, stream);
             }
@@ -704,10 +718,14 @@ impl Session<'_> {
             .fetch_add(1, Ordering::Relaxed);
         self.state.send_modify(|s| s.resets_received += 1);
         match self.table.reset_stream(&msg.service_id, msg.stream_id) {
-            Some(closed) => info!(
-                service = ?msg.service_id, stream = msg.stream_id, closed = closed.len(),
-                "stream reset by peer"
-            ),
+            Some(closed) => {
+                if let Some(suppressed) = self.stats.logs.admit(Kind::PeerReset) {
+                    info!(
+                        service = ?msg.service_id, stream = msg.stream_id, closed = closed.len(),
+                        suppressed, "stream reset by peer"
+                    );
+                }
+            }
             None => trace!(service = ?msg.service_id, stream = msg.stream_id, "stale STREAM_RESET"),
         }
     }
@@ -747,8 +765,9 @@ impl Session<'_> {
         info!(services = ?ids, "tunnel services");
         match &self.role {
             Role::Destination(map) => {
-                for s in map.current().unmapped(&ids) {
-                    warn!(service = ?s, "the service is not in the service map: its streams will be refused");
+                let unmapped = map.current().unmapped(&ids);
+                if !unmapped.is_empty() {
+                    warn!(services = ?unmapped, "services not in the service map: their streams will be refused");
                 }
             }
             Role::Source(_) => {}
@@ -826,10 +845,16 @@ impl Session<'_> {
             }
         };
         debug!(service = ?service, stream, conn, kind = ?msg.kind(), "opening tunnel connection");
+        let msg_starts_stream = msg.kind() == Some(MessageType::StreamStart);
         // Starts keep their order; the task sends data only once its start is queued.
         let (queued, started) = oneshot::channel();
         self.send_then(msg, Some(queued));
-        let open = Open::Accepted { local, started };
+        let by_stream_start = msg_starts_stream;
+        let open = Open::Accepted {
+            local,
+            started,
+            by_stream_start,
+        };
         self.open_local(service, stream, conn, open);
     }
 
@@ -906,6 +931,14 @@ impl Session<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_consumer_writing_less_than_a_payload_per_window_is_stalled() {
+        assert!(stalled(1000, 1000));
+        assert!(stalled(1000, 1000 + 64511));
+        assert!(!stalled(1000, 1000 + 64512));
+        assert!(stalled(5, 0), "a counter that went back is no progress");
+    }
 
     #[test]
     fn small_payloads_are_copied_out_of_large_messages() {

@@ -480,11 +480,13 @@ impl Outbound {
     /// Frames the message into `buf`; a DATA message's budget share is released here, once
     /// its bytes are in `buf` (bounded by `MAX_WS_FRAME`), not after the send. A close
     /// request is returned instead.
-    fn frame_into(self, buf: &mut BytesMut) -> Option<(u16, &'static str)> {
+    fn frame_into(self, buf: &mut BytesMut, stats: &Stats) -> Option<(u16, &'static str)> {
         match self {
             Outbound::Frame(msg) => encode(&msg, buf),
             Outbound::Data { msg, _budget } => {
                 encode(&msg, buf);
+                let n = msg.payload.len() as u64;
+                stats.bytes_to_tunnel.fetch_add(n, Ordering::Relaxed);
                 drop(_budget);
             }
             Outbound::Close(code, reason) => return Some((code, reason)),
@@ -523,11 +525,11 @@ pub async fn write_loop(
                 return Ok(());
             }
             Some(out) => {
-                let mut close = out.frame_into(&mut buf);
+                let mut close = out.frame_into(&mut buf, &stats);
                 // Batch frames that are already waiting, while a largest frame still fits.
                 while close.is_none() && buf.len() + MAX_FRAME <= MAX_WS_FRAME {
                     match rx.try_recv() {
-                        Ok(out) => close = out.frame_into(&mut buf),
+                        Ok(out) => close = out.frame_into(&mut buf, &stats),
                         Err(_) => break,
                     }
                 }

@@ -14,6 +14,8 @@ pub use message::{Message, MessageType};
 pub const LENGTH_PREFIX: usize = 2;
 /// Largest `payload` of one message; outgoing data is chunked to this.
 pub const MAX_PAYLOAD: usize = 64512;
+/// Longest service id (API `Service` shape).
+pub const MAX_SERVICE_ID: usize = 128;
 /// Largest serialized message the u16 prefix can describe.
 pub(crate) const MAX_MESSAGE: usize = u16::MAX as usize;
 /// Largest websocket frame either side may send or accept (2 x 65538). The rule is about
@@ -110,6 +112,9 @@ pub enum ProtocolError {
     /// A stream-opening message with stream id 0.
     #[error("{0:?} with stream id 0 is invalid")]
     ZeroStreamId(MessageType),
+    /// A service id longer than the API allows.
+    #[error("a service id of {0} bytes (at most {MAX_SERVICE_ID})")]
+    ServiceIdTooLong(usize),
     /// CONNECTION_START on a stream started without connection ids (V1/V2).
     #[error(
         "CONNECTION_START on a stream started without connection ids: a V1/V2 stream carries one connection"
@@ -140,6 +145,13 @@ pub(crate) fn admit(mode: Mode, msg: &Message) -> Result<Incoming, ProtocolError
     };
     if msg.payload.len() > MAX_PAYLOAD {
         return Err(ProtocolError::PayloadTooLarge(msg.payload.len()));
+    }
+    // Ids are at most 128 characters (the API's pattern); a longer one is not logged or kept.
+    if let Some(long) = std::iter::once(&msg.service_id)
+        .chain(&msg.available_service_ids)
+        .find(|id| id.len() > MAX_SERVICE_ID)
+    {
+        return Err(ProtocolError::ServiceIdTooLong(long.len()));
     }
     let opens = matches!(
         kind,
@@ -265,7 +277,7 @@ pub(crate) fn data_plane_host(region: &str) -> String {
 
 /// Rule (API `Service` shape): service ids are 1-128 characters of `[a-zA-Z0-9:_-]`.
 pub fn is_valid_service_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
+    (1..=MAX_SERVICE_ID).contains(&id.len())
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
@@ -490,6 +502,21 @@ mod tests {
             violation_scope(Some(3), &ProtocolError::TextFrame),
             Violation::Session
         );
+    }
+
+    #[test]
+    fn a_service_id_above_128_bytes_is_refused_before_it_is_logged() {
+        let mut m = msg(MessageType::StreamStart, 3);
+        m.service_id = "S".repeat(129);
+        assert!(matches!(
+            admit(Mode::Destination, &m),
+            Err(ProtocolError::ServiceIdTooLong(129))
+        ));
+        m.service_id = "S".repeat(128);
+        assert!(admit(Mode::Destination, &m).is_ok());
+        let mut ids = msg(MessageType::ServiceIds, 0);
+        ids.available_service_ids = vec!["SSH".into(), "x".repeat(4000)];
+        assert!(admit(Mode::Destination, &ids).is_err());
     }
 
     #[test]

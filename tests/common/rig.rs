@@ -161,24 +161,23 @@ pub struct ConfigExtra<'a> {
     pub rest: &'a str,
     /// Connect MQTT to this port instead of mosquitto's (a relay in front of it).
     pub mqtt_port: Option<u16>,
-    /// No `tunnel.endpoint`: the endpoint comes from the notify's region (`DATA_HOST`), and
+    /// No `tunnel.endpoint`: the endpoint comes from the notify's region, and
     /// `[tunnel] resolve` must point it at the emulator.
     pub region_endpoint: bool,
 }
 
-/// The data-plane host of the emulator's region (us-east-1); its generated certificate
-/// names it.
-pub const DATA_HOST: &str = "data.tunneling.iot.us-east-1.amazonaws.com";
-
 pub struct RigOptions {
     /// One "minute" of tunnel lifetime.
     pub minute: Duration,
+    /// The emulator's region: in notifies, ARNs and its certificate's data-plane name.
+    pub region: &'static str,
 }
 
 impl Default for RigOptions {
     fn default() -> Self {
         RigOptions {
             minute: Duration::from_secs(60),
+            region: "us-east-1",
         }
     }
 }
@@ -201,6 +200,7 @@ impl Rig {
         let mut cfg = EmulatorConfig::loopback(EmulatorTls::Generate);
         cfg.control_plane = true;
         cfg.minute = opts.minute;
+        cfg.region = opts.region.into();
         cfg.publisher = Some(PublisherConfig {
             host: "127.0.0.1".into(),
             port: mosquitto.port,
