@@ -44,7 +44,12 @@ pub enum Command {
     /// Run the agent: follow the thing's tunnel notifications and serve every tunnel.
     Run,
     /// Load and validate the configuration and the files it names; print a summary.
-    CheckConfig,
+    CheckConfig {
+        /// Check Unix-socket services as this user (default: securetunnel-agent when run
+        /// as root and that user exists, else the current user).
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Run one tunnel end, like the reference localproxy (token from AWSIOT_TUNNEL_ACCESS_TOKEN).
     LocalProxy(Box<LocalProxyArgs>),
 }
@@ -68,15 +73,25 @@ fn load_checked(path: &std::path::Path) -> Option<(crate::config::Config, crate:
 }
 
 /// `check-config`: exit 0 and a redacted summary, or every problem and exit 2.
-pub fn check_config(path: &std::path::Path) -> ExitCode {
-    let Some((_, checked)) = load_checked(path) else {
+pub fn check_config(path: &std::path::Path, user: Option<&str>) -> ExitCode {
+    let who = match crate::sandbox::Identity::agent(user) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("securetunnel-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some((cfg, checked)) = load_checked(path) else {
         return ExitCode::from(2);
     };
+    // The unit's sandbox applies only where systemd runs the agent.
+    let systemd = std::path::Path::new("/run/systemd/system").exists();
+    let sockets = crate::sandbox::unix_socket_warnings(&cfg.services, &who, systemd);
     println!("{}: OK", path.display());
     for (k, v) in &checked.summary {
         println!("  {k:<16} {v}");
     }
-    for w in &checked.warnings {
+    for w in checked.warnings.iter().chain(&sockets) {
         println!("warning: {w}");
     }
     ExitCode::SUCCESS

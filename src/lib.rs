@@ -10,7 +10,7 @@
 //!   reference localproxy's options) and SIGINT/SIGTERM as cancellation.
 //! - The agent itself (private): `config` (agent.toml), `notify` (MQTT), `session` (the
 //!   tunnel table), `agent` (carries out the table's decisions), `status` (status.json,
-//!   systemd).
+//!   systemd), `sandbox` (can the service's user reach each Unix-socket service).
 //!
 //! The public API is what the binary, the emulator crate and the integration tests use to
 //! run a bridge; the agent's own state stays private.
@@ -28,6 +28,7 @@ mod net;
 mod notify;
 mod persist;
 pub mod protocol;
+mod sandbox;
 pub mod secret;
 pub mod services;
 mod session;

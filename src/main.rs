@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args = Cli::parse();
-    if let Command::CheckConfig = args.command {
-        return cli::check_config(&args.config);
+    if let Command::CheckConfig { user } = &args.command {
+        return cli::check_config(&args.config, user.as_deref());
     }
     cli::init_logging(args.verbose);
     // One thread: a gateway has few cores and the relay is I/O-bound.
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         }
         match args.command {
             Command::Run => cli::run_agent(&args.config, cancel).await,
-            Command::CheckConfig => cli::check_config(&args.config),
+            Command::CheckConfig { .. } => ExitCode::SUCCESS,
             Command::LocalProxy(a) => cli::local_proxy(*a, cancel).await,
         }
     })

@@ -244,3 +244,79 @@ fn the_example_config_names_each_missing_file() {
         assert!(out.contains(key), "{key} missing from: {out}");
     }
 }
+
+/// `check-config --user nobody` on a config whose Unix-socket services `nobody` can or
+/// cannot reach (the tests run as root, so they can set owners).
+#[test]
+fn unix_socket_services_are_checked_for_the_agents_user() {
+    use std::os::unix::fs::chown;
+    let keys = tempfile::tempdir().unwrap();
+    let k = keys.path();
+    ec_key(k, "a.key");
+    let cert = certify(k, "a.key", "a");
+    private(&k.join("a.key"));
+    // Under /run: outside what the unit hides, and every parent is searchable by others.
+    let run = tempfile::tempdir_in("/run").expect("the tests run as root (/run is writable)");
+    let d = run.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bind = |p: &Path, mode: u32| {
+        let l = std::os::unix::net::UnixListener::bind(p).unwrap();
+        chown(p, Some(0), Some(1)).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        l
+    };
+    let _open = bind(&d.join("open.sock"), 0o666);
+    let _grp = bind(&d.join("group.sock"), 0o660);
+    std::fs::create_dir(d.join("private")).unwrap();
+    std::fs::set_permissions(d.join("private"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let _priv = bind(&d.join("private/app.sock"), 0o666);
+    let cfg = config(k, &cert, &k.join("a.key"));
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    for (name, path) in [
+        ("OPEN", "open.sock"),
+        ("GRP", "group.sock"),
+        ("PRIV", "private/app.sock"),
+        ("GONE", "missing.sock"),
+    ] {
+        text.push_str(&format!("{name} = \"{}\"\n", d.join(path).display()));
+    }
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
+        .args(["check-config", "--user", "nobody", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let warning = |service: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("warning: service {service}: ")))
+            .map(str::to_owned)
+    };
+    assert_eq!(warning("OPEN"), None, "{text}");
+    assert_eq!(warning("SSH"), None, "{text}");
+    let grp = warning("GRP").unwrap_or_default();
+    assert!(
+        grp.contains("nobody cannot connect") && grp.contains("SupplementaryGroups=daemon"),
+        "{text}"
+    );
+    let private_dir = format!("directory {} is 0700", d.join("private").display());
+    assert!(
+        warning("PRIV").unwrap_or_default().contains(&private_dir),
+        "{text}"
+    );
+    assert!(
+        warning("GONE")
+            .unwrap_or_default()
+            .contains("does not exist"),
+        "{text}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
+        .args(["check-config", "--user", "no-such-user", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--user no-such-user: no such user"));
+}
