@@ -12,8 +12,8 @@ step() { printf '\n== %s\n' "$1"; }
 fail() { printf 'test.sh: step "%s" failed\n' "$1" >&2; exit 1; }
 
 # Real peers: mosquitto (the AWS IoT Core stand-in), openssl (key formats), python3 + venv
-# (boto3 and aws-cli v1 as control-plane clients).
-APT_PACKAGES=(mosquitto openssl python3 python3-venv)
+# (boto3 and aws-cli v1 as control-plane clients), tinyproxy (a real HTTP CONNECT proxy).
+APT_PACKAGES=(mosquitto openssl python3 python3-venv tinyproxy-bin)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"

@@ -146,6 +146,12 @@ impl Agent {
             tls: checked.mqtt_tls.clone(),
             thing: agent.cfg.thing_name.clone(),
             topic: agent.cfg.notify_topic(),
+            proxy: agent
+                .cfg
+                .proxy
+                .as_ref()
+                .and_then(|p| p.for_host(&agent.cfg.mqtt.host))
+                .cloned(),
         };
         let spread = agent.cfg.mqtt.reconnect_spread;
         let mqtt_task = tokio::spawn(
@@ -348,7 +354,8 @@ impl Agent {
             .tunnel
             .endpoint
             .clone()
-            .unwrap_or_else(|| DataEndpoint::for_region(region));
+            .unwrap_or_else(|| DataEndpoint::for_region(region))
+            .with_proxy(self.cfg.proxy.as_ref());
         endpoint.connect_to = crate::config::resolve_override(&self.cfg.tunnel.resolve, &endpoint);
         let config = BridgeConfig {
             role: Role::Destination {
@@ -512,6 +519,7 @@ impl Agent {
                     ),
                     ("rotation", new.rotation != self.cfg.rotation),
                     ("state_dir", new.state_dir != self.cfg.state_dir),
+                    ("proxy", new.proxy != self.cfg.proxy),
                 ]
                 .into_iter()
                 .filter_map(|(k, changed)| changed.then_some(k))

@@ -250,7 +250,7 @@ impl LocalProxyArgs {
 
     /// Builds the bridge configuration; binds source listeners now so a taken port fails early.
     pub(crate) async fn bridge_config(&self) -> Result<BridgeConfig, UsageError> {
-        let endpoint = self.endpoint()?;
+        let endpoint = with_env_proxy(self.endpoint()?)?;
         let host = self.local_bind_address.as_deref().unwrap_or(DEFAULT_HOST);
         let role = match (&self.source, &self.destination) {
             (Some(s), None) => {
@@ -299,6 +299,19 @@ impl LocalProxyArgs {
             limits,
         })
     }
+}
+
+/// HTTPS_PROXY/NO_PROXY as localproxy and curl read them (`ProxySettings::from_env`).
+fn with_env_proxy(endpoint: DataEndpoint) -> Result<DataEndpoint, UsageError> {
+    let Some((var, settings)) = crate::proxy::ProxySettings::from_env().map_err(usage)? else {
+        return Ok(endpoint);
+    };
+    let endpoint = endpoint.with_proxy(Some(&settings));
+    match &endpoint.proxy {
+        Some(p) => info!(proxy = %p, "reaching the data plane through the HTTP proxy in {var}"),
+        None => info!(host = %endpoint.host, "no_proxy names the data plane: not using {var}"),
+    }
+    Ok(endpoint)
 }
 
 /// Runs `local-proxy` until the tunnel closes or a signal arrives.

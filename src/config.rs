@@ -50,6 +50,16 @@ struct RawConfig {
     rotation: RawRotation,
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
+    proxy: Option<RawProxy>,
+}
+
+/// `[proxy]`: the URL may carry a password, so it is read as a secret.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    url: Option<crate::secret::Secret>,
+    #[serde(default)]
+    no_proxy: Vec<String>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -287,6 +297,8 @@ pub struct Config {
     pub limits: AgentLimits,
     pub rotation: RotationPolicy,
     pub state_dir: PathBuf,
+    /// `[proxy]`: MQTT and the data plane through an HTTP CONNECT proxy.
+    pub proxy: Option<crate::proxy::ProxySettings>,
 }
 
 impl Config {
@@ -560,6 +572,35 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             ));
         }
     }
+    let proxy = match &raw.proxy {
+        None => None,
+        Some(RawProxy { url: None, .. }) => {
+            errors.push(err(
+                "proxy.url",
+                "is missing",
+                "set url = \"http://[user:password@]host:port\", or remove [proxy]",
+            ));
+            None
+        }
+        Some(RawProxy {
+            url: Some(url),
+            no_proxy,
+        }) => match crate::proxy::parse_proxy_url(url.expose()) {
+            Ok(proxy) => Some(crate::proxy::ProxySettings {
+                proxy,
+                no_proxy: no_proxy.clone(),
+            }),
+            // The reason never quotes the URL: it may hold the password.
+            Err(e) => {
+                errors.push(err(
+                    "proxy.url",
+                    e,
+                    "use http://[user:password@]host:port (percent-encode @ and : in credentials)",
+                ));
+                None
+            }
+        },
+    };
     if !raw.state_dir.is_absolute() {
         errors.push(err(
             "state_dir",
@@ -603,6 +644,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         },
         rotation: raw.rotation.policy,
         state_dir: raw.state_dir,
+        proxy,
     })
 }
 
@@ -872,6 +914,19 @@ fn summary(cfg: &Config) -> Vec<(String, String)> {
             format!("{:?}", cfg.rotation).to_lowercase(),
         ),
         ("state dir".into(), cfg.state_dir.display().to_string()),
+        (
+            "proxy".into(),
+            match &cfg.proxy {
+                None => "none (direct connections)".to_owned(),
+                Some(p) => {
+                    let mut via = format!("{} for MQTT and the data plane (CONNECT)", p.proxy);
+                    if !p.no_proxy.is_empty() {
+                        via.push_str(&format!("; direct for {}", p.no_proxy.join(", ")));
+                    }
+                    via
+                }
+            },
+        ),
     ]
 }
 
@@ -891,6 +946,29 @@ mod tests {
 
     fn parse_str(s: &str) -> Result<Config, ConfigErrors> {
         parse(s, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn a_proxy_url_is_refused_by_key_without_quoting_its_password() {
+        let with = |proxy: &str| format!("{MIN}\n[proxy]\n{proxy}\n");
+        let c = parse_str(&with(
+            r#"url = "http://op:pw-1@proxy:3128"
+            no_proxy = ["localhost"]"#,
+        ))
+        .unwrap();
+        let p = c.proxy.unwrap();
+        assert_eq!(p.proxy.to_string(), "http://op@proxy:3128");
+        assert_eq!(p.no_proxy, vec!["localhost".to_owned()]);
+        for (bad, why) in [
+            (r#"url = "https://op:pw-1@proxy:3128""#, "https:// proxies"),
+            (r#"url = "http://op:pw-1@proxy:0""#, "port"),
+            (r#"no_proxy = ["x"]"#, "is missing"),
+        ] {
+            let e = parse_str(&with(bad)).unwrap_err().to_string();
+            assert!(e.contains("proxy.url") && e.contains(why), "{e}");
+            assert!(!e.contains("pw-1"), "{e}");
+        }
+        assert!(parse_str(MIN).unwrap().proxy.is_none());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`services`]: the service map (service id -> local endpoint), an allow-list.
 //! - [`bridge`]: websocket <-> local connections, destination and source mode.
 //! - [`backoff`]: reconnect policies (websocket and MQTT), pure state.
-//! - [`tls`], [`secret`]: TLS client configuration; tokens that never leak.
+//! - [`tls`], [`secret`], [`proxy`]: TLS client configuration; tokens that never leak;
+//!   HTTP CONNECT proxies.
 //! - [`cli`], [`signals`]: the command line (`run`, `check-config`, `local-proxy` with the
 //!   reference localproxy's options) and SIGINT/SIGTERM as cancellation.
 //! - The agent itself (private): `config` (agent.toml), `notify` (MQTT), `session` (the
@@ -28,6 +29,7 @@ mod net;
 mod notify;
 mod persist;
 pub mod protocol;
+pub mod proxy;
 mod sandbox;
 pub mod secret;
 pub mod services;

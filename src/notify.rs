@@ -150,6 +150,8 @@ pub struct NotifyClient {
     /// The thing whose notifies this client follows, and its topic.
     pub thing: String,
     pub topic: String,
+    /// HTTP proxy to the broker (`[proxy]`, unless `no_proxy` names it).
+    pub proxy: Option<crate::proxy::HttpProxy>,
 }
 
 /// Notifications waiting for the agent.
@@ -199,6 +201,22 @@ impl NotifyClient {
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 self.tls.clone(),
             )));
+        if let Some(p) = &self.proxy {
+            // rumqttc keeps its own copy of the password (not zeroized); it never logs it.
+            let auth = match &p.auth {
+                Some(a) => rumqttc::ProxyAuth::Basic {
+                    username: a.user.clone(),
+                    password: a.password.expose().to_owned(),
+                },
+                None => rumqttc::ProxyAuth::None,
+            };
+            opts.set_proxy(rumqttc::Proxy {
+                ty: rumqttc::ProxyType::Http,
+                auth,
+                addr: p.host.clone(),
+                port: p.port,
+            });
+        }
         let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
         // Notifies are small and latency matters: no Nagle delay.
         let mut net = rumqttc::NetworkOptions::new();
@@ -349,7 +367,12 @@ impl NotifyClient {
     /// Keepalive and user timeout on rumqttc's socket, found by the broker's address.
     async fn harden_socket(&self) {
         // Bounded: a slow resolver must not hold up the subscription.
-        let lookup = tokio::net::lookup_host((self.config.host.as_str(), self.config.port));
+        // Through a proxy, the socket's peer is the proxy.
+        let (host, port) = match &self.proxy {
+            Some(p) => (p.host.as_str(), p.port),
+            None => (self.config.host.as_str(), self.config.port),
+        };
+        let lookup = tokio::net::lookup_host((host, port));
         match tokio::time::timeout(Duration::from_secs(2), lookup).await {
             Ok(Ok(addrs)) => {
                 let addrs: Vec<_> = addrs.collect();

@@ -5,6 +5,7 @@
 mod common;
 
 use common::e2e::*;
+use common::http_proxy::Tinyproxy;
 use common::rig::{ConfigExtra, Rig, RigOptions};
 use common::*;
 use securetunnel_agent::protocol::Mode;
@@ -582,4 +583,46 @@ async fn tunnel_ca_only_pins_the_data_plane() {
         "{line}"
     );
     assert!(!rig.emu.is_connected(&t.tunnel_id, Mode::Destination));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_and_the_data_plane_go_through_the_configured_http_proxy() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let tp = Tinyproxy::start("BasicAuth op s3cret-pw").await;
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let rest = format!("[proxy]\nurl = \"{}\"\n", tp.url("op:s3cret-pw@"));
+    let cfg = rig.agent_config_with(
+        "gw-proxy",
+        &ConfigExtra {
+            services: &format!("SSH = \"{}\"", echo.addr.unwrap()),
+            rest: &rest,
+            ..ConfigExtra::default()
+        },
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains(&format!("{} for MQTT and the data plane", tp.url("op@"))),
+        "{summary}"
+    );
+    assert!(!summary.contains("s3cret-pw"), "{summary}");
+
+    let mut agent = rig.spawn_agent(&cfg);
+    agent.expect("subscribed to tunnel notifications").await;
+    tp.saw_connect(&format!("127.0.0.1:{}", rig.mosquitto.port))
+        .await;
+    let t = open(&rig, "gw-proxy", &["SSH"], 30).await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "the agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    tp.saw_connect(&rig.emu.addr().to_string()).await;
+    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
+    transfer(&addrs, "SSH", 1).await;
+    assert!(!agent.log.text().contains("s3cret-pw"));
 }

@@ -1,10 +1,12 @@
 //! `securetunnel-agent local-proxy` as a process, against the emulator over TLS: the
-//! localproxy options the README lists (`-c DIR`, `-k`, `-b`) and exit 0 on SIGINT/SIGTERM.
+//! localproxy options the README lists (`-c DIR`, `-k`, `-b`), exit 0 on SIGINT/SIGTERM, and
+//! HTTPS_PROXY/NO_PROXY through a real proxy (tinyproxy).
 
 mod common;
 
 use std::process::Stdio;
 
+use common::http_proxy::Tinyproxy;
 use common::*;
 use securetunnel_agent::protocol::{Format, Mode};
 use securetunnel_emulator::testkit::{LogTail, echo_tcp, echo_transfer};
@@ -19,10 +21,20 @@ struct Proxy {
 
 impl Proxy {
     fn spawn(emu: &Emulator, token: &str, args: &[&str]) -> Proxy {
+        Proxy::spawn_env(emu, token, args, &[])
+    }
+
+    /// With `env` set, and no HTTP proxy variables but those given.
+    fn spawn_env(emu: &Emulator, token: &str, args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
             .arg("local-proxy")
             .args(["-e", &emu.endpoint(), "-v", "5"])
             .args(args)
+            .env_remove("https_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("NO_PROXY")
+            .envs(env.iter().copied())
             .env("AWSIOT_TUNNEL_ACCESS_TOKEN", token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -160,4 +172,120 @@ async fn bind_address_sets_the_source_listen_address_and_the_destination_host() 
     .await
     .unwrap();
     assert_eq!(echo.accepted(), 1);
+}
+
+/// A destination local-proxy with `env`, serving SSH from an echo service; the source runs
+/// in-process.
+async fn destination_with_env(
+    env: &[(&str, &str)],
+) -> (
+    Emulator,
+    TunnelTokens,
+    Proxy,
+    securetunnel_emulator::testkit::EchoService,
+    tempfile::TempDir,
+) {
+    let (emu, t, ca_dir) = tls_tunnel().await;
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = format!("SSH={}", echo.addr.unwrap());
+    let proxy = Proxy::spawn_env(
+        &emu,
+        &t.destination_access_token,
+        &["-c", ca_dir.path().to_str().unwrap(), "-d", &map],
+        env,
+    );
+    (emu, t, proxy, echo, ca_dir)
+}
+
+async fn transfer_through(emu: &Emulator, t: &TunnelTokens) {
+    let (_src, addrs) = securetunnel_emulator_source(emu, t).await;
+    let c = TcpStream::connect(addrs.get("SSH")).await.unwrap();
+    within("transfer through local-proxy", echo_transfer(c, 1 << 20, 1))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_proxy_with_basic_auth_carries_the_tunnel_and_the_password_is_never_logged() {
+    let tp = Tinyproxy::start("BasicAuth op s3cret-pw").await;
+    let url = tp.url("op:s3cret-pw@");
+    // The lowercase variable wins, as in localproxy: the uppercase one points nowhere.
+    let dead = format!("http://127.0.0.1:{}", testkit_free_port());
+    let (emu, t, proxy, _echo, _ca) =
+        destination_with_env(&[("https_proxy", &url), ("HTTPS_PROXY", &dead)]).await;
+    proxy.line("websocket connected").await;
+    tp.saw_connect(&emu.addr().to_string()).await;
+    transfer_through(&emu, &t).await;
+    let log = proxy.log.text();
+    assert!(log.contains("http://op@127.0.0.1"), "{log}");
+    assert!(!log.contains("s3cret-pw"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_wants_credentials_is_named_with_the_fix() {
+    let tp = Tinyproxy::start("BasicAuth op s3cret-pw").await;
+    let url = tp.url("");
+    let (emu, t, proxy, _echo, _ca) = destination_with_env(&[("HTTPS_PROXY", &url)]).await;
+    let line = proxy.line("407").await;
+    assert!(
+        line.contains(&format!("proxy {url} refused CONNECT {}", emu.addr()))
+            && line.contains("http://user:password@host:port"),
+        "{line}"
+    );
+    // With the wrong password, the refusal says so.
+    let bad = tp.url("op:wrong@");
+    let proxy2 = Proxy::spawn_env(
+        &emu,
+        &t.destination_access_token,
+        &["-d", "SSH=22"],
+        &[("HTTPS_PROXY", &bad)],
+    );
+    let line = proxy2.line("refused CONNECT").await;
+    assert!(line.contains("refused the credentials"), "{line}");
+    assert!(
+        !proxy2.log.text().contains("wrong"),
+        "{}",
+        proxy2.log.text()
+    );
+    assert!(!emu.is_connected(&t.tunnel_id, Mode::Destination));
+    drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_the_proxy_forbids_is_named_with_its_status() {
+    // Only port 443 may be tunnelled; the emulator listens elsewhere.
+    let tp = Tinyproxy::start("ConnectPort 443").await;
+    let (emu, t, proxy, _echo, _ca) = destination_with_env(&[("HTTPS_PROXY", &tp.url(""))]).await;
+    let line = proxy.line("refused CONNECT").await;
+    assert!(
+        line.contains("403") && line.contains("443 must be allowed"),
+        "{line}"
+    );
+    assert!(!emu.is_connected(&t.tunnel_id, Mode::Destination));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_proxy_naming_the_endpoint_goes_direct() {
+    // The proxy is a closed port: only a direct connection can work.
+    let dead = format!("http://127.0.0.1:{}", testkit_free_port());
+    let (emu, t, proxy, _echo, _ca) =
+        destination_with_env(&[("HTTPS_PROXY", &dead), ("NO_PROXY", "localhost,127.0.0.1")]).await;
+    proxy.line("websocket connected").await;
+    transfer_through(&emu, &t).await;
+    assert!(proxy.log.text().contains("no_proxy names the data plane"));
+
+    // Without NO_PROXY the same dead proxy is what fails, by name.
+    let t2 = emu.open_tunnel(&["SSH"], std::time::Duration::from_secs(3600));
+    let p2 = Proxy::spawn_env(
+        &emu,
+        &t2.destination_access_token,
+        &["-d", "SSH=22"],
+        &[("HTTPS_PROXY", &dead)],
+    );
+    let line = p2.line("cannot talk to proxy").await;
+    assert!(line.contains(&dead), "{line}");
+}
+
+fn testkit_free_port() -> u16 {
+    securetunnel_emulator::testkit::free_port().unwrap()
 }

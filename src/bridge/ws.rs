@@ -58,6 +58,8 @@ pub struct DataEndpoint {
     /// Connect to this address instead of resolving `host` (`tunnel.resolve`); TLS and the
     /// upgrade still name `host`.
     pub connect_to: Option<std::net::SocketAddr>,
+    /// Reach it through this HTTP proxy (CONNECT to `connect_to` or `host`); `None` is direct.
+    pub proxy: Option<crate::proxy::HttpProxy>,
 }
 
 impl DataEndpoint {
@@ -68,6 +70,7 @@ impl DataEndpoint {
             port: 443,
             tls: true,
             connect_to: None,
+            proxy: None,
         }
     }
 
@@ -115,15 +118,18 @@ impl DataEndpoint {
             port,
             tls,
             connect_to: None,
+            proxy: None,
         })
     }
 
+    /// Goes through `settings`' proxy unless its `no_proxy` names this host.
+    pub fn with_proxy(mut self, settings: Option<&crate::proxy::ProxySettings>) -> Self {
+        self.proxy = settings.and_then(|s| s.for_host(&self.host)).cloned();
+        self
+    }
+
     fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        crate::proxy::authority(&self.host, self.port)
     }
 
     /// The upgrade URL for `mode` (spec §1.1).
@@ -176,6 +182,14 @@ pub enum HandshakeError {
         endpoint: String,
         /// The socket error.
         source: io::Error,
+    },
+    /// The HTTP proxy could not tunnel to the endpoint.
+    #[error("cannot reach {endpoint}: {source}")]
+    Proxy {
+        /// The endpoint as `wss://host:port`.
+        endpoint: String,
+        /// What the proxy said.
+        source: crate::proxy::ProxyError,
     },
     /// The TLS handshake failed.
     #[error("TLS handshake with {endpoint} failed: {source}")]
@@ -320,12 +334,7 @@ pub async fn connect(p: &HandshakeParams<'_>) -> Result<Connected, HandshakeErro
 
 async fn connect_inner(p: &HandshakeParams<'_>, req: Request) -> Result<Connected, HandshakeError> {
     let endpoint = p.endpoint.to_string();
-    let tcp = connect_tcp(p.endpoint)
-        .await
-        .map_err(|source| HandshakeError::Connect {
-            endpoint: endpoint.clone(),
-            source,
-        })?;
+    let tcp = connect_tcp(p.endpoint, &endpoint).await?;
     let io: Box<dyn Io> = match (p.endpoint.tls, p.tls) {
         (true, Some(config)) => {
             let name =
@@ -423,15 +432,33 @@ pub fn handshake_against(response: &[u8]) -> Result<Option<String>, HandshakeErr
     }
 }
 
-/// The websocket's TCP connection: no Nagle delay, and dead-link detection
-/// (`net::harden`) from the start.
-async fn connect_tcp(endpoint: &DataEndpoint) -> io::Result<TcpStream> {
-    let tcp = match endpoint.connect_to {
-        Some(addr) => TcpStream::connect(addr).await?,
-        None => TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?,
+/// The websocket's TCP connection, direct or through the proxy: no Nagle delay, and
+/// dead-link detection (`net::harden`) from the start.
+async fn connect_tcp(endpoint: &DataEndpoint, name: &str) -> Result<TcpStream, HandshakeError> {
+    let connect_err = |source| HandshakeError::Connect {
+        endpoint: name.to_owned(),
+        source,
     };
-    tcp.set_nodelay(true)?;
-    crate::net::harden(socket2::SockRef::from(&tcp))?;
+    let tcp = match (&endpoint.proxy, endpoint.connect_to) {
+        (Some(proxy), to) => {
+            let (host, port) = match to {
+                Some(addr) => (addr.ip().to_string(), addr.port()),
+                None => (endpoint.host.clone(), endpoint.port),
+            };
+            crate::proxy::connect(proxy, &host, port)
+                .await
+                .map_err(|source| HandshakeError::Proxy {
+                    endpoint: name.to_owned(),
+                    source,
+                })?
+        }
+        (None, Some(addr)) => TcpStream::connect(addr).await.map_err(connect_err)?,
+        (None, None) => TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(connect_err)?,
+    };
+    tcp.set_nodelay(true).map_err(connect_err)?;
+    crate::net::harden(socket2::SockRef::from(&tcp)).map_err(connect_err)?;
     Ok(tcp)
 }
 
@@ -664,7 +691,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let e = DataEndpoint::parse_override(&format!("ws://{}", listener.local_addr().unwrap()))
             .unwrap();
-        let tcp = connect_tcp(&e).await.unwrap();
+        let tcp = connect_tcp(&e, "test").await.unwrap();
         let sock = socket2::SockRef::from(&tcp);
         assert!(sock.keepalive().unwrap());
         assert_eq!(

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod e2e;
+pub mod http_proxy;
 pub mod rig;
 
 use std::sync::Arc;
