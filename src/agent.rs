@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::bridge::{
-    Bridge, BridgeConfig, BridgeEnd, BridgeError, DataEndpoint, Limits, Phase, Role, State, Stats,
+    Bridge, BridgeConfig, BridgeEnd, BridgeError, DataEndpoint, Limits, Role, State, Stats,
 };
 use crate::config::{Checked, Config};
 use crate::notify::{self, MqttPhase, MqttState, Notice, Notification, NotifyClient};
@@ -26,7 +26,7 @@ use crate::persist::{Moment, PersistedSession, SessionStore};
 use crate::secret::Secret;
 use crate::services::{ServiceMap, SharedServiceMap};
 use crate::session::{Decision, SessionTable, TunnelKey};
-use crate::status::{Snapshot, StatusFile, TunnelStatus, systemd};
+use crate::status::{Snapshot, StatusFile, StatusSocket, TunnelStatus, systemd};
 use crate::upgrade::BinaryWatch;
 
 /// How long bridges get to close their sockets when the agent stops.
@@ -166,6 +166,17 @@ impl Agent {
                 None
             }
         };
+        // Live status for `securetunnel-agent status`; without it the agent still runs.
+        let status_socket = match StatusSocket::bind(&agent.cfg.runtime_dir) {
+            Ok(s) => {
+                debug!(socket = %s.path().display(), "live status socket ready");
+                Some(s)
+            }
+            Err(e) => {
+                warn!(dir = %agent.cfg.runtime_dir.display(), "no live status (securetunnel-agent status): cannot create the status socket: {e}");
+                None
+            }
+        };
         // Fed from this loop: a loop that hangs stops feeding it and systemd restarts us.
         let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
         let mut binary_check = tokio::time::interval(BINARY_CHECK);
@@ -186,6 +197,11 @@ impl Agent {
                     }
                 }
                 Ok(()) = agent.mqtt.changed() => agent.on_mqtt_state(),
+                Some(client) = accept_status(status_socket.as_ref()) => {
+                    if let Some(socket) = &status_socket {
+                        socket.answer(client, &agent.snapshot());
+                    }
+                }
                 _ = binary_check.tick() => {
                     if let Some(path) = agent.upgrade_due() {
                         break AgentExit::Upgrade(path);
@@ -546,27 +562,25 @@ impl Agent {
         self.write_status();
     }
 
-    /// Writes status.json and systemd's STATUS=; returns the latter.
-    fn write_status(&self) -> String {
+    /// The table with each bridge's state and counters, now.
+    fn snapshot(&self) -> Snapshot {
         let now = Instant::now();
         let tunnels = self
             .table
             .entries()
             .iter()
-            .map(|e| {
-                let phase = self
-                    .live
-                    .get(&e.id)
-                    .map_or(Phase::Ended, |l| l.state.borrow().phase);
-                TunnelStatus::of(e, &format!("{phase:?}").to_lowercase(), now)
+            .map(|e| match self.live.get(&e.id) {
+                Some(l) => TunnelStatus::of(e, Some((&l.state.borrow(), &l.stats)), now),
+                None => TunnelStatus::of(e, None, now),
             })
             .collect();
-        let mqtt = self.mqtt.borrow().clone();
-        let snapshot = Snapshot {
-            mqtt: format!("{:?}", mqtt.phase).to_lowercase(),
-            tunnels,
-        };
-        let line = status_line(snapshot.tunnels.len(), &mqtt);
+        Snapshot::new(&self.mqtt.borrow(), tunnels)
+    }
+
+    /// Writes status.json and systemd's STATUS=; returns the latter.
+    fn write_status(&self) -> String {
+        let snapshot = self.snapshot();
+        let line = status_line(snapshot.tunnels.len(), &self.mqtt.borrow());
         systemd::status(&line);
         if let Err(e) = self.status.write(&snapshot) {
             debug!(path = %self.status.path().display(), "status not written: {e}");
@@ -592,6 +606,15 @@ impl Agent {
             self.bridges.shutdown().await;
         }
         info!("agent stopped");
+    }
+}
+
+/// The next status client; pending forever without a socket. An accept error (descriptors
+/// exhausted) is skipped: the agent's work matters more than its status.
+async fn accept_status(socket: Option<&StatusSocket>) -> Option<tokio::net::UnixStream> {
+    match socket {
+        Some(s) => s.accept().await.ok(),
+        None => std::future::pending().await,
     }
 }
 

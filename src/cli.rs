@@ -50,6 +50,12 @@ pub enum Command {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Show the running agent's MQTT state and tunnels, live (exit 3 when it is not running).
+    Status {
+        /// The snapshot as JSON (the fields of status.json, current).
+        #[arg(long)]
+        json: bool,
+    },
     /// Run one tunnel end, like the reference localproxy (token from AWSIOT_TUNNEL_ACCESS_TOKEN).
     LocalProxy(Box<LocalProxyArgs>),
 }
@@ -95,6 +101,45 @@ pub fn check_config(path: &std::path::Path, user: Option<&str>) -> ExitCode {
         println!("warning: {w}");
     }
     ExitCode::SUCCESS
+}
+
+/// `status`: the running agent's live snapshot; exit 3 when it is not running, 2 when the
+/// configuration cannot be read.
+pub fn status(path: &std::path::Path, json: bool) -> ExitCode {
+    let cfg = match crate::config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("securetunnel-agent: {} is not usable:\n{e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    match crate::status::query(&cfg.runtime_dir) {
+        Ok(snapshot) if json => match serde_json::to_string_pretty(&snapshot) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("securetunnel-agent: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(snapshot) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            print!("{}", snapshot.render(now));
+            ExitCode::SUCCESS
+        }
+        Err(e @ crate::status::QueryError::NotRunning(_)) => {
+            eprintln!("securetunnel-agent: {e}");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            eprintln!("securetunnel-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `run`: the agent until SIGINT/SIGTERM.

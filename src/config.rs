@@ -50,6 +50,7 @@ struct RawConfig {
     rotation: RawRotation,
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
+    runtime_dir: Option<PathBuf>,
     proxy: Option<RawProxy>,
 }
 
@@ -297,6 +298,8 @@ pub struct Config {
     pub limits: AgentLimits,
     pub rotation: RotationPolicy,
     pub state_dir: PathBuf,
+    /// Where the live status socket is (`status::default_runtime_dir` unless set).
+    pub runtime_dir: PathBuf,
     /// `[proxy]`: MQTT and the data plane through an HTTP CONNECT proxy.
     pub proxy: Option<crate::proxy::ProxySettings>,
 }
@@ -601,6 +604,13 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             }
         },
     };
+    if raw.runtime_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+        errors.push(err(
+            "runtime_dir",
+            "is not an absolute path",
+            "use e.g. /run/securetunnel-agent",
+        ));
+    }
     if !raw.state_dir.is_absolute() {
         errors.push(err(
             "state_dir",
@@ -644,6 +654,9 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         },
         rotation: raw.rotation.policy,
         state_dir: raw.state_dir,
+        runtime_dir: raw
+            .runtime_dir
+            .unwrap_or_else(|| crate::status::default_runtime_dir(Path::new("/run").is_dir())),
         proxy,
     })
 }
@@ -914,6 +927,13 @@ fn summary(cfg: &Config) -> Vec<(String, String)> {
             format!("{:?}", cfg.rotation).to_lowercase(),
         ),
         ("state dir".into(), cfg.state_dir.display().to_string()),
+        (
+            "live status".into(),
+            format!(
+                "{} (securetunnel-agent status)",
+                cfg.runtime_dir.join(crate::status::SOCKET_NAME).display()
+            ),
+        ),
         (
             "proxy".into(),
             match &cfg.proxy {

@@ -8,8 +8,11 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args = Cli::parse();
-    if let Command::CheckConfig { user } = &args.command {
-        return cli::check_config(&args.config, user.as_deref());
+    // The quick commands need neither logging nor the runtime.
+    match &args.command {
+        Command::CheckConfig { user } => return cli::check_config(&args.config, user.as_deref()),
+        Command::Status { json } => return cli::status(&args.config, *json),
+        _ => {}
     }
     cli::init_logging(args.verbose);
     // One thread: a gateway has few cores and the relay is I/O-bound.
@@ -31,7 +34,7 @@ fn main() -> ExitCode {
         }
         match args.command {
             Command::Run => cli::run_agent(&args.config, cancel).await,
-            Command::CheckConfig { .. } => ExitCode::SUCCESS,
+            Command::CheckConfig { .. } | Command::Status { .. } => ExitCode::SUCCESS,
             Command::LocalProxy(a) => cli::local_proxy(*a, cancel).await,
         }
     })

@@ -1,15 +1,26 @@
 //! What the agent is doing, for operators and supervisors: a JSON snapshot written
-//! atomically to `<state_dir>/status.json` whenever the tunnel table changes. Tokens appear
-//! only as `token:<hash>`.
+//! atomically to `<state_dir>/status.json` whenever the tunnel table changes, and the same
+//! snapshot live on a Unix socket in the runtime directory (`securetunnel-agent status`).
+//! Tokens appear only as `token:<hash>`.
 
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::bridge::{Phase, State, Stats};
 use crate::session::Entry;
 
-#[derive(Debug, Serialize)]
+/// One tunnel, as status.json and `status` show it.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct TunnelStatus {
     pub id: u64,
     pub region: String,
@@ -19,17 +30,70 @@ pub struct TunnelStatus {
     pub age_secs: u64,
     /// The agent's own end for this token; `None` until its first connect.
     pub expires_in_secs: Option<u64>,
+    /// connecting, connected, reconnecting, draining or ended.
     pub phase: String,
+    /// While waiting to reconnect: when the next attempt starts.
+    pub next_attempt_in_secs: Option<u64>,
+    /// Unix time the current websocket came up.
+    pub connected_since: Option<u64>,
+    pub channel_id: Option<String>,
+    /// Open local connections per service (services with none are absent).
+    pub open_connections: BTreeMap<String, usize>,
+    /// DATA payload bytes received from the tunnel for local connections.
+    pub bytes_from_tunnel: u64,
+    /// DATA payload bytes read from local connections and sent into the tunnel.
+    pub bytes_to_tunnel: u64,
+    /// Websocket sessions after the first.
+    pub reconnects: u64,
+    pub last_error: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// The whole agent.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Snapshot {
+    /// connecting, connected or subscribed.
     pub mqtt: String,
+    /// Unix time the MQTT state began.
+    pub mqtt_since: u64,
+    pub mqtt_last_error: Option<String>,
     pub tunnels: Vec<TunnelStatus>,
 }
 
+/// Rule (status phase): a bridge that is connecting after it had a session is reconnecting;
+/// connected covers the websocket up, with or without the service's SERVICE_IDS yet.
+pub fn phase_name(phase: Phase, sessions: u64) -> &'static str {
+    match phase {
+        Phase::Connecting if sessions > 0 => "reconnecting",
+        Phase::Connecting => "connecting",
+        Phase::Connected | Phase::Ready => "connected",
+        Phase::Draining => "draining",
+        Phase::Ended => "ended",
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 impl TunnelStatus {
-    pub fn of(e: &Entry, phase: &str, now: Instant) -> Self {
+    /// A table entry with its bridge's state and counters (`None`: no bridge runs).
+    pub fn of(e: &Entry, bridge: Option<(&State, &Stats)>, now: Instant) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (phase, next, since, channel, open, from, to, reconnects, error) = match bridge {
+            Some((st, stats)) => (
+                phase_name(st.phase, st.sessions),
+                st.retry_at
+                    .map(|t| t.saturating_duration_since(now).as_secs()),
+                st.connected_since.map(unix),
+                st.channel_id.clone(),
+                stats.open_by_service(),
+                stats.bytes_from_tunnel.load(Relaxed),
+                stats.bytes_to_tunnel.load(Relaxed),
+                st.sessions.saturating_sub(1),
+                st.last_error.clone(),
+            ),
+            None => ("ended", None, None, None, BTreeMap::new(), 0, 0, 0, None),
+        };
         TunnelStatus {
             id: e.id,
             region: e.key.region.clone(),
@@ -41,7 +105,91 @@ impl TunnelStatus {
                 .deadline
                 .map(|d| d.saturating_duration_since(now).as_secs()),
             phase: phase.to_owned(),
+            next_attempt_in_secs: next,
+            connected_since: since,
+            channel_id: channel,
+            open_connections: open,
+            bytes_from_tunnel: from,
+            bytes_to_tunnel: to,
+            reconnects,
+            last_error: error,
         }
+    }
+}
+
+impl Snapshot {
+    pub fn new(mqtt: &crate::notify::MqttState, tunnels: Vec<TunnelStatus>) -> Self {
+        Snapshot {
+            mqtt: format!("{:?}", mqtt.phase).to_lowercase(),
+            mqtt_since: unix(mqtt.since),
+            mqtt_last_error: mqtt.last_error.clone(),
+            tunnels,
+        }
+    }
+
+    /// For people: one block per tunnel.
+    pub fn render(&self, now_unix: u64) -> String {
+        let ago = |t: u64| human(now_unix.saturating_sub(t));
+        let mut out = format!("MQTT: {} for {}", self.mqtt, ago(self.mqtt_since));
+        if let (Some(e), false) = (&self.mqtt_last_error, self.mqtt == "subscribed") {
+            out.push_str(&format!(" (last error: {e})"));
+        }
+        out.push('\n');
+        if self.tunnels.is_empty() {
+            out.push_str("No tunnels.\n");
+        }
+        for t in &self.tunnels {
+            out.push_str(&format!(
+                "\nTunnel {} ({}): {}, region {}, services {}\n",
+                t.id,
+                t.token,
+                t.phase,
+                t.region,
+                t.services.join(", ")
+            ));
+            if let Some(n) = t.next_attempt_in_secs {
+                out.push_str(&format!("  next attempt in {n} s\n"));
+            }
+            if let Some(since) = t.connected_since {
+                out.push_str(&format!(
+                    "  connected for {}, channel {}\n",
+                    ago(since),
+                    t.channel_id.as_deref().unwrap_or("-")
+                ));
+            }
+            let open: Vec<String> = t
+                .services
+                .iter()
+                .map(|s| format!("{s} {}", t.open_connections.get(s).copied().unwrap_or(0)))
+                .collect();
+            out.push_str(&format!(
+                "  connections open: {}; bytes from tunnel {}, to tunnel {}\n",
+                open.join(", "),
+                t.bytes_from_tunnel,
+                t.bytes_to_tunnel
+            ));
+            let left = t.expires_in_secs.map_or("-".to_owned(), human);
+            out.push_str(&format!(
+                "  reconnects {}, rotations {}, age {}, lifetime left {left}\n",
+                t.reconnects,
+                t.rotations,
+                human(t.age_secs)
+            ));
+            if let Some(e) = &t.last_error {
+                out.push_str(&format!("  last error: {e}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// `1h02m03s`, `4m05s`, `6s`.
+fn human(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s:02}s"),
+        _ => format!("{h}h{m:02}m{s:02}s"),
     }
 }
 
@@ -66,6 +214,127 @@ impl StatusFile {
         let text = serde_json::to_vec_pretty(snapshot).map_err(std::io::Error::other)?;
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, &self.path)
+    }
+}
+
+/// The live status socket's name in the runtime directory.
+pub const SOCKET_NAME: &str = "status.sock";
+/// Status clients answered at once; more wait in the listen backlog.
+const MAX_CLIENTS: usize = 4;
+/// A client that does not take its answer within this is dropped.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest answer a `status` client reads.
+const MAX_ANSWER: u64 = 4 << 20;
+
+/// The agent's end: each client that connects gets one JSON snapshot, then EOF.
+pub struct StatusSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    writers: Arc<Semaphore>,
+}
+
+impl StatusSocket {
+    /// Binds `<dir>/status.sock`, owner-only (the directory too: 0700, created if missing).
+    pub fn bind(dir: &Path) -> io::Result<StatusSocket> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        let path = dir.join(SOCKET_NAME);
+        // A socket left by a killed agent refuses connections: replace it.
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(StatusSocket {
+            listener,
+            path,
+            writers: Arc::new(Semaphore::new(MAX_CLIENTS)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub async fn accept(&self) -> io::Result<UnixStream> {
+        self.listener.accept().await.map(|(s, _)| s)
+    }
+
+    /// Sends `snapshot` to `client` from a task of its own; a client beyond `MAX_CLIENTS`
+    /// is closed unanswered.
+    pub fn answer(&self, mut client: UnixStream, snapshot: &Snapshot) {
+        let Ok(permit) = self.writers.clone().try_acquire_owned() else {
+            return;
+        };
+        let Ok(mut body) = serde_json::to_vec(snapshot) else {
+            return;
+        };
+        body.push(b'\n');
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(ANSWER_TIMEOUT, client.write_all(&body)).await;
+            drop(permit);
+        });
+    }
+}
+
+impl Drop for StatusSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Why `securetunnel-agent status` has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("the agent is not running (nothing listens on {0})")]
+    NotRunning(PathBuf),
+    #[error("{0}: permission denied: run status as root or as the agent's user")]
+    Denied(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: the answer is not a status snapshot: {source}")]
+    Garbled {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// The client's end: one snapshot from the agent whose runtime directory is `dir`.
+pub fn query(dir: &Path) -> Result<Snapshot, QueryError> {
+    let path = dir.join(SOCKET_NAME);
+    let io_err = |source: io::Error| match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            QueryError::NotRunning(path.clone())
+        }
+        io::ErrorKind::PermissionDenied => QueryError::Denied(path.clone()),
+        _ => QueryError::Io {
+            path: path.clone(),
+            source,
+        },
+    };
+    let stream = std::os::unix::net::UnixStream::connect(&path).map_err(io_err)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io_err)?;
+    let mut body = Vec::new();
+    stream
+        .take(MAX_ANSWER)
+        .read_to_end(&mut body)
+        .map_err(io_err)?;
+    serde_json::from_slice(&body).map_err(|source| QueryError::Garbled {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Rule (runtime directory): systemd's `RuntimeDirectory=` under /run; /var/run where there
+/// is no /run (OpenWrt).
+pub fn default_runtime_dir(run_exists: bool) -> PathBuf {
+    if run_exists {
+        PathBuf::from("/run/securetunnel-agent")
+    } else {
+        PathBuf::from("/var/run/securetunnel-agent")
     }
 }
 
@@ -118,5 +387,38 @@ pub mod systemd {
     /// Half of `WatchdogSec=`, when systemd asked for a watchdog for this process.
     pub fn watchdog_interval() -> Option<Duration> {
         sd_notify::watchdog_enabled().map(|d| (d / 2).max(Duration::from_millis(100)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_names_tell_reconnecting_from_connecting() {
+        assert_eq!(phase_name(Phase::Connecting, 0), "connecting");
+        assert_eq!(phase_name(Phase::Connecting, 2), "reconnecting");
+        assert_eq!(phase_name(Phase::Connected, 1), "connected");
+        assert_eq!(phase_name(Phase::Ready, 1), "connected");
+        assert_eq!(phase_name(Phase::Draining, 1), "draining");
+    }
+
+    #[test]
+    fn the_runtime_directory_is_under_run_or_var_run() {
+        assert_eq!(
+            default_runtime_dir(true),
+            Path::new("/run/securetunnel-agent")
+        );
+        assert_eq!(
+            default_runtime_dir(false),
+            Path::new("/var/run/securetunnel-agent")
+        );
+    }
+
+    #[test]
+    fn durations_read_as_hours_minutes_seconds() {
+        assert_eq!(human(5), "5s");
+        assert_eq!(human(65), "1m05s");
+        assert_eq!(human(3723), "1h02m03s");
     }
 }

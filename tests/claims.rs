@@ -626,3 +626,101 @@ async fn mqtt_and_the_data_plane_go_through_the_configured_http_proxy() {
     transfer(&addrs, "SSH", 1).await;
     assert!(!agent.log.text().contains("s3cret-pw"));
 }
+
+/// `securetunnel-agent status [--json]` against `cfg`: exit code, stdout, stderr.
+async fn status_cmd(cfg: &std::path::Path, json: bool) -> (Option<i32>, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"));
+    cmd.arg("status").arg("--config").arg(cfg);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = within("status answers", cmd.output()).await.unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn status_json(cfg: &std::path::Path) -> serde_json::Value {
+    let (code, out, err) = status_cmd(cfg, true).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_live_during_a_transfer_and_exits_3_once_the_agent_stopped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, _echo) = agent(&rig, "gw-live", &["SSH", "WEB"], "").await;
+    let cfg = rig.files.dir.join("gw-live.toml");
+    let t = open(&rig, "gw-live", &["SSH", "WEB"], 30).await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "the agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0,WEB=0").await;
+
+    // One SSH connection stays open across two rounds of 256 KiB echoed.
+    const ROUND: usize = 256 << 10;
+    let mut c = tokio::net::TcpStream::connect(addrs.get("SSH"))
+        .await
+        .unwrap();
+    let mut back = vec![0u8; ROUND];
+    let mut round = async |c: &mut tokio::net::TcpStream| {
+        c.write_all(&vec![7u8; ROUND]).await.unwrap();
+        within("the echo comes back", c.read_exact(&mut back))
+            .await
+            .unwrap();
+    };
+    round(&mut c).await;
+    let first = status_json(&cfg).await;
+    assert_eq!(first["mqtt"], "subscribed", "{first}");
+    let tunnel = &first["tunnels"][0];
+    assert_eq!(tunnel["phase"], "connected", "{first}");
+    assert_eq!(tunnel["region"], "us-east-1");
+    assert_eq!(tunnel["services"], serde_json::json!(["SSH", "WEB"]));
+    assert_eq!(tunnel["open_connections"], serde_json::json!({"SSH": 1}));
+    assert_eq!(tunnel["reconnects"], 0);
+    assert!(tunnel["channel_id"].is_string() && tunnel["connected_since"].is_u64());
+    let token = tunnel["token"].as_str().unwrap();
+    assert!(token.starts_with("token:") && token.len() == 14, "{token}");
+    let bytes = |v: &serde_json::Value, k: &str| v["tunnels"][0][k].as_u64().unwrap();
+    assert!(
+        bytes(&first, "bytes_from_tunnel") >= ROUND as u64,
+        "{first}"
+    );
+    assert!(bytes(&first, "bytes_to_tunnel") >= ROUND as u64, "{first}");
+
+    round(&mut c).await;
+    let second = status_json(&cfg).await;
+    for k in ["bytes_from_tunnel", "bytes_to_tunnel"] {
+        assert!(bytes(&second, k) >= 2 * ROUND as u64, "{k}: {second}");
+    }
+
+    let (code, text, err) = status_cmd(&cfg, false).await;
+    assert_eq!(code, Some(0), "{err}");
+    for needle in [
+        "MQTT: subscribed",
+        &format!("Tunnel 1 ({token}): connected, region us-east-1, services SSH, WEB"),
+        "connections open: SSH 1, WEB 0",
+        "reconnects 0",
+    ] {
+        assert!(text.contains(needle), "{needle:?} in\n{text}");
+    }
+    assert!(!text.contains(&t.destination_access_token[..20]));
+
+    // Only the agent's user (and root) may ask.
+    use std::os::unix::fs::PermissionsExt;
+    let run = rig.files.dir.join("run-gw-live");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&run), 0o700);
+    assert_eq!(mode(&run.join("status.sock")), 0o600);
+
+    drop(c);
+    assert_eq!(agent.terminate().await.code(), Some(0));
+    let (code, _, err) = status_cmd(&cfg, false).await;
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("the agent is not running"), "{err}");
+}

@@ -87,10 +87,11 @@ impl Stack {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).map_err(e)?;
         let echo = echo_tcp("127.0.0.1:0").await.map_err(e)?;
         let config = format!(
-            "thing_name = \"{THING}\"\nstate_dir = \"{}\"\n[mqtt]\nendpoint = \"127.0.0.1\"\nport = {}\n\
+            "thing_name = \"{THING}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n[mqtt]\nendpoint = \"127.0.0.1\"\nport = {}\n\
              cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nnotify_topic = \"{}\"\n[tunnel]\nendpoint = \"{}\"\nca = \"{}\"\n\
              [services]\nSSH = \"{}\"\n",
             dir.join("state").display(),
+            dir.join("run").display(),
             broker.port(),
             write(dir, "device.crt", &thing.cert_pem)?.display(),
             key.display(),

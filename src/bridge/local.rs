@@ -165,20 +165,21 @@ impl ConnHandle {
     }
 }
 
-/// Counts a connection as open for as long as its task exists (ends or is aborted).
+/// Counts a connection of a service as open for as long as its task exists (ends or is
+/// aborted).
 #[derive(Debug)]
-pub struct OpenGuard(Arc<Stats>);
+pub struct OpenGuard(Arc<Stats>, String);
 
 impl OpenGuard {
-    pub fn new(stats: Arc<Stats>) -> Self {
-        stats.open_connections.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(stats)
+    pub fn new(stats: Arc<Stats>, service: &str) -> Self {
+        stats.count_open(service, true);
+        OpenGuard(stats, service.to_owned())
     }
 }
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.count_open(&self.1, false);
     }
 }
 

@@ -142,6 +142,8 @@ pub struct Stats {
     pub connections_opened: AtomicU64,
     /// Local connections open now (their tasks are running).
     pub open_connections: AtomicUsize,
+    /// The same per service (services with none are absent).
+    open_by_service: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
     /// Streams and connections refused because their service is not in the service map.
     pub refused_streams: AtomicU64,
     /// Times a full connection queue paused the websocket reader.
@@ -169,6 +171,36 @@ pub struct Stats {
     pub pongs_received: AtomicU64,
     /// Allowances of the log lines a peer or local client can provoke.
     pub(crate) logs: log_rate::LogRate,
+}
+
+impl Stats {
+    /// Open local connections per service, now.
+    pub fn open_by_service(&self) -> std::collections::BTreeMap<String, usize> {
+        self.open_by_service
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// One more (or, with `opened` false, one fewer) open connection of `service`.
+    pub(crate) fn count_open(&self, service: &str, opened: bool) {
+        let mut map = self
+            .open_by_service
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if opened {
+            self.open_connections.fetch_add(1, Ordering::Relaxed);
+            *map.entry(service.to_owned()).or_default() += 1;
+        } else {
+            self.open_connections.fetch_sub(1, Ordering::Relaxed);
+            if let Some(n) = map.get_mut(service) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(service);
+                }
+            }
+        }
+    }
 }
 
 /// Where the bridge is in its life.

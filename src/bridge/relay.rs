@@ -692,7 +692,7 @@ impl Session<'_> {
             upward: self.upward.clone(),
             limits: self.limits,
             stats: self.stats.clone(),
-            _open: OpenGuard::new(self.stats.clone()),
+            _open: OpenGuard::new(self.stats.clone(), &service),
         };
         // Inherit the session's span so connection logs carry the tunnel and token.
         self.tasks
