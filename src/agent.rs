@@ -199,7 +199,7 @@ impl Agent {
                 Ok(()) = agent.mqtt.changed() => agent.on_mqtt_state(),
                 Some(client) = accept_status(status_socket.as_ref()) => {
                     if let Some(socket) = &status_socket {
-                        socket.answer(client, &agent.snapshot());
+                        socket.answer(client, || agent.snapshot());
                     }
                 }
                 _ = binary_check.tick() => {

@@ -588,20 +588,33 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         Some(RawProxy {
             url: Some(url),
             no_proxy,
-        }) => match crate::proxy::parse_proxy_url(url.expose()) {
-            Ok(proxy) => Some(crate::proxy::ProxySettings {
-                proxy,
-                no_proxy: no_proxy.clone(),
-            }),
-            // The reason never quotes the URL: it may hold the password.
-            Err(e) => {
+        }) => match no_proxy
+            .iter()
+            .find_map(|e| crate::proxy::check_no_proxy_entry(e).err())
+        {
+            Some(why) => {
                 errors.push(err(
+                    "proxy.no_proxy",
+                    why,
+                    "use host names, .domain suffixes, IP addresses, address/prefix networks, or \"*\" alone",
+                ));
+                None
+            }
+            None => match crate::proxy::parse_proxy_url(url.expose()) {
+                Ok(proxy) => Some(crate::proxy::ProxySettings {
+                    proxy,
+                    no_proxy: no_proxy.clone(),
+                }),
+                // The reason never quotes the URL: it may hold the password.
+                Err(e) => {
+                    errors.push(err(
                     "proxy.url",
                     e,
                     "use http://[user:password@]host:port (percent-encode @ and : in credentials)",
                 ));
-                None
-            }
+                    None
+                }
+            },
         },
     };
     if raw.runtime_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
@@ -983,6 +996,7 @@ mod tests {
             (r#"url = "https://op:pw-1@proxy:3128""#, "https:// proxies"),
             (r#"url = "http://op:pw-1@proxy:0""#, "port"),
             (r#"no_proxy = ["x"]"#, "is missing"),
+            (r#"url = "http://op:pw-1""#, "port"),
         ] {
             let e = parse_str(&with(bad)).unwrap_err().to_string();
             assert!(e.contains("proxy.url") && e.contains(why), "{e}");

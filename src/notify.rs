@@ -174,13 +174,36 @@ pub fn silence_limit(keep_alive: Duration) -> Duration {
 }
 
 /// What ended an MQTT connection, for the log and the status.
-fn describe(e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::MqttState(StateError::Deserialization(
-            rumqttc::Error::PayloadSizeLimitExceeded(n),
-        )) => format!("a {n}-byte message arrived, above the {MAX_INCOMING_PACKET}-byte limit"),
-        other => other.to_string(),
+fn describe(e: &ConnectionError, proxy: Option<&crate::proxy::HttpProxy>) -> String {
+    match (e, proxy) {
+        (
+            ConnectionError::MqttState(StateError::Deserialization(
+                rumqttc::Error::PayloadSizeLimitExceeded(n),
+            )),
+            _,
+        ) => format!("a {n}-byte message arrived, above the {MAX_INCOMING_PACKET}-byte limit"),
+        (ConnectionError::Proxy(p), Some(proxy)) => describe_proxy(&p.to_string(), proxy),
+        (other, _) => other.to_string(),
     }
+}
+
+/// rumqttc's proxy errors in the words the websocket's use: the proxy, the status, the fix;
+/// the proxy's own text cut short and printable only.
+fn describe_proxy(error: &str, proxy: &crate::proxy::HttpProxy) -> String {
+    const REFUSED: &str = "The HTTP code is not equal 200: ";
+    if let Some(code) = error
+        .split_once(REFUSED)
+        .and_then(|(_, rest)| rest.trim_end_matches('.').parse::<u16>().ok())
+    {
+        let hint = crate::proxy::refusal_hint(code, proxy.auth.is_some());
+        return format!("proxy {proxy} refused CONNECT to the broker: {code}{hint}");
+    }
+    let text: String = error
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(160)
+        .collect();
+    format!("through proxy {proxy}: {text}")
 }
 
 impl NotifyClient {
@@ -246,7 +269,7 @@ impl NotifyClient {
                         rumqttc::Error::PayloadSizeLimitExceeded(_)))) {
                         purging = true;
                     }
-                    describe(&e)
+                    describe(&e, self.proxy.as_ref())
                 }),
             };
             if matches!(event, Ok(Event::Incoming(_))) {
@@ -428,6 +451,20 @@ async fn disconnect(client: &AsyncClient, events: &mut rumqttc::EventLoop) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_refusals_of_the_broker_name_the_proxy_status_and_fix() {
+        let p = crate::proxy::parse_proxy_url("http://op:pw@proxy:3128").unwrap();
+        assert_eq!(
+            describe_proxy("Proxy connect: The HTTP code is not equal 200: 407.", &p),
+            "proxy http://op@proxy:3128 refused CONNECT to the broker: 407: the proxy refused the credentials in the proxy URL"
+        );
+        let odd = describe_proxy("Proxy connect: header \u{1b}[31m too long", &p);
+        assert!(
+            !odd.contains('\u{1b}') && odd.starts_with("through proxy http://op@proxy:3128"),
+            "{odd}"
+        );
+    }
 
     fn notify(mode: &str, token: &str, region: &str, services: &str) -> Vec<u8> {
         format!(r#"{{"clientAccessToken":"{token}","clientMode":"{mode}","region":"{region}","services":{services},"extra":1}}"#).into_bytes()

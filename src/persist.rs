@@ -107,9 +107,30 @@ pub struct SessionStore {
     dir: PathBuf,
 }
 
-fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+/// A directory only this user uses: created 0700 when missing; an existing one must be a
+/// real directory (not a symlink) owned by `me`, and is left as it is (it may be shared
+/// with a service manager that set its mode).
+pub(crate) fn private_dir(dir: &Path, me: u32) -> io::Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_symlink() || !meta.is_dir() => {
+            Err(io::Error::other("is a symlink or not a directory"))
+        }
+        Ok(meta) if meta.uid() != me => Err(io::Error::other(format!(
+            "belongs to uid {}, not to the agent's user (uid {me})",
+            meta.uid()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir),
+        Err(e) => Err(e),
+    }
 }
 
 impl SessionStore {

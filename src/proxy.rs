@@ -147,10 +147,10 @@ pub fn parse_proxy_url(url: &str) -> Result<HttpProxy, String> {
 }
 
 fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
-    let bad_port = |p: &str| format!("port {p:?} is not a number from 1 to 65535");
+    // Never quote the text: in `http://user:password` (no host) it is the password.
     let parse_port = |p: &str| match p.parse::<u16>() {
         Ok(n) if n > 0 => Ok(n),
-        _ => Err(bad_port(p)),
+        _ => Err("the port is not a number from 1 to 65535".to_owned()),
     };
     if let Some(v6) = s.strip_prefix('[') {
         let Some((host, after)) = v6.split_once(']') else {
@@ -189,19 +189,24 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "the credentials are not UTF-8 once decoded".into())
 }
 
-/// Rule (no_proxy): `*` bypasses every host; an entry matches that host and, for a name, its
-/// subdomains (`example.com` and `.example.com` both match `a.example.com`); IP literals
-/// match exactly; case and a `:port` suffix of the entry are ignored (as curl does).
+/// Rule (no_proxy): a lone `*` bypasses every host; an entry matches that host and, for a
+/// name, its subdomains (`example.com` and `.example.com` both match `a.example.com`); IP
+/// literals match exactly and `addr/prefix` matches an IP host in that network; case and a
+/// `:port` suffix of the entry are ignored (as curl does).
 pub fn no_proxy_matches(entries: &[String], host: &str) -> bool {
     let host = host
         .trim_start_matches('[')
         .trim_end_matches(']')
         .trim_end_matches('.')
         .to_ascii_lowercase();
+    if entries.len() == 1 && entries[0].trim() == "*" {
+        return true;
+    }
+    let host_ip = host.parse::<std::net::IpAddr>().ok();
     entries.iter().any(|e| {
         let e = e.trim();
-        if e == "*" {
-            return true;
+        if let Some((net, prefix)) = e.split_once('/') {
+            return host_ip.is_some_and(|ip| in_network(ip, net, prefix));
         }
         let e = if e.parse::<std::net::IpAddr>().is_ok() {
             e.to_owned()
@@ -218,6 +223,45 @@ pub fn no_proxy_matches(entries: &[String], host: &str) -> bool {
                     && host.ends_with(&e)
                     && host[..host.len() - e.len()].ends_with('.')))
     })
+}
+
+/// Whether `ip` is in `net/prefix` (a malformed entry matches nothing).
+fn in_network(ip: std::net::IpAddr, net: &str, prefix: &str) -> bool {
+    use std::net::IpAddr;
+    let (Ok(net), Ok(prefix)) = (net.parse::<IpAddr>(), prefix.parse::<u32>()) else {
+        return false;
+    };
+    let (a, b, bits) = match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return false,
+    };
+    if prefix > bits {
+        return false;
+    }
+    let shift = bits - prefix;
+    shift == bits || (a >> shift) == (b >> shift)
+}
+
+/// Whether a `no_proxy` entry is one `no_proxy_matches` understands; the reason if not.
+pub fn check_no_proxy_entry(e: &str) -> Result<(), String> {
+    let e = e.trim();
+    match e.split_once('/') {
+        _ if e.is_empty() => Err("an empty entry".into()),
+        Some((net, prefix)) => {
+            let ok = net.parse::<std::net::IpAddr>().is_ok_and(|ip| {
+                prefix
+                    .parse::<u32>()
+                    .is_ok_and(|p| p <= if ip.is_ipv4() { 32 } else { 128 })
+            });
+            ok.then_some(())
+                .ok_or_else(|| format!("{e:?} is not an address/prefix network"))
+        }
+        None if e.contains('*') && e != "*" => Err(format!(
+            "{e:?}: a wildcard only works alone (\"*\"); use .example.com for a domain"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A proxy and the hosts that bypass it.
@@ -292,6 +336,16 @@ fn connect_request(proxy: &HttpProxy, target: &str) -> zeroize::Zeroizing<String
     req
 }
 
+/// Rule (proxy refusals): what to do about a CONNECT refused with `status`.
+pub fn refusal_hint(status: u16, has_credentials: bool) -> &'static str {
+    match (status, has_credentials) {
+        (407, false) => ": the proxy wants credentials: use http://user:password@host:port",
+        (407 | 401, true) => ": the proxy refused the credentials in the proxy URL",
+        (403, _) => ": the proxy's rules forbid this host or port (443 must be allowed)",
+        _ => "",
+    }
+}
+
 /// A TCP connection through `proxy` to `host:port`, ready for the caller's TLS.
 pub async fn connect(proxy: &HttpProxy, host: &str, port: u16) -> Result<TcpStream, ProxyError> {
     let target = authority(host, port);
@@ -338,17 +392,17 @@ pub async fn connect(proxy: &HttpProxy, host: &str, port: u16) -> Result<TcpStre
         }
         return Ok(tcp);
     }
-    let hint = match (status, proxy.auth.is_some()) {
-        (407, false) => ": the proxy wants credentials: use http://user:password@host:port",
-        (407 | 401, true) => ": the proxy refused the credentials in the proxy URL",
-        (403, _) => ": the proxy's rules forbid this host or port (443 must be allowed)",
-        _ => "",
-    };
+    let hint = refusal_hint(status, proxy.auth.is_some());
     Err(ProxyError::Refused {
         proxy: proxy.to_string(),
         target,
         status,
-        reason: reason.chars().take(128).collect(),
+        // The proxy's words reach logs and `status`: printable ASCII only.
+        reason: reason
+            .chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .take(128)
+            .collect(),
         hint,
     })
 }
@@ -386,8 +440,11 @@ mod tests {
             "http://:3128",
             "http://[fd00::1:3128",
             "http://u:%zz@proxy",
+            "http://op:pw-1",
         ] {
-            assert!(parse_proxy_url(bad).is_err(), "{bad}");
+            let e = parse_proxy_url(bad).err().unwrap_or_default();
+            assert!(!e.is_empty(), "{bad}");
+            assert!(!e.contains("pw-1") && !e.contains("%zz"), "{e}");
         }
     }
 
@@ -414,6 +471,21 @@ mod tests {
         assert!(!no_proxy_matches(&list, "10.1.2.33"));
         assert!(!no_proxy_matches(&list, "example"));
         assert!(no_proxy_matches(&e(&["*"]), "anything"));
+        assert!(!no_proxy_matches(&e(&["*", "x"]), "anything"));
+        let nets = e(&["10.0.0.0/8", "fd00::/8", "192.168.1.7/32"]);
+        assert!(no_proxy_matches(&nets, "10.200.3.4"));
+        assert!(no_proxy_matches(&nets, "[fd12::1]"));
+        assert!(no_proxy_matches(&nets, "192.168.1.7"));
+        assert!(!no_proxy_matches(&nets, "192.168.1.8"));
+        assert!(!no_proxy_matches(&nets, "11.0.0.1"));
+        assert!(!no_proxy_matches(&nets, "ten.example"));
+        assert!(no_proxy_matches(&e(&["0.0.0.0/0"]), "1.2.3.4"));
+        for bad in ["10.0.0.0/33", "x/8", "*.example.com", " "] {
+            assert!(check_no_proxy_entry(bad).is_err(), "{bad}");
+        }
+        for good in ["*", "10.0.0.0/8", ".example.com", "host:443"] {
+            assert!(check_no_proxy_entry(good).is_ok(), "{good}");
+        }
         assert!(!no_proxy_matches(&[], "anything"));
     }
 

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -230,15 +230,27 @@ const MAX_ANSWER: u64 = 4 << 20;
 pub struct StatusSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// The socket file's (device, inode): only ours is removed on drop.
+    file: (u64, u64),
     writers: Arc<Semaphore>,
 }
 
+/// What a client beyond `MAX_CLIENTS` is told.
+const BUSY: &[u8] = b"busy\n";
+
 impl StatusSocket {
-    /// Binds `<dir>/status.sock`, owner-only (the directory too: 0700, created if missing).
+    /// Binds `<dir>/status.sock`, owner-only, in a directory only the agent's user uses
+    /// (created 0700 when missing). Refuses when another agent answers on it.
     pub fn bind(dir: &Path) -> io::Result<StatusSocket> {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        crate::persist::private_dir(dir, crate::persist::euid())
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
         let path = dir.join(SOCKET_NAME);
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another agent answers status on {}", path.display()),
+            ));
+        }
         // A socket left by a killed agent refuses connections: replace it.
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -246,8 +258,10 @@ impl StatusSocket {
         }
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let meta = std::fs::symlink_metadata(&path)?;
         Ok(StatusSocket {
             listener,
+            file: (meta.dev(), meta.ino()),
             path,
             writers: Arc::new(Semaphore::new(MAX_CLIENTS)),
         })
@@ -261,16 +275,20 @@ impl StatusSocket {
         self.listener.accept().await.map(|(s, _)| s)
     }
 
-    /// Sends `snapshot` to `client` from a task of its own; a client beyond `MAX_CLIENTS`
-    /// is closed unanswered.
-    pub fn answer(&self, mut client: UnixStream, snapshot: &Snapshot) {
+    /// Sends a snapshot to `client` from a task of its own; `snapshot` is built only when
+    /// a writer is free. A client beyond `MAX_CLIENTS` is told the agent is busy.
+    pub fn answer(&self, client: UnixStream, snapshot: impl FnOnce() -> Snapshot) {
         let Ok(permit) = self.writers.clone().try_acquire_owned() else {
+            // A fresh socket's buffer takes these few bytes at once; if not, the client
+            // sees EOF.
+            let _ = client.try_write(BUSY);
             return;
         };
-        let Ok(mut body) = serde_json::to_vec(snapshot) else {
+        let Ok(mut body) = serde_json::to_vec(&snapshot()) else {
             return;
         };
         body.push(b'\n');
+        let mut client = client;
         tokio::spawn(async move {
             let _ = tokio::time::timeout(ANSWER_TIMEOUT, client.write_all(&body)).await;
             drop(permit);
@@ -280,7 +298,11 @@ impl StatusSocket {
 
 impl Drop for StatusSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -291,6 +313,8 @@ pub enum QueryError {
     NotRunning(PathBuf),
     #[error("{0}: permission denied: run status as root or as the agent's user")]
     Denied(PathBuf),
+    #[error("the agent is answering {MAX_CLIENTS} other status clients; try again")]
+    Busy,
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: the answer is not a status snapshot: {source}")]
@@ -322,6 +346,9 @@ pub fn query(dir: &Path) -> Result<Snapshot, QueryError> {
         .take(MAX_ANSWER)
         .read_to_end(&mut body)
         .map_err(io_err)?;
+    if body == BUSY {
+        return Err(QueryError::Busy);
+    }
     serde_json::from_slice(&body).map_err(|source| QueryError::Garbled {
         path: path.clone(),
         source,

@@ -724,3 +724,27 @@ async fn status_is_live_during_a_transfer_and_exits_3_once_the_agent_stopped() {
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("the agent is not running"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_refuses_the_broker_is_named_with_the_fix() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let tp = Tinyproxy::start("BasicAuth op s3cret-pw").await;
+    let rest = format!("[proxy]\nurl = \"{}\"\n", tp.url(""));
+    let cfg = rig.agent_config_with(
+        "gw-proxy-407",
+        &ConfigExtra {
+            services: "SSH = 22",
+            rest: &rest,
+            ..ConfigExtra::default()
+        },
+    );
+    let mut agent = rig.spawn_agent(&cfg);
+    let line = agent.expect("refused CONNECT to the broker").await;
+    assert!(
+        line.contains(&format!(
+            "proxy {} refused CONNECT to the broker: 407",
+            tp.url("")
+        )) && line.contains("use http://user:password@host:port"),
+        "{line}"
+    );
+}

@@ -193,6 +193,122 @@ pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
     })
 }
 
+/// A 1-way push: what `push` measured.
+#[derive(Debug)]
+pub struct PushReport {
+    pub mib_per_s: f64,
+    /// CPU seconds per GiB pushed, destination and source.
+    pub dest_s_per_gib: f64,
+    pub source_s_per_gib: f64,
+    pub dest_peak_rss_kib: u64,
+}
+
+/// Source -> destination -> a local sink that only reads: `opts.agent` as the destination,
+/// `source_agent` as the source, one frame per websocket message (as the service delivers a
+/// localproxy source's frames). CPU is counted from the first byte to the sink's last.
+pub async fn push(opts: &DemoOptions, source_agent: &Path) -> DemoResult<PushReport> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start(EmulatorConfig::loopback(EmulatorTls::Generate))
+        .await
+        .map_err(|e| e.to_string())?;
+    let ca = opts.work_dir.join("emulator-ca.pem");
+    std::fs::write(&ca, emu.ca_pem().unwrap_or_default()).map_err(|e| e.to_string())?;
+    emu.set_reframe(opts.reframe);
+    let t = emu.open_tunnel(&["PUSH"], Duration::from_secs(600));
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let sink_addr = sink.local_addr().map_err(|e| e.to_string())?;
+    let total = opts.bytes;
+    let sink_task = tokio::spawn(async move {
+        let (mut c, _) = sink.accept().await?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut got = 0usize;
+        while got < total {
+            let n = c.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        Ok::<usize, std::io::Error>(got)
+    });
+    let args = |m: &str, map: String| -> Vec<String> {
+        vec![
+            "-e".into(),
+            emu.endpoint(),
+            "-c".into(),
+            ca.display().to_string(),
+            m.into(),
+            map,
+            "-v".into(),
+            "3".into(),
+        ]
+    };
+    let mut dest = spawn_agent(
+        opts,
+        "destination",
+        &t.destination_access_token,
+        &args("-d", format!("PUSH={sink_addr}")),
+    )?;
+    let dest_pid = dest.id().ok_or("destination exited at once")?;
+    wait_peer(&emu, &t.tunnel_id, Mode::Destination).await?;
+    let port = super::testkit::free_port().map_err(|e| e.to_string())?;
+    let src_opts = DemoOptions {
+        agent: source_agent.to_owned(),
+        bytes: opts.bytes,
+        work_dir: opts.work_dir.clone(),
+        reframe: opts.reframe,
+    };
+    let mut src = spawn_agent(
+        &src_opts,
+        "source",
+        &t.source_access_token,
+        &args("-s", format!("PUSH={port}")),
+    )?;
+    let src_pid = src.id().ok_or("source exited at once")?;
+    wait_peer(&emu, &t.tunnel_id, Mode::Source).await?;
+    let mut client = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (d0, s0) = (cpu_seconds(dest_pid), cpu_seconds(src_pid));
+    let start = std::time::Instant::now();
+    let chunk = vec![0x5au8; 256 << 10];
+    let mut sent = 0;
+    while sent < total {
+        let n = chunk.len().min(total - sent);
+        client
+            .write_all(&chunk[..n])
+            .await
+            .map_err(|e| e.to_string())?;
+        sent += n;
+    }
+    let got = tokio::time::timeout(Duration::from_secs(600), sink_task)
+        .await
+        .map_err(|_| "the sink did not receive everything in 600 s")?
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let secs = start.elapsed().as_secs_f64();
+    let (d1, s1) = (cpu_seconds(dest_pid), cpu_seconds(src_pid));
+    if got != total {
+        return Err(format!("the sink received {got} of {total} bytes"));
+    }
+    let gib = total as f64 / (1u64 << 30) as f64;
+    let per_gib =
+        |a: Option<f64>, b: Option<f64>| a.zip(b).map_or(f64::NAN, |(a, b)| (a - b) / gib);
+    let report = PushReport {
+        mib_per_s: (total >> 20) as f64 / secs,
+        dest_s_per_gib: per_gib(d1, d0),
+        source_s_per_gib: per_gib(s1, s0),
+        dest_peak_rss_kib: super::testkit::proc_status_kib(dest_pid, "VmHWM:").unwrap_or(0),
+    };
+    drop(client);
+    emu.close_tunnel(&t.tunnel_id);
+    wait_exit(&mut dest, "destination").await?;
+    wait_exit(&mut src, "source").await?;
+    Ok(report)
+}
+
 async fn wait_peer(emu: &Emulator, tunnel: &str, mode: Mode) -> DemoResult<()> {
     tokio::time::timeout(Duration::from_secs(20), emu.wait_peer(tunnel, mode, true))
         .await

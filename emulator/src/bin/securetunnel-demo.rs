@@ -3,6 +3,7 @@
 //!
 //!   securetunnel-demo [MiB]            the agent flow: open, transfer, rotate, transfer, close
 //!   securetunnel-demo local-proxy [MiB] two local-proxy processes through the emulator
+//!   securetunnel-demo push [MiB]        1-way push source -> destination -> sink, CPU per GiB
 //!   securetunnel-demo latency [runs]    notify->connected and rotation switchover, p50/p95
 //!   securetunnel-demo memory [conns]    agent RSS idle, and with idle connections
 
@@ -64,6 +65,27 @@ fn main() -> ExitCode {
                     reframe: std::env::var_os("DEMO_NO_REFRAME").is_none(),
                 };
                 demo::run(&opts).await.map(|_| ())
+            }
+            Some("push") => {
+                // SECURETUNNEL_DEMO_SOURCE: the source's binary (default: the destination's).
+                let source = std::env::var_os("SECURETUNNEL_DEMO_SOURCE")
+                    .map_or_else(|| agent.clone(), std::path::PathBuf::from);
+                let opts = demo::DemoOptions {
+                    agent: agent.clone(),
+                    bytes: number(1, 512) << 20,
+                    work_dir: work_dir.clone(),
+                    reframe: false,
+                };
+                let r = demo::push(&opts, &source).await?;
+                println!(
+                    "push {} MiB: {:.0} MiB/s; destination {:.3} s/GiB, peak RSS {:.1} MiB; source {:.3} s/GiB",
+                    opts.bytes >> 20,
+                    r.mib_per_s,
+                    r.dest_s_per_gib,
+                    r.dest_peak_rss_kib as f64 / 1024.0,
+                    r.source_s_per_gib
+                );
+                Ok(())
             }
             Some("latency") => demo_agent::latency(&agent, &work_dir, number(1, 20))
                 .await
