@@ -90,9 +90,15 @@ pub fn check_config(path: &std::path::Path, user: Option<&str>) -> ExitCode {
     let Some((cfg, checked)) = load_checked(path) else {
         return ExitCode::from(2);
     };
-    // The unit's sandbox applies only where systemd runs the agent.
-    let systemd = std::path::Path::new("/run/systemd/system").exists();
-    let sockets = crate::sandbox::unix_socket_warnings(&cfg.services, &who, systemd);
+    // The unit's sandbox (with its drop-ins) applies only where systemd runs the agent.
+    let unit = std::path::Path::new("/run/systemd/system")
+        .exists()
+        .then(crate::sandbox::UnitSettings::installed);
+    let who = match &unit {
+        Some(u) => who.with_groups(&u.groups),
+        None => who,
+    };
+    let sockets = crate::sandbox::unix_socket_warnings(&cfg.services, &who, unit.as_ref());
     println!("{}: OK", path.display());
     for (k, v) in &checked.summary {
         println!("  {k:<16} {v}");

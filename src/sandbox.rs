@@ -73,6 +73,19 @@ impl Identity {
         Identity::from_files(name, &passwd, &group)
     }
 
+    /// With the unit's `SupplementaryGroups=` added (names resolved in /etc/group).
+    pub fn with_groups(mut self, names: &[String]) -> Identity {
+        let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        for name in names {
+            let gid = group.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() >= 3 && f[0] == name).then(|| f[2].parse::<u32>().ok())?
+            });
+            self.gids.extend(gid);
+        }
+        self
+    }
+
     fn from_files(name: &str, passwd: &str, group: &str) -> Option<Identity> {
         let (uid, primary) = passwd.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
@@ -96,15 +109,71 @@ impl Identity {
     }
 }
 
-/// Rule (sandbox): the directories the packaged unit hides from the agent, with the setting
-/// that hides them; `None` when the unit leaves `path` visible.
-pub fn hidden_by(path: &Path) -> Option<&'static str> {
-    let sets = |setting: &str| UNIT.lines().any(|l| l.trim() == setting);
+/// What the service manager's unit does to the agent's view of the file system and groups.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnitSettings {
+    /// `PrivateTmp=yes`: /tmp and /var/tmp are the agent's own.
+    pub private_tmp: bool,
+    /// `ProtectHome=yes` or `tmpfs`: /home, /root and /run/user are empty (`read-only` still
+    /// lets it connect to sockets there).
+    pub hides_home: bool,
+    /// `SupplementaryGroups=`, by name.
+    pub groups: Vec<String>,
+}
+
+impl UnitSettings {
+    /// From `systemctl show`-style `Key=value` lines (the unit file's own syntax too).
+    pub fn parse(text: &str) -> UnitSettings {
+        let mut u = UnitSettings::default();
+        for line in text.lines() {
+            match line.trim().split_once('=') {
+                Some(("PrivateTmp", v)) => u.private_tmp = v == "yes" || v == "true",
+                Some(("ProtectHome", v)) => u.hides_home = matches!(v, "yes" | "true" | "tmpfs"),
+                Some(("SupplementaryGroups", v)) => {
+                    u.groups = v.split_whitespace().map(str::to_owned).collect()
+                }
+                _ => {}
+            }
+        }
+        u
+    }
+
+    /// The installed unit with its drop-ins (`systemctl show`), else the packaged unit.
+    pub fn installed() -> UnitSettings {
+        let shown = std::process::Command::new("systemctl")
+            .args([
+                "show",
+                "-p",
+                "LoadState",
+                "-p",
+                "PrivateTmp",
+                "-p",
+                "ProtectHome",
+            ])
+            .args(["-p", "SupplementaryGroups", "securetunnel-agent.service"])
+            .stderr(std::process::Stdio::null())
+            .output();
+        match shown {
+            Ok(out) if out.status.success() => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                if text.lines().any(|l| l.trim() == "LoadState=loaded") {
+                    return UnitSettings::parse(&text);
+                }
+                UnitSettings::parse(UNIT)
+            }
+            _ => UnitSettings::parse(UNIT),
+        }
+    }
+}
+
+/// Rule (sandbox): the directories the unit hides from the agent, with the setting that
+/// hides them; `None` when the unit leaves `path` visible.
+pub fn hidden_by(path: &Path, unit: &UnitSettings) -> Option<&'static str> {
     let under = |dir: &str| path.starts_with(dir);
-    if (under("/tmp") || under("/var/tmp")) && sets("PrivateTmp=yes") {
+    if (under("/tmp") || under("/var/tmp")) && unit.private_tmp {
         return Some("PrivateTmp=yes");
     }
-    if (under("/home") || under("/root") || under("/run/user")) && sets("ProtectHome=yes") {
+    if (under("/home") || under("/root") || under("/run/user")) && unit.hides_home {
         return Some("ProtectHome=yes");
     }
     None
@@ -128,8 +197,16 @@ pub fn permits(mode: u32, uid: u32, gid: u32, who: &Identity, want: u32) -> bool
 
 /// What stands between `who` and the socket at `path`, as one sentence naming the fix;
 /// `None` when it can connect.
-pub fn socket_problem(path: &Path, who: &Identity, systemd: bool) -> Option<String> {
-    if let Some(setting) = hidden_by(path).filter(|_| systemd) {
+pub fn socket_problem(path: &Path, who: &Identity, unit: Option<&UnitSettings>) -> Option<String> {
+    // Symlinked directories (/var/run -> /run) are judged where they lead.
+    let real = path
+        .parent()
+        .and_then(|d| d.canonicalize().ok())
+        .zip(path.file_name())
+        .map_or_else(|| path.to_owned(), |(d, f)| d.join(f));
+    let hidden = unit.and_then(|u| hidden_by(path, u).or_else(|| hidden_by(&real, u)));
+    let path = real.as_path();
+    if let Some(setting) = hidden {
         return Some(format!(
             "{} is hidden by the unit's {setting}: put the socket under /run (or another \
              directory outside /tmp, /var/tmp, /home, /root and /run/user)",
@@ -162,7 +239,7 @@ pub fn socket_problem(path: &Path, who: &Identity, systemd: bool) -> Option<Stri
                 dir.display(),
                 d.uid(),
                 d.gid(),
-                grant(d.gid(), mode, 0o010)
+                grant(who, d.uid(), d.gid(), mode, 0o010)
             ));
         }
     }
@@ -174,14 +251,18 @@ pub fn socket_problem(path: &Path, who: &Identity, systemd: bool) -> Option<Stri
             path.display(),
             meta.uid(),
             meta.gid(),
-            grant(meta.gid(), mode, 0o020)
+            grant(who, meta.uid(), meta.gid(), mode, 0o020)
         ));
     }
     None
 }
 
 /// The fix for a permission problem: the group when the group class would do.
-fn grant(gid: u32, mode: u32, group_bit: u32) -> String {
+fn grant(who: &Identity, uid: u32, gid: u32, mode: u32, group_bit: u32) -> String {
+    if who.uid == uid {
+        // The owner class applies to the agent's user: no group can help.
+        return "it belongs to the agent's user, whose own permission bits lack it: chmod u+rwx on directories, u+w on the socket".into();
+    }
     if mode & group_bit != 0 {
         let group = group_name(gid).unwrap_or_else(|| gid.to_string());
         format!(
@@ -202,7 +283,11 @@ fn group_name(gid: u32) -> Option<String> {
 }
 
 /// One warning per Unix-socket service `who` cannot reach.
-pub fn unix_socket_warnings(services: &ServiceMap, who: &Identity, systemd: bool) -> Vec<String> {
+pub fn unix_socket_warnings(
+    services: &ServiceMap,
+    who: &Identity,
+    unit: Option<&UnitSettings>,
+) -> Vec<String> {
     let named = services.named().map(|(s, e)| (s.to_owned(), e));
     let unnamed = services
         .unnamed_endpoint()
@@ -211,7 +296,7 @@ pub fn unix_socket_warnings(services: &ServiceMap, who: &Identity, systemd: bool
         .chain(unnamed)
         .filter_map(|(service, e)| match e {
             LocalEndpoint::Unix(p) => {
-                socket_problem(p, who, systemd).map(|w| format!("service {service}: {w}"))
+                socket_problem(p, who, unit).map(|w| format!("service {service}: {w}"))
             }
             LocalEndpoint::Tcp { .. } => None,
         })
@@ -232,6 +317,8 @@ mod tests {
 
     #[test]
     fn a_socket_under_tmp_or_home_is_hidden_by_the_units_sandbox() {
+        let unit = UnitSettings::parse(UNIT);
+        let hidden_by = |p: &Path| hidden_by(p, &unit);
         assert_eq!(
             hidden_by(Path::new("/tmp/app.sock")),
             Some("PrivateTmp=yes")
@@ -250,6 +337,22 @@ mod tests {
         );
         assert_eq!(hidden_by(Path::new("/run/app/app.sock")), None);
         assert_eq!(hidden_by(Path::new("/tmpfoo/app.sock")), None);
+    }
+
+    #[test]
+    fn drop_ins_shown_by_systemctl_change_what_is_hidden_and_the_groups() {
+        let shown = "LoadState=loaded\nPrivateTmp=no\nProtectHome=read-only\nSupplementaryGroups=www-data dialout\n";
+        let u = UnitSettings::parse(shown);
+        assert_eq!(hidden_by(Path::new("/tmp/app.sock"), &u), None);
+        assert_eq!(hidden_by(Path::new("/home/u/app.sock"), &u), None);
+        assert_eq!(u.groups, vec!["www-data".to_owned(), "dialout".to_owned()]);
+        let tmpfs = UnitSettings::parse("ProtectHome=tmpfs\nPrivateTmp=yes\n");
+        assert_eq!(
+            hidden_by(Path::new("/root/s"), &tmpfs),
+            Some("ProtectHome=yes")
+        );
+        let packaged = UnitSettings::parse(UNIT);
+        assert!(packaged.private_tmp && packaged.hides_home && packaged.groups.is_empty());
     }
 
     #[test]

@@ -246,30 +246,39 @@ fn the_example_config_names_each_missing_file() {
 }
 
 /// `check-config --user nobody` on a config whose Unix-socket services `nobody` can or
-/// cannot reach (the tests run as root, so they can set owners).
+/// cannot reach. The sockets belong to whoever runs the tests (root or not), in /dev/shm:
+/// world-searchable, and hidden by no unit setting.
 #[test]
 fn unix_socket_services_are_checked_for_the_agents_user() {
-    use std::os::unix::fs::chown;
+    use std::os::unix::fs::MetadataExt;
     let keys = tempfile::tempdir().unwrap();
     let k = keys.path();
     ec_key(k, "a.key");
     let cert = certify(k, "a.key", "a");
     private(&k.join("a.key"));
-    // Under /run: outside what the unit hides, and every parent is searchable by others.
-    let run = tempfile::tempdir_in("/run").expect("the tests run as root (/run is writable)");
-    let d = run.path();
+    let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm is a writable tmpfs");
+    let d = shm.path();
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     let bind = |p: &Path, mode: u32| {
         let l = std::os::unix::net::UnixListener::bind(p).unwrap();
-        chown(p, Some(0), Some(1)).unwrap();
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
         l
     };
     let _open = bind(&d.join("open.sock"), 0o666);
-    let _grp = bind(&d.join("group.sock"), 0o660);
+    let grp = bind(&d.join("group.sock"), 0o660);
     std::fs::create_dir(d.join("private")).unwrap();
     std::fs::set_permissions(d.join("private"), std::fs::Permissions::from_mode(0o700)).unwrap();
     let _priv = bind(&d.join("private/app.sock"), 0o666);
+    // The group the socket got (the test user's), by name as /etc/group has it.
+    let gid = std::fs::metadata(d.join("group.sock")).unwrap().gid();
+    let group = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 3 && f[2] == gid.to_string()).then(|| f[0].to_owned())
+        })
+        .unwrap_or_else(|| gid.to_string());
     let cfg = config(k, &cert, &k.join("a.key"));
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     for (name, path) in [
@@ -295,9 +304,10 @@ fn unix_socket_services_are_checked_for_the_agents_user() {
     };
     assert_eq!(warning("OPEN"), None, "{text}");
     assert_eq!(warning("SSH"), None, "{text}");
-    let grp = warning("GRP").unwrap_or_default();
+    let grp_warning = warning("GRP").unwrap_or_default();
     assert!(
-        grp.contains("nobody cannot connect") && grp.contains("SupplementaryGroups=daemon"),
+        grp_warning.contains("nobody cannot connect")
+            && grp_warning.contains(&format!("SupplementaryGroups={group}")),
         "{text}"
     );
     let private_dir = format!("directory {} is 0700", d.join("private").display());
@@ -311,6 +321,7 @@ fn unix_socket_services_are_checked_for_the_agents_user() {
             .contains("does not exist"),
         "{text}"
     );
+    drop(grp);
 
     let out = Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
         .args(["check-config", "--user", "no-such-user", "--config"])
