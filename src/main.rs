@@ -2,6 +2,13 @@
 
 use std::process::ExitCode;
 
+// The static builds' allocator: musl's own unmaps large blocks on every free.
+#[cfg_attr(not(target_env = "musl"), allow(dead_code))]
+mod block_cache;
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: block_cache::BlockCache = block_cache::BlockCache::new();
+
 use clap::Parser;
 use securetunnel_agent::cli::{self, Cli, Command};
 use tokio_util::sync::CancellationToken;

@@ -38,11 +38,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub type WsStream = WebSocketStream<Box<dyn Io>>;
 
 /// Websocket limits of the protocol, both directions (spec §1.4).
+/// Bytes read from the websocket's stream at a time: one TLS record's plaintext.
+pub const READ_BUFFER: usize = 16 * 1024;
+
+/// The websocket limits and buffer sizes, for both ends.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_WS_MESSAGE))
         .max_frame_size(Some(MAX_WS_FRAME))
-        .read_buffer_size(MAX_WS_FRAME)
+        // tungstenite zero-fills this much before every read; TLS hands over one record
+        // (at most 16 KiB of plaintext) per read, so more is only memset.
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
 }
 

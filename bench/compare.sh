@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Two agent builds as the destination of the same 1-way push, in one run: alternating, best
+# of 3, CPU per GiB of each and the ratio. Absolute figures move 2x between days on shared
+# machines; only the ratio measured here means anything.
+#   bench/compare.sh OLD_BIN NEW_BIN [MiB]     (RUNS=3, SOURCE_BIN=NEW_BIN by default)
+# The push: a client writes MiB into the source local-proxy, the emulator delivers one tunnel
+# frame per websocket message (as the service does with a localproxy source), the destination
+# writes it to a local sink that only reads. CPU = user+sys from the first byte to the last.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 2 ] || { echo "usage: bench/compare.sh OLD_BIN NEW_BIN [MiB]" >&2; exit 2; }
+old="$(realpath "$1")"; new="$(realpath "$2")"; mib="${3:-512}"; runs="${RUNS:-3}"
+source_bin="$(realpath "${SOURCE_BIN:-$new}")"
+demo=target/release/securetunnel-demo
+cargo build --locked --release -p securetunnel-emulator --bin securetunnel-demo >&2
+best() { sort -g | head -n1; }
+declare -A dest src
+for i in $(seq "$runs"); do
+    for which in old new; do
+        bin="${!which}"
+        out="$(SECURETUNNEL_DEMO_AGENT="$bin" SECURETUNNEL_DEMO_SOURCE="$source_bin" "$demo" push "$mib" 2>/dev/null | grep '^push')"
+        echo "compare: run $i $which: $out" >&2
+        dest[$which]+="$(grep -o 'destination [0-9.]*' <<< "$out" | awk '{print $2}') "
+        src[$which]+="$(grep -o 'source [0-9.]*' <<< "$out" | awk '{print $2}') "
+    done
+done
+o="$(tr ' ' '\n' <<< "${dest[old]}" | grep . | best)"
+n="$(tr ' ' '\n' <<< "${dest[new]}" | grep . | best)"
+s="$(tr ' ' '\n' <<< "${src[new]}" | grep . | best)"
+printf 'destination CPU per GiB, %s MiB 1-way push, best of %s: OLD %s s/GiB, NEW %s s/GiB, NEW/OLD %.2f\n' \
+    "$mib" "$runs" "$o" "$n" "$(awk -v a="$n" -v b="$o" 'BEGIN{print a/b}')"
+printf 'source (%s) CPU per GiB: %s s/GiB\n' "$(basename "$source_bin")" "$s"

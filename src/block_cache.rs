@@ -1,0 +1,224 @@
+//! The static (musl) builds' global allocator: the system allocator with a small cache of
+//! freed large blocks in front of it.
+//!
+//! Why: musl's allocator maps every block above ~128 KiB with mmap and unmaps it on free, and
+//! returns emptied groups of smaller large blocks too; the relay path frees and allocates a
+//! websocket message buffer (64-130 KiB) per message, so every message paid for fresh pages
+//! (page faults, zeroing, TLB shootdowns) — most of the static build's extra CPU. Keeping a few
+//! freed blocks per size class makes the steady state reuse the same warm memory, as glibc's
+//! allocator does on its own. Bounded: at most `SLOTS` blocks per class, 1.9 MiB in all.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+
+/// Smallest cached block: below it musl reuses memory well on its own.
+const MIN_CLASS: usize = 32 * 1024;
+/// Size classes (powers of two from `MIN_CLASS`).
+const CLASSES: usize = 4;
+/// Largest cached block.
+const MAX_CLASS: usize = MIN_CLASS << (CLASSES - 1);
+/// Freed blocks kept per class.
+const SLOTS: usize = 4;
+
+/// Rule (block classes): the class and its block size for a request, when it is cached:
+/// sizes from above half of `MIN_CLASS` up to `MAX_CLASS`, rounded up to a power of two,
+/// with an ordinary alignment.
+pub fn size_class(layout: Layout) -> Option<(usize, usize)> {
+    let size = layout.size();
+    if size <= MIN_CLASS / 2 || size > MAX_CLASS || layout.align() > 16 {
+        return None;
+    }
+    let block = size.next_power_of_two().max(MIN_CLASS);
+    let class = (block / MIN_CLASS).trailing_zeros() as usize;
+    Some((class, block))
+}
+
+/// The allocator: `System` plus `SLOTS` freed blocks per class.
+pub struct BlockCache {
+    /// Taken by whoever touches the slots; contention falls through to `System` (never spins).
+    busy: AtomicBool,
+    slots: [[AtomicPtr<u8>; SLOTS]; CLASSES],
+}
+
+impl BlockCache {
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        #[allow(clippy::declare_interior_mutable_const)]
+        const EMPTY: AtomicPtr<u8> = AtomicPtr::new(null_mut());
+        #[allow(clippy::declare_interior_mutable_const)]
+        const ROW: [AtomicPtr<u8>; SLOTS] = [EMPTY; SLOTS];
+        BlockCache {
+            busy: AtomicBool::new(false),
+            slots: [ROW; CLASSES],
+        }
+    }
+
+    fn with_slots<T>(
+        &self,
+        f: impl FnOnce(&[AtomicPtr<u8>; SLOTS]) -> T,
+        class: usize,
+    ) -> Option<T> {
+        if self.busy.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        let r = f(&self.slots[class]);
+        self.busy.store(false, Ordering::Release);
+        Some(r)
+    }
+
+    fn take(&self, class: usize) -> *mut u8 {
+        self.with_slots(
+            |row| {
+                row.iter()
+                    .map(|s| s.swap(null_mut(), Ordering::Relaxed))
+                    .find(|p| !p.is_null())
+                    .unwrap_or(null_mut())
+            },
+            class,
+        )
+        .unwrap_or(null_mut())
+    }
+
+    /// Keeps `ptr` if a slot is free; false when the caller must free it.
+    fn keep(&self, class: usize, ptr: *mut u8) -> bool {
+        self.with_slots(
+            |row| {
+                row.iter().any(|s| {
+                    s.compare_exchange(null_mut(), ptr, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                })
+            },
+            class,
+        )
+        .unwrap_or(false)
+    }
+}
+
+fn block_layout(block: usize, layout: Layout) -> Layout {
+    // SAFETY: `block` is a power of two >= size, and the alignment comes from a valid layout.
+    unsafe { Layout::from_size_align_unchecked(block, layout.align()) }
+}
+
+// SAFETY: every block of a cached class is allocated and freed through `System` with the
+// same (block size, alignment) layout; a cached pointer is handed out to one caller only
+// (slots are swapped out under `busy`).
+unsafe impl GlobalAlloc for BlockCache {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match size_class(layout) {
+            Some((class, block)) => {
+                let p = self.take(class);
+                if p.is_null() {
+                    // SAFETY: a valid, non-zero layout.
+                    unsafe { System.alloc(block_layout(block, layout)) }
+                } else {
+                    p
+                }
+            }
+            // SAFETY: the caller's layout, as given.
+            None => unsafe { System.alloc(layout) },
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        match size_class(layout) {
+            Some((class, block)) => {
+                if !self.keep(class, ptr) {
+                    // SAFETY: allocated by `alloc` with this block layout.
+                    unsafe { System.dealloc(ptr, block_layout(block, layout)) }
+                }
+            }
+            // SAFETY: allocated by `System` with this layout.
+            None => unsafe { System.dealloc(ptr, layout) },
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        match size_class(layout) {
+            Some(_) => {
+                // SAFETY: as `alloc`; then `size` bytes of it are zeroed.
+                let p = unsafe { self.alloc(layout) };
+                if !p.is_null() {
+                    unsafe { p.write_bytes(0, layout.size()) };
+                }
+                p
+            }
+            // SAFETY: the caller's layout, as given.
+            None => unsafe { System.alloc_zeroed(layout) },
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees a valid layout for `new_size`.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        match (size_class(layout), size_class(new_layout)) {
+            (None, None) => unsafe { System.realloc(ptr, layout, new_size) },
+            // Still within its block: nothing moves.
+            (Some((_, old)), Some((_, new))) if old == new => ptr,
+            _ => {
+                // SAFETY: a fresh block for the new layout, the old contents copied, the old
+                // block released through the path that allocated it.
+                let p = unsafe { self.alloc(new_layout) };
+                if !p.is_null() {
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                        self.dealloc(ptr, layout);
+                    }
+                }
+                p
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(size: usize) -> Option<(usize, usize)> {
+        size_class(Layout::from_size_align(size, 8).unwrap())
+    }
+
+    #[test]
+    fn block_classes_cover_websocket_message_sizes_only() {
+        assert_eq!(class(100), None);
+        assert_eq!(class(16 * 1024), None);
+        assert_eq!(class(16 * 1024 + 1), Some((0, 32 * 1024)));
+        assert_eq!(class(64 * 1024 + 516), Some((2, 128 * 1024)));
+        assert_eq!(class(131_076), Some((3, 256 * 1024)));
+        assert_eq!(class(256 * 1024), Some((3, 256 * 1024)));
+        assert_eq!(class(256 * 1024 + 1), None);
+        assert_eq!(
+            size_class(Layout::from_size_align(64 * 1024, 4096).unwrap()),
+            None
+        );
+    }
+
+    #[test]
+    fn freed_blocks_are_reused_and_the_cache_is_bounded() {
+        let cache = BlockCache::new();
+        let layout = Layout::from_size_align(70_000, 8).unwrap();
+        unsafe {
+            let a = cache.alloc(layout);
+            a.write_bytes(7, layout.size());
+            cache.dealloc(a, layout);
+            // The same block comes back, contents as left (not zeroed: no page work).
+            let b = cache.alloc(layout);
+            assert_eq!(a, b);
+            // Growing within the block keeps it; beyond it moves.
+            let c = cache.realloc(b, layout, 100_000);
+            assert_eq!(c, b);
+            let big = Layout::from_size_align(100_000, 8).unwrap();
+            let blocks: Vec<*mut u8> = (0..SLOTS + 2).map(|_| cache.alloc(big)).collect();
+            for p in &blocks {
+                cache.dealloc(*p, big);
+            }
+            cache.dealloc(c, big);
+            let kept = cache.slots[2]
+                .iter()
+                .filter(|s| !s.load(Ordering::Relaxed).is_null())
+                .count();
+            assert_eq!(kept, SLOTS);
+        }
+    }
+}
