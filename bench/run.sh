@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite: prints one table. Builds the workspace in release mode and,
 # for the static-build rows, rustup's x86_64 musl target (cross/setup.sh for ARM sizes).
+# Comparing two builds in one run (ratios): bench/compare.sh OLD_BIN NEW_BIN.
 #   bench/run.sh            results go to stdout; paste them into BENCHMARKS.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,11 @@ for build in glibc musl; do
     row "throughput, source+destination through the emulator ($build)" "$thr"
     row "destination CPU per GiB relayed, both directions ($build)" "$cpu"
     row "destination $peak during 256 MiB ($build)" ""
+    log "1-way push, 512 MiB, one frame per websocket message ($build as source and destination)"
+    out="$(SECURETUNNEL_DEMO_AGENT="$bin" SECURETUNNEL_DEMO_SOURCE="$bin" "$demo" push 512)"
+    row "1-way push: destination CPU per GiB ($build)" "$(grep -o 'destination [0-9.]* s/GiB' <<< "$out" | cut -d' ' -f2-)"
+    row "1-way push: destination peak RSS ($build)" "$(grep -o 'peak RSS [0-9.]* MiB' <<< "$out" | cut -d' ' -f3-)"
+    row "1-way push: source CPU per GiB ($build)" "$(grep -o 'source [0-9.]* s/GiB' <<< "$out" | cut -d' ' -f2-)"
     log "memory ($build)"
     mem="$(SECURETUNNEL_DEMO_AGENT="$bin" "$demo" memory 100)"
     row "agent RSS idle, MQTT + one tunnel ($build)" "$(grep -o 'connected): [0-9.]* MiB' <<< "$mem" | cut -d' ' -f2-)"
