@@ -7,18 +7,24 @@
 # frame per websocket message (as the service does with a localproxy source), the destination
 # writes it to a local sink that only reads. CPU = user+sys from the first byte to the last.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: bench/compare.sh OLD_BIN NEW_BIN [MiB]" >&2; exit 2; }
+# Paths as the caller gave them, before moving to the repository.
 old="$(realpath "$1")"; new="$(realpath "$2")"; mib="${3:-512}"; runs="${RUNS:-3}"
-source_bin="$(realpath "${SOURCE_BIN:-$new}")"
+source_bin="$(realpath "${SOURCE_BIN:-$2}")"
+cd "$(dirname "$0")/.."
+[ "$runs" -ge 1 ] || { echo "compare: RUNS must be at least 1" >&2; exit 2; }
 demo=target/release/securetunnel-demo
 cargo build --locked --release -p securetunnel-emulator --bin securetunnel-demo >&2
+log="$(mktemp)"
 best() { sort -g | head -n1; }
 declare -A dest src
 for i in $(seq "$runs"); do
-    for which in old new; do
+    # Alternate which goes first, so drift during a run hits both alike.
+    order="old new"; [ $((i % 2)) -eq 0 ] && order="new old"
+    for which in $order; do
         bin="${!which}"
-        out="$(SECURETUNNEL_DEMO_AGENT="$bin" SECURETUNNEL_DEMO_SOURCE="$source_bin" "$demo" push "$mib" 2>/dev/null | grep '^push')"
+        out="$(SECURETUNNEL_DEMO_AGENT="$bin" SECURETUNNEL_DEMO_SOURCE="$source_bin" "$demo" push "$mib" 2>"$log" | grep '^push')" \
+            || { echo "compare: run $i ($which: $bin) failed:" >&2; tail -n 20 "$log" >&2; exit 1; }
         echo "compare: run $i $which: $out" >&2
         dest[$which]+="$(grep -o 'destination [0-9.]*' <<< "$out" | awk '{print $2}') "
         src[$which]+="$(grep -o 'source [0-9.]*' <<< "$out" | awk '{print $2}') "
@@ -27,6 +33,6 @@ done
 o="$(tr ' ' '\n' <<< "${dest[old]}" | grep . | best)"
 n="$(tr ' ' '\n' <<< "${dest[new]}" | grep . | best)"
 s="$(tr ' ' '\n' <<< "${src[new]}" | grep . | best)"
-printf 'destination CPU per GiB, %s MiB 1-way push, best of %s: OLD %s s/GiB, NEW %s s/GiB, NEW/OLD %.2f\n' \
-    "$mib" "$runs" "$o" "$n" "$(awk -v a="$n" -v b="$o" 'BEGIN{print a/b}')"
+printf 'destination CPU per GiB, %s MiB 1-way push, best of %s: OLD %s s/GiB, NEW %s s/GiB, NEW/OLD %s\n' \
+    "$mib" "$runs" "$o" "$n" "$(awk -v a="$n" -v b="$o" 'BEGIN{ if (b > 0) printf "%.2f", a/b; else print "n/a" }')"
 printf 'source (%s) CPU per GiB: %s s/GiB\n' "$(basename "$source_bin")" "$s"

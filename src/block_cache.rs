@@ -95,9 +95,11 @@ impl BlockCache {
     }
 }
 
-fn block_layout(block: usize, layout: Layout) -> Layout {
-    // SAFETY: `block` is a power of two >= size, and the alignment comes from a valid layout.
-    unsafe { Layout::from_size_align_unchecked(block, layout.align()) }
+/// Every cached block is allocated and freed with this layout: any cached request (align
+/// <= 16) may get any block of its class.
+fn block_layout(block: usize) -> Layout {
+    // SAFETY: `block` is a non-zero power of two far below isize::MAX; 16 is a power of two.
+    unsafe { Layout::from_size_align_unchecked(block, 16) }
 }
 
 // SAFETY: every block of a cached class is allocated and freed through `System` with the
@@ -110,7 +112,7 @@ unsafe impl GlobalAlloc for BlockCache {
                 let p = self.take(class);
                 if p.is_null() {
                     // SAFETY: a valid, non-zero layout.
-                    unsafe { System.alloc(block_layout(block, layout)) }
+                    unsafe { System.alloc(block_layout(block)) }
                 } else {
                     p
                 }
@@ -125,7 +127,7 @@ unsafe impl GlobalAlloc for BlockCache {
             Some((class, block)) => {
                 if !self.keep(class, ptr) {
                     // SAFETY: allocated by `alloc` with this block layout.
-                    unsafe { System.dealloc(ptr, block_layout(block, layout)) }
+                    unsafe { System.dealloc(ptr, block_layout(block)) }
                 }
             }
             // SAFETY: allocated by `System` with this layout.
@@ -135,13 +137,16 @@ unsafe impl GlobalAlloc for BlockCache {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         match size_class(layout) {
-            Some(_) => {
-                // SAFETY: as `alloc`; then `size` bytes of it are zeroed.
-                let p = unsafe { self.alloc(layout) };
-                if !p.is_null() {
+            Some((class, block)) => {
+                let p = self.take(class);
+                if p.is_null() {
+                    // SAFETY: a valid, non-zero layout; fresh pages come zeroed.
+                    unsafe { System.alloc_zeroed(block_layout(block)) }
+                } else {
+                    // SAFETY: a cached block of at least `size` bytes, ours to hand out.
                     unsafe { p.write_bytes(0, layout.size()) };
+                    p
                 }
-                p
             }
             // SAFETY: the caller's layout, as given.
             None => unsafe { System.alloc_zeroed(layout) },
@@ -208,17 +213,40 @@ mod tests {
             // Growing within the block keeps it; beyond it moves.
             let c = cache.realloc(b, layout, 100_000);
             assert_eq!(c, b);
+            // Beyond it, into the next class: moved, contents kept.
+            let d = cache.realloc(c, Layout::from_size_align(100_000, 8).unwrap(), 200_000);
+            assert_ne!(d, c);
+            assert_eq!(*d.add(69_999), 7);
+            // Out of the cached range and back.
+            let huge = cache.realloc(d, Layout::from_size_align(200_000, 8).unwrap(), 1 << 20);
+            assert_eq!(*huge.add(69_999), 7);
+            let e = cache.realloc(huge, Layout::from_size_align(1 << 20, 8).unwrap(), 50_000);
+            assert_eq!(*e.add(49_999), 7);
+            cache.dealloc(e, Layout::from_size_align(50_000, 8).unwrap());
+            // Zeroed even when the block comes from the cache; any alignment up to 16.
+            let z = cache.alloc_zeroed(Layout::from_size_align(50_000, 16).unwrap());
+            assert_eq!(z as usize % 16, 0);
+            assert!((0..50_000).all(|i| *z.add(i) == 0));
+            cache.dealloc(z, Layout::from_size_align(50_000, 16).unwrap());
             let big = Layout::from_size_align(100_000, 8).unwrap();
             let blocks: Vec<*mut u8> = (0..SLOTS + 2).map(|_| cache.alloc(big)).collect();
             for p in &blocks {
                 cache.dealloc(*p, big);
             }
-            cache.dealloc(c, big);
             let kept = cache.slots[2]
                 .iter()
                 .filter(|s| !s.load(Ordering::Relaxed).is_null())
                 .count();
             assert_eq!(kept, SLOTS);
+            // Give every cached block back.
+            for (class, row) in cache.slots.iter().enumerate() {
+                for slot in row {
+                    let p = slot.swap(null_mut(), Ordering::Relaxed);
+                    if !p.is_null() {
+                        System.dealloc(p, block_layout(MIN_CLASS << class));
+                    }
+                }
+            }
         }
     }
 }

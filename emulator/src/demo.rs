@@ -76,13 +76,35 @@ async fn wait_exit(child: &mut Child, name: &str) -> DemoResult<i32> {
     }
 }
 
-pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
+/// The emulator over TLS, its CA in the work directory, re-framing as `opts` says.
+async fn emulator_with_ca(opts: &DemoOptions) -> DemoResult<(Emulator, PathBuf)> {
     let emu = Emulator::start(EmulatorConfig::loopback(EmulatorTls::Generate))
         .await
         .map_err(|e| e.to_string())?;
     let ca = opts.work_dir.join("emulator-ca.pem");
     std::fs::write(&ca, emu.ca_pem().unwrap_or_default()).map_err(|e| e.to_string())?;
     emu.set_reframe(opts.reframe);
+    Ok((emu, ca))
+}
+
+/// `local-proxy` arguments for one end (`-d` or `-s` with its map) against `emu`.
+fn proxy_args(emu: &Emulator, ca: &Path, mode: &str, map: String, verbose: &str) -> Vec<String> {
+    [
+        "-e",
+        &emu.endpoint(),
+        "-c",
+        &ca.display().to_string(),
+        mode,
+        &map,
+        "-v",
+        verbose,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
+    let (emu, ca) = emulator_with_ca(opts).await?;
     step(
         1,
         &format!(
@@ -103,19 +125,7 @@ pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
         ),
     );
 
-    let common = |m: &str, map: String| -> Vec<String> {
-        let endpoint = emu.endpoint();
-        vec![
-            "-e".into(),
-            endpoint,
-            "-c".into(),
-            ca.display().to_string(),
-            m.into(),
-            map,
-            "-v".into(),
-            "4".into(),
-        ]
-    };
+    let common = |m: &str, map: String| proxy_args(&emu, &ca, m, map, "4");
     let mut dest = spawn_agent(
         opts,
         "destination",
@@ -208,12 +218,7 @@ pub struct PushReport {
 /// localproxy source's frames). CPU is counted from the first byte to the sink's last.
 pub async fn push(opts: &DemoOptions, source_agent: &Path) -> DemoResult<PushReport> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let emu = Emulator::start(EmulatorConfig::loopback(EmulatorTls::Generate))
-        .await
-        .map_err(|e| e.to_string())?;
-    let ca = opts.work_dir.join("emulator-ca.pem");
-    std::fs::write(&ca, emu.ca_pem().unwrap_or_default()).map_err(|e| e.to_string())?;
-    emu.set_reframe(opts.reframe);
+    let (emu, ca) = emulator_with_ca(opts).await?;
     let t = emu.open_tunnel(&["PUSH"], Duration::from_secs(600));
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -233,18 +238,7 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path) -> DemoResult<PushRep
         }
         Ok::<usize, std::io::Error>(got)
     });
-    let args = |m: &str, map: String| -> Vec<String> {
-        vec![
-            "-e".into(),
-            emu.endpoint(),
-            "-c".into(),
-            ca.display().to_string(),
-            m.into(),
-            map,
-            "-v".into(),
-            "3".into(),
-        ]
-    };
+    let args = |m: &str, map: String| proxy_args(&emu, &ca, m, map, "3");
     let mut dest = spawn_agent(
         opts,
         "destination",

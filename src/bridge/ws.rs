@@ -37,11 +37,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// The websocket over plain TCP or TLS.
 pub type WsStream = WebSocketStream<Box<dyn Io>>;
 
-/// Websocket limits of the protocol, both directions (spec §1.4).
 /// Bytes read from the websocket's stream at a time: one TLS record's plaintext.
 pub const READ_BUFFER: usize = 16 * 1024;
 
-/// The websocket limits and buffer sizes, for both ends.
+/// Websocket limits of the protocol, both directions (spec §1.4), and buffer sizes.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_WS_MESSAGE))
