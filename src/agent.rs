@@ -4,7 +4,7 @@
 //! the table. Live sessions are persisted, so a restart rejoins them; a replaced binary
 //! (package upgrade) is re-executed once no local connection is open.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -71,9 +71,11 @@ struct Live {
 
 pub struct Agent {
     cfg: Config,
-    /// The service map bridges resolve new streams against; replaced on SIGHUP.
-    services: SharedServiceMap,
-    services_tx: watch::Sender<Arc<ServiceMap>>,
+    /// Per thing (the gateway's own and each downstream one), the service map its bridges
+    /// resolve new streams against; replaced on SIGHUP.
+    maps: BTreeMap<String, (watch::Sender<Arc<ServiceMap>>, SharedServiceMap)>,
+    /// The downstream things the MQTT client subscribes for.
+    downstream_tx: watch::Sender<Vec<String>>,
     tunnel_tls: Arc<rustls::ClientConfig>,
     table: SessionTable,
     store: Option<SessionStore>,
@@ -109,13 +111,21 @@ impl Agent {
             SessionStore::clear(&cfg.state_dir);
             None
         };
-        let (services_tx, services) = SharedServiceMap::new(cfg.services.clone());
+        let mut maps = BTreeMap::new();
+        maps.insert(
+            cfg.thing_name.clone(),
+            SharedServiceMap::new(cfg.services.clone()),
+        );
+        for (name, t) in &cfg.things {
+            maps.insert(name.clone(), SharedServiceMap::new(t.services.clone()));
+        }
+        let (downstream_tx, downstream) = watch::channel(cfg.things.keys().cloned().collect());
         let (connected_tx, mut connected) = mpsc::channel(cfg.limits.max_tunnels * 2 + 4);
         check_descriptor_limit(&cfg);
         let (mqtt_state, mqtt) = watch::channel(MqttState::connecting());
         let mut agent = Agent {
-            services,
-            services_tx,
+            maps,
+            downstream_tx,
             table: SessionTable::new(
                 cfg.limits.max_tunnels,
                 cfg.limits.max_lifetime,
@@ -132,7 +142,8 @@ impl Agent {
             binary: BinaryWatch::current(),
             cfg,
         };
-        info!(thing = %agent.cfg.thing_name, version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), "agent started");
+        agent.table.set_thing_caps(thing_caps(&agent.cfg));
+        info!(thing = %agent.cfg.thing_name, downstream = ?agent.cfg.things.keys().collect::<Vec<_>>(), version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), "agent started");
         // Rejoin before the first notify can arrive.
         agent.resume();
         // Running from here on: resumed tunnels are served whether or not MQTT is reachable,
@@ -146,6 +157,7 @@ impl Agent {
             tls: checked.mqtt_tls.clone(),
             thing: agent.cfg.thing_name.clone(),
             topic: agent.cfg.notify_topic(),
+            downstream,
             proxy: agent
                 .cfg
                 .proxy
@@ -243,7 +255,7 @@ impl Agent {
                 .as_ref()
                 .and_then(|m| m.elapsed_until(&now_moment))
                 .map(|elapsed| self.table.max_lifetime().saturating_sub(elapsed));
-            if s.thing != self.cfg.thing_name {
+            if !self.maps.contains_key(&s.thing) {
                 info!(thing = %s.thing, services = ?s.services, "persisted session dropped: the thing is no longer configured");
                 self.forget(&s.file_id);
                 continue;
@@ -263,7 +275,8 @@ impl Agent {
             info!(session = id, region = %s.region, services = ?s.services, token = %s.access_token, "session resumed with its tokens");
             let (token, client_token) = (s.access_token.clone(), s.client_token.clone());
             let region = s.region.clone();
-            self.start_bridge(id, &region, token, client_token, Some(s), deadline);
+            let thing = s.thing.clone();
+            self.start_bridge(id, &thing, &region, token, client_token, Some(s), deadline);
         }
     }
 
@@ -280,14 +293,18 @@ impl Agent {
     }
 
     fn on_notification(&mut self, n: Notification) {
-        let map = self.services.current();
+        let Some((_, shared)) = self.maps.get(&n.thing) else {
+            warn!(thing = %n.thing, "notify refused: the thing is no longer configured");
+            return;
+        };
+        let map = shared.current();
         let unmapped: Vec<&String> = n
             .services
             .iter()
             .filter(|s| map.resolve(s, &n.services).is_none())
             .collect();
         if unmapped.len() == n.services.len() {
-            warn!(services = ?n.services, "notify refused: none of the tunnel's services is in the service map");
+            warn!(thing = %n.thing, services = ?n.services, "notify refused: none of the tunnel's services is in the thing's service map");
             return;
         }
         if !unmapped.is_empty() {
@@ -348,6 +365,7 @@ impl Agent {
         });
         self.start_bridge(
             id,
+            &n.thing,
             &n.region,
             n.token.clone(),
             client_token,
@@ -356,9 +374,11 @@ impl Agent {
         );
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start_bridge(
         &mut self,
         id: u64,
+        thing: &str,
         region: &str,
         token: Secret,
         client_token: Secret,
@@ -375,7 +395,11 @@ impl Agent {
         endpoint.connect_to = crate::config::resolve_override(&self.cfg.tunnel.resolve, &endpoint);
         let config = BridgeConfig {
             role: Role::Destination {
-                services: self.services.clone(),
+                // Only this thing's endpoints: a stream of one thing never reaches another's.
+                services: match self.maps.get(thing) {
+                    Some((_, map)) => map.clone(),
+                    None => SharedServiceMap::from(ServiceMap::default()),
+                },
             },
             endpoint,
             tls: Some(self.tunnel_tls.clone()),
@@ -541,16 +565,18 @@ impl Agent {
                 .filter_map(|(k, changed)| changed.then_some(k))
                 .collect();
                 if !restart_only.is_empty() {
-                    warn!(changed = ?restart_only, "these settings take effect at the next restart; only [services] is reloaded");
+                    warn!(changed = ?restart_only, "these settings take effect at the next restart; only [services] and [things] are reloaded");
                 }
                 let summary: Vec<String> = new
                     .services
                     .named()
                     .map(|(s, e)| format!("{s} -> {e}"))
                     .collect();
-                self.services_tx
-                    .send_replace(Arc::new(new.services.clone()));
+                if let Some((tx, _)) = self.maps.get(&self.cfg.thing_name) {
+                    tx.send_replace(Arc::new(new.services.clone()));
+                }
                 self.cfg.services = new.services;
+                self.reload_things(new.things);
                 info!(services = ?summary, "service map reloaded; live tunnels keep running");
             }
             // One line per problem would split the record in journald: join them.
@@ -560,6 +586,50 @@ impl Agent {
             ),
         }
         self.write_status();
+    }
+
+    /// Downstream things added (mapped, subscribed), changed (new map for new streams; live
+    /// tunnels stay) or removed (unsubscribed; their tunnels stop).
+    fn reload_things(&mut self, things: BTreeMap<String, crate::config::ThingConfig>) {
+        let own = self.cfg.thing_name.clone();
+        let removed: Vec<String> = self
+            .maps
+            .keys()
+            .filter(|name| **name != own && !things.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &removed {
+            self.maps.remove(name);
+            let ids: Vec<u64> = self
+                .table
+                .entries()
+                .iter()
+                .filter(|e| e.key.thing == *name)
+                .map(|e| e.id)
+                .collect();
+            for id in &ids {
+                if let Some(live) = self.live.get(id) {
+                    live.cancel.cancel();
+                }
+            }
+            info!(thing = %name, tunnels = ids.len(), "downstream thing removed: unsubscribing; its tunnels stop");
+        }
+        for (name, t) in &things {
+            match self.maps.get(name) {
+                Some((tx, _)) => {
+                    tx.send_replace(Arc::new(t.services.clone()));
+                }
+                None => {
+                    info!(thing = %name, "downstream thing added: subscribing to its notifications");
+                    self.maps
+                        .insert(name.clone(), SharedServiceMap::new(t.services.clone()));
+                }
+            }
+        }
+        self.cfg.things = things;
+        self.table.set_thing_caps(thing_caps(&self.cfg));
+        self.downstream_tx
+            .send_replace(self.cfg.things.keys().cloned().collect());
     }
 
     /// The table with each bridge's state and counters, now.
@@ -607,6 +677,14 @@ impl Agent {
         }
         info!("agent stopped");
     }
+}
+
+/// `things.<name>.max_tunnels`, for the session table.
+fn thing_caps(cfg: &Config) -> HashMap<String, usize> {
+    cfg.things
+        .iter()
+        .filter_map(|(name, t)| t.max_tunnels.map(|cap| (name.clone(), cap)))
+        .collect()
 }
 
 /// The next status client; pending forever without a socket. An accept error (descriptors

@@ -52,7 +52,29 @@ struct RawConfig {
     state_dir: PathBuf,
     runtime_dir: Option<PathBuf>,
     proxy: Option<RawProxy>,
+    /// Downstream things the gateway serves tunnels for: `[things.<name>.services]`.
+    #[serde(default)]
+    things: std::collections::BTreeMap<String, RawThing>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawThing {
+    #[serde(default)]
+    services: ServiceMap,
+    max_tunnels: Option<usize>,
+}
+
+/// A downstream thing: its own service map (an allow-list of its endpoints) and cap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThingConfig {
+    pub services: ServiceMap,
+    /// At most this many of the agent's tunnels for this thing (`None`: only the agent's).
+    pub max_tunnels: Option<usize>,
+}
+
+/// AWS IoT's subscriptions per connection; the gateway's own notify topic takes one.
+pub const MAX_DOWNSTREAM_THINGS: usize = 49;
 
 /// `[proxy]`: the URL may carry a password, so it is read as a secret.
 #[derive(Debug, Deserialize)]
@@ -302,6 +324,8 @@ pub struct Config {
     pub runtime_dir: PathBuf,
     /// `[proxy]`: MQTT and the data plane through an HTTP CONNECT proxy.
     pub proxy: Option<crate::proxy::ProxySettings>,
+    /// Downstream things, by name (the gateway's own thing is not among them).
+    pub things: std::collections::BTreeMap<String, ThingConfig>,
 }
 
 impl Config {
@@ -617,6 +641,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             },
         },
     };
+    errors.extend(validate_things(&raw));
     if raw.runtime_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
         errors.push(err(
             "runtime_dir",
@@ -671,7 +696,76 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             .runtime_dir
             .unwrap_or_else(|| crate::status::default_runtime_dir(Path::new("/run").is_dir())),
         proxy,
+        things: raw
+            .things
+            .into_iter()
+            .map(|(name, t)| {
+                let thing = ThingConfig {
+                    services: t.services,
+                    max_tunnels: t.max_tunnels,
+                };
+                (name, thing)
+            })
+            .collect(),
     })
+}
+
+/// Rule (downstream things): names as AWS IoT allows them, not the gateway's own, each with
+/// services, a cap within `limits.max_tunnels`, and no more than `MAX_DOWNSTREAM_THINGS`
+/// (AWS IoT's 50 subscriptions per connection, one taken by the gateway's own topic).
+fn validate_things(raw: &RawConfig) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    if raw.things.len() > MAX_DOWNSTREAM_THINGS {
+        errors.push(err(
+            "things",
+            format!(
+                "{} downstream things; AWS IoT allows 50 subscriptions per MQTT connection and the gateway's own notify topic takes one",
+                raw.things.len()
+            ),
+            format!("serve at most {MAX_DOWNSTREAM_THINGS} downstream things per gateway"),
+        ));
+    }
+    for (name, t) in &raw.things {
+        let key = format!("things.{name:?}");
+        if !protocol::is_valid_service_id(name) {
+            errors.push(err(
+                &key,
+                "is not a valid thing name",
+                "use 1-128 characters of letters, digits, ':', '_' or '-'",
+            ));
+        }
+        if *name == raw.thing_name {
+            errors.push(err(
+                &key,
+                "is the gateway's own thing",
+                "put the gateway's own services under [services]",
+            ));
+        }
+        if t.services.is_empty() {
+            errors.push(err(
+                &format!("{key}.services"),
+                "no service is mapped, so every tunnel to this thing would be refused",
+                format!("add e.g. HTTP = \"10.0.0.42:80\" under [things.{name}.services]"),
+            ));
+        }
+        if t.services.unnamed_endpoint().is_some() {
+            errors.push(err(
+                &format!("{key}.services"),
+                "has an unnamed mapping",
+                "name each service, as in the tunnel's destination config",
+            ));
+        }
+        if let Some(cap) = t.max_tunnels {
+            if cap == 0 || cap > raw.limits.max_tunnels {
+                errors.push(err(
+                    &format!("{key}.max_tunnels"),
+                    format!("{cap} is out of range"),
+                    format!("use 1-{} (limits.max_tunnels)", raw.limits.max_tunnels),
+                ));
+            }
+        }
+    }
+    errors
 }
 
 /// What the files named by a config turned into.
@@ -850,6 +944,29 @@ fn summary(cfg: &Config) -> Vec<(String, String)> {
     }
     vec![
         ("thing name".into(), cfg.thing_name.clone()),
+        (
+            "downstream things".into(),
+            if cfg.things.is_empty() {
+                "none".to_owned()
+            } else {
+                cfg.things
+                    .iter()
+                    .map(|(name, t)| {
+                        let services: Vec<String> = t
+                            .services
+                            .named()
+                            .map(|(s, e)| format!("{s} -> {e}"))
+                            .collect();
+                        let cap = t
+                            .max_tunnels
+                            .map(|n| format!(", at most {n} tunnels"))
+                            .unwrap_or_default();
+                        format!("{name} ({}{cap})", services.join(", "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+        ),
         ("notify topic".into(), cfg.notify_topic()),
         (
             "MQTT".into(),
@@ -979,6 +1096,45 @@ mod tests {
 
     fn parse_str(s: &str) -> Result<Config, ConfigErrors> {
         parse(s, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn downstream_things_are_validated_by_key() {
+        let c = parse_str(&format!(
+            "{MIN}\n[things.PLC-42]\nmax_tunnels = 2\n[things.PLC-42.services]\nHTTP = \"10.0.0.42:80\"\n[things.cam-7.services]\nRTSP = \"10.0.0.57:554\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.things.len(), 2);
+        assert_eq!(c.things["PLC-42"].max_tunnels, Some(2));
+        assert!(c.things["cam-7"].services.named().any(|(s, _)| s == "RTSP"));
+        for (bad, key) in [
+            ("[things.gw-1.services]\nSSH = 22", "things.\"gw-1\""),
+            (
+                "[things.\"bad name\".services]\nSSH = 22",
+                "things.\"bad name\"",
+            ),
+            (
+                "[things.PLC-1]\nmax_tunnels = 0\n[things.PLC-1.services]\nSSH = 22",
+                "things.\"PLC-1\".max_tunnels",
+            ),
+            ("[things.PLC-1.services]", "things.\"PLC-1\".services"),
+        ] {
+            let e = parse_str(&format!("{MIN}\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        let many: String = (0..50)
+            .map(|i| format!("[things.t{i}.services]\nSSH = 22\n"))
+            .collect();
+        let e = parse_str(&format!("{MIN}\n{many}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("50 subscriptions per MQTT connection"), "{e}");
+        let ok: String = (0..49)
+            .map(|i| format!("[things.t{i}.services]\nSSH = 22\n"))
+            .collect();
+        assert_eq!(parse_str(&format!("{MIN}\n{ok}")).unwrap().things.len(), 49);
     }
 
     #[test]

@@ -2,12 +2,13 @@
 //! session, QoS 1, resubscribed after every connect, reconnecting forever with backoff. Each
 //! payload is parsed tolerantly (unknown fields ignored) but validated before the agent sees it.
 
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS, StateError,
-    SubscribeReasonCode, TlsConfiguration, Transport,
+    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
@@ -147,9 +148,11 @@ impl MqttState {
 pub struct NotifyClient {
     pub config: MqttConfig,
     pub tls: Arc<rustls::ClientConfig>,
-    /// The thing whose notifies this client follows, and its topic.
+    /// The gateway's own thing, and its notify topic.
     pub thing: String,
     pub topic: String,
+    /// The downstream things whose notify topics it also follows (changes on SIGHUP).
+    pub downstream: watch::Receiver<Vec<String>>,
     /// HTTP proxy to the broker (`[proxy]`, unless `no_proxy` names it).
     pub proxy: Option<crate::proxy::HttpProxy>,
 }
@@ -164,8 +167,166 @@ const MAX_OUTGOING_PACKET: usize = 16 * 1024;
 const RECONNECT_BASE: Duration = Duration::from_millis(500);
 const RECONNECT_CAP: Duration = Duration::from_secs(60);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
-/// Requests waiting for rumqttc's event loop (subscribe, acks).
-const REQUEST_QUEUE: usize = 10;
+/// Requests waiting for rumqttc's event loop (subscribes, unsubscribes, acks): room for
+/// every downstream thing's unsubscribe at once.
+const REQUEST_QUEUE: usize = 64;
+/// Topic filters in one SUBSCRIBE (AWS IoT's limit).
+pub const FILTERS_PER_SUBSCRIBE: usize = 8;
+
+/// A thing's notify topic.
+pub fn notify_topic(thing: &str) -> String {
+    format!("$aws/things/{thing}/tunnels/notify")
+}
+
+/// Rule (subscribe batches): topics go in SUBSCRIBE packets of at most
+/// `FILTERS_PER_SUBSCRIBE` filters, in order (the gateway's own first).
+pub fn batches(topics: &[String]) -> Vec<Vec<String>> {
+    topics
+        .chunks(FILTERS_PER_SUBSCRIBE)
+        .map(<[String]>::to_vec)
+        .collect()
+}
+
+/// Rule (policy hint): the IoT policy statements that let the gateway's certificate follow a
+/// thing's notify topic.
+pub fn policy_statement(thing: &str) -> String {
+    format!(
+        r#"{{"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:REGION:ACCOUNT:topicfilter/$aws/things/{thing}/tunnels/notify"}}, {{"Effect":"Allow","Action":"iot:Receive","Resource":"arn:aws:iot:REGION:ACCOUNT:topic/$aws/things/{thing}/tunnels/notify"}}"#
+    )
+}
+
+/// The notify topics followed and what the broker said of each subscription. Bounded by
+/// the configured things: at most one entry per topic.
+struct Subscriptions {
+    own_topic: String,
+    /// Topic -> thing, the gateway's own included.
+    topics: BTreeMap<String, String>,
+    /// SUBSCRIBE batches queued, waiting for their packet id.
+    unsent: VecDeque<Vec<String>>,
+    /// Batches sent, waiting for their SUBACK.
+    pending: HashMap<u16, Vec<String>>,
+    /// Downstream things whose refusal was logged (once per thing).
+    refused: HashSet<String>,
+}
+
+/// What a SUBACK said.
+#[derive(Debug, PartialEq, Eq)]
+struct SubAcked {
+    /// The gateway's own topic, when it was in this batch: granted or not.
+    own: Option<bool>,
+    /// Downstream things refused for the first time.
+    refused: Vec<String>,
+}
+
+impl Subscriptions {
+    fn new(own_thing: &str, own_topic: &str, downstream: &[String]) -> Self {
+        let mut s = Subscriptions {
+            own_topic: own_topic.to_owned(),
+            topics: BTreeMap::from([(own_topic.to_owned(), own_thing.to_owned())]),
+            unsent: VecDeque::new(),
+            pending: HashMap::new(),
+            refused: HashSet::new(),
+        };
+        s.set_downstream(downstream);
+        s
+    }
+
+    fn thing_of(&self, topic: &str) -> Option<&str> {
+        self.topics.get(topic).map(String::as_str)
+    }
+
+    /// Every topic, the gateway's own first.
+    fn all(&self) -> Vec<String> {
+        let others = self
+            .topics
+            .keys()
+            .filter(|t| **t != self.own_topic)
+            .cloned();
+        std::iter::once(self.own_topic.clone())
+            .chain(others)
+            .collect()
+    }
+
+    /// A new connection: nothing is in flight any more.
+    fn reset(&mut self) {
+        self.unsent.clear();
+        self.pending.clear();
+    }
+
+    fn queued(&mut self, batch: Vec<String>) {
+        self.unsent.push_back(batch);
+    }
+
+    /// rumqttc sent the next queued SUBSCRIBE with this packet id.
+    fn sent(&mut self, pkid: u16) {
+        if let Some(batch) = self.unsent.pop_front() {
+            self.pending.insert(pkid, batch);
+        }
+    }
+
+    fn acked(&mut self, pkid: u16, codes: &[SubscribeReasonCode]) -> SubAcked {
+        let mut out = SubAcked {
+            own: None,
+            refused: Vec::new(),
+        };
+        let Some(batch) = self.pending.remove(&pkid) else {
+            return out;
+        };
+        for (topic, code) in batch.iter().zip(codes) {
+            let granted = !matches!(code, SubscribeReasonCode::Failure);
+            if *topic == self.own_topic {
+                out.own = Some(granted);
+            } else if let Some(thing) = self.topics.get(topic) {
+                if granted {
+                    self.refused.remove(thing);
+                } else if self.refused.insert(thing.clone()) {
+                    out.refused.push(thing.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The downstream things now configured: the topics to subscribe and to unsubscribe.
+    fn set_downstream(&mut self, things: &[String]) -> (Vec<String>, Vec<String>) {
+        let wanted: BTreeMap<String, String> = things
+            .iter()
+            .map(|t| (notify_topic(t), t.clone()))
+            .filter(|(topic, _)| *topic != self.own_topic)
+            .collect();
+        let removed: Vec<String> = self
+            .topics
+            .keys()
+            .filter(|t| **t != self.own_topic && !wanted.contains_key(*t))
+            .cloned()
+            .collect();
+        let added: Vec<String> = wanted
+            .keys()
+            .filter(|t| !self.topics.contains_key(*t))
+            .cloned()
+            .collect();
+        for t in &removed {
+            if let Some(thing) = self.topics.remove(t) {
+                self.refused.remove(&thing);
+            }
+        }
+        self.topics.extend(wanted);
+        (added, removed)
+    }
+
+    /// Queues SUBSCRIBEs for `topics` in batches.
+    fn subscribe(&mut self, client: &AsyncClient, topics: &[String]) {
+        for batch in batches(topics) {
+            let filters = batch
+                .iter()
+                .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+            match client.try_subscribe_many(filters) {
+                Ok(()) => self.queued(batch),
+                Err(e) => error!(topics = ?batch, "cannot queue the subscription: {e}"),
+            }
+        }
+    }
+}
 
 /// Rule: a broker that sends nothing (not even the PINGRESP due every keep-alive) for 1.5
 /// keep-alives is gone.
@@ -252,12 +413,29 @@ impl NotifyClient {
         let mut last_rx = Instant::now();
         // Set after an unreadable message: the next connection only wipes the session.
         let mut purging = false;
+        let mut downstream = self.downstream.clone();
+        let mut subs =
+            Subscriptions::new(&self.thing, &self.topic, &downstream.borrow_and_update());
         policy.connecting(Instant::now());
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => {
                     disconnect(&client, &mut events).await;
                     return;
+                }
+                Ok(()) = downstream.changed() => {
+                    let things = downstream.borrow_and_update().clone();
+                    let (added, removed) = subs.set_downstream(&things);
+                    // Not connected: the next CONNACK subscribes to everything.
+                    if connected_at.is_some() {
+                        for topic in removed {
+                            if let Err(e) = client.try_unsubscribe(topic.clone()) {
+                                error!(topic = %topic, "cannot queue the unsubscribe: {e}");
+                            }
+                        }
+                        subs.subscribe(&client, &added);
+                    }
+                    continue;
                 }
                 _ = tokio::time::sleep_until(last_rx + silence), if connected_at.is_some() => {
                     // Drop the dead connection; the next poll reconnects.
@@ -277,18 +455,25 @@ impl NotifyClient {
             }
             // A refused subscription leaves the agent deaf: reconnect with backoff and ask
             // again (a fixed device policy is picked up), as AWS IoT would disconnect anyway.
+            // A downstream thing refused is logged once and the others keep working.
+            let mut own_granted = false;
             let event = match event {
-                Ok(Event::Incoming(Packet::SubAck(ack)))
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure)) =>
-                {
-                    events.clean();
-                    Err(format!(
-                        "the broker refused the subscription to {}: check that the device policy allows iot:Subscribe and iot:Receive on it",
-                        self.topic
-                    ))
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let outcome = subs.acked(ack.pkid, &ack.return_codes);
+                    for thing in &outcome.refused {
+                        warn!(thing = %thing, "the broker refused the subscription to {}: tunnels to this thing cannot be served until the device policy allows it; the other things keep working. Policy statements to add: {}", notify_topic(thing), policy_statement(thing));
+                    }
+                    if outcome.own == Some(false) {
+                        events.clean();
+                        Err(format!(
+                            "the broker refused the subscription to {}: check that the device policy allows iot:Subscribe and iot:Receive on it ({})",
+                            self.topic,
+                            policy_statement(&self.thing)
+                        ))
+                    } else {
+                        own_granted = outcome.own == Some(true);
+                        Ok(Event::Incoming(Packet::SubAck(ack)))
+                    }
                 }
                 other => other,
             };
@@ -315,11 +500,12 @@ impl NotifyClient {
                         s.since = SystemTime::now();
                     });
                     // Always resubscribe: a broker may have lost the persistent session.
-                    if let Err(e) = client.try_subscribe(&self.topic, QoS::AtLeastOnce) {
-                        error!("cannot queue the subscription to {}: {e}", self.topic);
-                    }
+                    subs.reset();
+                    let all = subs.all();
+                    subs.subscribe(&client, &all);
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => subs.sent(pkid),
+                Ok(Event::Incoming(Packet::SubAck(_))) if own_granted => {
                     if policy.failures() > 0 {
                         info!(broker = %broker, attempts = policy.failures() + 1, topic = %self.topic, "MQTT reconnected; subscribed to tunnel notifications");
                     } else {
@@ -344,7 +530,7 @@ impl NotifyClient {
                             disconnect(&client, &mut events).await;
                             return;
                         }
-                        () = self.on_publish(&p.topic, &p.payload, ack, &out) => {}
+                        () = self.on_publish(subs.thing_of(&p.topic), &p.topic, &p.payload, ack, &out) => {}
                     }
                 }
                 Ok(_) => {}
@@ -409,13 +595,20 @@ impl NotifyClient {
         }
     }
 
-    async fn on_publish(&self, topic: &str, payload: &[u8], ack: Ack, out: &mpsc::Sender<Notice>) {
-        if topic != self.topic {
+    async fn on_publish(
+        &self,
+        thing: Option<&str>,
+        topic: &str,
+        payload: &[u8],
+        ack: Ack,
+        out: &mpsc::Sender<Notice>,
+    ) {
+        let Some(thing) = thing else {
             warn!(topic = ?topic, "message on an unexpected topic ignored");
             ack.send();
             return;
-        }
-        match parse(&self.thing, payload) {
+        };
+        match parse(thing, payload) {
             Ok(n) => {
                 info!(region = %n.region, services = ?n.services, token = %n.token, "tunnel notification received");
                 let notice = Notice {
@@ -451,6 +644,65 @@ async fn disconnect(client: &AsyncClient, events: &mut rumqttc::EventLoop) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subscriptions_go_in_batches_of_eight_own_topic_first() {
+        let things: Vec<String> = (0..17).map(|i| format!("t{i:02}")).collect();
+        let subs = Subscriptions::new("gw", "$aws/things/gw/tunnels/notify", &things);
+        let b = batches(&subs.all());
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![8, 8, 2]);
+        assert_eq!(b[0][0], "$aws/things/gw/tunnels/notify");
+        assert_eq!(subs.thing_of("$aws/things/t16/tunnels/notify"), Some("t16"));
+        assert_eq!(subs.thing_of("$aws/things/t99/tunnels/notify"), None);
+    }
+
+    #[test]
+    fn a_refused_downstream_thing_is_reported_once_and_the_own_topic_decides_the_connection() {
+        let down = vec!["PLC-1".to_owned(), "PLC-2".to_owned()];
+        let mut subs = Subscriptions::new("gw", "$aws/things/gw/tunnels/notify", &down);
+        let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+        let no = SubscribeReasonCode::Failure;
+        for round in 0..2 {
+            subs.reset();
+            subs.queued(subs.all());
+            subs.sent(7);
+            let out = subs.acked(7, &[ok, no, ok]);
+            let refused: Vec<String> = if round == 0 {
+                vec!["PLC-1".into()]
+            } else {
+                vec![]
+            };
+            assert_eq!(
+                out,
+                SubAcked {
+                    own: Some(true),
+                    refused
+                }
+            );
+        }
+        // Removing a thing unsubscribes it and forgets its refusal; re-adding reports again.
+        let (added, removed) = subs.set_downstream(&["PLC-2".to_owned()]);
+        assert_eq!(
+            (added.len(), removed),
+            (0, vec!["$aws/things/PLC-1/tunnels/notify".to_owned()])
+        );
+        let (added, _) = subs.set_downstream(&down);
+        assert_eq!(added, vec!["$aws/things/PLC-1/tunnels/notify".to_owned()]);
+        subs.queued(added);
+        subs.sent(8);
+        assert_eq!(
+            subs.acked(8, &[no]),
+            SubAcked {
+                own: None,
+                refused: vec!["PLC-1".into()]
+            }
+        );
+        // The own topic refused: the caller ends the connection.
+        subs.queued(vec!["$aws/things/gw/tunnels/notify".into()]);
+        subs.sent(9);
+        assert_eq!(subs.acked(9, &[no]).own, Some(false));
+        assert!(policy_statement("PLC-1").contains("topicfilter/$aws/things/PLC-1/tunnels/notify"));
+    }
 
     #[test]
     fn proxy_refusals_of_the_broker_name_the_proxy_status_and_fix() {

@@ -79,6 +79,8 @@ pub struct SessionTable {
     max_tunnels: usize,
     max_lifetime: Duration,
     policy: RotationPolicy,
+    /// Per downstream thing: at most this many of its tunnels live.
+    thing_caps: HashMap<String, usize>,
 }
 
 impl SessionTable {
@@ -91,6 +93,30 @@ impl SessionTable {
             max_tunnels,
             max_lifetime: max_lifetime.min(SERVICE_MAX_LIFETIME),
             policy,
+            thing_caps: HashMap::new(),
+        }
+    }
+
+    /// The per-thing caps (`things.<name>.max_tunnels`), replacing the previous ones.
+    pub fn set_thing_caps(&mut self, caps: HashMap<String, usize>) {
+        self.thing_caps = caps;
+    }
+
+    /// Rule (tunnel caps): a new tunnel (not a rotation) needs room under the agent's
+    /// `max_tunnels` and under its thing's cap; the refusal says which.
+    fn room_for(&self, thing: &str) -> Result<(), String> {
+        if self.entries.len() >= self.max_tunnels {
+            return Err(format!(
+                "{} tunnels are already live (limits.max_tunnels); a live tunnel is never evicted",
+                self.entries.len()
+            ));
+        }
+        let live = self.entries.iter().filter(|e| e.key.thing == thing).count();
+        match self.thing_caps.get(thing) {
+            Some(&cap) if live >= cap => Err(format!(
+                "{live} tunnels of thing {thing} are already live (things.{thing}.max_tunnels)"
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -120,11 +146,8 @@ impl SessionTable {
                 Decision::Rotate { old: old.id, id }
             }
             _ => {
-                if self.entries.len() >= self.max_tunnels {
-                    return Decision::Refused(format!(
-                        "{} tunnels are already live (limits.max_tunnels); a live tunnel is never evicted",
-                        self.entries.len()
-                    ));
+                if let Err(why) = self.room_for(&key.thing) {
+                    return Decision::Refused(why);
                 }
                 let id = self.insert(key.clone(), fp.clone(), now);
                 Decision::Start { id }
@@ -145,7 +168,7 @@ impl SessionTable {
         now: Instant,
     ) -> Option<u64> {
         let fp = token.to_string();
-        if self.entries.len() >= self.max_tunnels
+        if self.room_for(&key.thing).is_err()
             || self.entries.iter().any(|e| e.key == key && e.token == fp)
         {
             return None;
@@ -241,6 +264,40 @@ mod tests {
 
     fn table(max: usize, policy: RotationPolicy) -> SessionTable {
         SessionTable::new(max, Duration::from_secs(600), policy)
+    }
+
+    #[test]
+    fn tunnel_caps_count_per_thing_and_for_the_agent() {
+        let mut t = table(3, RotationPolicy::Replace);
+        t.set_thing_caps(HashMap::from([("PLC-42".to_owned(), 1)]));
+        let plc = |s: &str| TunnelKey::new("PLC-42", "us-east-1", &[s.to_owned()]);
+        let now = Instant::now();
+        assert!(matches!(
+            t.decide(plc("HTTP"), &Secret::new("a"), now),
+            Decision::Start { .. }
+        ));
+        // A second tunnel of the capped thing is refused by name; a rotation is not new.
+        match t.decide(plc("MODBUS"), &Secret::new("b"), now) {
+            Decision::Refused(why) => assert!(why.contains("things.PLC-42.max_tunnels"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            t.decide(plc("HTTP"), &Secret::new("c"), now),
+            Decision::Rotate { .. }
+        ));
+        // Other things still fit, up to the agent's limit.
+        assert!(matches!(
+            t.decide(key(&["SSH"]), &Secret::new("d"), now),
+            Decision::Start { .. }
+        ));
+        assert!(matches!(
+            t.decide(key(&["VNC"]), &Secret::new("e"), now),
+            Decision::Start { .. }
+        ));
+        match t.decide(key(&["WEB"]), &Secret::new("f"), now) {
+            Decision::Refused(why) => assert!(why.contains("limits.max_tunnels"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn start(t: &mut SessionTable, k: TunnelKey, token: &str) -> u64 {

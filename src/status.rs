@@ -23,6 +23,8 @@ use crate::session::Entry;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TunnelStatus {
     pub id: u64,
+    /// The thing the tunnel is for: the gateway's own or a downstream one.
+    pub thing: String,
     pub region: String,
     pub services: Vec<String>,
     pub token: String,
@@ -96,6 +98,7 @@ impl TunnelStatus {
         };
         TunnelStatus {
             id: e.id,
+            thing: e.key.thing.clone(),
             region: e.key.region.clone(),
             services: e.key.services.clone(),
             token: e.token.clone(),
@@ -140,8 +143,9 @@ impl Snapshot {
         }
         for t in &self.tunnels {
             out.push_str(&format!(
-                "\nTunnel {} ({}): {}, region {}, services {}\n",
+                "\nTunnel {} to {} ({}): {}, region {}, services {}\n",
                 t.id,
+                t.thing,
                 t.token,
                 t.phase,
                 t.region,

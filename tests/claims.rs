@@ -317,6 +317,12 @@ struct FakeBroker {
 }
 
 async fn fake_broker(rig: &Rig, grant: bool) -> FakeBroker {
+    fake_broker_refusing(rig, if grant { |_| false } else { |_| true }).await
+}
+
+/// A broker that answers CONNECT, PINGREQ and SUBSCRIBE, refusing the filters `refuse` names
+/// (one SUBACK code per filter).
+async fn fake_broker_refusing(rig: &Rig, refuse: fn(&str) -> bool) -> FakeBroker {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut config =
         rustls::ServerConfig::builder_with_provider(securetunnel_agent::tls::provider())
@@ -368,13 +374,20 @@ async fn fake_broker(rig: &Rig, grant: bool) -> FakeBroker {
                     }
                     let reply = match first >> 4 {
                         1 => vec![0x20, 0x02, 0x00, 0x00],
-                        8 => vec![
-                            0x90,
-                            0x03,
-                            body[0],
-                            body[1],
-                            if grant { 0x01 } else { 0x80 },
-                        ],
+                        8 => {
+                            // Packet id, then (length, filter, QoS) per filter.
+                            let mut codes = Vec::new();
+                            let mut at = 2;
+                            while at + 2 <= body.len() {
+                                let n = u16::from_be_bytes([body[at], body[at + 1]]) as usize;
+                                let filter = String::from_utf8_lossy(&body[at + 2..at + 2 + n]);
+                                codes.push(if refuse(&filter) { 0x80 } else { 0x01 });
+                                at += 2 + n + 1;
+                            }
+                            let mut r = vec![0x90, 2 + codes.len() as u8, body[0], body[1]];
+                            r.extend(codes);
+                            r
+                        }
                         12 => vec![0xd0, 0x00],
                         _ => continue,
                     };
@@ -703,7 +716,7 @@ async fn status_is_live_during_a_transfer_and_exits_3_once_the_agent_stopped() {
     assert_eq!(code, Some(0), "{err}");
     for needle in [
         "MQTT: subscribed",
-        &format!("Tunnel 1 ({token}): connected, region us-east-1, services SSH, WEB"),
+        &format!("Tunnel 1 to gw-live ({token}): connected, region us-east-1, services SSH, WEB"),
         "connections open: SSH 1, WEB 0",
         "reconnects 0",
     ] {
@@ -747,4 +760,34 @@ async fn a_proxy_that_refuses_the_broker_is_named_with_the_fix() {
         )) && line.contains("use http://user:password@host:port"),
         "{line}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downstream_thing_the_broker_refuses_is_logged_once_and_the_rest_stay_subscribed() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let broker = fake_broker_refusing(&rig, |f| f.contains("denied-9")).await;
+    let cfg = rig.agent_config_with(
+        "gw-some",
+        &ConfigExtra {
+            services: "SSH = 22",
+            mqtt_port: Some(broker.port),
+            rest: "[things.PLC-42.services]\nHTTP = 80\n[things.denied-9.services]\nHTTP = 80\n",
+            ..ConfigExtra::default()
+        },
+    );
+    let mut agent = rig.spawn_agent(&cfg);
+    // One SUBACK answers the batch: the refusal is logged, then the own topic's success.
+    let line = agent
+        .expect("the broker refused the subscription to $aws/things/denied-9/tunnels/notify")
+        .await;
+    agent.expect("subscribed to tunnel notifications").await;
+    assert!(
+        line.contains("thing=denied-9")
+            && line.contains("topicfilter/$aws/things/denied-9/tunnels/notify"),
+        "{line}"
+    );
+    // Not a reason to drop the connection: the gateway's own topic and PLC-42 were granted.
+    assert_eq!(broker.connects.borrow().len(), 1);
+    assert_eq!(agent.count("refused the subscription"), 1);
+    assert_eq!(agent.count("PLC-42/tunnels/notify"), 0);
 }

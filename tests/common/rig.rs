@@ -65,14 +65,14 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
-    pub async fn start(files: &Files) -> Mosquitto {
+    pub async fn start(files: &Files, extra_acl: &str) -> Mosquitto {
         let server_crt = Files::write(&files.dir, "server.crt", &files.server.cert_pem);
         let server_key = Files::write(&files.dir, "server.key", &files.server.key_pem);
         let acl = Files::write(
             &files.dir,
             "acl",
             &format!(
-                "pattern read $aws/things/%u/tunnels/notify\nuser {ADMIN}\ntopic write $aws/things/+/tunnels/notify\n"
+                "pattern read $aws/things/%u/tunnels/notify\nuser {ADMIN}\ntopic write $aws/things/+/tunnels/notify\n{extra_acl}\n"
             ),
         );
         // A free port can be taken between the probe and mosquitto's bind: retry then.
@@ -171,6 +171,8 @@ pub struct RigOptions {
     pub minute: Duration,
     /// The emulator's region: in notifies, ARNs and its certificate's data-plane name.
     pub region: &'static str,
+    /// More mosquitto ACL lines (a gateway allowed other things' notify topics).
+    pub extra_acl: &'static str,
 }
 
 impl Default for RigOptions {
@@ -178,6 +180,7 @@ impl Default for RigOptions {
         RigOptions {
             minute: Duration::from_secs(60),
             region: "us-east-1",
+            extra_acl: "",
         }
     }
 }
@@ -196,7 +199,7 @@ impl Rig {
             ca_pem,
             pki,
         };
-        let mosquitto = Mosquitto::start(&files).await;
+        let mosquitto = Mosquitto::start(&files, opts.extra_acl).await;
         let mut cfg = EmulatorConfig::loopback(EmulatorTls::Generate);
         cfg.control_plane = true;
         cfg.minute = opts.minute;
