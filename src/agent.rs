@@ -59,6 +59,8 @@ struct SessionExit {
 }
 
 struct Live {
+    /// The thing the session serves.
+    thing: String,
     cancel: CancellationToken,
     retire: CancellationToken,
     state: watch::Receiver<State>,
@@ -268,7 +270,12 @@ impl Agent {
             let now = Instant::now();
             let deadline = left.map(|l| now + l);
             let Some(id) = self.table.resume(key, &s.access_token, deadline, now) else {
-                warn!(region = %s.region, services = ?s.services, "persisted session dropped: limits.max_tunnels reached");
+                let why = self
+                    .table
+                    .room_for(&s.thing)
+                    .err()
+                    .unwrap_or_else(|| "a live session has the same token".into());
+                warn!(thing = %s.thing, region = %s.region, services = ?s.services, "persisted session dropped: {why}");
                 self.forget(&s.file_id);
                 continue;
             };
@@ -428,6 +435,7 @@ impl Agent {
         self.live.insert(
             id,
             Live {
+                thing: thing.to_owned(),
                 cancel: cancel.clone(),
                 retire: retire.clone(),
                 state: bridge.state(),
@@ -600,19 +608,13 @@ impl Agent {
             .collect();
         for name in &removed {
             self.maps.remove(name);
-            let ids: Vec<u64> = self
-                .table
-                .entries()
-                .iter()
-                .filter(|e| e.key.thing == *name)
-                .map(|e| e.id)
-                .collect();
-            for id in &ids {
-                if let Some(live) = self.live.get(id) {
-                    live.cancel.cancel();
-                }
+            // Every bridge of the thing, one being replaced by a rotation included.
+            let mut stopped = 0;
+            for live in self.live.values().filter(|l| l.thing == *name) {
+                live.cancel.cancel();
+                stopped += 1;
             }
-            info!(thing = %name, tunnels = ids.len(), "downstream thing removed: unsubscribing; its tunnels stop");
+            info!(thing = %name, bridges = stopped, "downstream thing removed: unsubscribing; its tunnels stop");
         }
         for (name, t) in &things {
             match self.maps.get(name) {
@@ -644,7 +646,8 @@ impl Agent {
                 None => TunnelStatus::of(e, None, now),
             })
             .collect();
-        Snapshot::new(&self.mqtt.borrow(), tunnels)
+        let things: Vec<String> = self.cfg.things.keys().cloned().collect();
+        Snapshot::new(&self.mqtt.borrow(), &things, tunnels)
     }
 
     /// Writes status.json and systemd's STATUS=; returns the latter.

@@ -98,7 +98,11 @@ pub fn check_config(path: &std::path::Path, user: Option<&str>) -> ExitCode {
         Some(u) => who.with_groups(&u.groups),
         None => who,
     };
-    let sockets = crate::sandbox::unix_socket_warnings(&cfg.services, &who, unit.as_ref());
+    let mut sockets = crate::sandbox::unix_socket_warnings(&cfg.services, &who, unit.as_ref());
+    for (name, t) in &cfg.things {
+        let thing = crate::sandbox::unix_socket_warnings(&t.services, &who, unit.as_ref());
+        sockets.extend(thing.into_iter().map(|w| format!("thing {name}: {w}")));
+    }
     println!("{}: OK", path.display());
     for (k, v) in &checked.summary {
         println!("  {k:<16} {v}");

@@ -734,6 +734,13 @@ fn validate_things(raw: &RawConfig) -> Vec<ConfigError> {
                 "use 1-128 characters of letters, digits, ':', '_' or '-'",
             ));
         }
+        if raw.mqtt.notify_topic.as_deref() == Some(&format!("$aws/things/{name}/tunnels/notify")) {
+            errors.push(err(
+                &key,
+                "its notify topic is mqtt.notify_topic, the gateway's own",
+                "remove mqtt.notify_topic or this thing",
+            ));
+        }
         if *name == raw.thing_name {
             errors.push(err(
                 &key,

@@ -133,6 +133,9 @@ pub struct MqttState {
     pub phase: MqttPhase,
     pub since: SystemTime,
     pub last_error: Option<String>,
+    /// Downstream things whose subscription the broker refused (kept across reconnects
+    /// until granted or removed).
+    pub refused_things: Vec<String>,
 }
 
 impl MqttState {
@@ -141,6 +144,7 @@ impl MqttState {
             phase: MqttPhase::Connecting,
             since: SystemTime::now(),
             last_error: None,
+            refused_things: Vec::new(),
         }
     }
 }
@@ -207,7 +211,13 @@ struct Subscriptions {
     pending: HashMap<u16, Vec<String>>,
     /// Downstream things whose refusal was logged (once per thing).
     refused: HashSet<String>,
+    /// Topics of removed things, unsubscribed after every CONNACK (the persistent session
+    /// may still hold them); at most `MAX_UNSUBSCRIBE`, a re-added topic leaves it.
+    unsubscribe: VecDeque<String>,
 }
+
+/// Removed topics remembered for unsubscribing.
+const MAX_UNSUBSCRIBE: usize = 64;
 
 /// What a SUBACK said.
 #[derive(Debug, PartialEq, Eq)]
@@ -216,6 +226,8 @@ struct SubAcked {
     own: Option<bool>,
     /// Downstream things refused for the first time.
     refused: Vec<String>,
+    /// Downstream things granted.
+    granted: Vec<String>,
 }
 
 impl Subscriptions {
@@ -226,9 +238,17 @@ impl Subscriptions {
             unsent: VecDeque::new(),
             pending: HashMap::new(),
             refused: HashSet::new(),
+            unsubscribe: VecDeque::new(),
         };
         s.set_downstream(downstream);
         s
+    }
+
+    /// The downstream things refused now, sorted.
+    fn refused_things(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.refused.iter().cloned().collect();
+        v.sort();
+        v
     }
 
     fn thing_of(&self, topic: &str) -> Option<&str> {
@@ -264,14 +284,25 @@ impl Subscriptions {
         }
     }
 
-    fn acked(&mut self, pkid: u16, codes: &[SubscribeReasonCode]) -> SubAcked {
+    /// A SUBACK; `Err` when it does not answer the batch sent with that packet id.
+    fn acked(&mut self, pkid: u16, codes: &[SubscribeReasonCode]) -> Result<SubAcked, String> {
         let mut out = SubAcked {
             own: None,
             refused: Vec::new(),
+            granted: Vec::new(),
         };
         let Some(batch) = self.pending.remove(&pkid) else {
-            return out;
+            return Err(format!(
+                "a SUBACK for packet {pkid}, which no SUBSCRIBE used"
+            ));
         };
+        if batch.len() != codes.len() {
+            return Err(format!(
+                "a SUBACK with {} codes for a SUBSCRIBE of {} filters",
+                codes.len(),
+                batch.len()
+            ));
+        }
         for (topic, code) in batch.iter().zip(codes) {
             let granted = !matches!(code, SubscribeReasonCode::Failure);
             if *topic == self.own_topic {
@@ -279,12 +310,13 @@ impl Subscriptions {
             } else if let Some(thing) = self.topics.get(topic) {
                 if granted {
                     self.refused.remove(thing);
+                    out.granted.push(thing.clone());
                 } else if self.refused.insert(thing.clone()) {
                     out.refused.push(thing.clone());
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// The downstream things now configured: the topics to subscribe and to unsubscribe.
@@ -309,9 +341,25 @@ impl Subscriptions {
             if let Some(thing) = self.topics.remove(t) {
                 self.refused.remove(&thing);
             }
+            if self.unsubscribe.len() == MAX_UNSUBSCRIBE {
+                self.unsubscribe.pop_front();
+            }
+            self.unsubscribe.push_back(t.clone());
         }
+        self.unsubscribe.retain(|t| !wanted.contains_key(t));
+        // Refused things are asked again: the operator may have fixed the policy.
+        let retry: Vec<String> = wanted
+            .iter()
+            .filter(|(t, thing)| self.topics.contains_key(*t) && self.refused.contains(*thing))
+            .map(|(t, _)| t.clone())
+            .collect();
         self.topics.extend(wanted);
-        (added, removed)
+        (added.into_iter().chain(retry).collect(), removed)
+    }
+
+    /// After a CONNACK: what the broker may still hold for removed things.
+    fn unsubscribes(&self) -> Vec<String> {
+        self.unsubscribe.iter().cloned().collect()
     }
 
     /// Queues SUBSCRIBEs for `topics` in batches.
@@ -459,20 +507,36 @@ impl NotifyClient {
             let mut own_granted = false;
             let event = match event {
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    let outcome = subs.acked(ack.pkid, &ack.return_codes);
-                    for thing in &outcome.refused {
-                        warn!(thing = %thing, "the broker refused the subscription to {}: tunnels to this thing cannot be served until the device policy allows it; the other things keep working. Policy statements to add: {}", notify_topic(thing), policy_statement(thing));
-                    }
-                    if outcome.own == Some(false) {
-                        events.clean();
-                        Err(format!(
-                            "the broker refused the subscription to {}: check that the device policy allows iot:Subscribe and iot:Receive on it ({})",
-                            self.topic,
-                            policy_statement(&self.thing)
-                        ))
-                    } else {
-                        own_granted = outcome.own == Some(true);
-                        Ok(Event::Incoming(Packet::SubAck(ack)))
+                    match subs.acked(ack.pkid, &ack.return_codes) {
+                        Err(why) => {
+                            events.clean();
+                            Err(why)
+                        }
+                        Ok(outcome) => {
+                            let refused = subs.refused_things();
+                            state.send_if_modified(|s| {
+                                let changed = s.refused_things != refused;
+                                s.refused_things = refused;
+                                changed
+                            });
+                            for thing in &outcome.refused {
+                                warn!(thing = %thing, "the broker refused the subscription to {}: tunnels to this thing cannot be served until the device policy allows it; the other things keep working. Policy statements to add: {}", notify_topic(thing), policy_statement(thing));
+                            }
+                            if !outcome.granted.is_empty() {
+                                info!(things = ?outcome.granted, "subscribed to downstream things' notifications");
+                            }
+                            if outcome.own == Some(false) {
+                                events.clean();
+                                Err(format!(
+                                    "the broker refused the subscription to {}: check that the device policy allows iot:Subscribe and iot:Receive on it ({})",
+                                    self.topic,
+                                    policy_statement(&self.thing)
+                                ))
+                            } else {
+                                own_granted = outcome.own == Some(true);
+                                Ok(Event::Incoming(Packet::SubAck(ack)))
+                            }
+                        }
                     }
                 }
                 other => other,
@@ -499,8 +563,21 @@ impl NotifyClient {
                         s.phase = MqttPhase::Connected;
                         s.since = SystemTime::now();
                     });
-                    // Always resubscribe: a broker may have lost the persistent session.
+                    // Always resubscribe: a broker may have lost the persistent session. Requests
+                    // of the last connection still queued would be replayed ahead of these and
+                    // break the packet-id bookkeeping: drop them; the sets below are complete.
+                    events.pending.retain(|r| {
+                        !matches!(
+                            r,
+                            rumqttc::Request::Subscribe(_) | rumqttc::Request::Unsubscribe(_)
+                        )
+                    });
                     subs.reset();
+                    for topic in subs.unsubscribes() {
+                        if let Err(e) = client.try_unsubscribe(topic.clone()) {
+                            debug!(topic = %topic, "cannot queue the unsubscribe: {e}");
+                        }
+                    }
                     let all = subs.all();
                     subs.subscribe(&client, &all);
                 }
@@ -544,10 +621,10 @@ impl NotifyClient {
                     } else {
                         debug!(broker = %broker, attempt = policy.failures() + 1, "MQTT connection failed: {why}");
                     }
-                    state.send_replace(MqttState {
-                        phase: MqttPhase::Connecting,
-                        since: SystemTime::now(),
-                        last_error: Some(why),
+                    state.send_modify(|s| {
+                        s.phase = MqttPhase::Connecting;
+                        s.since = SystemTime::now();
+                        s.last_error = Some(why);
                     });
                     if !self.pause(&cancel, &mut policy, up_for).await {
                         return;
@@ -666,41 +743,46 @@ mod tests {
             subs.reset();
             subs.queued(subs.all());
             subs.sent(7);
-            let out = subs.acked(7, &[ok, no, ok]);
+            let out = subs.acked(7, &[ok, no, ok]).unwrap();
             let refused: Vec<String> = if round == 0 {
                 vec!["PLC-1".into()]
             } else {
                 vec![]
             };
+            let granted = vec!["PLC-2".to_owned()];
             assert_eq!(
                 out,
                 SubAcked {
                     own: Some(true),
-                    refused
+                    refused,
+                    granted
                 }
             );
         }
         // Removing a thing unsubscribes it and forgets its refusal; re-adding reports again.
+        let plc1 = "$aws/things/PLC-1/tunnels/notify".to_owned();
         let (added, removed) = subs.set_downstream(&["PLC-2".to_owned()]);
-        assert_eq!(
-            (added.len(), removed),
-            (0, vec!["$aws/things/PLC-1/tunnels/notify".to_owned()])
-        );
+        assert_eq!((added.len(), removed), (0, vec![plc1.clone()]));
+        assert_eq!(subs.unsubscribes(), vec![plc1.clone()]);
         let (added, _) = subs.set_downstream(&down);
-        assert_eq!(added, vec!["$aws/things/PLC-1/tunnels/notify".to_owned()]);
+        assert_eq!(added, vec![plc1.clone()]);
+        assert!(subs.unsubscribes().is_empty());
         subs.queued(added);
         subs.sent(8);
-        assert_eq!(
-            subs.acked(8, &[no]),
-            SubAcked {
-                own: None,
-                refused: vec!["PLC-1".into()]
-            }
-        );
+        let out = subs.acked(8, &[no]).unwrap();
+        assert_eq!((out.own, out.refused), (None, vec!["PLC-1".to_owned()]));
+        // A reload asks a refused thing again (the policy may be fixed).
+        let (added, _) = subs.set_downstream(&down);
+        assert_eq!(added, vec![plc1]);
         // The own topic refused: the caller ends the connection.
         subs.queued(vec!["$aws/things/gw/tunnels/notify".into()]);
         subs.sent(9);
-        assert_eq!(subs.acked(9, &[no]).own, Some(false));
+        assert_eq!(subs.acked(9, &[no]).unwrap().own, Some(false));
+        // A SUBACK that does not answer what was sent is a protocol error.
+        subs.queued(vec!["$aws/things/gw/tunnels/notify".into(), "x".into()]);
+        subs.sent(10);
+        assert!(subs.acked(10, &[ok]).is_err());
+        assert!(subs.acked(11, &[ok]).is_err());
         assert!(policy_statement("PLC-1").contains("topicfilter/$aws/things/PLC-1/tunnels/notify"));
     }
 

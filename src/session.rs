@@ -104,7 +104,7 @@ impl SessionTable {
 
     /// Rule (tunnel caps): a new tunnel (not a rotation) needs room under the agent's
     /// `max_tunnels` and under its thing's cap; the refusal says which.
-    fn room_for(&self, thing: &str) -> Result<(), String> {
+    pub fn room_for(&self, thing: &str) -> Result<(), String> {
         if self.entries.len() >= self.max_tunnels {
             return Err(format!(
                 "{} tunnels are already live (limits.max_tunnels); a live tunnel is never evicted",

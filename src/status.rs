@@ -58,7 +58,18 @@ pub struct Snapshot {
     /// Unix time the MQTT state began.
     pub mqtt_since: u64,
     pub mqtt_last_error: Option<String>,
+    /// The downstream things followed, and whether the broker refused each one's topic.
+    #[serde(default)]
+    pub things: Vec<ThingStatus>,
     pub tunnels: Vec<TunnelStatus>,
+}
+
+/// A downstream thing as the MQTT side sees it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ThingStatus {
+    pub name: String,
+    /// The broker refused the subscription to its notify topic.
+    pub refused: bool,
 }
 
 /// Rule (status phase): a bridge that is connecting after it had a session is reconnecting;
@@ -121,11 +132,22 @@ impl TunnelStatus {
 }
 
 impl Snapshot {
-    pub fn new(mqtt: &crate::notify::MqttState, tunnels: Vec<TunnelStatus>) -> Self {
+    pub fn new(
+        mqtt: &crate::notify::MqttState,
+        things: &[String],
+        tunnels: Vec<TunnelStatus>,
+    ) -> Self {
         Snapshot {
             mqtt: format!("{:?}", mqtt.phase).to_lowercase(),
             mqtt_since: unix(mqtt.since),
             mqtt_last_error: mqtt.last_error.clone(),
+            things: things
+                .iter()
+                .map(|name| ThingStatus {
+                    refused: mqtt.refused_things.contains(name),
+                    name: name.clone(),
+                })
+                .collect(),
             tunnels,
         }
     }
@@ -138,6 +160,21 @@ impl Snapshot {
             out.push_str(&format!(" (last error: {e})"));
         }
         out.push('\n');
+        if !self.things.is_empty() {
+            let things: Vec<String> = self
+                .things
+                .iter()
+                .map(|t| {
+                    let refused = if t.refused {
+                        " (subscription refused)"
+                    } else {
+                        ""
+                    };
+                    format!("{}{refused}", t.name)
+                })
+                .collect();
+            out.push_str(&format!("Downstream things: {}\n", things.join(", ")));
+        }
         if self.tunnels.is_empty() {
             out.push_str("No tunnels.\n");
         }

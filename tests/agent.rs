@@ -214,7 +214,7 @@ async fn bad_notifies_are_each_refused_and_the_agent_keeps_serving() {
         ),
         (
             notify("destination", "AQGAz", json!(["FTP"])),
-            "none of the tunnel's services is in the service map",
+            "none of the tunnel's services is in the thing's service map",
         ),
         (
             b"{\"clientAccessToken\": ".to_vec(),

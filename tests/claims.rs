@@ -313,6 +313,8 @@ struct FakeBroker {
     port: u16,
     connects: tokio::sync::watch::Receiver<Vec<std::time::Instant>>,
     alpn: std::sync::Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>,
+    /// Topic filters in each SUBSCRIBE received.
+    filters: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
     _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
@@ -337,6 +339,8 @@ async fn fake_broker_refusing(rig: &Rig, refuse: fn(&str) -> bool) -> FakeBroker
     config.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec(), b"mqtt".to_vec()];
     let alpn = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = alpn.clone();
+    let filters_seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let all_filters = filters_seen.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -348,6 +352,7 @@ async fn fake_broker_refusing(rig: &Rig, refuse: fn(&str) -> bool) -> FakeBroker
             };
             tx.send_modify(|v| v.push(std::time::Instant::now()));
             let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            let filters = all_filters.clone();
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
@@ -384,6 +389,7 @@ async fn fake_broker_refusing(rig: &Rig, refuse: fn(&str) -> bool) -> FakeBroker
                                 codes.push(if refuse(&filter) { 0x80 } else { 0x01 });
                                 at += 2 + n + 1;
                             }
+                            filters.lock().unwrap().push(codes.len());
                             let mut r = vec![0x90, 2 + codes.len() as u8, body[0], body[1]];
                             r.extend(codes);
                             r
@@ -402,6 +408,7 @@ async fn fake_broker_refusing(rig: &Rig, refuse: fn(&str) -> bool) -> FakeBroker
         port,
         connects: rx,
         alpn,
+        filters: filters_seen,
         _task: tokio_util::task::AbortOnDropHandle::new(task),
     }
 }
@@ -766,12 +773,18 @@ async fn a_proxy_that_refuses_the_broker_is_named_with_the_fix() {
 async fn a_downstream_thing_the_broker_refuses_is_logged_once_and_the_rest_stay_subscribed() {
     let rig = Rig::start(RigOptions::default()).await;
     let broker = fake_broker_refusing(&rig, |f| f.contains("denied-9")).await;
+    // Ten downstream things and the gateway's own topic: 11 filters, at most 8 a SUBSCRIBE.
+    let mut rest =
+        "[things.PLC-42.services]\nHTTP = 80\n[things.denied-9.services]\nHTTP = 80\n".to_owned();
+    for i in 0..8 {
+        rest += &format!("[things.m{i}.services]\nHTTP = 80\n");
+    }
     let cfg = rig.agent_config_with(
         "gw-some",
         &ConfigExtra {
             services: "SSH = 22",
             mqtt_port: Some(broker.port),
-            rest: "[things.PLC-42.services]\nHTTP = 80\n[things.denied-9.services]\nHTTP = 80\n",
+            rest: &rest,
             ..ConfigExtra::default()
         },
     );
@@ -790,4 +803,32 @@ async fn a_downstream_thing_the_broker_refuses_is_logged_once_and_the_rest_stay_
     assert_eq!(broker.connects.borrow().len(), 1);
     assert_eq!(agent.count("refused the subscription"), 1);
     assert_eq!(agent.count("PLC-42/tunnels/notify"), 0);
+    agent
+        .expect("subscribed to downstream things' notifications")
+        .await;
+    let per_subscribe = broker.filters.lock().unwrap().clone();
+    assert_eq!(per_subscribe.iter().sum::<usize>(), 11, "{per_subscribe:?}");
+    assert!(per_subscribe.iter().all(|n| *n <= 8), "{per_subscribe:?}");
+    // `status` names the refused thing.
+    let status = status_json(&cfg).await;
+    assert_eq!(
+        status["things"],
+        serde_json::json!([
+            {"name": "PLC-42", "refused": false},
+            {"name": "denied-9", "refused": true},
+            {"name": "m0", "refused": false},
+            {"name": "m1", "refused": false},
+            {"name": "m2", "refused": false},
+            {"name": "m3", "refused": false},
+            {"name": "m4", "refused": false},
+            {"name": "m5", "refused": false},
+            {"name": "m6", "refused": false},
+            {"name": "m7", "refused": false},
+        ])
+    );
+    let (_, text, _) = status_cmd(&cfg, false).await;
+    assert!(
+        text.contains("Downstream things: PLC-42, denied-9 (subscription refused), m0"),
+        "{text}"
+    );
 }

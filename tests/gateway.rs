@@ -123,6 +123,12 @@ async fn downstream_things_get_their_own_endpoints_and_a_refused_one_leaves_the_
         !e.is_connected(&cam_id, Mode::Destination)
     })
     .await;
+    // A new tunnel to the removed thing is not served.
+    let t_cam2 = open(&rig, "cam-7", &["SHARED"], 30).await;
+    // meter-3's subscription is granted before its first notify is published.
+    agent
+        .expect("subscribed to downstream things' notifications things=[\"meter-3\"]")
+        .await;
     let t_meter = open(&rig, "meter-3", &["SHARED"], 30).await;
     connected(&rig, &t_meter).await;
     let (_src_meter, meter_addrs) = ready_source(&rig.emu, &t_meter, "SHARED=0").await;
@@ -133,6 +139,7 @@ async fn downstream_things_get_their_own_endpoints_and_a_refused_one_leaves_the_
         (2, 1, 1)
     );
     assert!(rig.emu.is_connected(&t_plc.tunnel_id, Mode::Destination));
+    assert!(!rig.emu.is_connected(&t_cam2.tunnel_id, Mode::Destination));
     assert_eq!(
         agent.count("session started"),
         4,
