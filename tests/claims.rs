@@ -11,11 +11,6 @@ use common::*;
 use securetunnel_agent::protocol::Mode;
 use securetunnel_emulator::testkit::echo_tcp;
 
-fn signal(agent: &common::rig::AgentProc, sig: i32) {
-    // SAFETY: kill(2) with a live child's pid and a valid signal number.
-    assert_eq!(unsafe { libc::kill(agent.pid() as i32, sig) }, 0);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_plane_endpoint_comes_from_the_notifys_region() {
     // No tunnel.endpoint: the agent derives data.tunneling.iot.eu-west-1.amazonaws.com from
@@ -88,7 +83,7 @@ async fn exits_0_on(sig: i32, thing: &str) {
         e.is_connected(&id, Mode::Destination)
     })
     .await;
-    signal(&agent, sig);
+    agent.signal(sig);
     let status = within("the agent exits", agent.child.wait()).await.unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
@@ -126,7 +121,7 @@ async fn sighup_with_an_invalid_config_keeps_the_old_map_and_a_removed_service_i
         .replace(&web_line, "")
         .replace("[services]", "[services]\nBAD = \"no such\"");
     std::fs::write(&cfg, broken).unwrap();
-    signal(&agent, libc::SIGHUP);
+    agent.signal(libc::SIGHUP);
     let line = agent
         .expect("reload failed, keeping the current service map")
         .await;
@@ -136,7 +131,7 @@ async fn sighup_with_an_invalid_config_keeps_the_old_map_and_a_removed_service_i
 
     // WEB removed: its new streams are refused, SSH still served, the tunnel lives on.
     std::fs::write(&cfg, good.replace(&web_line, "")).unwrap();
-    signal(&agent, libc::SIGHUP);
+    agent.signal(libc::SIGHUP);
     agent.expect("service map reloaded").await;
     let accepted = echo.accepted();
     // The WEB stream is still open (V3): the refusal is a CONNECTION_RESET on it.

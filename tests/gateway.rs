@@ -13,11 +13,6 @@ use securetunnel_emulator::testkit::echo_tcp;
 
 const GATEWAY: &str = "gw-gate";
 
-fn signal(agent: &common::rig::AgentProc, sig: i32) {
-    // SAFETY: kill(2) with a live child's pid and a valid signal number.
-    assert_eq!(unsafe { libc::kill(agent.pid() as i32, sig) }, 0);
-}
-
 async fn connected(rig: &Rig, t: &securetunnel_emulator::TunnelTokens) {
     let id = t.tunnel_id.clone();
     until(&rig.emu, "the agent connects", |e| {
@@ -115,7 +110,7 @@ async fn downstream_things_get_their_own_endpoints_and_a_refused_one_leaves_the_
         text.replace(&things(true, false), &things(false, true)),
     )
     .unwrap();
-    signal(&agent, libc::SIGHUP);
+    agent.signal(libc::SIGHUP);
     agent.expect("downstream thing removed").await;
     agent.expect("service map reloaded").await;
     let cam_id = t_cam.tunnel_id.clone();
@@ -176,4 +171,70 @@ async fn a_per_thing_cap_refuses_that_things_extra_tunnel_only() {
     assert!(!rig.emu.is_connected(&second.tunnel_id, Mode::Destination));
     let own = open(&rig, "gw-cap", &["SSH"], 30).await;
     connected(&rig, &own).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downstream_things_session_rejoins_after_a_restart_unless_the_thing_was_removed() {
+    let rig = Rig::start(RigOptions {
+        extra_acl: "user gw-rejoin\ntopic read $aws/things/PLC-7/tunnels/notify\n\
+                    topic read $aws/things/PLC-8/tunnels/notify",
+        ..RigOptions::default()
+    })
+    .await;
+    let plc = echo_tcp("127.0.0.1:0").await.unwrap();
+    let things = |with_plc8: bool| {
+        let mut t = format!(
+            "[things.PLC-7.services]\nHTTP = \"{}\"\n",
+            plc.addr.unwrap()
+        );
+        if with_plc8 {
+            t += &format!(
+                "[things.PLC-8.services]\nHTTP = \"{}\"\n",
+                plc.addr.unwrap()
+            );
+        }
+        t
+    };
+    let cfg = rig.agent_config_with(
+        "gw-rejoin",
+        &ConfigExtra {
+            services: "SSH = 22",
+            rest: &things(true),
+            ..ConfigExtra::default()
+        },
+    );
+    let mut agent = rig.spawn_agent(&cfg);
+    agent.expect("subscribed to tunnel notifications").await;
+    let t7 = open(&rig, "PLC-7", &["HTTP"], 30).await;
+    let t8 = open(&rig, "PLC-8", &["HTTP"], 30).await;
+    connected(&rig, &t7).await;
+    connected(&rig, &t8).await;
+    assert_eq!(agent.session_files(), 2);
+
+    // Killed; PLC-8 is removed from the configuration while the agent is down.
+    agent.kill9().await;
+    let (id7, id8) = (t7.tunnel_id.clone(), t8.tunnel_id.clone());
+    until(&rig.emu, "the service sees the gateway gone", |e| {
+        !e.is_connected(&id7, Mode::Destination) && !e.is_connected(&id8, Mode::Destination)
+    })
+    .await;
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace(&things(true), &things(false))).unwrap();
+    let mut agent = rig.spawn_agent(&cfg);
+    // Sessions are resumed (or dropped) before MQTT subscribes, in the order of their files.
+    agent.expect("subscribed to tunnel notifications").await;
+    assert_eq!(
+        agent.count("persisted session dropped: the thing is no longer configured"),
+        1
+    );
+    assert_eq!(agent.count("session resumed with its tokens"), 1);
+    let id = t7.tunnel_id.clone();
+    until(&rig.emu, "PLC-7's session rejoins", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    let (_src, addrs) = ready_source(&rig.emu, &t7, "HTTP=0").await;
+    transfer(&addrs, "HTTP", 9).await;
+    assert_eq!(agent.session_files(), 1);
+    assert!(!rig.emu.is_connected(&t8.tunnel_id, Mode::Destination));
 }

@@ -389,6 +389,12 @@ impl AgentProc {
         self.child.id().expect("agent running")
     }
 
+    /// Sends `sig` (SIGHUP, SIGTERM...) to the running agent.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a live child's pid and a valid signal number.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, sig) }, 0);
+    }
+
     /// Persisted sessions in the agent's state directory.
     pub fn session_files(&self) -> usize {
         std::fs::read_dir(self.state_dir.join("sessions"))
