@@ -269,15 +269,13 @@ impl Agent {
             }
             let now = Instant::now();
             let deadline = left.map(|l| now + l);
-            let Some(id) = self.table.resume(key, &s.access_token, deadline, now) else {
-                let why = self
-                    .table
-                    .room_for(&s.thing)
-                    .err()
-                    .unwrap_or_else(|| "a live session has the same token".into());
-                warn!(thing = %s.thing, region = %s.region, services = ?s.services, "persisted session dropped: {why}");
-                self.forget(&s.file_id);
-                continue;
+            let id = match self.table.resume(key, &s.access_token, deadline, now) {
+                Ok(id) => id,
+                Err(why) => {
+                    warn!(thing = %s.thing, region = %s.region, services = ?s.services, "persisted session dropped: {why}");
+                    self.forget(&s.file_id);
+                    continue;
+                }
             };
             info!(session = id, region = %s.region, services = ?s.services, token = %s.access_token, "session resumed with its tokens");
             let (token, client_token) = (s.access_token.clone(), s.client_token.clone());

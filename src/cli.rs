@@ -120,7 +120,7 @@ pub fn status(path: &std::path::Path, json: bool) -> ExitCode {
     // still gets an answer from the default one.
     let dir = match crate::config::load(path) {
         Ok(c) => c.runtime_dir,
-        Err(_) => crate::status::default_runtime_dir(std::path::Path::new("/run").is_dir()),
+        Err(_) => crate::status::runtime_dir_here(),
     };
     match crate::status::query(&dir) {
         Ok(snapshot) if json => match serde_json::to_string_pretty(&snapshot) {

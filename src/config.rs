@@ -333,7 +333,7 @@ impl Config {
         self.mqtt
             .notify_topic
             .clone()
-            .unwrap_or_else(|| format!("$aws/things/{}/tunnels/notify", self.thing_name))
+            .unwrap_or_else(|| crate::notify::notify_topic(&self.thing_name))
     }
 }
 
@@ -694,7 +694,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         state_dir: raw.state_dir,
         runtime_dir: raw
             .runtime_dir
-            .unwrap_or_else(|| crate::status::default_runtime_dir(Path::new("/run").is_dir())),
+            .unwrap_or_else(crate::status::runtime_dir_here),
         proxy,
         things: raw
             .things
@@ -734,7 +734,7 @@ fn validate_things(raw: &RawConfig) -> Vec<ConfigError> {
                 "use 1-128 characters of letters, digits, ':', '_' or '-'",
             ));
         }
-        if raw.mqtt.notify_topic.as_deref() == Some(&format!("$aws/things/{name}/tunnels/notify")) {
+        if raw.mqtt.notify_topic.as_deref() == Some(&crate::notify::notify_topic(name)) {
             errors.push(err(
                 &key,
                 "its notify topic is mqtt.notify_topic, the gateway's own",

@@ -407,12 +407,10 @@ fn describe_proxy(error: &str, proxy: &crate::proxy::HttpProxy) -> String {
         let hint = crate::proxy::refusal_hint(code, proxy.auth.is_some());
         return format!("proxy {proxy} refused CONNECT to the broker: {code}{hint}");
     }
-    let text: String = error
-        .chars()
-        .filter(|c| c.is_ascii_graphic() || *c == ' ')
-        .take(160)
-        .collect();
-    format!("through proxy {proxy}: {text}")
+    format!(
+        "through proxy {proxy}: {}",
+        crate::proxy::printable(error, 160)
+    )
 }
 
 impl NotifyClient {
@@ -445,7 +443,12 @@ impl NotifyClient {
             opts.set_proxy(rumqttc::Proxy {
                 ty: rumqttc::ProxyType::Http,
                 auth,
-                addr: p.host.clone(),
+                // rumqttc joins "addr:port": an IPv6 proxy needs its brackets.
+                addr: if p.host.contains(':') {
+                    format!("[{}]", p.host)
+                } else {
+                    p.host.clone()
+                },
                 port: p.port,
             });
         }

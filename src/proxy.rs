@@ -336,6 +336,14 @@ fn connect_request(proxy: &HttpProxy, target: &str) -> zeroize::Zeroizing<String
     req
 }
 
+/// Rule (a proxy's words in our logs): printable ASCII only, at most `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    text.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(max)
+        .collect()
+}
+
 /// Rule (proxy refusals): what to do about a CONNECT refused with `status`.
 pub fn refusal_hint(status: u16, has_credentials: bool) -> &'static str {
     match (status, has_credentials) {
@@ -397,12 +405,8 @@ pub async fn connect(proxy: &HttpProxy, host: &str, port: u16) -> Result<TcpStre
         proxy: proxy.to_string(),
         target,
         status,
-        // The proxy's words reach logs and `status`: printable ASCII only.
-        reason: reason
-            .chars()
-            .filter(|c| c.is_ascii_graphic() || *c == ' ')
-            .take(128)
-            .collect(),
+        // The proxy's words reach logs and `status`.
+        reason: printable(reason, 128),
         hint,
     })
 }

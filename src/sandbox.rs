@@ -54,15 +54,9 @@ impl Identity {
         let uid = field("Uid:").get(1).copied().unwrap_or(u32::MAX);
         let mut gids: Vec<u32> = field("Gid:").get(1).copied().into_iter().collect();
         gids.extend(field("Groups:"));
-        let name = std::fs::read_to_string("/etc/passwd")
-            .ok()
-            .and_then(|p| {
-                p.lines().find_map(|l| {
-                    let f: Vec<&str> = l.split(':').collect();
-                    (f.len() >= 3 && f[2].parse() == Ok(uid)).then(|| f[0].to_owned())
-                })
-            })
-            .unwrap_or_else(|| format!("uid {uid}"));
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let name = record(&passwd, 2, &uid.to_string())
+            .map_or_else(|| format!("uid {uid}"), |f| f[0].to_owned());
         Identity { name, uid, gids }
     }
 
@@ -77,25 +71,18 @@ impl Identity {
     pub fn with_groups(mut self, names: &[String]) -> Identity {
         let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
         for name in names {
-            let gid = group.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() >= 3 && f[0] == name).then(|| f[2].parse::<u32>().ok())?
-            });
+            let gid = record(&group, 0, name).and_then(|f| f[2].parse::<u32>().ok());
             self.gids.extend(gid);
         }
         self
     }
 
     fn from_files(name: &str, passwd: &str, group: &str) -> Option<Identity> {
-        let (uid, primary) = passwd.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 4 && f[0] == name)
-                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
-        })?;
+        let f = record(passwd, 0, name)?;
+        let (uid, primary) = (f[2].parse().ok()?, f[3].parse().ok()?);
         let mut gids = vec![primary];
-        for l in group.lines() {
-            let f: Vec<&str> = l.split(':').collect();
-            if f.len() >= 4 && f[3].split(',').any(|m| m == name) {
+        for f in records(group) {
+            if f[3].split(',').any(|m| m == name) {
                 if let Ok(g) = f[2].parse() {
                     gids.push(g);
                 }
@@ -276,10 +263,19 @@ fn grant(who: &Identity, uid: u32, gid: u32, mode: u32, group_bit: u32) -> Strin
 
 fn group_name(gid: u32) -> Option<String> {
     let group = std::fs::read_to_string("/etc/group").ok()?;
-    group.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 3 && f[2].parse() == Ok(gid)).then(|| f[0].to_owned())
-    })
+    record(&group, 2, &gid.to_string()).map(|f| f[0].to_owned())
+}
+
+/// The records of /etc/passwd or /etc/group text with at least four fields.
+fn records(text: &str) -> impl Iterator<Item = Vec<&str>> {
+    text.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4)
+}
+
+/// The first record whose field `field` is `value`.
+fn record<'a>(text: &'a str, field: usize, value: &str) -> Option<Vec<&'a str>> {
+    records(text).find(|f| f[field] == value)
 }
 
 /// One warning per Unix-socket service `who` cannot reach.

@@ -104,7 +104,7 @@ impl SessionTable {
 
     /// Rule (tunnel caps): a new tunnel (not a rotation) needs room under the agent's
     /// `max_tunnels` and under its thing's cap; the refusal says which.
-    pub fn room_for(&self, thing: &str) -> Result<(), String> {
+    fn room_for(&self, thing: &str) -> Result<(), String> {
         if self.entries.len() >= self.max_tunnels {
             return Err(format!(
                 "{} tunnels are already live (limits.max_tunnels); a live tunnel is never evicted",
@@ -166,19 +166,18 @@ impl SessionTable {
         token: &Secret,
         deadline: Option<Instant>,
         now: Instant,
-    ) -> Option<u64> {
+    ) -> Result<u64, String> {
         let fp = token.to_string();
-        if self.room_for(&key.thing).is_err()
-            || self.entries.iter().any(|e| e.key == key && e.token == fp)
-        {
-            return None;
+        if self.entries.iter().any(|e| e.key == key && e.token == fp) {
+            return Err("a live session has the same token".into());
         }
+        self.room_for(&key.thing)?;
         let id = self.insert(key.clone(), fp.clone(), now);
         if let Some(e) = self.entries.iter_mut().find(|e| e.id == id) {
             e.deadline = deadline;
         }
         self.remember(key, fp);
-        Some(id)
+        Ok(id)
     }
 
     fn insert(&mut self, key: TunnelKey, token: String, now: Instant) -> u64 {
@@ -391,10 +390,8 @@ mod tests {
             Decision::Rotate { .. }
         ));
         // So is nothing resumed above it.
-        assert_eq!(
-            t.resume(key(&["D"]), &Secret::new("5"), None, Instant::now()),
-            None
-        );
+        let refused = t.resume(key(&["D"]), &Secret::new("5"), None, Instant::now());
+        assert!(refused.is_err_and(|why| why.contains("limits.max_tunnels")));
     }
 
     #[tokio::test(start_paused = true)]

@@ -396,6 +396,11 @@ pub fn query(dir: &Path) -> Result<Snapshot, QueryError> {
     })
 }
 
+/// The default runtime directory on this machine.
+pub fn runtime_dir_here() -> PathBuf {
+    default_runtime_dir(Path::new("/run").is_dir())
+}
+
 /// Rule (runtime directory): systemd's `RuntimeDirectory=` under /run; /var/run where there
 /// is no /run (OpenWrt).
 pub fn default_runtime_dir(run_exists: bool) -> PathBuf {
