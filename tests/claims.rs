@@ -242,18 +242,7 @@ async fn agent_behind_front(
     securetunnel_emulator::testkit::EchoService,
 ) {
     let front = BrokerFront::start(([127, 0, 0, 1], rig.mosquitto.port).into()).await;
-    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
-    let cfg = rig.agent_config_with(
-        thing,
-        &ConfigExtra {
-            services: &format!("SSH = \"{}\"", echo.addr.unwrap()),
-            mqtt: "reconnect_spread_secs = 0",
-            mqtt_port: Some(front.addr.port()),
-            ..ConfigExtra::default()
-        },
-    );
-    let mut agent = rig.spawn_agent(&cfg);
-    agent.expect("subscribed to tunnel notifications").await;
+    let (agent, echo) = agent_via_mqtt_port(rig, thing, front.addr.port()).await;
     (agent, front, echo)
 }
 

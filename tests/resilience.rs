@@ -199,19 +199,8 @@ async fn a_black_holed_mqtt_link_is_reconnected_and_resubscribed_within_one_and_
     let relay = TcpRelay::start(([127, 0, 0, 1], rig.mosquitto.port).into())
         .await
         .unwrap();
-    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
     // keep_alive_secs is 5 in the rig; the spread is off so the bound is detection alone.
-    let cfg = rig.agent_config_with(
-        thing,
-        &ConfigExtra {
-            services: &format!("SSH = \"{}\"", echo.addr.unwrap()),
-            mqtt: "reconnect_spread_secs = 0",
-            mqtt_port: Some(relay.addr.port()),
-            ..ConfigExtra::default()
-        },
-    );
-    let mut agent = rig.spawn_agent(&cfg);
-    agent.expect("subscribed to tunnel notifications").await;
+    let (mut agent, _echo) = agent_via_mqtt_port(&rig, thing, relay.addr.port()).await;
     relay.black_hole();
     let holed = Instant::now();
     agent.expect("nothing from the broker").await;

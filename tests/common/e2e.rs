@@ -8,7 +8,7 @@ use securetunnel_emulator::{Emulator, TunnelTokens};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
-use super::rig::{AgentProc, Rig, within_deadline};
+use super::rig::{AgentProc, ConfigExtra, Rig, within_deadline};
 use super::*;
 
 /// Waits until `cond` holds on the emulator, re-checking on each of its changes.
@@ -84,6 +84,28 @@ pub async fn agent(
     let mut a = rig.spawn_agent(&cfg);
     a.expect("subscribed to tunnel notifications").await;
     (a, echo)
+}
+
+/// Agent for `thing` reaching MQTT through `mqtt_port` (a relay or front in front of
+/// mosquitto), reconnect spread off, serving SSH from an echo service; subscribed.
+pub async fn agent_via_mqtt_port(
+    rig: &Rig,
+    thing: &str,
+    mqtt_port: u16,
+) -> (AgentProc, EchoService) {
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let cfg = rig.agent_config_with(
+        thing,
+        &ConfigExtra {
+            services: &format!("SSH = \"{}\"", echo.addr.unwrap()),
+            mqtt: "reconnect_spread_secs = 0",
+            mqtt_port: Some(mqtt_port),
+            ..ConfigExtra::default()
+        },
+    );
+    let mut agent = rig.spawn_agent(&cfg);
+    agent.expect("subscribed to tunnel notifications").await;
+    (agent, echo)
 }
 
 pub async fn transfer(addrs: &SourceListenersAddrs, service: &str, seed: u64) {
