@@ -32,7 +32,7 @@ struct Stage {
     agent: AgentProc,
     _echo: EchoService,
     t: TunnelTokens,
-    _src: Running,
+    src: Running,
     addrs: SourceListenersAddrs,
 }
 
@@ -62,7 +62,7 @@ async fn stage(thing: &str, tunnel_extra: &str, rest: &str) -> Stage {
         agent,
         _echo: echo,
         t,
-        _src: src,
+        src,
         addrs,
     }
 }
@@ -313,7 +313,7 @@ async fn duplicate_notify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_mid_transfer() {
-    let s = stage("f-rot", "", "").await;
+    let mut s = stage("f-rot", "", "").await;
     let id = s.id();
     let rig = &s.rig;
     let o = transfers_during(&rig.emu, &id, s.addrs.get("SSH"), 4, 8 << 20, async {
@@ -322,6 +322,9 @@ async fn rotation_mid_transfer() {
     .await;
     assert_eq!(o.exact + o.reset, 4, "{o:?}");
     s.wait_reconnect(2).await;
+    // The service resets the source's stream when the destination reconnects: connect after
+    // that reset (the transfers above may all have ended before it).
+    s.src.wait_resets(1).await;
     s.works(7).await;
     s.assert_rss();
 }

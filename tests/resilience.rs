@@ -332,7 +332,7 @@ async fn a_rotation_connects_the_new_bridge_before_the_old_one_closes() {
         e.is_connected(&id, Mode::Destination)
     })
     .await;
-    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
+    let (mut src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     let c = TcpStream::connect(addrs.get("SSH")).await.unwrap();
     let running = tokio::spawn(echo_transfer(c, 32 << 20, 9));
     // The new bridge's first handshakes fail: the old one must go on serving meanwhile.
@@ -376,6 +376,8 @@ async fn a_rotation_connects_the_new_bridge_before_the_old_one_closes() {
     if let Err(e) = &result {
         assert!(!e.to_string().contains("echo differs"), "{e}");
     }
+    // Connect after the service's reset of the source's stream (the destination reconnected).
+    src.wait_resets(1).await;
     transfer(&addrs, "SSH", 10).await;
     agent.expect("stopping the old one").await;
 }

@@ -85,7 +85,7 @@ async fn the_agent_at_trace_level_logs_no_token_and_no_key() {
         e.is_connected(&id, Mode::Destination)
     })
     .await;
-    let (src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
+    let (mut src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     transfer(&addrs, "SSH", 1).await;
     let r = rotate(&rig, &id, "DESTINATION", thing).await;
     let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
@@ -93,6 +93,8 @@ async fn the_agent_at_trace_level_logs_no_token_and_no_key() {
         e.peer_token_is(&id, Mode::Destination, &new_dest)
     })
     .await;
+    // Connect after the service's reset of the source's stream (the destination reconnected).
+    src.wait_resets(1).await;
     transfer(&addrs, "SSH", 2).await;
     rig.api("close_tunnel", json!({"tunnelId": id}))
         .await

@@ -113,7 +113,7 @@ async fn a_replaced_binary_is_re_executed_once_no_local_connection_is_open() {
     })
     .await;
     let tokens = rig.emu.peer_tokens(&id, Mode::Destination).unwrap();
-    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
+    let (mut src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     let held = live_client(addrs.get("SSH")).await;
     let pid = agent.pid();
 
@@ -154,6 +154,9 @@ async fn a_replaced_binary_is_re_executed_once_no_local_connection_is_open() {
     })
     .await;
     assert_eq!(rig.emu.peer_tokens(&id, Mode::Destination), Some(tokens));
+    // The service resets the source's stream when the destination rejoins: connect after
+    // that reset, as a user retrying would (before it, the new connection would be reset).
+    src.wait_resets(1).await;
     transfer(&addrs, "SSH", 2).await;
     assert!(Path::new(&install.binary()).exists());
 }
