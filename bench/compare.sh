@@ -2,14 +2,15 @@
 # Two agent builds as the destination of the same 1-way push, in one run: alternating, best
 # of 3, CPU per GiB of each and the ratio. Absolute figures move 2x between days on shared
 # machines; only the ratio measured here means anything.
-#   bench/compare.sh OLD_BIN NEW_BIN [MiB]     (RUNS=3, SOURCE_BIN=NEW_BIN by default)
+#   bench/compare.sh OLD_BIN NEW_BIN [MiB]     (RUNS=3, SOURCE_BIN=NEW_BIN by default,
+#                                              CONNS=1: connections pushing at once)
 # The push: a client writes MiB into the source local-proxy, the emulator delivers one tunnel
 # frame per websocket message (as the service does with a localproxy source), the destination
 # writes it to a local sink that only reads. CPU = user+sys from the first byte to the last.
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: bench/compare.sh OLD_BIN NEW_BIN [MiB]" >&2; exit 2; }
 # Paths as the caller gave them, before moving to the repository.
-old="$(realpath "$1")"; new="$(realpath "$2")"; mib="${3:-512}"; runs="${RUNS:-3}"
+old="$(realpath "$1")"; new="$(realpath "$2")"; mib="${3:-512}"; runs="${RUNS:-3}"; conns="${CONNS:-1}"
 source_bin="$(realpath "${SOURCE_BIN:-$2}")"
 cd "$(dirname "$0")/.."
 [ "$runs" -ge 1 ] || { echo "compare: RUNS must be at least 1" >&2; exit 2; }
@@ -17,17 +18,18 @@ demo=target/release/securetunnel-demo
 cargo build --locked --release -p securetunnel-emulator --bin securetunnel-demo >&2
 log="$(mktemp)"
 best() { sort -g | head -n1; }
-declare -A dest src
+declare -A dest src rate
 for i in $(seq "$runs"); do
     # Alternate which goes first, so drift during a run hits both alike.
     order="old new"; [ $((i % 2)) -eq 0 ] && order="new old"
     for which in $order; do
         bin="${!which}"
-        out="$(SECURETUNNEL_DEMO_AGENT="$bin" SECURETUNNEL_DEMO_SOURCE="$source_bin" "$demo" push "$mib" 2>"$log" | grep '^push')" \
+        out="$(SECURETUNNEL_DEMO_AGENT="$bin" SECURETUNNEL_DEMO_SOURCE="$source_bin" "$demo" push "$mib" "$conns" 2>"$log" | grep '^push')" \
             || { echo "compare: run $i ($which: $bin) failed:" >&2; tail -n 20 "$log" >&2; exit 1; }
         echo "compare: run $i $which: $out" >&2
         dest[$which]+="$(grep -o 'destination [0-9.]*' <<< "$out" | awk '{print $2}') "
         src[$which]+="$(grep -o 'source [0-9.]*' <<< "$out" | awk '{print $2}') "
+        rate[$which]+="$(grep -o '[0-9.]* MiB/s' <<< "$out" | awk '{print $1}') "
     done
 done
 o="$(tr ' ' '\n' <<< "${dest[old]}" | grep . | best)"
@@ -36,3 +38,6 @@ s="$(tr ' ' '\n' <<< "${src[new]}" | grep . | best)"
 printf 'destination CPU per GiB, %s MiB 1-way push, best of %s: OLD %s s/GiB, NEW %s s/GiB, NEW/OLD %s\n' \
     "$mib" "$runs" "$o" "$n" "$(awk -v a="$n" -v b="$o" 'BEGIN{ if (b > 0) printf "%.2f", a/b; else print "n/a" }')"
 printf 'source (%s) CPU per GiB: %s s/GiB\n' "$(basename "$source_bin")" "$s"
+ro="$(tr ' ' '\n' <<< "${rate[old]}" | grep . | sort -g | tail -n1)"
+rn="$(tr ' ' '\n' <<< "${rate[new]}" | grep . | sort -g | tail -n1)"
+printf 'throughput over %s connection(s), best of %s: OLD %s MiB/s, NEW %s MiB/s\n' "$conns" "$runs" "$ro" "$rn"

@@ -215,9 +215,11 @@ pub struct PushReport {
 
 /// Source -> destination -> a local sink that only reads: `opts.agent` as the destination,
 /// `source_agent` as the source, one frame per websocket message (as the service delivers a
-/// localproxy source's frames). CPU is counted from the first byte to the sink's last.
-pub async fn push(opts: &DemoOptions, source_agent: &Path) -> DemoResult<PushReport> {
+/// localproxy source's frames), `conns` connections at once each pushing its share of
+/// `opts.bytes`. CPU is counted from the first byte to the sink's last.
+pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> DemoResult<PushReport> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let conns = conns.max(1);
     let (emu, ca) = emulator_with_ca(opts).await?;
     let t = emu.open_tunnel(&["PUSH"], Duration::from_secs(600));
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -225,18 +227,25 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path) -> DemoResult<PushRep
         .map_err(|e| e.to_string())?;
     let sink_addr = sink.local_addr().map_err(|e| e.to_string())?;
     let total = opts.bytes;
+    // Every accepted connection is read; `arrived` sums what came through all of them.
+    let (arrived_tx, mut arrived) = tokio::sync::watch::channel(0usize);
     let sink_task = tokio::spawn(async move {
-        let (mut c, _) = sink.accept().await?;
-        let mut buf = vec![0u8; 256 << 10];
-        let mut got = 0usize;
-        while got < total {
-            let n = c.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            got += n;
+        let mut readers = tokio::task::JoinSet::new();
+        for _ in 0..conns {
+            let (mut c, _) = sink.accept().await?;
+            let arrived = arrived_tx.clone();
+            readers.spawn(async move {
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    match c.read(&mut buf).await {
+                        Ok(n) if n > 0 => arrived.send_modify(|a| *a += n),
+                        _ => return,
+                    }
+                }
+            });
         }
-        Ok::<usize, std::io::Error>(got)
+        while readers.join_next().await.is_some() {}
+        Ok::<(), std::io::Error>(())
     });
     let args = |m: &str, map: String| proxy_args(&emu, &ca, m, map, "3");
     let mut dest = spawn_agent(
@@ -262,26 +271,45 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path) -> DemoResult<PushRep
     )?;
     let src_pid = src.id().ok_or("source exited at once")?;
     wait_peer(&emu, &t.tunnel_id, Mode::Source).await?;
-    let mut client = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut clients = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        clients.push(
+            TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
     let (d0, s0) = (cpu_seconds(dest_pid), cpu_seconds(src_pid));
     let start = std::time::Instant::now();
-    let chunk = vec![0x5au8; 256 << 10];
-    let mut sent = 0;
-    while sent < total {
-        let n = chunk.len().min(total - sent);
-        client
-            .write_all(&chunk[..n])
-            .await
-            .map_err(|e| e.to_string())?;
-        sent += n;
+    let mut writers = tokio::task::JoinSet::new();
+    for (i, mut client) in clients.into_iter().enumerate() {
+        // Shares differ by at most one byte; the first ones take the remainder.
+        let share = total / conns + usize::from(i < total % conns);
+        writers.spawn(async move {
+            let chunk = vec![0x5au8; 256 << 10];
+            let mut sent = 0;
+            while sent < share {
+                let n = chunk.len().min(share - sent);
+                client.write_all(&chunk[..n]).await?;
+                sent += n;
+            }
+            // Kept open until the sink has everything: closing is not part of the push.
+            Ok::<TcpStream, std::io::Error>(client)
+        });
     }
-    let got = tokio::time::timeout(Duration::from_secs(600), sink_task)
-        .await
-        .map_err(|_| "the sink did not receive everything in 600 s")?
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let mut open = Vec::with_capacity(conns);
+    while let Some(r) = writers.join_next().await {
+        open.push(r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
+    }
+    // Ends when everything arrived, or when every sink connection has ended (then short).
+    let waited = tokio::time::timeout(Duration::from_secs(600), async {
+        let _ = arrived.wait_for(|a| *a >= total).await;
+    })
+    .await;
+    if waited.is_err() {
+        return Err("the sink did not receive everything in 600 s".into());
+    }
+    let got = *arrived.borrow();
     let secs = start.elapsed().as_secs_f64();
     let (d1, s1) = (cpu_seconds(dest_pid), cpu_seconds(src_pid));
     if got != total {
@@ -296,7 +324,8 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path) -> DemoResult<PushRep
         source_s_per_gib: per_gib(s1, s0),
         dest_peak_rss_kib: super::testkit::proc_status_kib(dest_pid, "VmHWM:").unwrap_or(0),
     };
-    drop(client);
+    drop(open);
+    sink_task.abort();
     emu.close_tunnel(&t.tunnel_id);
     wait_exit(&mut dest, "destination").await?;
     wait_exit(&mut src, "source").await?;

@@ -3,7 +3,7 @@
 //!
 //!   securetunnel-demo [MiB]            the agent flow: open, transfer, rotate, transfer, close
 //!   securetunnel-demo local-proxy [MiB] two local-proxy processes through the emulator
-//!   securetunnel-demo push [MiB]        1-way push source -> destination -> sink, CPU per GiB
+//!   securetunnel-demo push [MiB] [CONNS] 1-way push source -> destination -> sink, CPU per GiB
 //!   securetunnel-demo latency [runs]    notify->connected and rotation switchover, p50/p95
 //!   securetunnel-demo memory [conns]    agent RSS idle, and with idle connections
 
@@ -76,9 +76,10 @@ fn main() -> ExitCode {
                     work_dir: work_dir.clone(),
                     reframe: false,
                 };
-                let r = demo::push(&opts, &source).await?;
+                let conns = number(2, 1);
+                let r = demo::push(&opts, &source, conns).await?;
                 println!(
-                    "push {} MiB: {:.0} MiB/s; destination {:.3} s/GiB, peak RSS {:.1} MiB; source {:.3} s/GiB",
+                    "push {} MiB over {conns} connection(s): {:.0} MiB/s; destination {:.3} s/GiB, peak RSS {:.1} MiB; source {:.3} s/GiB",
                     opts.bytes >> 20,
                     r.mib_per_s,
                     r.dest_s_per_gib,
