@@ -301,13 +301,18 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> Demo
     while let Some(r) = writers.join_next().await {
         open.push(r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
     }
-    // Ends when everything arrived, or when every sink connection has ended (then short).
-    let waited = tokio::time::timeout(Duration::from_secs(600), async {
+    // Ends when everything arrived, or when every sink connection has ended (then short);
+    // bounded by 30 s plus a second per MiB.
+    let limit = Duration::from_secs(30 + (total >> 20) as u64);
+    let waited = tokio::time::timeout(limit, async {
         let _ = arrived.wait_for(|a| *a >= total).await;
     })
     .await;
     if waited.is_err() {
-        return Err("the sink did not receive everything in 600 s".into());
+        return Err(format!(
+            "the sink received {} of {total} bytes in {limit:?}",
+            *arrived.borrow()
+        ));
     }
     let got = *arrived.borrow();
     let secs = start.elapsed().as_secs_f64();
