@@ -4,20 +4,27 @@
 # machines; only the ratio measured here means anything.
 #   bench/compare.sh OLD_BIN NEW_BIN [MiB]     (RUNS=3, SOURCE_BIN=NEW_BIN by default,
 #                                              CONNS=1: connections pushing at once)
-# The push: a client writes MiB into the source local-proxy, the emulator delivers one tunnel
+# The push: CONNS clients write MiB in all into the source local-proxy, the emulator delivers one tunnel
 # frame per websocket message (as the service does with a localproxy source), the destination
 # writes it to a local sink that only reads. CPU = user+sys from the first byte to the last.
 set -euo pipefail
-[ $# -ge 2 ] || { echo "usage: bench/compare.sh OLD_BIN NEW_BIN [MiB]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: [RUNS=3] [CONNS=1] [SOURCE_BIN=NEW_BIN] bench/compare.sh OLD_BIN NEW_BIN [MiB]" >&2; exit 2; }
 # Paths as the caller gave them, before moving to the repository.
 old="$(realpath "$1")"; new="$(realpath "$2")"; mib="${3:-512}"; runs="${RUNS:-3}"; conns="${CONNS:-1}"
 source_bin="$(realpath "${SOURCE_BIN:-$2}")"
 cd "$(dirname "$0")/.."
 [ "$runs" -ge 1 ] || { echo "compare: RUNS must be at least 1" >&2; exit 2; }
+# local-proxy accepts 128 connections per tunnel by default.
+[[ "$conns" =~ ^[1-9][0-9]*$ ]] && [ "$conns" -le 128 ] \
+    || { echo "compare: CONNS must be a number from 1 to 128, not '$conns'" >&2; exit 2; }
 demo=target/release/securetunnel-demo
 cargo build --locked --release -p securetunnel-emulator --bin securetunnel-demo >&2
 log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
 best() { sort -g | head -n1; }
+# Field $2 of what matches $1 in the demo's line $out; a missing one stops the comparison.
+field() { grep -o "$1" <<< "$out" | awk "{print \$$2}" | grep . \
+    || { echo "compare: no '$1' in the demo's line: $out" >&2; exit 1; }; }
 declare -A dest src rate
 for i in $(seq "$runs"); do
     # Alternate which goes first, so drift during a run hits both alike.
@@ -27,9 +34,9 @@ for i in $(seq "$runs"); do
         out="$(SECURETUNNEL_DEMO_AGENT="$bin" SECURETUNNEL_DEMO_SOURCE="$source_bin" "$demo" push "$mib" "$conns" 2>"$log" | grep '^push')" \
             || { echo "compare: run $i ($which: $bin) failed:" >&2; tail -n 20 "$log" >&2; exit 1; }
         echo "compare: run $i $which: $out" >&2
-        dest[$which]+="$(grep -o 'destination [0-9.]*' <<< "$out" | awk '{print $2}') "
-        src[$which]+="$(grep -o 'source [0-9.]*' <<< "$out" | awk '{print $2}') "
-        rate[$which]+="$(grep -o '[0-9.]* MiB/s' <<< "$out" | awk '{print $1}') "
+        dest[$which]+="$(field 'destination [0-9.]*' 2) "
+        src[$which]+="$(field 'source [0-9.]*' 2) "
+        rate[$which]+="$(field '[0-9.]* MiB/s' 1) "
     done
 done
 o="$(tr ' ' '\n' <<< "${dest[old]}" | grep . | best)"

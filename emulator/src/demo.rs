@@ -219,7 +219,9 @@ pub struct PushReport {
 /// `opts.bytes`. CPU is counted from the first byte to the sink's last.
 pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> DemoResult<PushReport> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let conns = conns.max(1);
+    if conns == 0 {
+        return Err("push needs at least one connection".into());
+    }
     let (emu, ca) = emulator_with_ca(opts).await?;
     let t = emu.open_tunnel(&["PUSH"], Duration::from_secs(600));
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -227,26 +229,28 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> Demo
         .map_err(|e| e.to_string())?;
     let sink_addr = sink.local_addr().map_err(|e| e.to_string())?;
     let total = opts.bytes;
-    // Every accepted connection is read; `arrived` sums what came through all of them.
-    let (arrived_tx, mut arrived) = tokio::sync::watch::channel(0usize);
-    let sink_task = tokio::spawn(async move {
+    // Every accepted connection is read; `arrived` holds the sum and each connection's count.
+    let (arrived_tx, mut arrived) = tokio::sync::watch::channel((0usize, vec![0usize; conns]));
+    // Aborted on every way out of this function, with its readers.
+    let _sink_task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
         let mut readers = tokio::task::JoinSet::new();
-        for _ in 0..conns {
-            let (mut c, _) = sink.accept().await?;
+        for i in 0..conns {
+            let Ok((mut c, _)) = sink.accept().await else {
+                break;
+            };
             let arrived = arrived_tx.clone();
             readers.spawn(async move {
                 let mut buf = vec![0u8; 256 << 10];
-                loop {
-                    match c.read(&mut buf).await {
-                        Ok(n) if n > 0 => arrived.send_modify(|a| *a += n),
-                        _ => return,
-                    }
+                while let Ok(n @ 1..) = c.read(&mut buf).await {
+                    arrived.send_modify(|(sum, each)| {
+                        *sum += n;
+                        each[i] += n;
+                    });
                 }
             });
         }
         while readers.join_next().await.is_some() {}
-        Ok::<(), std::io::Error>(())
-    });
+    }));
     let args = |m: &str, map: String| proxy_args(&emu, &ca, m, map, "3");
     let mut dest = spawn_agent(
         opts,
@@ -283,8 +287,7 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> Demo
     let start = std::time::Instant::now();
     let mut writers = tokio::task::JoinSet::new();
     for (i, mut client) in clients.into_iter().enumerate() {
-        // Shares differ by at most one byte; the first ones take the remainder.
-        let share = total / conns + usize::from(i < total % conns);
+        let share = push_share(total, conns, i);
         writers.spawn(async move {
             let chunk = vec![0x5au8; 256 << 10];
             let mut sent = 0;
@@ -297,28 +300,40 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> Demo
             Ok::<TcpStream, std::io::Error>(client)
         });
     }
-    let mut open = Vec::with_capacity(conns);
-    while let Some(r) = writers.join_next().await {
-        open.push(r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
-    }
-    // Ends when everything arrived, or when every sink connection has ended (then short);
-    // bounded by 30 s plus a second per MiB.
+    // One deadline for writing and arriving: 30 s plus a second per MiB.
     let limit = Duration::from_secs(30 + (total >> 20) as u64);
-    let waited = tokio::time::timeout(limit, async {
-        let _ = arrived.wait_for(|a| *a >= total).await;
+    let pushed = tokio::time::timeout(limit, async {
+        let mut open = Vec::with_capacity(conns);
+        while let Some(r) = writers.join_next().await {
+            open.push(r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
+        }
+        // Ends when everything arrived, or when every sink connection has ended (then short).
+        let _ = arrived.wait_for(|(sum, _)| *sum >= total).await;
+        Ok::<_, String>(open)
     })
     .await;
-    if waited.is_err() {
-        return Err(format!(
-            "the sink received {} of {total} bytes in {limit:?}",
-            *arrived.borrow()
-        ));
-    }
-    let got = *arrived.borrow();
+    let (got, mut each) = arrived.borrow().clone();
+    let open = match pushed {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(format!(
+                "the sink received {got} of {total} bytes in {limit:?}"
+            ));
+        }
+    };
     let secs = start.elapsed().as_secs_f64();
     let (d1, s1) = (cpu_seconds(dest_pid), cpu_seconds(src_pid));
     if got != total {
         return Err(format!("the sink received {got} of {total} bytes"));
+    }
+    // Each connection's bytes arrived on its own connection to the sink.
+    let mut shares: Vec<usize> = (0..conns).map(|i| push_share(total, conns, i)).collect();
+    shares.sort_unstable();
+    each.sort_unstable();
+    if each != shares {
+        return Err(format!(
+            "the sink connections received {each:?} bytes, the clients sent {shares:?}"
+        ));
     }
     let gib = total as f64 / (1u64 << 30) as f64;
     let per_gib =
@@ -330,11 +345,16 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> Demo
         dest_peak_rss_kib: super::testkit::proc_status_kib(dest_pid, "VmHWM:").unwrap_or(0),
     };
     drop(open);
-    sink_task.abort();
     emu.close_tunnel(&t.tunnel_id);
     wait_exit(&mut dest, "destination").await?;
     wait_exit(&mut src, "source").await?;
     Ok(report)
+}
+
+/// Connection `i`'s share of a push: shares differ by at most one byte, the first ones take
+/// the remainder.
+fn push_share(total: usize, conns: usize, i: usize) -> usize {
+    total / conns + usize::from(i < total % conns)
 }
 
 async fn wait_peer(emu: &Emulator, tunnel: &str, mode: Mode) -> DemoResult<()> {

@@ -797,10 +797,22 @@ fn register(shared: &Shared, tunnel_id: &str, mode: Mode, peer: PeerHandle) -> b
     if let Some(other) = other {
         for msg in resets {
             let mut raw = BytesMut::new();
-            if FrameCodec.encode(&msg, &mut raw).is_ok()
-                && other.tx.try_send(PeerCmd::Frame(raw.freeze())).is_err()
-            {
-                debug!("could not queue STREAM_RESET for the other peer");
+            if FrameCodec.encode(&msg, &mut raw).is_err() {
+                continue;
+            }
+            // The service does not drop its resets: behind a full queue (the other peer busy
+            // with data), it is delivered once there is room.
+            match other.tx.try_send(PeerCmd::Frame(raw.freeze())) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(cmd)) => {
+                    let tx = other.tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send(cmd).await;
+                    });
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    debug!("the other peer is gone: no STREAM_RESET to deliver");
+                }
             }
         }
     }
