@@ -431,7 +431,7 @@ async fn a_bad_config_exits_2_which_the_unit_does_not_restart() {
     let status = within("the agent exits", agent.child.wait()).await.unwrap();
     assert_eq!(status.code(), Some(2));
     // The log reader may still be behind the exit: wait for the line.
-    agent.expect("99999").await;
+    agent.expect("\"99999\" is not a port number").await;
     let unit = include_str!("../packaging/systemd/securetunnel-agent.service");
     assert!(unit.contains("\nRestartPreventExitStatus=2\n"), "{unit}");
     assert!(unit.contains("\nStartLimitBurst="), "{unit}");
