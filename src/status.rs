@@ -84,6 +84,15 @@ pub fn phase_name(phase: Phase, sessions: u64) -> &'static str {
     }
 }
 
+/// Rule (connected since): shown only while the websocket is up; between attempts the last
+/// session's start is history, not a connection.
+pub fn connected_since(phase: Phase, since: Option<SystemTime>) -> Option<u64> {
+    match phase {
+        Phase::Connected | Phase::Ready | Phase::Draining => since.map(unix),
+        Phase::Connecting | Phase::Ended => None,
+    }
+}
+
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -97,7 +106,7 @@ impl TunnelStatus {
                 phase_name(st.phase, st.sessions),
                 st.retry_at
                     .map(|t| t.saturating_duration_since(now).as_secs()),
-                st.connected_since.map(unix),
+                connected_since(st.phase, st.connected_since),
                 st.channel_id.clone(),
                 stats.open_by_service(),
                 stats.bytes_from_tunnel.load(Relaxed),
@@ -474,6 +483,18 @@ mod tests {
         assert_eq!(phase_name(Phase::Connected, 1), "connected");
         assert_eq!(phase_name(Phase::Ready, 1), "connected");
         assert_eq!(phase_name(Phase::Draining, 1), "draining");
+    }
+
+    #[test]
+    fn connected_since_only_while_the_websocket_is_up() {
+        let t = Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        for phase in [Phase::Connected, Phase::Ready, Phase::Draining] {
+            assert_eq!(connected_since(phase, t), Some(1_700_000_000), "{phase:?}");
+        }
+        for phase in [Phase::Connecting, Phase::Ended] {
+            assert_eq!(connected_since(phase, t), None, "{phase:?}");
+        }
+        assert_eq!(connected_since(Phase::Connected, None), None);
     }
 
     #[test]

@@ -730,6 +730,70 @@ async fn status_is_live_during_a_transfer_and_exits_3_once_the_agent_stopped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_a_tunnel_reconnecting_with_its_next_attempt_and_error() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, _echo) = agent(&rig, "gw-retry", &["SSH"], "").await;
+    let cfg = rig.files.dir.join("gw-retry.toml");
+    let t = open(&rig, "gw-retry", &["SSH"], 30).await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "the agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    // The link dies and the service answers 503 until the test lets it through.
+    rig.emu.fail_next_handshakes(1000, 503);
+    rig.emu.drop_peer(&id, Mode::Destination);
+    agent.expect("reconnecting with backoff").await;
+    // Between attempts after a refused one (the first error is the cut link): the tunnel
+    // shows when the next attempt comes and why the last one failed.
+    let waiting = within("status shows the refused attempt", async {
+        loop {
+            let s = status_json(&cfg).await;
+            let t = &s["tunnels"][0];
+            if t["next_attempt_in_secs"].is_u64()
+                && t["last_error"].as_str().unwrap_or("").contains("503")
+            {
+                return s;
+            }
+        }
+    })
+    .await;
+    let tunnel = &waiting["tunnels"][0];
+    assert_eq!(tunnel["phase"], "reconnecting", "{waiting}");
+    assert!(tunnel["connected_since"].is_null(), "{waiting}");
+    assert_eq!(tunnel["reconnects"], 0, "{waiting}");
+    let (code, text, err) = status_cmd(&cfg, false).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(text.contains("): reconnecting, region us-east-1"), "{text}");
+    assert!(
+        text.contains("last error: ") && text.contains("503"),
+        "{text}"
+    );
+
+    rig.emu.fail_next_handshakes(0, 503);
+    until(&rig.emu, "the agent reconnects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    // The emulator counts the peer at the upgrade; the agent a moment later.
+    let back = within("status shows the tunnel connected again", async {
+        loop {
+            let s = status_json(&cfg).await;
+            if s["tunnels"][0]["phase"] == "connected" {
+                return s;
+            }
+        }
+    })
+    .await;
+    assert!(back["tunnels"][0]["connected_since"].is_u64(), "{back}");
+    assert_eq!(back["tunnels"][0]["reconnects"], 1, "{back}");
+    assert!(
+        back["tunnels"][0]["next_attempt_in_secs"].is_null(),
+        "{back}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_refuses_the_broker_is_named_with_the_fix() {
     let rig = Rig::start(RigOptions::default()).await;
     let tp = Tinyproxy::start("BasicAuth op s3cret-pw").await;
