@@ -8,7 +8,7 @@ cd "$(dirname "$0")" || exit 1
 # Debian installs mosquitto in /usr/sbin, which a normal user's PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
 
-step() { printf '\n== %s\n' "$1"; }
+step() { printf '\n== %s (at %d:%02d)\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)); }
 fail() { printf 'test.sh: step "%s" failed\n' "$1" >&2; exit 1; }
 
 # Real peers: mosquitto (the AWS IoT Core stand-in), openssl (key formats), python3 + venv
