@@ -21,8 +21,9 @@ for t in "${targets[@]}"; do
     extra=()
     envs=("CC_${t//-/_}=$gcc" "CARGO_TARGET_${var}_LINKER=$linker")
     # Identical code folding: generic code instantiated alike many times is kept once
-    # (28 KiB off the aarch64 binary, which must stay within 2.5 MiB).
-    [ "$linker" = rust-lld ] && envs+=("CARGO_TARGET_${var}_RUSTFLAGS=-C link-arg=--icf=all")
+    # (28 KiB off the aarch64 binary, which must stay within 2.5 MiB). No unwind tables for
+    # our code (62 KiB more): panics abort, so nothing unwinds; only backtraces lose them.
+    [ "$linker" = rust-lld ] && envs+=("CARGO_TARGET_${var}_RUSTFLAGS=-C link-arg=--icf=all -C force-unwind-tables=no")
     if [ "$t" = armv7-unknown-linux-musleabihf ]; then
         # std from source (rust-src), musl and linking from zig: see cross/README.md.
         envs=("RUSTC_BOOTSTRAP=1" "ZIG_TARGET=arm-linux-musleabihf" "CC_${t//-/_}=$PWD/cross/zig-cc"
