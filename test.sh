@@ -9,7 +9,7 @@ cd "$(dirname "$0")" || exit 1
 export PATH="$PATH:/usr/sbin:/sbin"
 
 step() { printf '\n== %s (at %d:%02d)\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)); }
-fail() { printf 'test.sh: step "%s" failed\n' "$1" >&2; exit 1; }
+fail() { printf 'test.sh: step "%s" failed at %d:%02d\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)) >&2; exit 1; }
 
 # Real peers: mosquitto (the AWS IoT Core stand-in), openssl (key formats), python3 + venv
 # (boto3 and aws-cli v1 as control-plane clients), tinyproxy (a real HTTP CONNECT proxy).

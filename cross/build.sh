@@ -22,7 +22,8 @@ for t in "${targets[@]}"; do
     envs=("CC_${t//-/_}=$gcc" "CARGO_TARGET_${var}_LINKER=$linker")
     # Identical code folding: generic code instantiated alike many times is kept once
     # (28 KiB off the aarch64 binary, which must stay within 2.5 MiB). No unwind tables for
-    # our code (62 KiB more): panics abort, so nothing unwinds; only backtraces lose them.
+    # the crates we compile (std keeps its own; 62 KiB more): the release profile aborts on
+    # panic, so nothing unwinds and only backtraces lose them (drop this with panic=unwind).
     [ "$linker" = rust-lld ] && envs+=("CARGO_TARGET_${var}_RUSTFLAGS=-C link-arg=--icf=all -C force-unwind-tables=no")
     if [ "$t" = armv7-unknown-linux-musleabihf ]; then
         # std from source (rust-src), musl and linking from zig: see cross/README.md.

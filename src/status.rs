@@ -88,8 +88,9 @@ pub fn phase_name(phase: Phase, sessions: u64) -> &'static str {
 /// session's start is history, not a connection.
 pub fn connected_since(phase: Phase, since: Option<SystemTime>) -> Option<u64> {
     match phase {
-        Phase::Connected | Phase::Ready | Phase::Draining => since.map(unix),
-        Phase::Connecting | Phase::Ended => None,
+        Phase::Connected | Phase::Ready => since.map(unix),
+        // Draining: the websocket session has ended; its local connections flush.
+        Phase::Connecting | Phase::Draining | Phase::Ended => None,
     }
 }
 
@@ -488,10 +489,10 @@ mod tests {
     #[test]
     fn connected_since_only_while_the_websocket_is_up() {
         let t = Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
-        for phase in [Phase::Connected, Phase::Ready, Phase::Draining] {
+        for phase in [Phase::Connected, Phase::Ready] {
             assert_eq!(connected_since(phase, t), Some(1_700_000_000), "{phase:?}");
         }
-        for phase in [Phase::Connecting, Phase::Ended] {
+        for phase in [Phase::Connecting, Phase::Draining, Phase::Ended] {
             assert_eq!(connected_since(phase, t), None, "{phase:?}");
         }
         assert_eq!(connected_since(Phase::Connected, None), None);
