@@ -6,11 +6,14 @@
 //! websocket message buffer (64-130 KiB) per message, so every message paid for fresh pages
 //! (page faults, zeroing, TLB shootdowns) — most of the static build's extra CPU. Keeping a few
 //! freed blocks per size class makes the steady state reuse the same warm memory, as glibc's
-//! allocator does on its own. Bounded: at most `SLOTS` blocks per class, 1.9 MiB in all.
+//! allocator does on its own. Bounded: at most `SLOTS` blocks per class, 1.9 MiB in all, and
+//! given back once no cached-size block has been taken or freed for `IDLE_TRIM`: an idle
+//! gateway does not keep the buffers of its last transfer.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// Smallest cached block: below it musl reuses memory well on its own.
 const MIN_CLASS: usize = 32 * 1024;
@@ -20,6 +23,8 @@ const CLASSES: usize = 4;
 const MAX_CLASS: usize = MIN_CLASS << (CLASSES - 1);
 /// Freed blocks kept per class.
 const SLOTS: usize = 4;
+/// How often the cache looks for idleness: blocks go back 1-2 periods after the last use.
+pub const IDLE_TRIM: Duration = Duration::from_secs(2);
 
 /// Rule (block classes): the class and its block size for a request, when it is cached:
 /// sizes from above half of `MIN_CLASS` up to `MAX_CLASS`, rounded up to a power of two,
@@ -39,6 +44,9 @@ pub struct BlockCache {
     /// Taken by whoever touches the slots; contention falls through to `System` (never spins).
     busy: AtomicBool,
     slots: [[AtomicPtr<u8>; SLOTS]; CLASSES],
+    /// Cached-size blocks taken or freed so far (wrapping), and that count at the last trim check.
+    uses: AtomicUsize,
+    uses_seen: AtomicUsize,
 }
 
 impl BlockCache {
@@ -51,6 +59,8 @@ impl BlockCache {
         BlockCache {
             busy: AtomicBool::new(false),
             slots: [ROW; CLASSES],
+            uses: AtomicUsize::new(0),
+            uses_seen: AtomicUsize::new(0),
         }
     }
 
@@ -62,6 +72,7 @@ impl BlockCache {
         if self.busy.swap(true, Ordering::Acquire) {
             return None;
         }
+        self.uses.fetch_add(1, Ordering::Relaxed);
         let r = f(&self.slots[class]);
         self.busy.store(false, Ordering::Release);
         Some(r)
@@ -92,6 +103,40 @@ impl BlockCache {
             class,
         )
         .unwrap_or(false)
+    }
+
+    /// Rule (idle trim): every cached block goes back to the system allocator when no
+    /// cached-size block was taken or freed since the previous call; returns the bytes given
+    /// back. Called every `IDLE_TRIM`.
+    pub fn trim_if_idle(&self) -> usize {
+        let uses = self.uses.load(Ordering::Relaxed);
+        if self.uses_seen.swap(uses, Ordering::Relaxed) != uses {
+            return 0;
+        }
+        let mut freed = 0;
+        for (class, row) in self.slots.iter().enumerate() {
+            let block = MIN_CLASS << class;
+            for slot in row {
+                // Swapped out one at a time: a block is owned by whoever swaps it out.
+                let p = slot.swap(null_mut(), Ordering::Relaxed);
+                if !p.is_null() {
+                    // SAFETY: a cached block, allocated through `System` with this layout.
+                    unsafe { System.dealloc(p, block_layout(block)) };
+                    freed += block;
+                }
+            }
+        }
+        freed
+    }
+
+    /// Trims the cache every `IDLE_TRIM` (`trim_if_idle`), for the life of the runtime.
+    pub async fn trim_when_idle(&'static self) {
+        let mut every = tokio::time::interval(IDLE_TRIM);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.trim_if_idle();
+        }
     }
 }
 
@@ -239,14 +284,53 @@ mod tests {
                 .count();
             assert_eq!(kept, SLOTS);
             // Give every cached block back.
-            for (class, row) in cache.slots.iter().enumerate() {
-                for slot in row {
-                    let p = slot.swap(null_mut(), Ordering::Relaxed);
-                    if !p.is_null() {
-                        System.dealloc(p, block_layout(MIN_CLASS << class));
-                    }
-                }
-            }
+            cache.trim_if_idle();
+            cache.trim_if_idle();
+        }
+    }
+
+    fn cached_bytes(cache: &BlockCache) -> usize {
+        (0..CLASSES)
+            .map(|class| {
+                let n = cache.slots[class]
+                    .iter()
+                    .filter(|s| !s.load(Ordering::Relaxed).is_null())
+                    .count();
+                n * (MIN_CLASS << class)
+            })
+            .sum()
+    }
+
+    #[test]
+    fn idle_trim_gives_cached_blocks_back_only_after_a_period_without_use() {
+        let cache = BlockCache::new();
+        let layout = Layout::from_size_align(100_000, 8).unwrap();
+        let small = Layout::from_size_align(1000, 8).unwrap();
+        unsafe {
+            let a = cache.alloc(layout);
+            let b = cache.alloc(layout);
+            cache.dealloc(a, layout);
+            cache.dealloc(b, layout);
+            assert_eq!(cached_bytes(&cache), 2 * 128 * 1024);
+            // Used since the last check (there was none): kept.
+            assert_eq!(cache.trim_if_idle(), 0);
+            // Used again during the next period: kept.
+            let c = cache.alloc(layout);
+            cache.dealloc(c, layout);
+            assert_eq!(cache.trim_if_idle(), 0);
+            assert_eq!(cached_bytes(&cache), 2 * 128 * 1024);
+            // Small blocks are not the cache's traffic: a period with only those is idle.
+            let s = cache.alloc(small);
+            cache.dealloc(s, small);
+            assert_eq!(cache.trim_if_idle(), 2 * 128 * 1024);
+            assert_eq!(cached_bytes(&cache), 0);
+            // Nothing left to give back; the cache fills again on use.
+            assert_eq!(cache.trim_if_idle(), 0);
+            let d = cache.alloc(layout);
+            cache.dealloc(d, layout);
+            assert_eq!(cached_bytes(&cache), 128 * 1024);
+            assert_eq!(cache.trim_if_idle(), 0);
+            assert_eq!(cache.trim_if_idle(), 128 * 1024);
         }
     }
 }

@@ -34,6 +34,9 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // An idle gateway gives the static build's cached message buffers back.
+        #[cfg(target_env = "musl")]
+        tokio::spawn(ALLOCATOR.trim_when_idle());
         let cancel = CancellationToken::new();
         if let Err(e) = securetunnel_agent::signals::cancel_on_signals(cancel.clone()) {
             eprintln!("securetunnel-agent: cannot install signal handlers: {e}");

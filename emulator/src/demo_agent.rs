@@ -414,6 +414,9 @@ pub async fn memory(agent_bin: &Path, dir: &Path, conns: usize) -> R<(u64, u64)>
         .await?;
     // One round trip so every lazily built piece of the path exists, as in real use.
     transfer(src, 64 << 10, 9).await?;
+    // Idle means idle: the static build gives cached message buffers back 2-4 s after the
+    // last transfer (the agent's block cache).
+    tokio::time::sleep(IDLE_SETTLE).await;
     let idle = settled_rss(pid).await?;
     println!(
         "agent idle: RssAnon {} KiB, RssFile {} KiB (binary and shared libraries)",
@@ -442,6 +445,9 @@ pub async fn memory(agent_bin: &Path, dir: &Path, conns: usize) -> R<(u64, u64)>
     s.stop_agent().await?;
     Ok((idle, loaded))
 }
+
+/// How long the agent is left alone before its idle RSS is read.
+const IDLE_SETTLE: Duration = Duration::from_secs(5);
 
 /// RSS once it stops moving (allocator and kernel settle after activity).
 async fn settled_rss(pid: u32) -> R<u64> {
