@@ -12,7 +12,9 @@ cargo build --locked --release --workspace --bins >&2
 # one unified with the emulator's.
 cargo build --locked --release -p securetunnel-agent >&2
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl >&2
+# Linked as cross/build.sh links the ARM musl binaries (identical code folding, no unwind tables).
 CC_x86_64_unknown_linux_musl=gcc CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
+    CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C link-arg=--icf=all -C force-unwind-tables=no" \
     cargo build --locked --release --target x86_64-unknown-linux-musl --bin securetunnel-agent >&2
 demo=target/release/securetunnel-demo
 glibc="$PWD/target/release/securetunnel-agent"
@@ -42,7 +44,27 @@ for build in glibc musl; do
     mem="$(SECURETUNNEL_DEMO_AGENT="$bin" "$demo" memory 100)"
     row "agent RSS idle, MQTT + one tunnel ($build)" "$(grep -o 'connected): [0-9.]* MiB' <<< "$mem" | cut -d' ' -f2-)"
     row "extra RSS per idle TCP connection, 100 open ($build)" "$(grep -o '+[0-9.]* KiB per connection' <<< "$mem")"
+    row "of the idle RSS, the binary's own pages ($build)" "$(grep -o 'resident [0-9]* KiB' <<< "$mem" | cut -d' ' -f2-)"
+    if [ "$build" = musl ]; then musl_mem="$mem"; fi
 done
+# The gateways' static aarch64 build: qemu-user maps it as a file and its guest touches its
+# pages as a CPU would, so its resident pages are measured; the rest of its idle RSS is taken
+# to be the x86_64 musl build's (same code, same pointer size), qemu's own memory is not.
+aarch64=target/aarch64-unknown-linux-musl/release/securetunnel-agent
+if [ -f "$aarch64" ] && command -v qemu-aarch64 >/dev/null; then
+    log "memory (static aarch64 under qemu-user)"
+    wrapper="$(mktemp)"; trap 'rm -f "$wrapper"' EXIT
+    printf '#!/bin/sh\nexec qemu-aarch64 %s "$@"\n' "$(realpath "$aarch64")" > "$wrapper"; chmod +x "$wrapper"
+    mem="$(SECURETUNNEL_DEMO_AGENT="$wrapper" SECURETUNNEL_DEMO_AGENT_IMAGE="$(realpath "$aarch64")" "$demo" memory 1)"
+    arm_pages="$(grep -o 'resident [0-9]* KiB' <<< "$mem" | awk '{print $2}')"
+    x86_pages="$(grep -o 'resident [0-9]* KiB' <<< "$musl_mem" | awk '{print $2}')"
+    x86_idle="$(grep -o 'connected): [0-9.]* MiB' <<< "$musl_mem" | awk '{print $2}')"
+    row "static aarch64: the binary's own pages when idle (qemu-user)" "$arm_pages KiB"
+    row "static aarch64: idle RSS, MQTT + one tunnel (musl idle - its binary pages + these)" \
+        "$(awk -v i="$x86_idle" -v x="$x86_pages" -v a="$arm_pages" 'BEGIN{printf "%.2f MiB (estimate)", i - (x - a) / 1024}')"
+else
+    log "no $aarch64 or qemu-aarch64 (cross/setup.sh, cross/build.sh): no aarch64 memory rows"
+fi
 log "latency, 20 runs"
 lat="$("$demo" latency 20)"
 row "notify -> websocket connected" "$(grep 'notify ->' <<< "$lat" | grep -o 'p50.*ms   p95.*ms' | tr -s ' ')"

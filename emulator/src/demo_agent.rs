@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::pki::{TestPki, mutual_tls_client};
 use super::publisher::PublisherConfig;
-use super::testkit::{EchoService, LogTail, echo_tcp, echo_transfer, proc_status_kib};
+use super::testkit::{
+    EchoService, LogTail, echo_tcp, echo_transfer, mapped_file_rss_kib, proc_status_kib,
+};
 use super::{Emulator, EmulatorConfig, EmulatorTls};
 use securetunnel_agent::bridge::{
     Bridge, BridgeConfig, DataEndpoint, Limits, Phase, Role, SourceListeners,
@@ -422,6 +424,17 @@ pub async fn memory(agent_bin: &Path, dir: &Path, conns: usize) -> R<(u64, u64)>
         "agent idle: RssAnon {} KiB, RssFile {} KiB (binary and shared libraries)",
         proc_status_kib(pid, "RssAnon:").unwrap_or(0),
         proc_status_kib(pid, "RssFile:").unwrap_or(0)
+    );
+    // The binary's own pages; under a qemu-user wrapper, the ARM binary's as its guest
+    // touches them (SECURETUNNEL_DEMO_AGENT_IMAGE names it).
+    let image = match std::env::var_os("SECURETUNNEL_DEMO_AGENT_IMAGE") {
+        Some(p) => PathBuf::from(p),
+        None => std::fs::read_link(format!("/proc/{pid}/exe")).map_err(e)?,
+    };
+    println!(
+        "agent idle: binary pages resident {} KiB ({})",
+        mapped_file_rss_kib(pid, &image).ok_or("no /proc smaps")?,
+        image.display()
     );
     let mut clients = Vec::with_capacity(conns);
     for _ in 0..conns {

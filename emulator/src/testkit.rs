@@ -29,6 +29,27 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Resident KiB of the mappings of file `image` in process `pid` (`/proc/<pid>/smaps`): how
+/// much of a binary is in memory, also when qemu-user maps an ARM binary for its guest.
+pub fn mapped_file_rss_kib(pid: u32, image: &std::path::Path) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let image = image.to_str()?;
+    let mut total = 0;
+    let mut in_image = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        match fields.next() {
+            // A mapping's header: "start-end perms offset dev inode [path]".
+            Some(f) if f.contains('-') && !f.ends_with(':') => {
+                in_image = fields.nth(4) == Some(image);
+            }
+            Some("Rss:") if in_image => total += fields.next()?.parse::<u64>().ok()?,
+            _ => {}
+        }
+    }
+    Some(total)
+}
+
 /// A local service for tests. Dropping it stops accepting; connections already accepted
 /// live on until their client closes them.
 pub struct EchoService {
@@ -425,5 +446,22 @@ async fn relay_one(
             // Both sockets stay open and unread until the relay goes away.
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_file_rss_counts_only_the_named_files_mappings() {
+        let pid = std::process::id();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let own = mapped_file_rss_kib(pid, &exe).unwrap();
+        // The test binary runs: some of its code is resident, and it is not all of RSS.
+        assert!(own > 0, "no resident pages of {}", exe.display());
+        assert!(own < proc_status_kib(pid, "VmRSS:").unwrap());
+        let other = std::path::Path::new("/nonexistent/binary");
+        assert_eq!(mapped_file_rss_kib(pid, other), Some(0));
     }
 }
