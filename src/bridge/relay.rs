@@ -117,8 +117,7 @@ impl Session<'_> {
         accepts: &mut mpsc::Receiver<Accepted>,
         cancel: &CancellationToken,
     ) -> SessionEnd {
-        // tungstenite's read buffer holds at most one read past a message it hands over.
-        let mut reader = FrameReader::new(FrameCodec).with_message_slack(super::ws::READ_BUFFER);
+        let mut reader = FrameReader::new(FrameCodec);
         let accepting = matches!(self.role, Role::Source(_));
         // A second handle, so a send permit does not borrow `self`.
         let out = self.out.clone();

@@ -16,48 +16,19 @@ pub struct FrameCodec;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RawFrameCodec;
 
-/// Rule (spec §2.1): the body length sits in a 2-byte big-endian prefix; the length of the
-/// whole frame at the front of `src` (prefix included), or `Err(needed)` with the bytes a
-/// whole frame needs while it is incomplete.
-fn frame_len(src: &[u8]) -> Result<usize, usize> {
-    match src {
-        [hi, lo, ..] => Ok(LENGTH_PREFIX + u16::from_be_bytes([*hi, *lo]) as usize),
-        _ => Err(LENGTH_PREFIX),
-    }
-    .and_then(|n| if src.len() >= n { Ok(n) } else { Err(n) })
-}
-
-/// One whole body off the front of `src`, or nothing while it is incomplete.
+/// Rule (spec §2.1): the body length sits in a 2-byte big-endian prefix; take one whole body
+/// off the front of `src`, or nothing while it is incomplete.
 fn split_body(src: &mut BytesMut) -> Option<Bytes> {
-    match frame_len(src) {
-        Ok(n) => {
-            src.advance(LENGTH_PREFIX);
-            Some(src.split_to(n - LENGTH_PREFIX).freeze())
-        }
-        Err(needed) => {
-            src.reserve(needed - src.len());
-            None
-        }
+    if src.len() < LENGTH_PREFIX {
+        return None;
     }
-}
-
-/// A codec that also decodes a whole frame (prefix included) handed over as `Bytes`, so
-/// frames sliced out of a shared websocket message need no copy.
-pub trait FrameDecoder: Decoder<Error = ProtocolError> {
-    /// Decodes `frame`, a whole frame with its length prefix.
-    fn decode_frame(&mut self, frame: Bytes) -> Result<Self::Item, ProtocolError>;
-}
-
-impl FrameDecoder for FrameCodec {
-    fn decode_frame(&mut self, frame: Bytes) -> Result<Message, ProtocolError> {
-        Ok(Message::decode(frame.slice(LENGTH_PREFIX..))?)
+    let len = u16::from_be_bytes([src[0], src[1]]) as usize;
+    if src.len() < LENGTH_PREFIX + len {
+        src.reserve(LENGTH_PREFIX + len - src.len());
+        return None;
     }
-}
-
-impl FrameDecoder for RawFrameCodec {
-    fn decode_frame(&mut self, frame: Bytes) -> Result<Bytes, ProtocolError> {
-        Ok(frame)
-    }
+    src.advance(LENGTH_PREFIX);
+    Some(src.split_to(len).freeze())
 }
 
 impl Decoder for FrameCodec {
@@ -79,7 +50,14 @@ impl Decoder for RawFrameCodec {
     type Error = ProtocolError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError> {
-        Ok(frame_len(src).ok().map(|n| src.split_to(n).freeze()))
+        if src.len() < LENGTH_PREFIX {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([src[0], src[1]]) as usize;
+        if src.len() < LENGTH_PREFIX + len {
+            return Ok(None);
+        }
+        Ok(Some(src.split_to(LENGTH_PREFIX + len).freeze()))
     }
 }
 
@@ -104,55 +82,35 @@ impl Encoder<&Message> for FrameCodec {
 /// Turns websocket binary messages into decoded frames.
 #[derive(Debug, Default)]
 pub struct FrameReader<D = FrameCodec> {
-    /// The current message's unread part: its whole frames are sliced out of it, no copy.
-    head: Bytes,
-    /// A frame that goes on in the next message, and what follows it: copied.
     buf: BytesMut,
     codec: D,
     backing: usize,
-    slack: usize,
 }
 
-impl<D: FrameDecoder> FrameReader<D> {
+impl<D: Decoder<Error = ProtocolError>> FrameReader<D> {
     /// A reader with nothing buffered.
     pub fn new(codec: D) -> Self {
         FrameReader {
-            head: Bytes::new(),
             buf: BytesMut::new(),
             codec,
             backing: 0,
-            slack: 0,
         }
-    }
-
-    /// Pushed messages may share an allocation larger than themselves: up to twice their
-    /// size (a reassembled message) plus `slack` (what the websocket layer read past it).
-    /// Frames sliced from one count that allocation as their backing (`backing_len`).
-    pub fn with_message_slack(mut self, slack: usize) -> Self {
-        self.slack = slack;
-        self
     }
 
     /// Appends a websocket message. Message boundaries mean nothing to tunnel frames; the
     /// websocket layer bounds frame and message sizes (spec §1.4).
     pub fn push(&mut self, data: Bytes) {
-        if self.buf.is_empty() && self.head.is_empty() {
-            // Nothing pending: frames are sliced out of the message itself, shared or not.
-            self.backing = data.len().saturating_mul(2).saturating_add(self.slack);
-            self.head = data;
+        if self.buf.is_empty() {
+            // Take the message's own allocation when nothing is pending: frames are then
+            // sliced out of it without copying.
+            self.backing = data.len();
+            self.buf = data
+                .try_into_mut()
+                .unwrap_or_else(|b| BytesMut::from(&b[..]));
         } else {
-            self.spill_head();
             self.buf.extend_from_slice(&data);
+            self.backing = self.backing.max(self.buf.capacity());
         }
-    }
-
-    /// Moves the unread part of the current message behind any pending bytes (a copy).
-    fn spill_head(&mut self) {
-        if !self.head.is_empty() {
-            self.buf.extend_from_slice(&self.head);
-            self.head = Bytes::new();
-        }
-        self.backing = self.backing.max(self.buf.capacity());
     }
 
     /// Size of the buffer the frames being decoded are slices of: a payload kept from it
@@ -163,20 +121,13 @@ impl<D: FrameDecoder> FrameReader<D> {
 
     /// The next whole frame, or `None` until more bytes arrive.
     pub fn next_frame(&mut self) -> Result<Option<D::Item>, ProtocolError> {
-        if !self.head.is_empty() {
-            match frame_len(&self.head) {
-                Ok(n) => return self.codec.decode_frame(self.head.split_to(n)).map(Some),
-                // The frame goes on in the next message.
-                Err(_) => self.spill_head(),
-            }
-        }
         self.codec.decode(&mut self.buf)
     }
 
     /// Bytes held that do not yet form a whole frame.
     #[cfg(test)]
     fn pending(&self) -> usize {
-        self.buf.len() + self.head.len()
+        self.buf.len()
     }
 }
 
@@ -250,33 +201,6 @@ mod tests {
         reader.push(wire.slice(3..));
         let got: Vec<_> = std::iter::from_fn(|| reader.next_frame().unwrap()).collect();
         assert_eq!(got, vec![a.clone(), b, a]);
-    }
-
-    #[test]
-    fn whole_frames_of_a_shared_message_are_sliced_not_copied() {
-        let a = Message::data(1, "SSH", 1, vec![9u8; 1000].into());
-        let b = Message::data(1, "SSH", 2, vec![8u8; 3000].into());
-        let wire = encode_all(&[a.clone(), b.clone(), a.clone()]).freeze();
-        // Shared, as a message sliced out of tungstenite's read buffer is.
-        let message = wire.slice(..wire.len() - 100);
-        let mut reader = FrameReader::new(FrameCodec).with_message_slack(16);
-        reader.push(message.clone());
-        // What a payload keeps alive: up to twice the message plus the slack.
-        assert_eq!(reader.backing_len(), 2 * message.len() + 16);
-        let inside = message.as_ptr_range();
-        for want in [&a, &b] {
-            let got = reader.next_frame().unwrap().unwrap();
-            assert_eq!(&got, want);
-            assert!(inside.contains(&got.payload.as_ptr()), "payload was copied");
-        }
-        // The third frame goes on in the next message: copied once it is whole.
-        assert!(reader.next_frame().unwrap().is_none());
-        reader.push(wire.slice(wire.len() - 100..));
-        let got = reader.next_frame().unwrap().unwrap();
-        assert_eq!(got, a);
-        assert!(!inside.contains(&got.payload.as_ptr()));
-        assert!(reader.next_frame().unwrap().is_none());
-        assert_eq!(reader.pending(), 0);
     }
 
     #[test]
