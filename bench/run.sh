@@ -50,8 +50,9 @@ done
 # The gateways' static aarch64 build: qemu-user maps it as a file and its guest touches its
 # pages as a CPU would, so its resident pages are measured; the rest of its idle RSS is taken
 # to be the x86_64 musl build's (same code, same pointer size), qemu's own memory is not.
+# Built here, so it is the same code as the x86_64 build it is set against.
 aarch64=target/aarch64-unknown-linux-musl/release/securetunnel-agent
-if [ -f "$aarch64" ] && command -v qemu-aarch64 >/dev/null; then
+if command -v qemu-aarch64 >/dev/null && cross/build.sh aarch64-unknown-linux-musl >/dev/null; then
     log "memory (static aarch64 under qemu-user)"
     wrapper="$(mktemp)"; trap 'rm -f "$wrapper"' EXIT
     printf '#!/bin/sh\nexec qemu-aarch64 %s "$@"\n' "$(realpath "$aarch64")" > "$wrapper"; chmod +x "$wrapper"
@@ -63,7 +64,7 @@ if [ -f "$aarch64" ] && command -v qemu-aarch64 >/dev/null; then
     row "static aarch64: idle RSS, MQTT + one tunnel (musl idle - its binary pages + these)" \
         "$(awk -v i="$x86_idle" -v x="$x86_pages" -v a="$arm_pages" 'BEGIN{printf "%.2f MiB (estimate)", i - (x - a) / 1024}')"
 else
-    log "no $aarch64 or qemu-aarch64 (cross/setup.sh, cross/build.sh): no aarch64 memory rows"
+    log "no qemu-aarch64 or no aarch64 build (cross/setup.sh aarch64-unknown-linux-musl): no aarch64 memory rows"
 fi
 log "latency, 20 runs"
 lat="$("$demo" latency 20)"

@@ -7,8 +7,8 @@
 //! (page faults, zeroing, TLB shootdowns) — most of the static build's extra CPU. Keeping a few
 //! freed blocks per size class makes the steady state reuse the same warm memory, as glibc's
 //! allocator does on its own. Bounded: at most `SLOTS` blocks per class, 1.9 MiB in all, and
-//! given back once no cached-size block has been taken or freed for `IDLE_TRIM`: an idle
-//! gateway does not keep the buffers of its last transfer.
+//! given back 1-2 `IDLE_TRIM` periods (2-4 s) after the last cached-size block was taken or
+//! freed: an idle gateway does not keep the buffers of its last transfer.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::null_mut;
@@ -64,18 +64,26 @@ impl BlockCache {
         }
     }
 
+    /// Runs `f` with `busy` held (blocks freed on other threads are then visible); `None`
+    /// when another thread holds it.
+    fn locked<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        if self.busy.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        let r = f();
+        self.busy.store(false, Ordering::Release);
+        Some(r)
+    }
+
     fn with_slots<T>(
         &self,
         f: impl FnOnce(&[AtomicPtr<u8>; SLOTS]) -> T,
         class: usize,
     ) -> Option<T> {
-        if self.busy.swap(true, Ordering::Acquire) {
-            return None;
-        }
-        self.uses.fetch_add(1, Ordering::Relaxed);
-        let r = f(&self.slots[class]);
-        self.busy.store(false, Ordering::Release);
-        Some(r)
+        self.locked(|| {
+            self.uses.fetch_add(1, Ordering::Relaxed);
+            f(&self.slots[class])
+        })
     }
 
     fn take(&self, class: usize) -> *mut u8 {
@@ -113,17 +121,21 @@ impl BlockCache {
         if self.uses_seen.swap(uses, Ordering::Relaxed) != uses {
             return 0;
         }
+        // Taken out under `busy`, as `take` does; when busy, the cache is in use anyway.
+        let taken = self.locked(|| {
+            self.slots.each_ref().map(|row| {
+                row.each_ref()
+                    .map(|s| s.swap(null_mut(), Ordering::Relaxed))
+            })
+        });
         let mut freed = 0;
-        for (class, row) in self.slots.iter().enumerate() {
+        for (class, row) in taken.into_iter().flatten().enumerate() {
             let block = MIN_CLASS << class;
-            for slot in row {
-                // Swapped out one at a time: a block is owned by whoever swaps it out.
-                let p = slot.swap(null_mut(), Ordering::Relaxed);
-                if !p.is_null() {
-                    // SAFETY: a cached block, allocated through `System` with this layout.
-                    unsafe { System.dealloc(p, block_layout(block)) };
-                    freed += block;
-                }
+            for p in row.into_iter().filter(|p| !p.is_null()) {
+                // SAFETY: a cached block, allocated through `System` with this layout, now
+                // out of its slot and so owned here alone.
+                unsafe { System.dealloc(p, block_layout(block)) };
+                freed += block;
             }
         }
         freed

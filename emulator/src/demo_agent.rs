@@ -433,7 +433,8 @@ pub async fn memory(agent_bin: &Path, dir: &Path, conns: usize) -> R<(u64, u64)>
     };
     println!(
         "agent idle: binary pages resident {} KiB ({})",
-        mapped_file_rss_kib(pid, &image).ok_or("no /proc smaps")?,
+        mapped_file_rss_kib(pid, &image)
+            .ok_or_else(|| format!("the agent maps no {}", image.display()))?,
         image.display()
     );
     let mut clients = Vec::with_capacity(conns);

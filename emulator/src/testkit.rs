@@ -31,10 +31,11 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// Resident KiB of the mappings of file `image` in process `pid` (`/proc/<pid>/smaps`): how
 /// much of a binary is in memory, also when qemu-user maps an ARM binary for its guest.
+/// `None` when the process maps no such file (`image` must be the canonical path).
 pub fn mapped_file_rss_kib(pid: u32, image: &std::path::Path) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let image = image.to_str()?;
-    let mut total = 0;
+    let mut total = None;
     let mut in_image = false;
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
@@ -43,11 +44,13 @@ pub fn mapped_file_rss_kib(pid: u32, image: &std::path::Path) -> Option<u64> {
             Some(f) if f.contains('-') && !f.ends_with(':') => {
                 in_image = fields.nth(4) == Some(image);
             }
-            Some("Rss:") if in_image => total += fields.next()?.parse::<u64>().ok()?,
+            Some("Rss:") if in_image => {
+                *total.get_or_insert(0) += fields.next()?.parse::<u64>().ok()?;
+            }
             _ => {}
         }
     }
-    Some(total)
+    total
 }
 
 /// A local service for tests. Dropping it stops accepting; connections already accepted
@@ -462,6 +465,6 @@ mod tests {
         assert!(own > 0, "no resident pages of {}", exe.display());
         assert!(own < proc_status_kib(pid, "VmRSS:").unwrap());
         let other = std::path::Path::new("/nonexistent/binary");
-        assert_eq!(mapped_file_rss_kib(pid, other), Some(0));
+        assert_eq!(mapped_file_rss_kib(pid, other), None);
     }
 }

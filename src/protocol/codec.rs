@@ -102,7 +102,10 @@ impl<D: Decoder<Error = ProtocolError>> FrameReader<D> {
     pub fn push(&mut self, data: Bytes) {
         if self.buf.is_empty() {
             // Take the message's own allocation when nothing is pending: frames are then
-            // sliced out of it without copying.
+            // sliced out of it without copying. A shared one is copied: tungstenite's
+            // messages are slices of its read buffer, which it reuses and grows to about twice
+            // its largest frame, so a slice of it would keep up to ~290 KiB alive however
+            // small, beyond any bound on what queued payloads hold (`backing_len`).
             self.backing = data.len();
             self.buf = data
                 .try_into_mut()
@@ -201,6 +204,33 @@ mod tests {
         reader.push(wire.slice(3..));
         let got: Vec<_> = std::iter::from_fn(|| reader.next_frame().unwrap()).collect();
         assert_eq!(got, vec![a.clone(), b, a]);
+    }
+
+    #[test]
+    fn frames_of_a_shared_message_do_not_keep_its_allocation_alive() {
+        let a = Message::data(1, "SSH", 1, vec![9u8; 1000].into());
+        let wire = encode_all(&[a.clone(), a.clone()]).freeze();
+        // Shared, as a message sliced out of tungstenite's read buffer is.
+        let shared = wire.slice(..);
+        let mut reader = FrameReader::new(FrameCodec);
+        reader.push(shared.clone());
+        assert_eq!(reader.backing_len(), shared.len());
+        let inside = shared.as_ptr_range();
+        for _ in 0..2 {
+            let got = reader.next_frame().unwrap().unwrap();
+            assert_eq!(got, a);
+            assert!(
+                !inside.contains(&got.payload.as_ptr()),
+                "payload pins the shared buffer"
+            );
+        }
+        // A message nobody else holds is sliced without a copy.
+        let mut reader = FrameReader::new(FrameCodec);
+        let own = encode_all(std::slice::from_ref(&a)).freeze();
+        let inside = own.as_ptr_range();
+        reader.push(own);
+        let got = reader.next_frame().unwrap().unwrap();
+        assert!(inside.contains(&got.payload.as_ptr()));
     }
 
     #[test]
