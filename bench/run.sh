@@ -12,10 +12,8 @@ cargo build --locked --release --workspace --bins >&2
 # one unified with the emulator's.
 cargo build --locked --release -p securetunnel-agent >&2
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl >&2
-# Linked as cross/build.sh links the ARM musl binaries (identical code folding, no unwind tables).
-CC_x86_64_unknown_linux_musl=gcc CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
-    CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="-C link-arg=--icf=all -C force-unwind-tables=no" \
-    cargo build --locked --release --target x86_64-unknown-linux-musl --bin securetunnel-agent >&2
+# Built as the ARM musl binaries are (cross/build.sh).
+cross/build.sh x86_64-unknown-linux-musl >/dev/null
 demo=target/release/securetunnel-demo
 glibc="$PWD/target/release/securetunnel-agent"
 musl="$PWD/target/x86_64-unknown-linux-musl/release/securetunnel-agent"

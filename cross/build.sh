@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Release device binaries (no test tooling) for ARM gateways; prints each binary's path.
+# x86_64-unknown-linux-musl is the benchmarks' stand-in for the ARM musl builds, built alike.
 #   cross/build.sh [TARGET...]
 # musl targets are fully static, linked by rust-lld against the musl that rustup ships;
 # glibc targets link with Debian's cross gcc. ring's C code is compiled by the cross gcc.
@@ -12,6 +13,7 @@ for t in "${targets[@]}"; do
     case "$t" in
         aarch64-*) gcc=aarch64-linux-gnu-gcc ;;
         armv7-*) gcc=arm-linux-gnueabihf-gcc ;;
+        x86_64-*-musl) gcc=gcc ;;
         *) echo "cross/build.sh: unknown target $t" >&2; exit 2 ;;
     esac
     case "$t" in
