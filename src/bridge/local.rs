@@ -2,12 +2,12 @@
 //! bounded retries, then pump bytes both ways until either side ends it.
 
 use std::io;
-use std::sync::Arc;
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream, tcp, unix};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -22,43 +22,59 @@ use crate::services::LocalEndpoint;
 /// while a connection is idle.
 const MIN_READ: usize = 4096;
 
+/// A local socket. Both directions work through `&self`: the connection's task reads and
+/// writes it, and the session writes to it directly while nothing is queued (`Sink`).
+#[derive(Debug)]
 pub enum LocalStream {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
-enum ReadHalf {
-    Tcp(tcp::OwnedReadHalf),
-    Unix(unix::OwnedReadHalf),
-}
-
-impl ReadHalf {
+impl LocalStream {
     async fn readable(&self) -> io::Result<()> {
         match self {
-            ReadHalf::Tcp(r) => r.readable().await,
-            ReadHalf::Unix(r) => r.readable().await,
+            LocalStream::Tcp(s) => s.readable().await,
+            LocalStream::Unix(s) => s.readable().await,
         }
     }
 
     fn try_read_buf(&self, buf: &mut impl BufMut) -> io::Result<usize> {
         match self {
-            ReadHalf::Tcp(r) => r.try_read_buf(buf),
-            ReadHalf::Unix(r) => r.try_read_buf(buf),
+            LocalStream::Tcp(s) => s.try_read_buf(buf),
+            LocalStream::Unix(s) => s.try_read_buf(buf),
+        }
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        match self {
+            LocalStream::Tcp(s) => s.writable().await,
+            LocalStream::Unix(s) => s.writable().await,
+        }
+    }
+
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            LocalStream::Tcp(s) => s.try_write(buf),
+            LocalStream::Unix(s) => s.try_write(buf),
+        }
+    }
+
+    /// Half-close: the consumer reads EOF after what was written.
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            LocalStream::Tcp(s) => socket2::SockRef::from(s).shutdown(Shutdown::Write),
+            LocalStream::Unix(s) => socket2::SockRef::from(s).shutdown(Shutdown::Write),
         }
     }
 
     /// Makes the close that follows a TCP reset (RST): unsent data is discarded at once
     /// instead of lingering in kernel buffers for a consumer that does not read.
     fn reset_on_close(&self) {
-        if let ReadHalf::Tcp(r) = self {
-            let _ = r.as_ref().set_zero_linger();
+        if let LocalStream::Tcp(s) = self {
+            let _ = s.set_zero_linger();
         }
     }
-}
 
-type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
-
-impl LocalStream {
     pub async fn connect(endpoint: &LocalEndpoint) -> io::Result<Self> {
         match endpoint {
             LocalEndpoint::Tcp { host, port } => {
@@ -69,19 +85,27 @@ impl LocalStream {
             LocalEndpoint::Unix(path) => Ok(LocalStream::Unix(UnixStream::connect(path).await?)),
         }
     }
+}
 
-    fn into_split(self) -> (ReadHalf, WriteHalf) {
-        match self {
-            LocalStream::Tcp(s) => {
-                let (r, w) = s.into_split();
-                (ReadHalf::Tcp(r), Box::new(w))
-            }
-            LocalStream::Unix(s) => {
-                let (r, w) = s.into_split();
-                (ReadHalf::Unix(r), Box::new(w))
-            }
-        }
+/// The session's way to a connection's local socket, once its task has one. The link is
+/// weak: the socket still closes when the task ends.
+#[derive(Debug, Default, Clone)]
+pub struct Sink(Arc<OnceLock<Weak<LocalStream>>>);
+
+impl Sink {
+    fn set(&self, stream: &Arc<LocalStream>) {
+        let _ = self.0.set(Arc::downgrade(stream));
     }
+
+    fn get(&self) -> Option<Arc<LocalStream>> {
+        self.0.get().and_then(Weak::upgrade)
+    }
+}
+
+/// Rule (write-through keeps order): tunnel bytes go straight to the local socket only while
+/// none are queued for it (nor in its task's hands); otherwise they queue behind the rest.
+pub fn may_write_through(queued: usize) -> bool {
+    queued == 0
 }
 
 /// How the local side of a connection comes to be.
@@ -141,6 +165,8 @@ pub struct ConnHandle {
     pub closing: CancellationToken,
     /// `true` once the local socket is up: a consumer is only "stalled" after that.
     pub connected: watch::Receiver<bool>,
+    /// The local socket, for `write_through`.
+    pub sink: Sink,
 }
 
 impl Drop for ConnHandle {
@@ -160,8 +186,28 @@ pub fn connect_retry_delays(limits: &Limits) -> impl Iterator<Item = std::time::
 impl ConnHandle {
     /// Records `len` more queued bytes and the high-water mark in `stats`.
     pub fn note_queued(queued: &AtomicUsize, len: usize, stats: &Stats) {
-        let now = queued.fetch_add(len, Ordering::Relaxed) + len;
+        let now = queued.fetch_add(len, Ordering::AcqRel) + len;
         stats.max_queued_bytes.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Writes what the local socket takes of `data` at once, without waiting, when
+    /// `may_write_through`: the bytes then need neither a copy nor a trip through the
+    /// queue. Returns how many were written; the rest is for the queue. An error is left
+    /// for the task to meet on its next write.
+    pub fn write_through(&self, data: &[u8]) -> usize {
+        if data.is_empty() || !may_write_through(self.queued.load(Ordering::Acquire)) {
+            return 0;
+        }
+        let Some(stream) = self.sink.get() else {
+            return 0;
+        };
+        match stream.try_write(data) {
+            Ok(n) => {
+                self.written.fetch_add(n as u64, Ordering::Relaxed);
+                n
+            }
+            Err(_) => 0,
+        }
     }
 }
 
@@ -196,6 +242,8 @@ pub struct ConnTask {
     pub closing: CancellationToken,
     pub reset: CancellationToken,
     pub connected: watch::Sender<bool>,
+    /// Where the session finds the local socket once it is up.
+    pub sink: Sink,
     /// Bytes read from local sockets and not yet framed: the tunnel's upward budget.
     pub upward: Arc<Semaphore>,
     pub limits: Limits,
@@ -277,21 +325,22 @@ impl ConnTask {
     }
 
     async fn pump(&mut self, stream: LocalStream) -> ExitCause {
-        let (reader, mut writer) = stream.into_split();
+        let stream = Arc::new(stream);
+        self.sink.set(&stream);
         let up = pump_up(
-            &reader,
+            &stream,
             &self.out,
             &self.upward,
             &self.service,
             self.stream_id,
             self.wire_conn,
         );
-        let down = pump_down(&mut writer, &mut self.rx, &self.queued, &self.written);
+        let down = pump_down(&stream, &mut self.rx, &self.queued, &self.written);
         tokio::pin!(up, down);
         tokio::select! {
             biased;
             _ = self.reset.cancelled() => {
-                reader.reset_on_close();
+                stream.reset_on_close();
                 ExitCause::Flushed
             }
             r = &mut up => {
@@ -320,7 +369,7 @@ impl ConnTask {
 /// bytes count against the tunnel's upward budget until the websocket writer has framed
 /// them, so reading waits while it is spent; one tunnel cannot take another's.
 async fn pump_up(
-    reader: &ReadHalf,
+    reader: &LocalStream,
     out: &mpsc::Sender<Outbound>,
     budget: &Arc<Semaphore>,
     service: &str,
@@ -363,7 +412,7 @@ async fn pump_up(
 
 /// Tunnel -> local: until the session drops the sender, then half-close.
 async fn pump_down(
-    writer: &mut WriteHalf,
+    writer: &LocalStream,
     rx: &mut mpsc::Receiver<Chunk>,
     queued: &AtomicUsize,
     written: &AtomicU64,
@@ -372,23 +421,67 @@ async fn pump_down(
         // Progress is counted per write, so a slow consumer is not taken for a stalled one.
         let mut rest = &chunk[..];
         while !rest.is_empty() {
-            let n = writer.write(rest).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
+            writer.writable().await?;
+            let n = match writer.try_write(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
             written.fetch_add(n as u64, Ordering::Relaxed);
             rest = &rest[n..];
         }
         // Counted until written: the chunk in hand is memory held for this connection too.
-        queued.fetch_sub(chunk.len(), Ordering::Relaxed);
+        // Until then the session does not write through (`may_write_through`).
+        queued.fetch_sub(chunk.len(), Ordering::AcqRel);
     }
-    writer.shutdown().await
+    writer.shutdown_write()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn tunnel_bytes_are_written_through_only_while_none_are_queued() {
+        assert!(may_write_through(0));
+        assert!(!may_write_through(1));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut consumer, _) = listener.accept().await.unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let (_up, connected) = watch::channel(true);
+        let handle = ConnHandle {
+            id: 1,
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+            written: Arc::new(AtomicU64::new(0)),
+            reset: CancellationToken::new(),
+            closing: CancellationToken::new(),
+            connected,
+            sink: Sink::default(),
+        };
+        // No local socket yet: everything queues.
+        assert_eq!(handle.write_through(b"early"), 0);
+        let stream = Arc::new(LocalStream::Tcp(client));
+        handle.sink.set(&stream);
+        // Bytes queued ahead: these wait behind them.
+        handle.queued.store(5, Ordering::Relaxed);
+        assert_eq!(handle.write_through(b"later"), 0);
+        handle.queued.store(0, Ordering::Relaxed);
+        assert_eq!(handle.write_through(b"now"), 3);
+        assert_eq!(handle.written.load(Ordering::Relaxed), 3);
+        // The socket closes with its task: the session's link does not keep it open.
+        drop(stream);
+        assert_eq!(handle.write_through(b"gone"), 0);
+        let mut got = Vec::new();
+        consumer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"now");
+    }
 
     #[test]
     fn local_connects_retry_5_times_with_doubling_delays_from_200_ms_to_2_s() {

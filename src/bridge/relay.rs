@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use tokio::sync::mpsc::{self, error::TrySendError};
@@ -95,7 +95,9 @@ pub const BACKLOG_LIMIT: usize = 64;
 
 /// Rule (bounded memory): a payload decoded from a websocket message is a slice of it and
 /// keeps all of it alive; one smaller than a quarter of that buffer is copied out, so what a
-/// queued payload pins is at most 4 times what it counts.
+/// queued payload pins is at most 4 times what it counts. A slice of a buffer of unknown size
+/// (`protocol::SHARED_BACKING`: tungstenite's) is always copied before it is queued; what
+/// the local socket takes at once (`ConnHandle::write_through`) is never copied.
 pub fn should_copy_payload(payload: usize, backing: usize) -> bool {
     payload.saturating_mul(4) < backing
 }
@@ -382,6 +384,11 @@ impl Session<'_> {
         let mut payload = msg.payload;
         let n = payload.len() as u64;
         self.stats.bytes_from_tunnel.fetch_add(n, Ordering::Relaxed);
+        let through = handle.write_through(&payload);
+        if through == payload.len() {
+            return;
+        }
+        payload.advance(through);
         if should_copy_payload(payload.len(), backing) {
             payload = Bytes::copy_from_slice(&payload);
         }
@@ -675,6 +682,7 @@ impl Session<'_> {
         let written = Arc::new(AtomicU64::new(0));
         let (closing, reset) = (CancellationToken::new(), CancellationToken::new());
         let (connected_tx, connected) = tokio::sync::watch::channel(false);
+        let sink = super::local::Sink::default();
         self.next_id += 1;
         let task = ConnTask {
             id: self.next_id,
@@ -689,6 +697,7 @@ impl Session<'_> {
             closing: closing.clone(),
             reset: reset.clone(),
             connected: connected_tx,
+            sink: sink.clone(),
             upward: self.upward.clone(),
             limits: self.limits,
             stats: self.stats.clone(),
@@ -705,6 +714,7 @@ impl Session<'_> {
             reset,
             closing,
             connected,
+            sink,
         };
         self.table.insert(&service, conn, handle);
         self.stats
@@ -949,5 +959,10 @@ mod tests {
         assert!(!should_copy_payload(1000, 4000));
         assert!(!should_copy_payload(64512, 64516));
         assert!(!should_copy_payload(usize::MAX, 1));
+        // A slice of tungstenite's read buffer, whose size is unknown, is always copied.
+        assert!(should_copy_payload(
+            crate::protocol::MAX_PAYLOAD,
+            crate::protocol::SHARED_BACKING
+        ));
     }
 }

@@ -16,19 +16,48 @@ pub struct FrameCodec;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RawFrameCodec;
 
-/// Rule (spec §2.1): the body length sits in a 2-byte big-endian prefix; take one whole body
-/// off the front of `src`, or nothing while it is incomplete.
+/// Rule (spec §2.1): the body length sits in a 2-byte big-endian prefix; the length of the
+/// whole frame at the front of `src` (prefix included), or `Err(needed)` with the bytes a
+/// whole frame needs while it is incomplete.
+fn frame_len(src: &[u8]) -> Result<usize, usize> {
+    match src {
+        [hi, lo, ..] => Ok(LENGTH_PREFIX + u16::from_be_bytes([*hi, *lo]) as usize),
+        _ => Err(LENGTH_PREFIX),
+    }
+    .and_then(|n| if src.len() >= n { Ok(n) } else { Err(n) })
+}
+
+/// One whole body off the front of `src`, or nothing while it is incomplete.
 fn split_body(src: &mut BytesMut) -> Option<Bytes> {
-    if src.len() < LENGTH_PREFIX {
-        return None;
+    match frame_len(src) {
+        Ok(n) => {
+            src.advance(LENGTH_PREFIX);
+            Some(src.split_to(n - LENGTH_PREFIX).freeze())
+        }
+        Err(needed) => {
+            src.reserve(needed - src.len());
+            None
+        }
     }
-    let len = u16::from_be_bytes([src[0], src[1]]) as usize;
-    if src.len() < LENGTH_PREFIX + len {
-        src.reserve(LENGTH_PREFIX + len - src.len());
-        return None;
+}
+
+/// A codec that also decodes a whole frame (prefix included) handed over as `Bytes`, so
+/// frames sliced out of a websocket message need no copy.
+pub trait FrameDecoder: Decoder<Error = ProtocolError> {
+    /// Decodes `frame`, a whole frame with its length prefix.
+    fn decode_frame(&mut self, frame: Bytes) -> Result<Self::Item, ProtocolError>;
+}
+
+impl FrameDecoder for FrameCodec {
+    fn decode_frame(&mut self, frame: Bytes) -> Result<Message, ProtocolError> {
+        Ok(Message::decode(frame.slice(LENGTH_PREFIX..))?)
     }
-    src.advance(LENGTH_PREFIX);
-    Some(src.split_to(len).freeze())
+}
+
+impl FrameDecoder for RawFrameCodec {
+    fn decode_frame(&mut self, frame: Bytes) -> Result<Bytes, ProtocolError> {
+        Ok(frame)
+    }
 }
 
 impl Decoder for FrameCodec {
@@ -50,14 +79,7 @@ impl Decoder for RawFrameCodec {
     type Error = ProtocolError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError> {
-        if src.len() < LENGTH_PREFIX {
-            return Ok(None);
-        }
-        let len = u16::from_be_bytes([src[0], src[1]]) as usize;
-        if src.len() < LENGTH_PREFIX + len {
-            return Ok(None);
-        }
-        Ok(Some(src.split_to(LENGTH_PREFIX + len).freeze()))
+        Ok(frame_len(src).ok().map(|n| src.split_to(n).freeze()))
     }
 }
 
@@ -79,58 +101,95 @@ impl Encoder<&Message> for FrameCodec {
     }
 }
 
+/// `FrameReader::backing_len` of a frame sliced out of a shared message: unknown, since
+/// tungstenite's messages are slices of its read buffer, which it reuses and grows to about
+/// twice its largest frame (a small slice of it can keep ~290 KiB alive).
+pub const SHARED_BACKING: usize = usize::MAX;
+
 /// Turns websocket binary messages into decoded frames.
 #[derive(Debug, Default)]
 pub struct FrameReader<D = FrameCodec> {
+    /// The current message's unread part: its whole frames are sliced out of it, no copy.
+    head: Bytes,
+    /// What a slice of `head` keeps alive: its length if nobody else holds it, otherwise
+    /// `SHARED_BACKING`.
+    head_backing: usize,
+    /// A frame that goes on in the next message, and what follows it: copied.
     buf: BytesMut,
+    /// The largest allocation `buf`'s frames were sliced from.
+    buf_backing: usize,
+    /// `backing_len` of the frame returned last.
+    last_backing: usize,
     codec: D,
-    backing: usize,
 }
 
-impl<D: Decoder<Error = ProtocolError>> FrameReader<D> {
+impl<D: FrameDecoder> FrameReader<D> {
     /// A reader with nothing buffered.
     pub fn new(codec: D) -> Self {
         FrameReader {
+            head: Bytes::new(),
+            head_backing: 0,
             buf: BytesMut::new(),
+            buf_backing: 0,
+            last_backing: 0,
             codec,
-            backing: 0,
         }
     }
 
     /// Appends a websocket message. Message boundaries mean nothing to tunnel frames; the
     /// websocket layer bounds frame and message sizes (spec §1.4).
     pub fn push(&mut self, data: Bytes) {
-        if self.buf.is_empty() {
-            // Take the message's own allocation when nothing is pending: frames are then
-            // sliced out of it without copying. A shared one is copied: tungstenite's
-            // messages are slices of its read buffer, which it reuses and grows to about twice
-            // its largest frame, so a slice of it would keep up to ~290 KiB alive however
-            // small, beyond any bound on what queued payloads hold (`backing_len`).
-            self.backing = data.len();
-            self.buf = data
-                .try_into_mut()
-                .unwrap_or_else(|b| BytesMut::from(&b[..]));
+        if self.buf.is_empty() && self.head.is_empty() {
+            // Nothing pending: frames are sliced out of the message itself. Whoever keeps
+            // one beyond the message is told what it pins (`backing_len`).
+            self.head_backing = if data.is_unique() {
+                data.len()
+            } else {
+                SHARED_BACKING
+            };
+            self.head = data;
         } else {
+            self.spill_head();
             self.buf.extend_from_slice(&data);
-            self.backing = self.backing.max(self.buf.capacity());
+            self.buf_backing = self.buf_backing.max(self.buf.capacity());
         }
     }
 
-    /// Size of the buffer the frames being decoded are slices of: a payload kept from it
-    /// keeps all of it alive.
+    /// Moves the unread part of the current message behind any pending bytes (a copy).
+    fn spill_head(&mut self) {
+        if !self.head.is_empty() {
+            self.buf.extend_from_slice(&self.head);
+            self.head = Bytes::new();
+        }
+        self.buf_backing = self.buf_backing.max(self.buf.capacity());
+    }
+
+    /// Size of the allocation the frame returned last is a slice of (`SHARED_BACKING` when
+    /// unknown): a payload kept from it keeps all of it alive.
     pub fn backing_len(&self) -> usize {
-        self.backing
+        self.last_backing
     }
 
     /// The next whole frame, or `None` until more bytes arrive.
     pub fn next_frame(&mut self) -> Result<Option<D::Item>, ProtocolError> {
+        if !self.head.is_empty() {
+            match frame_len(&self.head) {
+                Ok(n) => {
+                    self.last_backing = self.head_backing;
+                    return self.codec.decode_frame(self.head.split_to(n)).map(Some);
+                }
+                // The frame goes on in the next message.
+                Err(_) => self.spill_head(),
+            }
+        }
+        self.last_backing = self.buf_backing;
         self.codec.decode(&mut self.buf)
     }
 
     /// Bytes held that do not yet form a whole frame.
     #[cfg(test)]
     fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.head.len()
     }
 }
 
@@ -207,30 +266,40 @@ mod tests {
     }
 
     #[test]
-    fn frames_of_a_shared_message_do_not_keep_its_allocation_alive() {
+    fn frames_of_a_shared_message_are_sliced_and_report_an_unknown_backing() {
         let a = Message::data(1, "SSH", 1, vec![9u8; 1000].into());
-        let wire = encode_all(&[a.clone(), a.clone()]).freeze();
+        let b = Message::data(1, "SSH", 2, vec![8u8; 3000].into());
+        let wire = encode_all(&[a.clone(), b.clone(), a.clone()]).freeze();
         // Shared, as a message sliced out of tungstenite's read buffer is.
-        let shared = wire.slice(..);
+        let message = wire.slice(..wire.len() - 100);
         let mut reader = FrameReader::new(FrameCodec);
-        reader.push(shared.clone());
-        assert_eq!(reader.backing_len(), shared.len());
-        let inside = shared.as_ptr_range();
-        for _ in 0..2 {
+        reader.push(message.clone());
+        let inside = message.as_ptr_range();
+        for want in [&a, &b] {
             let got = reader.next_frame().unwrap().unwrap();
-            assert_eq!(got, a);
-            assert!(
-                !inside.contains(&got.payload.as_ptr()),
-                "payload pins the shared buffer"
-            );
+            assert_eq!(&got, want);
+            assert!(inside.contains(&got.payload.as_ptr()), "payload was copied");
+            // Whoever keeps it must copy it (`relay::should_copy_payload`).
+            assert_eq!(reader.backing_len(), SHARED_BACKING);
         }
-        // A message nobody else holds is sliced without a copy.
+        // The third frame goes on in the next message: copied into the reader's own buffer
+        // once it is whole, whose size is known.
+        assert!(reader.next_frame().unwrap().is_none());
+        reader.push(wire.slice(wire.len() - 100..));
+        let got = reader.next_frame().unwrap().unwrap();
+        assert_eq!(got, a);
+        assert!(!inside.contains(&got.payload.as_ptr()));
+        assert!(reader.backing_len() < SHARED_BACKING);
+        assert!(reader.next_frame().unwrap().is_none());
+        assert_eq!(reader.pending(), 0);
+        // A message nobody else holds backs its frames with its own length.
         let mut reader = FrameReader::new(FrameCodec);
         let own = encode_all(std::slice::from_ref(&a)).freeze();
-        let inside = own.as_ptr_range();
+        let (inside, len) = (own.as_ptr_range(), own.len());
         reader.push(own);
         let got = reader.next_frame().unwrap().unwrap();
         assert!(inside.contains(&got.payload.as_ptr()));
+        assert_eq!(reader.backing_len(), len);
     }
 
     #[test]
