@@ -136,8 +136,9 @@ async fn read_loop(
             Ok(_) => continue,
             Err(_) => return "connection lost",
         };
-        // tungstenite enforces the 131076-byte frame limit (ws_config).
-        frames.push(data);
+        // tungstenite enforces the 131076-byte frame limit (ws_config). Copied: queued frames
+        // must not pin tungstenite's read buffer (the agent copies only what it queues).
+        frames.push(Bytes::copy_from_slice(&data));
         let mut batch = Vec::new();
         while let Ok(Some(raw)) = frames.next_frame() {
             match check_client_frame(mode, &raw) {

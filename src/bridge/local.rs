@@ -88,7 +88,8 @@ impl LocalStream {
 }
 
 /// The session's way to a connection's local socket, once its task has one. The link is
-/// weak: the socket still closes when the task ends.
+/// weak: the socket still closes when the task ends (on a multi-thread runtime, at the latest
+/// when a write-through under way at that moment returns).
 #[derive(Debug, Default, Clone)]
 pub struct Sink(Arc<OnceLock<Weak<LocalStream>>>);
 
@@ -192,8 +193,8 @@ impl ConnHandle {
 
     /// Writes what the local socket takes of `data` at once, without waiting, when
     /// `may_write_through`: the bytes then need neither a copy nor a trip through the
-    /// queue. Returns how many were written; the rest is for the queue. An error is left
-    /// for the task to meet on its next write.
+    /// queue. Returns how many were written; the rest is for the queue. On an error the
+    /// socket is left to the task, which meets the failure on its next read or write.
     pub fn write_through(&self, data: &[u8]) -> usize {
         if data.is_empty() || !may_write_through(self.queued.load(Ordering::Acquire)) {
             return 0;

@@ -102,6 +102,17 @@ pub fn should_copy_payload(payload: usize, backing: usize) -> bool {
     payload.saturating_mul(4) < backing
 }
 
+/// What is left of a payload after `written` bytes went straight to the local socket, fit
+/// to be queued: copied out of its message when `should_copy_payload`.
+pub fn remainder_to_queue(mut payload: Bytes, written: usize, backing: usize) -> Bytes {
+    payload.advance(written);
+    if should_copy_payload(payload.len(), backing) {
+        Bytes::copy_from_slice(&payload)
+    } else {
+        payload
+    }
+}
+
 type Writer = tokio_util::task::AbortOnDropHandle<Result<(), tungstenite::Error>>;
 
 impl Session<'_> {
@@ -381,17 +392,14 @@ impl Session<'_> {
                 return;
             }
         };
-        let mut payload = msg.payload;
+        let payload = msg.payload;
         let n = payload.len() as u64;
         self.stats.bytes_from_tunnel.fetch_add(n, Ordering::Relaxed);
         let through = handle.write_through(&payload);
         if through == payload.len() {
             return;
         }
-        payload.advance(through);
-        if should_copy_payload(payload.len(), backing) {
-            payload = Bytes::copy_from_slice(&payload);
-        }
+        let payload = remainder_to_queue(payload, through, backing);
         let len = payload.len();
         let budget = self.budget.try_acquire(len as u32);
         // Count the bytes before the chunk becomes visible to the receiver, which subtracts
@@ -964,5 +972,22 @@ mod tests {
             crate::protocol::MAX_PAYLOAD,
             crate::protocol::SHARED_BACKING
         ));
+    }
+
+    #[test]
+    fn what_is_queued_of_a_shared_message_is_a_copy_of_the_unwritten_rest() {
+        let message = Bytes::from(vec![7u8; 4000]);
+        let inside = message.as_ptr_range();
+        let payload = message.slice(1000..3000);
+        let rest = remainder_to_queue(payload.clone(), 500, crate::protocol::SHARED_BACKING);
+        assert_eq!(rest, payload.slice(500..));
+        assert!(
+            !inside.contains(&rest.as_ptr()),
+            "a queued slice pins the message"
+        );
+        // A buffer of known size backs a large rest without a copy.
+        let rest = remainder_to_queue(payload.clone(), 500, 4000);
+        assert_eq!(rest, payload.slice(500..));
+        assert!(inside.contains(&rest.as_ptr()));
     }
 }

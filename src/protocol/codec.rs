@@ -110,10 +110,9 @@ pub const SHARED_BACKING: usize = usize::MAX;
 #[derive(Debug, Default)]
 pub struct FrameReader<D = FrameCodec> {
     /// The current message's unread part: its whole frames are sliced out of it, no copy.
+    /// What a slice of it keeps alive is unknown (`SHARED_BACKING`): a message may be a
+    /// slice of tungstenite's read buffer, or a reassembled `Vec` up to twice its length.
     head: Bytes,
-    /// What a slice of `head` keeps alive: its length if nobody else holds it, otherwise
-    /// `SHARED_BACKING`.
-    head_backing: usize,
     /// A frame that goes on in the next message, and what follows it: copied.
     buf: BytesMut,
     /// The largest allocation `buf`'s frames were sliced from.
@@ -128,7 +127,6 @@ impl<D: FrameDecoder> FrameReader<D> {
     pub fn new(codec: D) -> Self {
         FrameReader {
             head: Bytes::new(),
-            head_backing: 0,
             buf: BytesMut::new(),
             buf_backing: 0,
             last_backing: 0,
@@ -140,13 +138,10 @@ impl<D: FrameDecoder> FrameReader<D> {
     /// websocket layer bounds frame and message sizes (spec §1.4).
     pub fn push(&mut self, data: Bytes) {
         if self.buf.is_empty() && self.head.is_empty() {
-            // Nothing pending: frames are sliced out of the message itself. Whoever keeps
-            // one beyond the message is told what it pins (`backing_len`).
-            self.head_backing = if data.is_unique() {
-                data.len()
-            } else {
-                SHARED_BACKING
-            };
+            // Nothing pending: frames are sliced out of the message itself. The spill buffer
+            // goes (once its frames do), so one large spill is not held for the session.
+            self.buf = BytesMut::new();
+            self.buf_backing = 0;
             self.head = data;
         } else {
             self.spill_head();
@@ -175,7 +170,7 @@ impl<D: FrameDecoder> FrameReader<D> {
         if !self.head.is_empty() {
             match frame_len(&self.head) {
                 Ok(n) => {
-                    self.last_backing = self.head_backing;
+                    self.last_backing = SHARED_BACKING;
                     return self.codec.decode_frame(self.head.split_to(n)).map(Some);
                 }
                 // The frame goes on in the next message.
@@ -292,14 +287,44 @@ mod tests {
         assert!(reader.backing_len() < SHARED_BACKING);
         assert!(reader.next_frame().unwrap().is_none());
         assert_eq!(reader.pending(), 0);
-        // A message nobody else holds backs its frames with its own length.
+        // Even a message nobody else holds may be a `Vec` twice its length: unknown too.
         let mut reader = FrameReader::new(FrameCodec);
-        let own = encode_all(std::slice::from_ref(&a)).freeze();
-        let (inside, len) = (own.as_ptr_range(), own.len());
-        reader.push(own);
-        let got = reader.next_frame().unwrap().unwrap();
-        assert!(inside.contains(&got.payload.as_ptr()));
-        assert_eq!(reader.backing_len(), len);
+        reader.push(encode_all(std::slice::from_ref(&a)).freeze());
+        assert_eq!(reader.next_frame().unwrap().unwrap(), a);
+        assert_eq!(reader.backing_len(), SHARED_BACKING);
+    }
+
+    #[test]
+    fn a_message_pushed_before_the_last_is_read_queues_behind_it() {
+        let a = Message::data(1, "SSH", 1, vec![1u8; 500].into());
+        let b = Message::data(1, "SSH", 2, vec![2u8; 700].into());
+        let wire = encode_all(&[a.clone(), b.clone(), a.clone()]).freeze();
+        let mut reader = FrameReader::new(FrameCodec);
+        reader.push(wire.slice(..600));
+        reader.push(wire.slice(600..));
+        let got: Vec<_> = std::iter::from_fn(|| reader.next_frame().unwrap()).collect();
+        assert_eq!(got, vec![a.clone(), b, a]);
+        assert_eq!(reader.pending(), 0);
+    }
+
+    #[test]
+    fn the_spill_buffer_is_not_kept_once_nothing_spans_messages() {
+        let big = Message::data(1, "SSH", 1, vec![3u8; 60_000].into());
+        let wire = encode_all(std::slice::from_ref(&big)).freeze();
+        let mut reader = FrameReader::new(FrameCodec);
+        reader.push(wire.slice(..10));
+        assert!(reader.next_frame().unwrap().is_none());
+        reader.push(wire.slice(10..));
+        assert_eq!(reader.next_frame().unwrap().unwrap(), big);
+        assert!(
+            reader.buf_backing >= 50_000,
+            "the spanning frame was spilled"
+        );
+        // The next message starts clean: the spill buffer is let go, and its size no longer
+        // counts against payloads cut from later spills.
+        reader.push(encode_all(&[Message::stream_reset(1, "SSH")]).freeze());
+        assert_eq!(reader.buf_backing, 0);
+        assert_eq!(reader.buf.capacity(), 0);
     }
 
     #[test]
