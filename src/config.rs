@@ -279,9 +279,10 @@ const CONNECTION_MEMORY: u64 = 16 << 10;
 pub fn resource_needs(l: &AgentLimits) -> (u64, u64) {
     let (tunnels, conns) = (l.max_tunnels as u64, l.max_connections_per_tunnel as u64);
     let fds = BASE_FDS + tunnels * (conns + 2);
-    // A queued payload can keep 4 times its count alive (`relay::should_copy_payload`).
+    // Queued payloads are copies of their own bytes (`relay::remainder_to_queue`); the
+    // allocator's size classes can round each up to twice its size.
     let memory = BASE_MEMORY
-        + 4 * l.max_buffered as u64
+        + 2 * l.max_buffered as u64
         + tunnels * (TUNNEL_MEMORY + crate::bridge::DEFAULT_UPWARD_BUDGET as u64)
         + tunnels * conns * CONNECTION_MEMORY;
     (fds, memory)

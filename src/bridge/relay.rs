@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use tokio::sync::mpsc::{self, error::TrySendError};
@@ -93,24 +93,12 @@ pub fn stalled(written_before: u64, written_now: u64) -> bool {
 /// Control messages waiting for the writer before the websocket reader pauses.
 pub const BACKLOG_LIMIT: usize = 64;
 
-/// Rule (bounded memory): a payload decoded from a websocket message is a slice of it and
-/// keeps all of it alive; one smaller than a quarter of that buffer is copied out, so what a
-/// queued payload pins is at most 4 times what it counts. A slice of a buffer of unknown size
-/// (`protocol::SHARED_BACKING`: tungstenite's) is always copied before it is queued; what
-/// the local socket takes at once (`ConnHandle::write_through`) is never copied.
-pub fn should_copy_payload(payload: usize, backing: usize) -> bool {
-    payload.saturating_mul(4) < backing
-}
-
-/// What is left of a payload after `written` bytes went straight to the local socket, fit
-/// to be queued: copied out of its message when `should_copy_payload`.
-pub fn remainder_to_queue(mut payload: Bytes, written: usize, backing: usize) -> Bytes {
-    payload.advance(written);
-    if should_copy_payload(payload.len(), backing) {
-        Bytes::copy_from_slice(&payload)
-    } else {
-        payload
-    }
+/// Rule (bounded memory): what is queued toward a local socket is a copy of the bytes that
+/// the socket did not take at once (`ConnHandle::write_through`). A payload is a slice of
+/// its websocket message, which may be tungstenite's read buffer or a reassembled message
+/// twice its size: queued as a slice, a small payload would keep all of that alive.
+pub fn remainder_to_queue(payload: &Bytes, written: usize) -> Bytes {
+    Bytes::copy_from_slice(&payload[written..])
 }
 
 type Writer = tokio_util::task::AbortOnDropHandle<Result<(), tungstenite::Error>>;
@@ -270,8 +258,7 @@ impl Session<'_> {
         while self.backlog.len() < BACKLOG_LIMIT {
             match reader.next_frame() {
                 Ok(Some(msg)) => {
-                    let backing = reader.backing_len();
-                    self.on_message(msg, backing, cancel).await?;
+                    self.on_message(msg, cancel).await?;
                 }
                 Ok(None) => return Ok(false),
                 // The length prefix still delimits the next frame.
@@ -284,7 +271,6 @@ impl Session<'_> {
     async fn on_message(
         &mut self,
         msg: Message,
-        backing: usize,
         cancel: &CancellationToken,
     ) -> Result<(), SessionEnd> {
         let kind = match protocol::admit(self.mode(), &msg) {
@@ -296,7 +282,7 @@ impl Session<'_> {
             Err(e) => return self.violation(Some(&msg), e),
         };
         match kind {
-            MessageType::Data => self.on_data(msg, backing, cancel).await,
+            MessageType::Data => self.on_data(msg, cancel).await,
             MessageType::StreamStart => self.on_stream_start(msg),
             MessageType::ConnectionStart => self.on_connection_start(msg)?,
             MessageType::StreamReset => self.on_stream_reset(&msg),
@@ -375,7 +361,7 @@ impl Session<'_> {
     /// websocket reader (and so the whole tunnel) for at most `stall_timeout`, counted once
     /// the connection is up. Then connections whose local consumer made no progress are
     /// reset, so the others go on.
-    async fn on_data(&mut self, msg: Message, backing: usize, cancel: &CancellationToken) {
+    async fn on_data(&mut self, msg: Message, cancel: &CancellationToken) {
         let (service, stream) = (msg.service_id, msg.stream_id);
         let key = connection_key(msg.connection_id);
         let handle = match self.table.route(&service, stream, key) {
@@ -399,7 +385,7 @@ impl Session<'_> {
         if through == payload.len() {
             return;
         }
-        let payload = remainder_to_queue(payload, through, backing);
+        let payload = remainder_to_queue(&payload, through);
         let len = payload.len();
         let budget = self.budget.try_acquire(len as u32);
         // Count the bytes before the chunk becomes visible to the receiver, which subtracts
@@ -959,35 +945,18 @@ mod tests {
     }
 
     #[test]
-    fn small_payloads_are_copied_out_of_large_messages() {
-        // A 1-byte payload must not keep a 1 MiB message alive.
-        assert!(should_copy_payload(1, 1 << 20));
-        assert!(should_copy_payload(1000, 4001));
-        // A payload that is most of its message stays a slice of it: no copy on the hot path.
-        assert!(!should_copy_payload(1000, 4000));
-        assert!(!should_copy_payload(64512, 64516));
-        assert!(!should_copy_payload(usize::MAX, 1));
-        // A slice of tungstenite's read buffer, whose size is unknown, is always copied.
-        assert!(should_copy_payload(
-            crate::protocol::MAX_PAYLOAD,
-            crate::protocol::SHARED_BACKING
-        ));
-    }
-
-    #[test]
-    fn what_is_queued_of_a_shared_message_is_a_copy_of_the_unwritten_rest() {
+    fn what_is_queued_is_a_copy_of_the_unwritten_rest_of_its_message() {
         let message = Bytes::from(vec![7u8; 4000]);
         let inside = message.as_ptr_range();
         let payload = message.slice(1000..3000);
-        let rest = remainder_to_queue(payload.clone(), 500, crate::protocol::SHARED_BACKING);
+        let rest = remainder_to_queue(&payload, 500);
         assert_eq!(rest, payload.slice(500..));
         assert!(
             !inside.contains(&rest.as_ptr()),
             "a queued slice pins the message"
         );
-        // A buffer of known size backs a large rest without a copy.
-        let rest = remainder_to_queue(payload.clone(), 500, 4000);
-        assert_eq!(rest, payload.slice(500..));
-        assert!(inside.contains(&rest.as_ptr()));
+        // Even a rest that is nearly all of its message: the message may be twice its size.
+        let rest = remainder_to_queue(&message, 1);
+        assert!(!inside.contains(&rest.as_ptr()));
     }
 }

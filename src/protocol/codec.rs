@@ -101,24 +101,15 @@ impl Encoder<&Message> for FrameCodec {
     }
 }
 
-/// `FrameReader::backing_len` of a frame sliced out of a shared message: unknown, since
-/// tungstenite's messages are slices of its read buffer, which it reuses and grows to about
-/// twice its largest frame (a small slice of it can keep ~290 KiB alive).
-pub const SHARED_BACKING: usize = usize::MAX;
-
-/// Turns websocket binary messages into decoded frames.
+/// Turns websocket binary messages into decoded frames. Frames are slices of the message
+/// they came in (or of the reader's own buffer, for a frame spanning messages): whoever keeps
+/// one beyond the message copies it (`relay::remainder_to_queue`).
 #[derive(Debug, Default)]
 pub struct FrameReader<D = FrameCodec> {
     /// The current message's unread part: its whole frames are sliced out of it, no copy.
-    /// What a slice of it keeps alive is unknown (`SHARED_BACKING`): a message may be a
-    /// slice of tungstenite's read buffer, or a reassembled `Vec` up to twice its length.
     head: Bytes,
     /// A frame that goes on in the next message, and what follows it: copied.
     buf: BytesMut,
-    /// The largest allocation `buf`'s frames were sliced from.
-    buf_backing: usize,
-    /// `backing_len` of the frame returned last.
-    last_backing: usize,
     codec: D,
 }
 
@@ -128,8 +119,6 @@ impl<D: FrameDecoder> FrameReader<D> {
         FrameReader {
             head: Bytes::new(),
             buf: BytesMut::new(),
-            buf_backing: 0,
-            last_backing: 0,
             codec,
         }
     }
@@ -141,12 +130,10 @@ impl<D: FrameDecoder> FrameReader<D> {
             // Nothing pending: frames are sliced out of the message itself. The spill buffer
             // goes (once its frames do), so one large spill is not held for the session.
             self.buf = BytesMut::new();
-            self.buf_backing = 0;
             self.head = data;
         } else {
             self.spill_head();
             self.buf.extend_from_slice(&data);
-            self.buf_backing = self.buf_backing.max(self.buf.capacity());
         }
     }
 
@@ -156,28 +143,21 @@ impl<D: FrameDecoder> FrameReader<D> {
             self.buf.extend_from_slice(&self.head);
             self.head = Bytes::new();
         }
-        self.buf_backing = self.buf_backing.max(self.buf.capacity());
-    }
-
-    /// Size of the allocation the frame returned last is a slice of (`SHARED_BACKING` when
-    /// unknown): a payload kept from it keeps all of it alive.
-    pub fn backing_len(&self) -> usize {
-        self.last_backing
     }
 
     /// The next whole frame, or `None` until more bytes arrive.
     pub fn next_frame(&mut self) -> Result<Option<D::Item>, ProtocolError> {
         if !self.head.is_empty() {
             match frame_len(&self.head) {
-                Ok(n) => {
-                    self.last_backing = SHARED_BACKING;
-                    return self.codec.decode_frame(self.head.split_to(n)).map(Some);
-                }
+                Ok(n) => return self.codec.decode_frame(self.head.split_to(n)).map(Some),
                 // The frame goes on in the next message.
                 Err(_) => self.spill_head(),
             }
         }
-        self.last_backing = self.buf_backing;
+        if self.buf.is_empty() {
+            // Nothing to decode: not even a reserve for a length prefix (an allocation).
+            return Ok(None);
+        }
         self.codec.decode(&mut self.buf)
     }
 
@@ -261,7 +241,7 @@ mod tests {
     }
 
     #[test]
-    fn frames_of_a_shared_message_are_sliced_and_report_an_unknown_backing() {
+    fn whole_frames_are_sliced_out_of_their_message_and_spanning_ones_copied() {
         let a = Message::data(1, "SSH", 1, vec![9u8; 1000].into());
         let b = Message::data(1, "SSH", 2, vec![8u8; 3000].into());
         let wire = encode_all(&[a.clone(), b.clone(), a.clone()]).freeze();
@@ -274,24 +254,15 @@ mod tests {
             let got = reader.next_frame().unwrap().unwrap();
             assert_eq!(&got, want);
             assert!(inside.contains(&got.payload.as_ptr()), "payload was copied");
-            // Whoever keeps it must copy it (`relay::should_copy_payload`).
-            assert_eq!(reader.backing_len(), SHARED_BACKING);
         }
-        // The third frame goes on in the next message: copied into the reader's own buffer
-        // once it is whole, whose size is known.
+        // The third frame goes on in the next message: copied into the reader's own buffer.
         assert!(reader.next_frame().unwrap().is_none());
         reader.push(wire.slice(wire.len() - 100..));
         let got = reader.next_frame().unwrap().unwrap();
         assert_eq!(got, a);
         assert!(!inside.contains(&got.payload.as_ptr()));
-        assert!(reader.backing_len() < SHARED_BACKING);
         assert!(reader.next_frame().unwrap().is_none());
         assert_eq!(reader.pending(), 0);
-        // Even a message nobody else holds may be a `Vec` twice its length: unknown too.
-        let mut reader = FrameReader::new(FrameCodec);
-        reader.push(encode_all(std::slice::from_ref(&a)).freeze());
-        assert_eq!(reader.next_frame().unwrap().unwrap(), a);
-        assert_eq!(reader.backing_len(), SHARED_BACKING);
     }
 
     #[test]
@@ -315,16 +286,17 @@ mod tests {
         reader.push(wire.slice(..10));
         assert!(reader.next_frame().unwrap().is_none());
         reader.push(wire.slice(10..));
-        assert_eq!(reader.next_frame().unwrap().unwrap(), big);
-        assert!(
-            reader.buf_backing >= 50_000,
-            "the spanning frame was spilled"
-        );
-        // The next message starts clean: the spill buffer is let go, and its size no longer
-        // counts against payloads cut from later spills.
+        let got = reader.next_frame().unwrap().unwrap();
+        assert_eq!(got, big);
+        assert!(reader.next_frame().unwrap().is_none());
+        // The payload shares the spill buffer with the reader until a message starts clean;
+        // then the payload alone holds it.
+        assert!(!got.payload.is_unique());
         reader.push(encode_all(&[Message::stream_reset(1, "SSH")]).freeze());
-        assert_eq!(reader.buf_backing, 0);
-        assert_eq!(reader.buf.capacity(), 0);
+        assert!(
+            got.payload.is_unique(),
+            "the reader still holds the spill buffer"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod message;
 
 use std::time::Duration;
 
-pub use codec::{FrameCodec, FrameDecoder, FrameReader, RawFrameCodec, SHARED_BACKING};
+pub use codec::{FrameCodec, FrameDecoder, FrameReader, RawFrameCodec};
 pub use message::{Message, MessageType};
 
 /// Bytes of the big-endian length prefix in front of every tunnel frame.
