@@ -280,10 +280,11 @@ pub fn resource_needs(l: &AgentLimits) -> (u64, u64) {
     let (tunnels, conns) = (l.max_tunnels as u64, l.max_connections_per_tunnel as u64);
     let fds = BASE_FDS + tunnels * (conns + 2);
     // Queued payloads are copies of their own bytes (`relay::remainder_to_queue`); the
-    // allocator's size classes can round each up to twice its size.
+    // allocator's size classes can round each up to twice its size. Chunks read from local
+    // sockets keep at most twice what they count too (`local::keep_read_buffer`).
     let memory = BASE_MEMORY
         + 2 * l.max_buffered as u64
-        + tunnels * (TUNNEL_MEMORY + crate::bridge::DEFAULT_UPWARD_BUDGET as u64)
+        + tunnels * (TUNNEL_MEMORY + 2 * crate::bridge::DEFAULT_UPWARD_BUDGET as u64)
         + tunnels * conns * CONNECTION_MEMORY;
     (fds, memory)
 }

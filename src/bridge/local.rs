@@ -22,6 +22,13 @@ use crate::services::LocalEndpoint;
 /// while a connection is idle.
 const MIN_READ: usize = 4096;
 
+/// Rule (short reads are copied): a read that fills less than half its buffer is copied out
+/// of it, so what a chunk keeps alive is at most twice what it counts against the upward
+/// budget (a grown 64 KiB buffer holding a keystroke would pin 64 KiB for one byte).
+pub fn keep_read_buffer(read: usize, capacity: usize) -> bool {
+    read.saturating_mul(2) >= capacity
+}
+
 /// A local socket. Both directions work through `&self`: the connection's task reads and
 /// writes it, and the session writes to it directly while nothing is queued (`Sink`).
 #[derive(Debug)]
@@ -400,7 +407,12 @@ async fn pump_up(
         } else {
             size.max(MIN_READ)
         };
-        let msg = Message::data(stream_id, service, wire_conn, buf.freeze());
+        let data = if keep_read_buffer(n, size) {
+            buf.freeze()
+        } else {
+            Bytes::copy_from_slice(&buf)
+        };
+        let msg = Message::data(stream_id, service, wire_conn, data);
         let data = Outbound::Data {
             msg,
             _budget: permit,
@@ -444,6 +456,14 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn a_short_local_read_is_copied_out_of_its_buffer() {
+        assert!(!keep_read_buffer(1, MAX_PAYLOAD));
+        assert!(!keep_read_buffer(2047, MIN_READ));
+        assert!(keep_read_buffer(2048, MIN_READ));
+        assert!(keep_read_buffer(MAX_PAYLOAD, MAX_PAYLOAD));
+    }
 
     #[tokio::test]
     async fn tunnel_bytes_are_written_through_only_while_none_are_queued() {

@@ -378,14 +378,18 @@ impl Session<'_> {
                 return;
             }
         };
-        let payload = msg.payload;
-        let n = payload.len() as u64;
-        self.stats.bytes_from_tunnel.fetch_add(n, Ordering::Relaxed);
-        let through = handle.write_through(&payload);
-        if through == payload.len() {
-            return;
-        }
-        let payload = remainder_to_queue(&payload, through);
+        let payload = {
+            // The slice of the websocket message goes at the end of this block: only the
+            // copy of what the socket did not take may outlive it.
+            let sliced = msg.payload;
+            let n = sliced.len() as u64;
+            self.stats.bytes_from_tunnel.fetch_add(n, Ordering::Relaxed);
+            let through = handle.write_through(&sliced);
+            if through == sliced.len() {
+                return;
+            }
+            remainder_to_queue(&sliced, through)
+        };
         let len = payload.len();
         let budget = self.budget.try_acquire(len as u32);
         // Count the bytes before the chunk becomes visible to the receiver, which subtracts
