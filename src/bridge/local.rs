@@ -402,15 +402,15 @@ async fn pump_up(
         };
         // Keep the share of the budget this chunk holds.
         drop(permit.split(size - n));
+        let data = if keep_read_buffer(n, buf.capacity()) {
+            buf.freeze()
+        } else {
+            Bytes::copy_from_slice(&buf)
+        };
         size = if n == size {
             (size * 2).min(MAX_PAYLOAD)
         } else {
             size.max(MIN_READ)
-        };
-        let data = if keep_read_buffer(n, size) {
-            buf.freeze()
-        } else {
-            Bytes::copy_from_slice(&buf)
         };
         let msg = Message::data(stream_id, service, wire_conn, data);
         let data = Outbound::Data {
