@@ -2,7 +2,7 @@
 //! websocket binary messages form together. Frame and websocket-message boundaries are
 //! unrelated: a frame may span messages and a message may hold several frames.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -27,20 +27,6 @@ fn frame_len(src: &[u8]) -> Result<usize, usize> {
     .and_then(|n| if src.len() >= n { Ok(n) } else { Err(n) })
 }
 
-/// One whole body off the front of `src`, or nothing while it is incomplete.
-fn split_body(src: &mut BytesMut) -> Option<Bytes> {
-    match frame_len(src) {
-        Ok(n) => {
-            src.advance(LENGTH_PREFIX);
-            Some(src.split_to(n - LENGTH_PREFIX).freeze())
-        }
-        Err(needed) => {
-            src.reserve(needed - src.len());
-            None
-        }
-    }
-}
-
 /// A codec that also decodes a whole frame (prefix included) handed over as `Bytes`, so
 /// frames sliced out of a websocket message need no copy.
 pub trait FrameDecoder: Decoder<Error = ProtocolError> {
@@ -48,8 +34,25 @@ pub trait FrameDecoder: Decoder<Error = ProtocolError> {
     fn decode_frame(&mut self, frame: Bytes) -> Result<Self::Item, ProtocolError>;
 }
 
+/// The whole frame at the front of `src`, decoded, or nothing while it is incomplete (room
+/// for the rest is reserved).
+fn decode_front<D: FrameDecoder>(
+    codec: &mut D,
+    src: &mut BytesMut,
+) -> Result<Option<D::Item>, ProtocolError> {
+    match frame_len(src) {
+        Ok(n) => codec.decode_frame(src.split_to(n).freeze()).map(Some),
+        Err(needed) => {
+            src.reserve(needed - src.len());
+            Ok(None)
+        }
+    }
+}
+
 impl FrameDecoder for FrameCodec {
     fn decode_frame(&mut self, frame: Bytes) -> Result<Message, ProtocolError> {
+        // Decoding from `Bytes` makes `payload` a slice of the received buffer: no copy.
+        // Sizes are checked by `protocol::admit`, which knows the message's stream.
         Ok(Message::decode(frame.slice(LENGTH_PREFIX..))?)
     }
 }
@@ -65,12 +68,7 @@ impl Decoder for FrameCodec {
     type Error = ProtocolError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
-        let Some(body) = split_body(src) else {
-            return Ok(None);
-        };
-        // Decoding from `Bytes` makes `payload` a slice of the received buffer: no copy.
-        // Sizes are checked by `protocol::admit`, which knows the message's stream.
-        Ok(Some(Message::decode(body)?))
+        decode_front(self, src)
     }
 }
 
@@ -79,7 +77,7 @@ impl Decoder for RawFrameCodec {
     type Error = ProtocolError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError> {
-        Ok(frame_len(src).ok().map(|n| src.split_to(n).freeze()))
+        decode_front(self, src)
     }
 }
 
