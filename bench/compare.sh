@@ -44,6 +44,11 @@ n="$(tr ' ' '\n' <<< "${dest[new]}" | grep . | best)"
 s="$(tr ' ' '\n' <<< "${src[new]}" | grep . | best)"
 printf 'destination CPU per GiB, %s MiB 1-way push, best of %s: OLD %s s/GiB, NEW %s s/GiB, NEW/OLD %s\n' \
     "$mib" "$runs" "$o" "$n" "$(awk -v a="$n" -v b="$o" 'BEGIN{ if (b > 0) printf "%.2f", a/b; else print "n/a" }')"
+# Each run measures both back to back, so its own ratio shares the machine's phase; the
+# median of those is less at the mercy of one lucky run than the ratio of the bests.
+med="$(paste -d' ' <(tr ' ' '\n' <<< "${dest[old]}" | grep .) <(tr ' ' '\n' <<< "${dest[new]}" | grep .) \
+    | awk '$1 > 0 { print $2 / $1 }' | sort -g | awk '{ r[NR] = $1 } END { if (NR) printf "%.2f", (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2; else print "n/a" }')"
+printf 'median of the %s runs'"'"' own NEW/OLD ratios: %s\n' "$runs" "$med"
 printf 'source (%s) CPU per GiB: %s s/GiB\n' "$(basename "$source_bin")" "$s"
 ro="$(tr ' ' '\n' <<< "${rate[old]}" | grep . | sort -g | tail -n1)"
 rn="$(tr ' ' '\n' <<< "${rate[new]}" | grep . | sort -g | tail -n1)"

@@ -58,8 +58,27 @@ fn spawn_agent(opts: &DemoOptions, name: &str, token: &str, args: &[String]) -> 
         })
 }
 
-/// User + system CPU seconds of a process (USER_HZ is 100 on Linux).
+/// CPU seconds a process has run (user + system), to the nanosecond: the sum of its threads'
+/// scheduler run time (`/proc/<pid>/task/*/schedstat`). `/proc/<pid>/stat` counts in 10 ms
+/// ticks, 3% of a 512 MiB push; it is the fallback where schedstat is missing.
 fn cpu_seconds(pid: u32) -> Option<f64> {
+    run_time_ns(pid)
+        .map(|ns| ns as f64 / 1e9)
+        .or_else(|| cpu_ticks_seconds(pid))
+}
+
+/// Sum of the first field (ns on CPU) of each thread's schedstat.
+fn run_time_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// User + system CPU seconds of a process (USER_HZ is 100 on Linux).
+fn cpu_ticks_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = &stat[stat.rfind(')')? + 2..];
