@@ -16,6 +16,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// TLS record header: type (1), version (2), length (2) (RFC 8446 §5.1).
 const HEADER: usize = 5;
 
+/// Records shorter than this are small: rustls reads 4 KiB at a time anyway.
+const SMALL: usize = 4096;
+
 /// Where the stream is in the record structure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Position {
@@ -25,13 +28,16 @@ enum Position {
     Body { left: usize },
 }
 
-/// Rule (reads end past the next header): inside a record's body, read at most its rest and
-/// the next record's header, so rustls keeps only that header; inside a header the body's
-/// length is unknown, so the read is not limited (the stream is back in step after it).
-fn read_limit(pos: Position) -> Option<usize> {
+/// Rule (reads end past the next header, around large records): inside the body of a large
+/// record, or of the record right after one, read at most the rest of it and the next
+/// record's header, so rustls keeps only that header to move. Inside a run of small records
+/// (messages of an interactive session) the read is not limited, so a burst of them still
+/// costs one read, not one each; inside a header the body's length is unknown. Either way
+/// the next large record puts the reads back in step.
+fn read_limit(pos: Position, len: usize, previous_len: usize) -> Option<usize> {
     match pos {
-        Position::Body { left } => Some(left + HEADER),
-        Position::Header { .. } => None,
+        Position::Body { left } if len.max(previous_len) >= SMALL => Some(left + HEADER),
+        _ => None,
     }
 }
 
@@ -41,6 +47,9 @@ pub struct RecordReads<S> {
     inner: S,
     header: [u8; HEADER],
     pos: Position,
+    /// Body length of the current record, and of the one before it.
+    len: usize,
+    previous_len: usize,
 }
 
 impl<S> RecordReads<S> {
@@ -49,6 +58,8 @@ impl<S> RecordReads<S> {
             inner,
             header: [0; HEADER],
             pos: Position::Header { have: 0 },
+            len: 0,
+            previous_len: 0,
         }
     }
 
@@ -68,10 +79,14 @@ impl<S> RecordReads<S> {
                     let n = (HEADER - have).min(read.len());
                     self.header[have..have + n].copy_from_slice(&read[..n]);
                     self.pos = match have + n {
-                        HEADER => match u16::from_be_bytes([self.header[3], self.header[4]]) {
-                            0 => Position::Header { have: 0 },
-                            len => Position::Body { left: len.into() },
-                        },
+                        HEADER => {
+                            let len = u16::from_be_bytes([self.header[3], self.header[4]]).into();
+                            self.previous_len = std::mem::replace(&mut self.len, len);
+                            match len {
+                                0 => Position::Header { have: 0 },
+                                left => Position::Body { left },
+                            }
+                        }
                         have => Position::Header { have },
                     };
                     n
@@ -88,7 +103,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for RecordReads<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let limit = read_limit(self.pos).map_or(buf.remaining(), |l| l.min(buf.remaining()));
+        let limit = read_limit(self.pos, self.len, self.previous_len)
+            .map_or(buf.remaining(), |l| l.min(buf.remaining()));
         let this = &mut *self;
         // rustls reads into initialized memory, so this zero-fills nothing there.
         let mut part = ReadBuf::new(buf.initialize_unfilled_to(limit));
@@ -133,7 +149,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RecordReads<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// As much room as rustls gives a read at most (a record of 16 KiB + 2 KiB, and a header).
+    const RUSTLS_ROOM: usize = 18437;
 
     fn record(len: usize, fill: u8) -> Vec<u8> {
         let mut r = vec![23, 3, 3];
@@ -142,12 +162,66 @@ mod tests {
         r
     }
 
+    /// Where each record starts in `records` laid end to end.
+    fn starts(records: &[Vec<u8>]) -> Vec<usize> {
+        records
+            .iter()
+            .scan(0, |at, r| {
+                let s = *at;
+                *at += r.len();
+                Some(s)
+            })
+            .collect()
+    }
+
+    /// Reads `r` to its end through a buffer of `RUSTLS_ROOM`; returns the bytes and where
+    /// each read ended.
+    async fn read_all(mut r: impl AsyncRead + Unpin) -> (Vec<u8>, Vec<usize>) {
+        let (mut got, mut ends, mut buf) = (Vec::new(), Vec::new(), vec![0u8; RUSTLS_ROOM]);
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return (got, ends);
+            }
+            got.extend_from_slice(&buf[..n]);
+            ends.push(got.len());
+        }
+    }
+
+    /// Hands out its pieces one read at a time, as a socket does with what has arrived.
+    struct Pieces(VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(mut piece) = self.0.pop_front() {
+                let n = piece.len().min(buf.remaining());
+                buf.put_slice(&piece[..n]);
+                if n < piece.len() {
+                    self.0.push_front(piece.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
     #[test]
-    fn reads_end_past_the_next_header() {
-        assert_eq!(read_limit(Position::Body { left: 16401 }), Some(16406));
-        assert_eq!(read_limit(Position::Body { left: 1 }), Some(6));
-        assert_eq!(read_limit(Position::Header { have: 0 }), None);
-        assert_eq!(read_limit(Position::Header { have: 3 }), None);
+    fn reads_end_past_the_next_header_around_large_records() {
+        let large = Position::Body { left: 16401 };
+        assert_eq!(read_limit(large, 16401, 300), Some(16406));
+        assert_eq!(read_limit(Position::Body { left: 1 }, 4096, 0), Some(6));
+        // The small record that ends a large message: its reads stay in step too.
+        assert_eq!(
+            read_limit(Position::Body { left: 50 }, 100, 16384),
+            Some(55)
+        );
+        // A run of small records is read in bulk.
+        assert_eq!(read_limit(Position::Body { left: 50 }, 100, 100), None);
+        assert_eq!(read_limit(Position::Header { have: 0 }, 16384, 16384), None);
+        assert_eq!(read_limit(Position::Header { have: 3 }, 16384, 16384), None);
     }
 
     #[test]
@@ -158,6 +232,7 @@ mod tests {
             r.track(&wire[..split]);
             r.track(&wire[split..]);
             assert_eq!(r.pos, Position::Header { have: 0 }, "split at {split}");
+            assert_eq!((r.len, r.previous_len), (7, 0), "split at {split}");
         }
         let mut r = RecordReads::new(());
         r.track(&wire[..HEADER + 300 + 3]);
@@ -172,41 +247,73 @@ mod tests {
     /// and every byte arrives in order.
     #[tokio::test]
     async fn reads_deliver_every_byte_and_leave_only_the_next_header() {
-        let records = [record(16401, 1), record(300, 2), record(1, 3), record(7, 4)];
-        let stream = [&records[..], &records[..], &records[..]].concat();
+        let message = [
+            record(16401, 1),
+            record(300, 2),
+            record(16000, 3),
+            record(7, 4),
+        ];
+        let stream = [&message[..], &message[..], &message[..]].concat();
         let wire: Vec<u8> = stream.concat();
-        let starts: Vec<usize> = stream
-            .iter()
-            .scan(0, |at, r| {
-                let s = *at;
-                *at += r.len();
-                Some(s)
-            })
-            .collect();
         let (mut tx, rx) = tokio::io::duplex(1 << 20);
         tx.write_all(&wire).await.unwrap();
         drop(tx);
-        let mut reader = RecordReads::new(rx);
-        // As much room as rustls gives a read at most (a record of 16 KiB + 2 KiB, header).
-        let (mut got, mut buf) = (Vec::new(), vec![0u8; 18437]);
-        loop {
-            let n = reader.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-            if got.len() < wire.len() {
-                // The first read is not limited (no header seen yet); every later one ends
-                // just past a header.
-                let tail = got.len() - HEADER;
-                assert!(
-                    starts.contains(&tail) || got.len() == n,
-                    "a read ended at {} of {}, not past a header",
-                    got.len(),
-                    wire.len()
-                );
-            }
-        }
+        let (got, ends) = read_all(RecordReads::new(rx)).await;
         assert_eq!(got, wire);
+        // The first read is not limited (no header seen yet); every later one ends just
+        // past a header, the last at the end of the stream.
+        let starts = starts(&stream);
+        for end in &ends[1..ends.len() - 1] {
+            assert!(
+                starts.contains(&(end - HEADER)),
+                "a read ended at {end} of {}, not past a header",
+                wire.len()
+            );
+        }
+    }
+
+    /// Interactive traffic: a burst of small records queued behind a large one costs a
+    /// read or two, not one per record.
+    #[tokio::test]
+    async fn a_burst_of_small_records_is_read_in_bulk() {
+        let mut stream = vec![record(16401, 1)];
+        stream.extend((0..60).map(|i| record(100, i)));
+        let wire: Vec<u8> = stream.concat();
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        tx.write_all(&wire).await.unwrap();
+        drop(tx);
+        let (got, ends) = read_all(RecordReads::new(rx)).await;
+        assert_eq!(got, wire);
+        assert!(ends.len() <= 3, "{} reads: {ends:?}", ends.len());
+    }
+
+    /// A short read (the socket had less) leaves the stream mid-record; the reads after it
+    /// are back in step.
+    #[tokio::test]
+    async fn after_short_reads_the_reads_are_back_in_step() {
+        let stream = [
+            record(16401, 1),
+            record(9000, 2),
+            record(16000, 3),
+            record(12000, 4),
+        ];
+        let wire: Vec<u8> = stream.concat();
+        let pieces = [&wire[..3], &wire[3..5], &wire[5..10_005], &wire[10_005..]];
+        let reader = RecordReads::new(Pieces(pieces.iter().map(|p| p.to_vec()).collect()));
+        let (got, ends) = read_all(reader).await;
+        assert_eq!(got, wire);
+        let s = starts(&stream);
+        assert_eq!(
+            ends,
+            [
+                3,
+                5,
+                10_005,
+                s[1] + HEADER,
+                s[2] + HEADER,
+                s[3] + HEADER,
+                wire.len()
+            ]
+        );
     }
 }
