@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two agent builds as the destination of the same 1-way push, in one run: alternating, best
-# of 3, CPU per GiB of each and the ratio. Absolute figures move 2x between days on shared
-# machines; only the ratio measured here means anything.
+# of 3, CPU per GiB of each and the ratio of the bests, and the median of each run's own
+# ratio. Absolute figures move 2x between days on shared machines; only the ratios measured
+# here mean anything.
 #   bench/compare.sh OLD_BIN NEW_BIN [MiB]     (RUNS=3, SOURCE_BIN=NEW_BIN by default,
 #                                              CONNS=1: connections pushing at once)
 # The push: CONNS clients write MiB in all into the source local-proxy, the emulator delivers one tunnel

@@ -58,33 +58,25 @@ fn spawn_agent(opts: &DemoOptions, name: &str, token: &str, args: &[String]) -> 
         })
 }
 
-/// CPU seconds a process has run (user + system), to the nanosecond: the sum of its threads'
-/// scheduler run time (`/proc/<pid>/task/*/schedstat`). `/proc/<pid>/stat` counts in 10 ms
-/// ticks, 3% of a 512 MiB push; it is the fallback where schedstat is missing.
+/// CPU seconds a process has run (user + system), to the nanosecond, exited threads
+/// included: its process CPU clock. (`/proc/<pid>/stat` counts 10 ms ticks, 3% of a 512 MiB
+/// push.)
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    run_time_ns(pid)
-        .map(|ns| ns as f64 / 1e9)
-        .or_else(|| cpu_ticks_seconds(pid))
-}
-
-/// Sum of the first field (ns on CPU) of each thread's schedstat.
-fn run_time_ns(pid: u32) -> Option<u64> {
-    let mut total = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid place for the clock id.
+    if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+        return None;
     }
-    Some(total)
-}
-
-/// User + system CPU seconds of a process (USER_HZ is 100 on Linux).
-fn cpu_ticks_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid place for the time.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
 }
 
 async fn wait_exit(child: &mut Child, name: &str) -> DemoResult<i32> {
