@@ -68,10 +68,8 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
         return None;
     }
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    // SAFETY: all zeroes is a valid timespec (32-bit time64 targets add private padding).
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: `ts` is a valid place for the time.
     if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
         return None;
