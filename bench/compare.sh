@@ -4,7 +4,8 @@
 # ratio. Absolute figures move 2x between days on shared machines; only the ratios measured
 # here mean anything.
 #   bench/compare.sh OLD_BIN NEW_BIN [MiB]     (RUNS=3, SOURCE_BIN=NEW_BIN by default,
-#                                              CONNS=1: connections pushing at once)
+#                                              CONNS=1: connections pushing at once,
+#                                              DEMO_REFRAME=1: messages cut at random)
 # The push: CONNS clients write MiB in all into the source local-proxy, the emulator delivers one tunnel
 # frame per websocket message (as the service does with a localproxy source), the destination
 # writes it to a local sink that only reads. CPU = user+sys from the first byte to the last.

@@ -4,6 +4,7 @@
 //!   securetunnel-demo [MiB]            the agent flow: open, transfer, rotate, transfer, close
 //!   securetunnel-demo local-proxy [MiB] two local-proxy processes through the emulator
 //!   securetunnel-demo push [MiB] [CONNS] 1-way push source -> destination -> sink, CPU per GiB
+//!                                      (DEMO_REFRAME=1: the emulator cuts messages at random)
 //!   securetunnel-demo latency [runs]    notify->connected and rotation switchover, p50/p95
 //!   securetunnel-demo memory [conns]    agent RSS idle, and with idle connections
 
@@ -74,7 +75,9 @@ fn main() -> ExitCode {
                     agent: agent.clone(),
                     bytes: number(1, 512) << 20,
                     work_dir: work_dir.clone(),
-                    reframe: false,
+                    // One tunnel frame per message, as the service delivers a localproxy
+                    // source's; DEMO_REFRAME=1 cuts them at random (mixed record sizes).
+                    reframe: std::env::var_os("DEMO_REFRAME").is_some(),
                 };
                 let conns = number(2, 1);
                 let r = demo::push(&opts, &source, conns).await?;
