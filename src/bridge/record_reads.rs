@@ -191,6 +191,17 @@ mod tests {
         }
     }
 
+    /// Reads `wire`, queued whole as on a socket with plenty arrived, through `RecordReads`;
+    /// checks every byte arrived in order and returns where each read ended.
+    async fn read_queued(wire: &[u8]) -> Vec<usize> {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        tx.write_all(wire).await.unwrap();
+        drop(tx);
+        let (got, ends) = read_all(RecordReads::new(rx)).await;
+        assert_eq!(got, wire);
+        ends
+    }
+
     /// Hands out its pieces one read at a time, as a socket does with what has arrived.
     struct Pieces(VecDeque<Vec<u8>>);
 
@@ -263,11 +274,7 @@ mod tests {
         ];
         let stream = [&message[..], &message[..], &message[..]].concat();
         let wire: Vec<u8> = stream.concat();
-        let (mut tx, rx) = tokio::io::duplex(1 << 20);
-        tx.write_all(&wire).await.unwrap();
-        drop(tx);
-        let (got, ends) = read_all(RecordReads::new(rx)).await;
-        assert_eq!(got, wire);
+        let ends = read_queued(&wire).await;
         // The first read is not limited (no header seen yet); every later one ends just
         // past a header, the last at the end of the stream.
         let starts = starts(&stream);
@@ -287,11 +294,7 @@ mod tests {
         let mut stream = vec![record(16401, 1), record(16401, 2)];
         stream.extend((0..60).map(|i| record(100, i)));
         let wire: Vec<u8> = stream.concat();
-        let (mut tx, rx) = tokio::io::duplex(1 << 20);
-        tx.write_all(&wire).await.unwrap();
-        drop(tx);
-        let (got, ends) = read_all(RecordReads::new(rx)).await;
-        assert_eq!(got, wire);
+        let ends = read_queued(&wire).await;
         let s = starts(&stream);
         assert_eq!(
             ends,
