@@ -23,15 +23,17 @@ const CLASSES: usize = 4;
 const MAX_CLASS: usize = MIN_CLASS << (CLASSES - 1);
 /// Freed blocks kept per class.
 const SLOTS: usize = 4;
+/// Every block's alignment: a cache line, what `align_large` asks for blocks this size.
+const BLOCK_ALIGN: usize = crate::align_large::LINE;
 /// How often the cache looks for idleness: blocks go back 1-2 periods after the last use.
 pub const IDLE_TRIM: Duration = Duration::from_secs(2);
 
 /// Rule (block classes): the class and its block size for a request, when it is cached:
 /// sizes from above half of `MIN_CLASS` up to `MAX_CLASS`, rounded up to a power of two,
-/// with an ordinary alignment.
+/// with an alignment up to `BLOCK_ALIGN`.
 pub fn size_class(layout: Layout) -> Option<(usize, usize)> {
     let size = layout.size();
-    if size <= MIN_CLASS / 2 || size > MAX_CLASS || layout.align() > 16 {
+    if size <= MIN_CLASS / 2 || size > MAX_CLASS || layout.align() > BLOCK_ALIGN {
         return None;
     }
     let block = size.next_power_of_two().max(MIN_CLASS);
@@ -153,10 +155,10 @@ impl BlockCache {
 }
 
 /// Every cached block is allocated and freed with this layout: any cached request (align
-/// <= 16) may get any block of its class.
+/// <= `BLOCK_ALIGN`) may get any block of its class.
 fn block_layout(block: usize) -> Layout {
-    // SAFETY: `block` is a non-zero power of two far below isize::MAX; 16 is a power of two.
-    unsafe { Layout::from_size_align_unchecked(block, 16) }
+    // SAFETY: `block` is a non-zero power of two far below isize::MAX; so is `BLOCK_ALIGN`.
+    unsafe { Layout::from_size_align_unchecked(block, BLOCK_ALIGN) }
 }
 
 // SAFETY: every block of a cached class is allocated and freed through `System` with the
@@ -280,11 +282,11 @@ mod tests {
             let e = cache.realloc(huge, Layout::from_size_align(1 << 20, 8).unwrap(), 50_000);
             assert_eq!(*e.add(49_999), 7);
             cache.dealloc(e, Layout::from_size_align(50_000, 8).unwrap());
-            // Zeroed even when the block comes from the cache; any alignment up to 16.
-            let z = cache.alloc_zeroed(Layout::from_size_align(50_000, 16).unwrap());
-            assert_eq!(z as usize % 16, 0);
+            // Zeroed even when the block comes from the cache; any alignment up to a line.
+            let z = cache.alloc_zeroed(Layout::from_size_align(50_000, 64).unwrap());
+            assert_eq!(z as usize % 64, 0);
             assert!((0..50_000).all(|i| *z.add(i) == 0));
-            cache.dealloc(z, Layout::from_size_align(50_000, 16).unwrap());
+            cache.dealloc(z, Layout::from_size_align(50_000, 64).unwrap());
             let big = Layout::from_size_align(100_000, 8).unwrap();
             let blocks: Vec<*mut u8> = (0..SLOTS + 2).map(|_| cache.alloc(big)).collect();
             for p in &blocks {
