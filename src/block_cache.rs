@@ -1,5 +1,5 @@
-//! The static (musl) builds' global allocator: the system allocator with a small cache of
-//! freed large blocks in front of it.
+//! The static (musl) builds' allocator (under `align_large` on x86_64): the system allocator
+//! with a small cache of freed large blocks in front of it.
 //!
 //! Why: musl's allocator maps every block above ~128 KiB with mmap and unmaps it on free, and
 //! returns emptied groups of smaller large blocks too; the relay path frees and allocates a
@@ -195,20 +195,19 @@ unsafe impl GlobalAlloc for BlockCache {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        match size_class(layout) {
-            Some((class, block)) => {
-                let p = self.take(class);
-                if p.is_null() {
-                    // SAFETY: a valid, non-zero layout; fresh pages come zeroed.
-                    unsafe { System.alloc_zeroed(block_layout(block)) }
-                } else {
-                    // SAFETY: a cached block of at least `size` bytes, ours to hand out.
-                    unsafe { p.write_bytes(0, layout.size()) };
-                    p
-                }
-            }
+        if size_class(layout).is_none() {
             // SAFETY: the caller's layout, as given.
-            None => unsafe { System.alloc_zeroed(layout) },
+            return unsafe { System.alloc_zeroed(layout) };
+        }
+        // A block of the class, cached or fresh, zeroed up to the size asked for (`System`
+        // would zero a whole fresh block: `calloc` takes no alignment).
+        // SAFETY: a valid, non-zero layout; the block holds at least `size` bytes.
+        unsafe {
+            let p = self.alloc(layout);
+            if !p.is_null() {
+                p.write_bytes(0, layout.size());
+            }
+            p
         }
     }
 
@@ -252,6 +251,15 @@ mod tests {
         assert_eq!(class(131_076), Some((3, 256 * 1024)));
         assert_eq!(class(256 * 1024), Some((3, 256 * 1024)));
         assert_eq!(class(256 * 1024 + 1), None);
+        // `align_large` asks for line-aligned blocks: they are cached; more is not.
+        assert_eq!(
+            size_class(Layout::from_size_align(64 * 1024 + 516, 64).unwrap()),
+            Some((2, 128 * 1024))
+        );
+        assert_eq!(
+            size_class(Layout::from_size_align(64 * 1024, 128).unwrap()),
+            None
+        );
         assert_eq!(
             size_class(Layout::from_size_align(64 * 1024, 4096).unwrap()),
             None
@@ -300,6 +308,22 @@ mod tests {
             // Give every cached block back.
             cache.trim_if_idle();
             cache.trim_if_idle();
+        }
+    }
+
+    #[test]
+    fn line_aligned_blocks_are_cached_and_reused() {
+        // As the static x86_64 build runs it: `align_large` in front of the cache.
+        let a = crate::align_large::AlignLarge(BlockCache::new());
+        let layout = Layout::from_size_align(70_000, 1).unwrap();
+        unsafe {
+            let p = a.alloc(layout);
+            assert_eq!(p as usize % 64, 0);
+            a.dealloc(p, layout);
+            assert_eq!(a.alloc(layout), p);
+            a.dealloc(p, layout);
+            a.0.trim_if_idle();
+            a.0.trim_if_idle();
         }
     }
 
