@@ -24,8 +24,8 @@ use crate::config::{Checked, Config};
 use crate::notify::{self, MqttPhase, MqttState, Notice, Notification, NotifyClient};
 use crate::persist::{Moment, PersistedSession, SessionStore};
 use crate::secret::Secret;
-use crate::services::{ServiceMap, SharedServiceMap};
-use crate::session::{Decision, SessionTable, TunnelKey};
+use crate::services::{Scope, ServiceMap, SharedServiceMap};
+use crate::session::{CONNECT_WITHIN, Decision, SessionTable, TunnelKey, connect_deadline};
 use crate::status::{Snapshot, StatusFile, StatusSocket, TunnelStatus, systemd};
 use crate::upgrade::BinaryWatch;
 
@@ -33,6 +33,8 @@ use crate::upgrade::BinaryWatch;
 const DRAIN: Duration = Duration::from_secs(5);
 /// After a rotation the old bridge serves on until the new one is connected, at most this.
 pub const ROTATION_OVERLAP: Duration = Duration::from_secs(10);
+/// How often the agent removes what expired on disk (session files moved aside).
+const HOUSEKEEPING: Duration = Duration::from_secs(3600);
 /// How often the agent looks whether its binary was replaced (a package upgrade).
 const BINARY_CHECK: Duration = Duration::from_secs(2);
 
@@ -51,11 +53,30 @@ struct Connected {
     at: Moment,
 }
 
-/// A session task's end: the bridge's result, and whether the agent's lifetime ended it.
+/// A session task's end: the bridge's result, and whether one of the agent's own time
+/// limits ended it.
 struct SessionExit {
     id: u64,
     result: Result<BridgeEnd, BridgeError>,
-    expired: bool,
+    expired: Option<Expiry>,
+}
+
+/// Which of the agent's own time limits ended a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expiry {
+    /// `limits.max_lifetime` after its first connect.
+    Lifetime,
+    /// It never connected within `CONNECT_WITHIN` of its notify.
+    NeverConnected,
+}
+
+/// When a session ends on the agent's own account.
+#[derive(Clone, Copy, Debug)]
+struct Ends {
+    /// Its lifetime's end, when it connected before (a resumed session).
+    lifetime: Option<Instant>,
+    /// The end for a session that has not connected yet.
+    connect_by: Instant,
 }
 
 struct Live {
@@ -83,6 +104,8 @@ pub struct Agent {
     store: Option<SessionStore>,
     /// Bytes all tunnels together hold for and from local sockets.
     budget: crate::bridge::Budget,
+    /// Name lookups in flight, all tunnels together.
+    lookups: crate::lookup::Lookups,
     bridges: JoinSet<SessionExit>,
     connected_tx: mpsc::Sender<Connected>,
     live: HashMap<u64, Live>,
@@ -135,6 +158,7 @@ impl Agent {
             ),
             store,
             budget: crate::bridge::Budget::new(cfg.limits.max_buffered),
+            lookups: crate::lookup::Lookups::default(),
             status: StatusFile::new(&cfg.state_dir),
             tunnel_tls: checked.tunnel_tls,
             bridges: JoinSet::new(),
@@ -145,6 +169,7 @@ impl Agent {
             cfg,
         };
         agent.table.set_thing_caps(thing_caps(&agent.cfg));
+        agent.table.set_own_thing(&agent.cfg.thing_name);
         info!(thing = %agent.cfg.thing_name, downstream = ?agent.cfg.things.keys().collect::<Vec<_>>(), version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), "agent started");
         // Rejoin before the first notify can arrive.
         agent.resume();
@@ -194,6 +219,8 @@ impl Agent {
         // Fed from this loop: a loop that hangs stops feeding it and systemd restarts us.
         let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
         let mut binary_check = tokio::time::interval(BINARY_CHECK);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.reset();
         let exit = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break AgentExit::Stopped,
@@ -216,6 +243,7 @@ impl Agent {
                         socket.answer(client, || agent.snapshot());
                     }
                 }
+                _ = housekeeping.tick() => agent.housekeeping(),
                 _ = binary_check.tick() => {
                     if let Some(path) = agent.upgrade_due() {
                         break AgentExit::Upgrade(path);
@@ -269,6 +297,19 @@ impl Agent {
             }
             let now = Instant::now();
             let deadline = left.map(|l| now + l);
+            // Counted from its notify across restarts; a file without it starts anew.
+            let since_notify = s
+                .received
+                .as_ref()
+                .and_then(|m| m.elapsed_until(&now_moment));
+            let connect_by = match (&s.first_connected, connect_deadline(since_notify, now)) {
+                (None, None) => {
+                    info!(region = %s.region, services = ?s.services, "persisted session dropped: it never connected within 12 h of its notify");
+                    self.forget(&s.file_id);
+                    continue;
+                }
+                (_, by) => by.unwrap_or(now),
+            };
             let id = match self.table.resume(key, &s.access_token, deadline, now) {
                 Ok(id) => id,
                 Err(why) => {
@@ -279,9 +320,22 @@ impl Agent {
             };
             info!(session = id, region = %s.region, services = ?s.services, token = %s.access_token, "session resumed with its tokens");
             let (token, client_token) = (s.access_token.clone(), s.client_token.clone());
-            let region = s.region.clone();
-            let thing = s.thing.clone();
-            self.start_bridge(id, &thing, &region, token, client_token, Some(s), deadline);
+            let key = TunnelKey::new(&s.thing, &s.region, &s.services);
+            let ends = Ends {
+                lifetime: deadline,
+                connect_by,
+            };
+            self.start_bridge(id, &key, token, client_token, Some(s), ends);
+        }
+    }
+
+    /// Hourly: unusable session files moved aside go once they are 12 h old.
+    fn housekeeping(&self) {
+        if let Some(store) = &self.store {
+            let n = store.sweep_rejected(std::time::SystemTime::now());
+            if n > 0 {
+                info!(files = n, "removed session files kept aside for 12 h");
+            }
         }
     }
 
@@ -333,21 +387,41 @@ impl Agent {
             }
             Decision::Rotate { old, id } => {
                 self.start_new(id, &n);
-                // The old token is revoked: its bridge serves on until the new one is
-                // connected, but never reconnects; its file goes now.
-                if let Some(l) = self.live.get_mut(&old) {
-                    l.retire.cancel();
-                    if let Some(p) = l.persisted.take() {
-                        self.forget(&p.file_id);
-                    }
-                }
+                let replaces = self.retire(old);
                 if let Some(l) = self.live.get_mut(&id) {
-                    l.replaces.push(old);
+                    l.replaces = replaces;
                 }
                 self.write_status();
                 info!(session = id, replaces = old, token = %n.token, "rotation: starting a bridge with the new token; the old one stops once it is connected");
             }
         }
+    }
+
+    /// The token of session `old` was replaced; returns the sessions its successor stops
+    /// once connected. Rule (rotation bursts): per tunnel, only the bridge that serves and
+    /// the newest one live. A bridge that has connected serves on until its successor
+    /// connects (or the overlap ends) but never reconnects; one that never connected is
+    /// cancelled at once and hands on what it was replacing. Its file goes now either way.
+    fn retire(&mut self, old: u64) -> Vec<u64> {
+        let Some(l) = self.live.get_mut(&old) else {
+            return Vec::new();
+        };
+        let file = l.persisted.take();
+        let replaces = if l.state.borrow().sessions > 0 {
+            l.retire.cancel();
+            vec![old]
+        } else {
+            debug!(
+                session = old,
+                "replaced before it connected: stopping it now"
+            );
+            l.cancel.cancel();
+            std::mem::take(&mut l.replaces)
+        };
+        if let Some(p) = file {
+            self.forget(&p.file_id);
+        }
+        replaces
     }
 
     /// A new session from a notify: a fresh client token, persisted before it is used.
@@ -362,6 +436,7 @@ impl Agent {
                 access_token: n.token.clone(),
                 client_token: client_token.clone(),
                 first_connected: None,
+                received: Some(Moment::now()),
             };
             if let Err(e) = store.save(&p) {
                 warn!("cannot persist the session: {e}; it will not survive a restart");
@@ -370,41 +445,44 @@ impl Agent {
         });
         self.start_bridge(
             id,
-            &n.thing,
-            &n.region,
+            &TunnelKey::new(&n.thing, &n.region, &n.services),
             n.token.clone(),
             client_token,
             persisted,
-            None,
+            Ends {
+                lifetime: None,
+                connect_by: Instant::now() + CONNECT_WITHIN,
+            },
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Starts the bridge of session `id` for tunnel `key`: it reaches only the services of
+    /// `key` (its scope) that its thing's map has.
     fn start_bridge(
         &mut self,
         id: u64,
-        thing: &str,
-        region: &str,
+        key: &TunnelKey,
         token: Secret,
         client_token: Secret,
         persisted: Option<PersistedSession>,
-        deadline: Option<Instant>,
+        ends: Ends,
     ) {
         let mut endpoint = self
             .cfg
             .tunnel
             .endpoint
             .clone()
-            .unwrap_or_else(|| DataEndpoint::for_region(region))
+            .unwrap_or_else(|| DataEndpoint::for_region(&key.region))
             .with_proxy(self.cfg.proxy.as_ref());
         endpoint.connect_to = crate::config::resolve_override(&self.cfg.tunnel.resolve, &endpoint);
         let config = BridgeConfig {
             role: Role::Destination {
                 // Only this thing's endpoints: a stream of one thing never reaches another's.
-                services: match self.maps.get(thing) {
+                services: match self.maps.get(&key.thing) {
                     Some((_, map)) => map.clone(),
                     None => SharedServiceMap::from(ServiceMap::default()),
                 },
+                scope: Scope::Opened(key.services.clone()),
             },
             endpoint,
             tls: Some(self.tunnel_tls.clone()),
@@ -418,7 +496,9 @@ impl Agent {
             .with_idle_timeout(self.cfg.tunnel.idle_timeout),
         };
         let bridge = match Bridge::new(config) {
-            Ok(b) => b.with_budget(self.budget.clone()),
+            Ok(b) => b
+                .with_budget(self.budget.clone())
+                .with_lookups(self.lookups.clone()),
             Err(e) => {
                 warn!(session = id, "cannot start the bridge: {e}");
                 self.table.ended(id);
@@ -433,7 +513,7 @@ impl Agent {
         self.live.insert(
             id,
             Live {
-                thing: thing.to_owned(),
+                thing: key.thing.clone(),
                 cancel: cancel.clone(),
                 retire: retire.clone(),
                 state: bridge.state(),
@@ -447,7 +527,7 @@ impl Agent {
             bridge,
             cancel,
             retire,
-            deadline,
+            ends,
             max_lifetime: self.table.max_lifetime(),
             connected: self.connected_tx.clone(),
         };
@@ -502,7 +582,12 @@ impl Agent {
             Ok(BridgeEnd::ClosedByService { code, reason }) => {
                 format!("closed by the service (code {code}, {reason:?})")
             }
-            Ok(_) if expired => "the agent's maximum lifetime for this token ended".to_owned(),
+            Ok(_) if expired == Some(Expiry::Lifetime) => {
+                "the agent's maximum lifetime for this token ended".to_owned()
+            }
+            Ok(_) if expired == Some(Expiry::NeverConnected) => {
+                "it never connected within 12 h of its notify".to_owned()
+            }
             Ok(BridgeEnd::Cancelled) | Ok(BridgeEnd::Retired) => "stopped".to_owned(),
             Err(e) => format!("token rejected: {e}"),
         };
@@ -720,15 +805,14 @@ fn check_descriptor_limit(cfg: &Config) {
     }
 }
 
-/// One session's bridge, with the agent's own lifetime for its token and the overlap of a
-/// rotation.
+/// One session's bridge, with the agent's own time limits for its token and the overlap of
+/// a rotation.
 struct SessionTask {
     id: u64,
     bridge: Bridge,
     cancel: CancellationToken,
     retire: CancellationToken,
-    /// Known when resuming a session that had connected before.
-    deadline: Option<Instant>,
+    ends: Ends,
     max_lifetime: Duration,
     connected: mpsc::Sender<Connected>,
 }
@@ -740,7 +824,7 @@ impl SessionTask {
             bridge,
             cancel,
             retire,
-            deadline,
+            ends,
             max_lifetime,
             connected,
         } = self;
@@ -759,14 +843,19 @@ impl SessionTask {
             result,
             expired,
         };
-        let deadline = match deadline {
+        let deadline = match ends.lifetime {
             Some(d) => d,
             None => {
                 tokio::select! {
-                    r = &mut run => return exit(r, false),
+                    r = &mut run => return exit(r, None),
                     _ = &mut overlap => {
                         cancel.cancel();
-                        return exit(run.await, false);
+                        return exit(run.await, None);
+                    }
+                    _ = tokio::time::sleep_until(ends.connect_by) => {
+                        info!("the session never connected within 12 h of its notify: giving up on this token");
+                        cancel.cancel();
+                        return exit(run.await, Some(Expiry::NeverConnected));
                     }
                     true = first_websocket(&mut state) => {}
                 }
@@ -780,15 +869,15 @@ impl SessionTask {
             }
         };
         tokio::select! {
-            r = &mut run => exit(r, false),
+            r = &mut run => exit(r, None),
             _ = &mut overlap => {
                 cancel.cancel();
-                exit(run.await, false)
+                exit(run.await, None)
             }
             _ = tokio::time::sleep_until(deadline) => {
                 info!("the agent's maximum lifetime for this token ended: closing the session");
                 cancel.cancel();
-                exit(run.await, true)
+                exit(run.await, Some(Expiry::Lifetime))
             }
         }
     }
@@ -848,5 +937,50 @@ mod status_tests {
         assert!(status_line(0, &m).len() < 250);
         m.phase = MqttPhase::Subscribed;
         assert_eq!(status_line(1, &m), "1 tunnel(s) live; MQTT subscribed");
+    }
+}
+
+#[cfg(test)]
+mod session_task_tests {
+    use super::*;
+    use crate::bridge::{BridgeConfig, Limits, Role};
+
+    /// A bridge whose data plane never answers (nothing listens on port 1).
+    fn unreachable_bridge() -> Bridge {
+        Bridge::new(BridgeConfig {
+            role: Role::Destination {
+                services: SharedServiceMap::from(ServiceMap::default()),
+                scope: Scope::Opened(vec!["SSH".into()]),
+            },
+            endpoint: DataEndpoint::parse_override("ws://127.0.0.1:1").unwrap(),
+            tls: None,
+            access_token: Secret::new("AQGA-never"),
+            client_token: None,
+            limits: Limits::default(),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_never_connects_ends_when_its_connect_deadline_passes() {
+        let (connected, _rx) = mpsc::channel(1);
+        let start = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let task = SessionTask {
+            id: 1,
+            bridge: unreachable_bridge(),
+            cancel: CancellationToken::new(),
+            retire: CancellationToken::new(),
+            ends: Ends {
+                lifetime: None,
+                connect_by: start + hour,
+            },
+            max_lifetime: 10 * hour,
+            connected,
+        };
+        let exit = task.run().await;
+        assert_eq!(exit.expired, Some(Expiry::NeverConnected));
+        assert!(matches!(exit.result, Ok(BridgeEnd::Cancelled)));
+        assert!(start.elapsed() >= hour && start.elapsed() < hour + Duration::from_secs(60));
     }
 }

@@ -136,7 +136,7 @@ impl BlockCache {
             for p in row.into_iter().filter(|p| !p.is_null()) {
                 // SAFETY: a cached block, allocated through `System` with this layout, now
                 // out of its slot and so owned here alone.
-                unsafe { System.dealloc(p, block_layout(block)) };
+                unsafe { release(p, block) };
                 freed += block;
             }
         }
@@ -151,6 +151,34 @@ impl BlockCache {
             every.tick().await;
             self.trim_if_idle();
         }
+    }
+}
+
+/// Gives a block back to `System`, zeroed first. Rule (no secret outlives the cache): the
+/// blocks the cache owns carry message buffers, among them the MQTT client's (a notify and
+/// its token) and the websocket's (the handshake): whatever they held is wiped before the
+/// system allocator, which does not wipe, may keep the memory in its free lists.
+///
+/// # Safety
+/// `p` is a block of size `block` from `System` with `block_layout(block)`, owned by the
+/// caller alone.
+unsafe fn release(p: *mut u8, block: usize) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        wipe(p, block);
+        System.dealloc(p, block_layout(block));
+    }
+}
+
+/// Zeroes `len` bytes at `p` (a multiple of 8, 8-aligned), in a way the compiler keeps even
+/// right before a free.
+///
+/// # Safety
+/// `p` points to `len` writable bytes.
+unsafe fn wipe(p: *mut u8, len: usize) {
+    for i in 0..len / 8 {
+        // SAFETY: within the `len` bytes the caller gave, 8-aligned.
+        unsafe { std::ptr::write_volatile(p.cast::<u64>().add(i), 0) };
     }
 }
 
@@ -186,7 +214,7 @@ unsafe impl GlobalAlloc for BlockCache {
             Some((class, block)) => {
                 if !self.keep(class, ptr) {
                     // SAFETY: allocated by `alloc` with this block layout.
-                    unsafe { System.dealloc(ptr, block_layout(block)) }
+                    unsafe { release(ptr, block) }
                 }
             }
             // SAFETY: allocated by `System` with this layout.
@@ -264,6 +292,14 @@ mod tests {
             size_class(Layout::from_size_align(64 * 1024, 4096).unwrap()),
             None
         );
+    }
+
+    #[test]
+    fn a_block_is_wiped_before_it_goes_back_to_the_system() {
+        let mut block = vec![0xa5u64; MIN_CLASS / 8];
+        // SAFETY: the vector's own bytes.
+        unsafe { wipe(block.as_mut_ptr().cast(), MIN_CLASS) };
+        assert!(block.iter().all(|w| *w == 0));
     }
 
     #[test]

@@ -329,8 +329,10 @@ impl LocalProxyArgs {
                 }
                 let services = ServiceMap::parse_mappings(d, host, false)
                     .map_err(|e| usage(format!("-d: {e}")))?;
+                // The operator's own map for this one tunnel: every service in it.
                 Role::Destination {
                     services: services.into(),
+                    scope: crate::services::Scope::WholeMap,
                 }
             }
             _ => {

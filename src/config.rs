@@ -282,8 +282,11 @@ pub fn resource_needs(l: &AgentLimits) -> (u64, u64) {
     // Queued payloads are copies of their own bytes (`relay::remainder_to_queue`); the
     // allocator's size classes can round each up to twice its size. Chunks read from local
     // sockets keep at most twice what they count too (`local::keep_read_buffer`).
+    // Each tunnel's reserve (`bridge::TUNNEL_RESERVE`) comes on top of the shared budget,
+    // for both bridges of a tunnel during a rotation.
+    let reserves = 2 * tunnels * crate::bridge::TUNNEL_RESERVE as u64;
     let memory = BASE_MEMORY
-        + 2 * l.max_buffered as u64
+        + 2 * (l.max_buffered as u64 + reserves)
         + tunnels * (TUNNEL_MEMORY + 2 * crate::bridge::DEFAULT_UPWARD_BUDGET as u64)
         + tunnels * conns * CONNECTION_MEMORY;
     (fds, memory)

@@ -25,11 +25,13 @@ mod config;
 #[cfg(fuzzing)]
 #[allow(missing_docs)]
 pub mod fuzzing;
+pub mod lookup;
 mod net;
 mod notify;
 mod persist;
 pub mod protocol;
 pub mod proxy;
+mod proxy_front;
 mod sandbox;
 pub mod secret;
 pub mod services;

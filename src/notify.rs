@@ -14,11 +14,12 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::MqttReconnect;
 use crate::config::MqttConfig;
 use crate::protocol::{self, is_valid_region, is_valid_service_id};
+use crate::proxy_front::ProxyFront;
 use crate::secret::Secret;
 
 /// A notify that passed validation: a destination token for a region and 1-3 services.
@@ -171,9 +172,14 @@ const MAX_OUTGOING_PACKET: usize = 16 * 1024;
 const RECONNECT_BASE: Duration = Duration::from_millis(500);
 const RECONNECT_CAP: Duration = Duration::from_secs(60);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
-/// Requests waiting for rumqttc's event loop (subscribes, unsubscribes, acks): room for
-/// every downstream thing's unsubscribe at once.
-const REQUEST_QUEUE: usize = 64;
+/// Requests waiting for rumqttc's event loop (subscribes, unsubscribes, acks), sized for the
+/// worst case after a CONNACK: every SUBSCRIBE batch, every remembered unsubscribe, and an
+/// ack for each notify the agent may hold. A request that still finds no room ends the
+/// connection (`NotifyClient::run`): the next CONNACK queues everything again.
+pub const REQUEST_QUEUE: usize = MAX_UNSUBSCRIBE
+    + (crate::config::MAX_DOWNSTREAM_THINGS + 1).div_ceil(FILTERS_PER_SUBSCRIBE)
+    + QUEUE
+    + 2;
 /// Topic filters in one SUBSCRIBE (AWS IoT's limit).
 pub const FILTERS_PER_SUBSCRIBE: usize = 8;
 
@@ -362,17 +368,33 @@ impl Subscriptions {
         self.unsubscribe.iter().cloned().collect()
     }
 
-    /// Queues SUBSCRIBEs for `topics` in batches.
-    fn subscribe(&mut self, client: &AsyncClient, topics: &[String]) {
+    /// Queues SUBSCRIBEs for `topics` in batches; `Err` when rumqttc's queue is full.
+    fn subscribe(&mut self, client: &AsyncClient, topics: &[String]) -> Result<(), String> {
         for batch in batches(topics) {
             let filters = batch
                 .iter()
                 .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-            match client.try_subscribe_many(filters) {
-                Ok(()) => self.queued(batch),
-                Err(e) => error!(topics = ?batch, "cannot queue the subscription: {e}"),
-            }
+            client
+                .try_subscribe_many(filters)
+                .map_err(|e| format!("cannot queue the subscription to {batch:?}: {e}"))?;
+            self.queued(batch);
         }
+        Ok(())
+    }
+
+    /// After a CONNACK: every topic, the gateway's own first, then the unsubscribes of
+    /// removed things. Rule (subscriptions never starve): the own topic is never queued
+    /// behind anything else.
+    fn after_connack(&mut self, client: &AsyncClient) -> Result<(), String> {
+        self.reset();
+        let all = self.all();
+        self.subscribe(client, &all)?;
+        for topic in self.unsubscribes() {
+            client
+                .try_unsubscribe(topic.clone())
+                .map_err(|e| format!("cannot queue the unsubscribe from {topic}: {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -383,34 +405,18 @@ pub fn silence_limit(keep_alive: Duration) -> Duration {
 }
 
 /// What ended an MQTT connection, for the log and the status.
-fn describe(e: &ConnectionError, proxy: Option<&crate::proxy::HttpProxy>) -> String {
-    match (e, proxy) {
+fn describe(e: &ConnectionError, front: Option<&ProxyFront>) -> String {
+    match (e, front.and_then(ProxyFront::last_error)) {
         (
             ConnectionError::MqttState(StateError::Deserialization(
                 rumqttc::Error::PayloadSizeLimitExceeded(n),
             )),
             _,
         ) => format!("a {n}-byte message arrived, above the {MAX_INCOMING_PACKET}-byte limit"),
-        (ConnectionError::Proxy(p), Some(proxy)) => describe_proxy(&p.to_string(), proxy),
+        // The front knows what the real proxy said; rumqttc only saw the front's 502.
+        (ConnectionError::Proxy(_), Some(why)) => why,
         (other, _) => other.to_string(),
     }
-}
-
-/// rumqttc's proxy errors in the words the websocket's use: the proxy, the status, the fix;
-/// the proxy's own text cut short and printable only.
-fn describe_proxy(error: &str, proxy: &crate::proxy::HttpProxy) -> String {
-    const REFUSED: &str = "The HTTP code is not equal 200: ";
-    if let Some(code) = error
-        .split_once(REFUSED)
-        .and_then(|(_, rest)| rest.trim_end_matches('.').parse::<u16>().ok())
-    {
-        let hint = crate::proxy::refusal_hint(code, proxy.auth.is_some());
-        return format!("proxy {proxy} refused CONNECT to the broker: {code}{hint}");
-    }
-    format!(
-        "through proxy {proxy}: {}",
-        crate::proxy::printable(error, 160)
-    )
 }
 
 impl NotifyClient {
@@ -431,27 +437,28 @@ impl NotifyClient {
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 self.tls.clone(),
             )));
-        if let Some(p) = &self.proxy {
-            // rumqttc keeps its own copy of the password (not zeroized); it never logs it.
-            let auth = match &p.auth {
-                Some(a) => rumqttc::ProxyAuth::Basic {
-                    username: a.user.clone(),
-                    password: a.password.expose().to_owned(),
-                },
-                None => rumqttc::ProxyAuth::None,
-            };
-            opts.set_proxy(rumqttc::Proxy {
-                ty: rumqttc::ProxyType::Http,
-                auth,
-                // rumqttc joins "addr:port": an IPv6 proxy needs its brackets.
-                addr: if p.host.contains(':') {
-                    format!("[{}]", p.host)
-                } else {
-                    p.host.clone()
-                },
-                port: p.port,
-            });
-        }
+        // Through a proxy, rumqttc goes through the bounded front (`proxy_front`).
+        let front = match &self.proxy {
+            Some(p) => {
+                match ProxyFront::start(p.clone(), &self.config.host, self.config.port).await {
+                    Ok(front) => {
+                        opts.set_proxy(front.for_rumqttc());
+                        Some(front)
+                    }
+                    Err(e) => {
+                        state.send_modify(|s| {
+                            s.last_error = Some(format!("cannot start the local proxy front: {e}"));
+                        });
+                        warn!(
+                            "MQTT through proxy {p}: cannot start the local front: {e}; MQTT stays down"
+                        );
+                        cancel.cancelled().await;
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
         let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
         // Notifies are small and latency matters: no Nagle delay.
         let mut net = rumqttc::NetworkOptions::new();
@@ -478,15 +485,24 @@ impl NotifyClient {
                     let things = downstream.borrow_and_update().clone();
                     let (added, removed) = subs.set_downstream(&things);
                     // Not connected: the next CONNACK subscribes to everything.
-                    if connected_at.is_some() {
-                        for topic in removed {
-                            if let Err(e) = client.try_unsubscribe(topic.clone()) {
-                                error!(topic = %topic, "cannot queue the unsubscribe: {e}");
-                            }
-                        }
-                        subs.subscribe(&client, &added);
+                    if connected_at.is_none() {
+                        continue;
                     }
-                    continue;
+                    let queued = subs.subscribe(&client, &added).and_then(|()| {
+                        removed.iter().try_for_each(|topic| {
+                            client.try_unsubscribe(topic.clone()).map_err(|e| {
+                                format!("cannot queue the unsubscribe from {topic}: {e}")
+                            })
+                        })
+                    });
+                    match queued {
+                        Ok(()) => continue,
+                        // The next CONNACK queues the complete sets.
+                        Err(why) => {
+                            events.clean();
+                            Err(why)
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(last_rx + silence), if connected_at.is_some() => {
                     // Drop the dead connection; the next poll reconnects.
@@ -498,7 +514,7 @@ impl NotifyClient {
                         rumqttc::Error::PayloadSizeLimitExceeded(_)))) {
                         purging = true;
                     }
-                    describe(&e, self.proxy.as_ref())
+                    describe(&e, front.as_ref())
                 }),
             };
             if matches!(event, Ok(Event::Incoming(_))) {
@@ -575,14 +591,16 @@ impl NotifyClient {
                             rumqttc::Request::Subscribe(_) | rumqttc::Request::Unsubscribe(_)
                         )
                     });
-                    subs.reset();
-                    for topic in subs.unsubscribes() {
-                        if let Err(e) = client.try_unsubscribe(topic.clone()) {
-                            debug!(topic = %topic, "cannot queue the unsubscribe: {e}");
+                    if let Err(why) = subs.after_connack(&client) {
+                        events.clean();
+                        let up_for = connected_at.take().map(|t| t.elapsed());
+                        if !self
+                            .lost(why, up_for, false, &state, &cancel, &mut policy)
+                            .await
+                        {
+                            return;
                         }
                     }
-                    let all = subs.all();
-                    subs.subscribe(&client, &all);
                 }
                 Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => subs.sent(pkid),
                 Ok(Event::Incoming(Packet::SubAck(_))) if own_granted => {
@@ -617,24 +635,44 @@ impl NotifyClient {
                 Err(why) => {
                     let up_for = connected_at.take().map(|t| t.elapsed());
                     if purging {
-                        warn!(broker = %broker, "{why}: it cannot be read, and with a persistent session the broker would redeliver it on every reconnect; wiping the MQTT session to drop it (notifies queued behind it are lost)");
                         events.mqtt_options.set_clean_session(true);
-                    } else if policy.failures() == 0 {
-                        warn!(broker = %broker, "MQTT connection ended: {why}; reconnecting with backoff");
-                    } else {
-                        debug!(broker = %broker, attempt = policy.failures() + 1, "MQTT connection failed: {why}");
                     }
-                    state.send_modify(|s| {
-                        s.phase = MqttPhase::Connecting;
-                        s.since = SystemTime::now();
-                        s.last_error = Some(why);
-                    });
-                    if !self.pause(&cancel, &mut policy, up_for).await {
+                    if !self
+                        .lost(why, up_for, purging, &state, &cancel, &mut policy)
+                        .await
+                    {
                         return;
                     }
                 }
             }
         }
+    }
+
+    /// The connection ended (or could not be made): says why, then waits as the reconnect
+    /// policy says; `false` if cancelled meanwhile.
+    async fn lost(
+        &self,
+        why: String,
+        up_for: Option<Duration>,
+        purging: bool,
+        state: &watch::Sender<MqttState>,
+        cancel: &CancellationToken,
+        policy: &mut MqttReconnect,
+    ) -> bool {
+        let broker = format!("{}:{}", self.config.host, self.config.port);
+        if purging {
+            warn!(broker = %broker, "{why}: it cannot be read, and with a persistent session the broker would redeliver it on every reconnect; wiping the MQTT session to drop it (notifies queued behind it are lost)");
+        } else if policy.failures() == 0 {
+            warn!(broker = %broker, "MQTT connection ended: {why}; reconnecting with backoff");
+        } else {
+            debug!(broker = %broker, attempt = policy.failures() + 1, "MQTT connection failed: {why}");
+        }
+        state.send_modify(|s| {
+            s.phase = MqttPhase::Connecting;
+            s.since = SystemTime::now();
+            s.last_error = Some(why);
+        });
+        self.pause(cancel, policy, up_for).await
     }
 
     /// Waits before the next CONNECT, as the reconnect policy says; `false` if cancelled.
@@ -655,12 +693,12 @@ impl NotifyClient {
 
     /// Keepalive and user timeout on rumqttc's socket, found by the broker's address.
     async fn harden_socket(&self) {
+        // Through a proxy, the front hardened its own socket to the proxy.
+        if self.proxy.is_some() {
+            return;
+        }
         // Bounded: a slow resolver must not hold up the subscription.
-        // Through a proxy, the socket's peer is the proxy.
-        let (host, port) = match &self.proxy {
-            Some(p) => (p.host.as_str(), p.port),
-            None => (self.config.host.as_str(), self.config.port),
-        };
+        let (host, port) = (self.config.host.as_str(), self.config.port);
         let lookup = tokio::net::lookup_host((host, port));
         match tokio::time::timeout(Duration::from_secs(2), lookup).await {
             Ok(Ok(addrs)) => {
@@ -789,18 +827,43 @@ mod tests {
         assert!(policy_statement("PLC-1").contains("topicfilter/$aws/things/PLC-1/tunnels/notify"));
     }
 
-    #[test]
-    fn proxy_refusals_of_the_broker_name_the_proxy_status_and_fix() {
-        let p = crate::proxy::parse_proxy_url("http://op:pw@proxy:3128").unwrap();
-        assert_eq!(
-            describe_proxy("Proxy connect: The HTTP code is not equal 200: 407.", &p),
-            "proxy http://op@proxy:3128 refused CONNECT to the broker: 407: the proxy refused the credentials in the proxy URL"
-        );
-        let odd = describe_proxy("Proxy connect: header \u{1b}[31m too long", &p);
-        assert!(
-            !odd.contains('\u{1b}') && odd.starts_with("through proxy http://op@proxy:3128"),
-            "{odd}"
-        );
+    /// 49 things, then sets of 49 others swapped in until 147 were removed.
+    fn worst_case_subscriptions() -> Subscriptions {
+        let set = |n: usize| -> Vec<String> {
+            (0..crate::config::MAX_DOWNSTREAM_THINGS)
+                .map(|i| format!("t{n}-{i}"))
+                .collect()
+        };
+        let mut subs = Subscriptions::new("gw", "$aws/things/gw/tunnels/notify", &set(0));
+        for n in 1..4 {
+            subs.set_downstream(&set(n));
+        }
+        assert_eq!(subs.unsubscribes().len(), MAX_UNSUBSCRIBE);
+        subs
+    }
+
+    #[tokio::test]
+    async fn after_a_connack_every_subscription_and_unsubscribe_fits_with_room_for_acks() {
+        let mut subs = worst_case_subscriptions();
+        let opts = MqttOptions::new("gw", "127.0.0.1", 1);
+        let (client, _events) = AsyncClient::new(opts, REQUEST_QUEUE);
+        subs.after_connack(&client).unwrap();
+        assert_eq!(subs.unsent.len(), 7, "50 topics in batches of 8");
+        assert_eq!(subs.unsent[0][0], "$aws/things/gw/tunnels/notify");
+        for _ in 0..QUEUE {
+            client.try_unsubscribe("ack stand-in").unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_subscription_that_finds_no_room_is_an_error_not_a_log_line() {
+        let mut subs = worst_case_subscriptions();
+        let opts = MqttOptions::new("gw", "127.0.0.1", 1);
+        let (client, _events) = AsyncClient::new(opts, 8);
+        let err = subs.after_connack(&client).unwrap_err();
+        assert!(err.contains("cannot queue"), "{err}");
+        // The own topic went first: it is queued even though the rest did not fit.
+        assert_eq!(subs.unsent[0][0], "$aws/things/gw/tunnels/notify");
     }
 
     fn notify(mode: &str, token: &str, region: &str, services: &str) -> Vec<u8> {

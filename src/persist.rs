@@ -31,6 +31,9 @@ pub struct PersistedSession {
     pub client_token: Secret,
     /// When the token first connected: the agent's own lifetime counts from it.
     pub first_connected: Option<Moment>,
+    /// When its notify arrived: a session that never connects ends 12 h after it. `None`
+    /// in files of earlier versions.
+    pub received: Option<Moment>,
 }
 
 /// A moment on two clocks: the wall clock, which survives a reboot but may jump (or be unset
@@ -90,6 +93,37 @@ struct FileV1<T> {
     boot_id: String,
     #[serde(default)]
     first_connected_uptime_ms: u64,
+    #[serde(default)]
+    received: Option<FileMoment>,
+}
+
+/// A `Moment` in the file.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMoment {
+    unix: u64,
+    boot_id: String,
+    uptime_ms: u64,
+}
+
+impl From<&Moment> for FileMoment {
+    fn from(m: &Moment) -> Self {
+        FileMoment {
+            unix: m.unix_secs,
+            boot_id: m.boot_id.clone(),
+            uptime_ms: m.uptime_ms,
+        }
+    }
+}
+
+impl From<FileMoment> for Moment {
+    fn from(m: FileMoment) -> Self {
+        Moment {
+            unix_secs: m.unix,
+            boot_id: m.boot_id,
+            uptime_ms: m.uptime_ms,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +238,7 @@ impl SessionStore {
                 .as_ref()
                 .map_or_else(String::new, |m| m.boot_id.clone()),
             first_connected_uptime_ms: s.first_connected.as_ref().map_or(0, |m| m.uptime_ms),
+            received: s.received.as_ref().map(FileMoment::from),
         };
         // Room for the largest file up front, so the buffer never reallocates and leaves an
         // unwiped copy of a token behind.
@@ -240,7 +275,7 @@ impl SessionStore {
         for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.ends_with(SUFFIX) || name.ends_with(".rejected") {
+            if name.ends_with(SUFFIX) || name.ends_with(REJECTED) {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -283,17 +318,30 @@ impl SessionStore {
             };
             match read_session(&path, file_id) {
                 Ok(s) => sessions.push(s),
-                Err(why) => {
-                    let aside = self.dir.join(format!("{name}.rejected"));
-                    // Kept for whoever investigates, readable by this user only: it may hold
-                    // a token.
-                    let moved = fs::rename(&path, &aside).is_ok()
-                        && fs::set_permissions(&aside, fs::Permissions::from_mode(0o600)).is_ok();
+                Err(Unusable::NotOurs(why)) => {
+                    // Unlinked, never followed: chmod or rename through a planted link
+                    // would act on its target.
+                    let removed = fs::remove_file(&path).is_ok();
+                    warnings.push(format!(
+                        "session file {} {why}; {}",
+                        path.display(),
+                        if removed {
+                            "removed"
+                        } else {
+                            "left in place (cannot remove it)"
+                        }
+                    ));
+                }
+                Err(Unusable::Invalid(why)) => {
+                    // Ours (a private regular file) but unusable: kept for whoever
+                    // investigates, for `REJECTED_KEPT` (it may hold a live token).
+                    let aside = self.dir.join(format!("{name}{REJECTED}"));
+                    let moved = fs::rename(&path, &aside).is_ok();
                     warnings.push(format!(
                         "session file {} {why}; {}",
                         path.display(),
                         if moved {
-                            format!("moved aside to {}", aside.display())
+                            format!("moved aside to {} (removed after 12 h)", aside.display())
                         } else {
                             "left in place (cannot move it)".to_owned()
                         }
@@ -301,32 +349,73 @@ impl SessionStore {
                 }
             }
         }
+        self.sweep_rejected(SystemTime::now());
         (sessions, warnings)
+    }
+
+    /// Removes the files moved aside more than `REJECTED_KEPT` ago (by their change time,
+    /// which a rename sets); returns how many. Called at start and hourly.
+    pub fn sweep_rejected(&self, now: SystemTime) -> usize {
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            let name = entry.file_name();
+            let changed = UNIX_EPOCH + Duration::from_secs(meta.ctime().max(0) as u64);
+            if name.to_string_lossy().ends_with(REJECTED)
+                && rejected_expired(changed, now)
+                && fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        removed
     }
 }
 
-fn read_session(path: &Path, file_id: &str) -> Result<PersistedSession, String> {
+/// How long an unusable session file is kept aside.
+pub const REJECTED_KEPT: Duration = Duration::from_secs(12 * 3600);
+const REJECTED: &str = ".rejected";
+
+/// Rule: a file moved aside at `changed` is removed from `REJECTED_KEPT` later on (a token in
+/// it has expired by then); one dated in the future (clock stepped back) is kept.
+pub fn rejected_expired(changed: SystemTime, now: SystemTime) -> bool {
+    now.duration_since(changed)
+        .is_ok_and(|age| age >= REJECTED_KEPT)
+}
+
+/// Why a file in the sessions directory is not used.
+enum Unusable {
+    /// Not a private regular file of this agent (a link, a FIFO, someone else's).
+    NotOurs(String),
+    /// Ours, but it does not parse or is not valid.
+    Invalid(String),
+}
+
+fn read_session(path: &Path, file_id: &str) -> Result<PersistedSession, Unusable> {
     // O_NONBLOCK: a FIFO planted here must not hang the start.
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| format!("cannot be opened ({e})"))?;
-    let meta = f.metadata().map_err(|e| e.to_string())?;
+        .map_err(|e| Unusable::NotOurs(format!("cannot be opened ({e})")))?;
+    let meta = f.metadata().map_err(|e| Unusable::NotOurs(e.to_string()))?;
     if !meta.is_file() || meta.uid() != euid() || meta.mode() & 0o077 != 0 {
-        return Err(format!(
+        return Err(Unusable::NotOurs(format!(
             "is not a private file of this agent (uid {}, mode {:04o})",
             meta.uid(),
             meta.mode() & 0o7777
-        ));
+        )));
     }
-    if meta.len() > MAX_FILE {
-        return Err(format!(
-            "is {} bytes, too large to be a session",
-            meta.len()
-        ));
+    parse_session(f, meta.len(), file_id).map_err(Unusable::Invalid)
+}
+
+fn parse_session(f: File, len: u64, file_id: &str) -> Result<PersistedSession, String> {
+    if len > MAX_FILE {
+        return Err(format!("is {len} bytes, too large to be a session"));
     }
-    let mut text = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
+    let mut text = Zeroizing::new(Vec::with_capacity(len as usize));
     io::Read::read_to_end(&mut io::Read::take(f, MAX_FILE), &mut text)
         .map_err(|e| e.to_string())?;
     // The error's position only: its text could quote a value.
@@ -356,6 +445,7 @@ fn read_session(path: &Path, file_id: &str) -> Result<PersistedSession, String> 
             boot_id: file.boot_id,
             uptime_ms: file.first_connected_uptime_ms,
         }),
+        received: file.received.map(Moment::from),
     };
     validate(&s)?;
     Ok(s)
@@ -405,6 +495,11 @@ mod tests {
                 boot_id: "b1".into(),
                 uptime_ms: 5000,
             }),
+            received: Some(Moment {
+                unix_secs: 1_799_999_990,
+                boot_id: "b1".into(),
+                uptime_ms: 100,
+            }),
         }
     }
 
@@ -444,8 +539,74 @@ mod tests {
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert!(warnings.iter().all(|w| !w.contains("AQGA")), "{warnings:?}");
         assert!(store.dir.join(format!("garbage{SUFFIX}.rejected")).exists());
+        // Not ours: removed, not kept.
+        assert!(
+            !store.path("open").exists()
+                && !store.dir.join(format!("open{SUFFIX}.rejected")).exists()
+        );
         // Moved aside: the next start does not warn again.
         assert!(store.load().1.is_empty());
+    }
+
+    #[test]
+    fn a_planted_link_is_unlinked_and_its_target_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SessionStore::open(dir.path()).unwrap();
+        // A file the agent may write but must never chmod or move: the link's target.
+        let target = dir.path().join("precious");
+        fs::write(&target, "keep me").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&target, store.path("planted")).unwrap();
+        let (loaded, warnings) = store.load();
+        assert!(loaded.is_empty());
+        assert!(warnings[0].contains("removed"), "{warnings:?}");
+        assert!(
+            fs::symlink_metadata(store.path("planted")).is_err(),
+            "the link is gone"
+        );
+        let meta = fs::metadata(&target).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o644, "the target's mode was changed");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep me");
+        assert!(
+            fs::read_dir(&store.dir).unwrap().count() == 0,
+            "nothing moved aside"
+        );
+    }
+
+    #[test]
+    fn files_moved_aside_are_removed_after_12_hours() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert!(!rejected_expired(
+            t0,
+            t0 + REJECTED_KEPT - Duration::from_secs(1)
+        ));
+        assert!(rejected_expired(t0, t0 + REJECTED_KEPT));
+        assert!(
+            !rejected_expired(t0, t0 - Duration::from_secs(60)),
+            "clock stepped back"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = SessionStore::open(dir.path()).unwrap();
+        fs::write(store.dir.join("x.session.json.rejected"), "AQGA").unwrap();
+        fs::write(store.dir.join("y.session.json"), "other").unwrap();
+        assert_eq!(store.sweep_rejected(SystemTime::now()), 0, "fresh");
+        assert_eq!(store.sweep_rejected(SystemTime::now() + REJECTED_KEPT), 1);
+        assert!(!store.dir.join("x.session.json.rejected").exists());
+        assert!(store.dir.join("y.session.json").exists());
+    }
+
+    #[test]
+    fn a_file_of_an_earlier_version_without_its_notify_time_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SessionStore::open(dir.path()).unwrap();
+        let mut s = session("old");
+        s.received = None;
+        store.save(&s).unwrap();
+        let text = fs::read_to_string(store.path("old")).unwrap();
+        assert!(text.contains("\"received\":null"), "{text}");
+        let without = text.replace(",\"received\":null", "");
+        fs::write(store.path("old"), without).unwrap();
+        assert_eq!(store.load().0, vec![s]);
     }
 
     #[test]

@@ -24,11 +24,33 @@ impl Secret {
 
     /// The first 4 bytes of the value's SHA-256, as hex.
     pub fn fingerprint(&self) -> String {
+        self.hash().to_string()["token:".len()..].to_owned()
+    }
+
+    /// The value's whole SHA-256: what tells two tokens apart (the display form's 8 hex
+    /// digits collide after some 77,000 tokens).
+    pub fn hash(&self) -> TokenHash {
         let digest = ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes());
-        digest.as_ref()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        let mut h = [0u8; 32];
+        h.copy_from_slice(digest.as_ref());
+        TokenHash(h)
+    }
+}
+
+/// A token's SHA-256: compared whole, shown as `token:<8 hex>` like the token itself.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenHash([u8; 32]);
+
+impl fmt::Display for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("token:")?;
+        self.0[..4].iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -64,5 +86,17 @@ mod tests {
         }
         assert_eq!(s.fingerprint().len(), 8);
         assert_ne!(s.fingerprint(), Secret::new("other").fingerprint());
+        assert_eq!(s.hash().to_string(), s.to_string());
+    }
+
+    #[test]
+    fn tokens_whose_display_forms_collide_have_different_hashes() {
+        // Found by search: the same first 4 bytes of SHA-256.
+        let (a, b) = (
+            Secret::new("AQGA-collide-40119"),
+            Secret::new("AQGA-collide-45948"),
+        );
+        assert_eq!(a.to_string(), b.to_string());
+        assert_ne!(a.hash(), b.hash());
     }
 }

@@ -278,6 +278,48 @@ impl ServiceMap {
     }
 }
 
+/// Which services one tunnel may reach, beyond what the service map has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every service of the map: `local-proxy -d`, whose map the operator gave for this
+    /// one tunnel.
+    WholeMap,
+    /// Only the services the tunnel was opened for (the notify's `services`).
+    Opened(Vec<String>),
+}
+
+impl Scope {
+    /// Rule (scope): a stream or connection is admitted only for a service the tunnel was
+    /// opened for, and that the service announced in SERVICE_IDS when it announced any;
+    /// the thing's service map is asked after this. A V1 stream (empty id) stands for the
+    /// tunnel's only service. The service relays a source's STREAM_START verbatim, so this
+    /// is the last check between a tunnel and the gateway's other services.
+    pub fn admits(&self, service_id: &str, announced: &[String]) -> bool {
+        let Scope::Opened(opened) = self else {
+            return true;
+        };
+        let named = if service_id.is_empty() {
+            match (announced, opened.as_slice()) {
+                ([one], _) | ([], [one]) => one.as_str(),
+                _ => return false,
+            }
+        } else {
+            service_id
+        };
+        let listed = |list: &[String]| list.iter().any(|s| s == named);
+        listed(opened) && (announced.is_empty() || listed(announced))
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::WholeMap => f.write_str("the whole service map"),
+            Scope::Opened(services) => write!(f, "{}", services.join(",")),
+        }
+    }
+}
+
 /// A service map that can be replaced while bridges run (SIGHUP reload): each new stream
 /// resolves against the current map; connections already open are not touched.
 #[derive(Clone, Debug)]
@@ -406,6 +448,42 @@ mod tests {
         );
         drop(tx);
         assert!(shared.current().resolve("SSH", &[]).is_some());
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn scope_admits_only_services_the_tunnel_was_opened_for() {
+        let http = Scope::Opened(names(&["HTTP"]));
+        assert!(http.admits("HTTP", &[]));
+        assert!(http.admits("HTTP", &names(&["HTTP"])));
+        assert!(!http.admits("SSH", &[]), "mapped but not opened");
+        assert!(
+            !http.admits("SSH", &names(&["HTTP", "SSH"])),
+            "announced but not opened"
+        );
+        let both = Scope::Opened(names(&["HTTP", "SSH"]));
+        assert!(
+            !both.admits("SSH", &names(&["HTTP"])),
+            "opened but not announced"
+        );
+        assert!(both.admits("SSH", &names(&["SSH", "HTTP"])));
+        assert!(Scope::WholeMap.admits("ANY", &names(&["HTTP"])));
+    }
+
+    #[test]
+    fn scope_reads_a_v1_stream_as_the_tunnels_only_service() {
+        let ssh = Scope::Opened(names(&["SSH"]));
+        assert!(ssh.admits("", &[]));
+        assert!(ssh.admits("", &names(&["SSH"])));
+        assert!(!ssh.admits("", &names(&["HTTP"])));
+        let two = Scope::Opened(names(&["SSH", "HTTP"]));
+        assert!(!two.admits("", &[]), "no only service to stand for");
+        assert!(!two.admits("", &names(&["SSH", "HTTP"])));
+        assert!(two.admits("", &names(&["HTTP"])));
+        assert_eq!(two.to_string(), "SSH,HTTP");
     }
 
     #[test]

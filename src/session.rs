@@ -7,10 +7,22 @@ use std::collections::{HashMap, VecDeque};
 use tokio::time::{Duration, Instant};
 
 use crate::config::RotationPolicy;
-use crate::secret::Secret;
+use crate::secret::{Secret, TokenHash};
 
 /// The service's ceiling on a tunnel's lifetime.
 pub const SERVICE_MAX_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// A session that never connects (data plane unreachable, DNS broken) ends this long after
+/// its notify arrived: no token outlives the service's longest tunnel.
+pub const CONNECT_WITHIN: Duration = SERVICE_MAX_LIFETIME;
+
+/// Rule (nothing lives for ever): when a session that has not connected yet gives up,
+/// `since_notify` after its notify arrived (unknown: counted from now); `None` when that
+/// time is already over.
+pub fn connect_deadline(since_notify: Option<Duration>, now: Instant) -> Option<Instant> {
+    let left = CONNECT_WITHIN.saturating_sub(since_notify.unwrap_or_default());
+    (!left.is_zero()).then(|| now + left)
+}
+
 /// Tokens remembered per tunnel, so a late redelivery of a revoked one is never used.
 const REMEMBERED_TOKENS: usize = 16;
 /// Tunnels whose tokens are remembered after they end.
@@ -47,8 +59,8 @@ pub struct Entry {
     /// The agent's own end for this token: `max_lifetime` after its first connect; `None`
     /// until then.
     pub deadline: Option<Instant>,
-    /// `token:<hash>` of the token the session runs with.
-    pub token: String,
+    /// The whole SHA-256 of the token the session runs with (shown as `token:<8 hex>`).
+    pub token: TokenHash,
     /// Tokens this tunnel had before this one (rotations seen by this agent).
     pub rotations: u32,
 }
@@ -73,7 +85,7 @@ pub enum Decision {
 
 pub struct SessionTable {
     entries: Vec<Entry>,
-    seen: HashMap<TunnelKey, VecDeque<String>>,
+    seen: HashMap<TunnelKey, VecDeque<TokenHash>>,
     seen_order: VecDeque<TunnelKey>,
     next_id: u64,
     max_tunnels: usize,
@@ -81,6 +93,8 @@ pub struct SessionTable {
     policy: RotationPolicy,
     /// Per downstream thing: at most this many of its tunnels live.
     thing_caps: HashMap<String, usize>,
+    /// The gateway's own thing, for which one slot stays free (`room_for`).
+    own_thing: Option<String>,
 }
 
 impl SessionTable {
@@ -94,7 +108,14 @@ impl SessionTable {
             max_lifetime: max_lifetime.min(SERVICE_MAX_LIFETIME),
             policy,
             thing_caps: HashMap::new(),
+            own_thing: None,
         }
+    }
+
+    /// The gateway's own thing: downstream things without a cap of their own leave it one
+    /// tunnel slot.
+    pub fn set_own_thing(&mut self, thing: &str) {
+        self.own_thing = Some(thing.to_owned());
     }
 
     /// The per-thing caps (`things.<name>.max_tunnels`), replacing the previous ones.
@@ -103,25 +124,36 @@ impl SessionTable {
     }
 
     /// Rule (tunnel caps): a new tunnel (not a rotation) needs room under the agent's
-    /// `max_tunnels` and under its thing's cap; the refusal says which.
+    /// `max_tunnels` and under its thing's cap; a downstream thing without a cap of its own
+    /// also leaves one slot to the gateway's own thing while that has none. The refusal
+    /// says which.
     fn room_for(&self, thing: &str) -> Result<(), String> {
-        if self.entries.len() >= self.max_tunnels {
+        let total = self.entries.len();
+        if total >= self.max_tunnels {
             return Err(format!(
-                "{} tunnels are already live (limits.max_tunnels); a live tunnel is never evicted",
-                self.entries.len()
+                "{total} tunnels are already live (limits.max_tunnels); a live tunnel is never evicted"
             ));
         }
-        let live = self.entries.iter().filter(|e| e.key.thing == thing).count();
-        match self.thing_caps.get(thing) {
-            Some(&cap) if live >= cap => Err(format!(
+        let live_of = |t: &str| self.entries.iter().filter(|e| e.key.thing == t).count();
+        let live = live_of(thing);
+        match (self.thing_caps.get(thing), &self.own_thing) {
+            (Some(&cap), _) if live >= cap => Err(format!(
                 "{live} tunnels of thing {thing} are already live (things.{thing}.max_tunnels)"
             )),
+            (None, Some(own))
+                if own != thing && live_of(own) == 0 && total + 1 >= self.max_tunnels =>
+            {
+                Err(format!(
+                    "the last of limits.max_tunnels ({}) stays free for the gateway's own thing {own}; give things.{thing}.max_tunnels to share it otherwise",
+                    self.max_tunnels
+                ))
+            }
             _ => Ok(()),
         }
     }
 
     pub fn decide(&mut self, key: TunnelKey, token: &Secret, now: Instant) -> Decision {
-        let fp = token.to_string();
+        let fp = token.hash();
         let live: Vec<&Entry> = self.entries.iter().filter(|e| e.key == key).collect();
         if live.iter().any(|e| e.token == fp) {
             return Decision::Duplicate;
@@ -140,7 +172,7 @@ impl SessionTable {
                     key: key.clone(),
                     created: now,
                     deadline: None,
-                    token: fp.clone(),
+                    token: fp,
                     rotations: old.rotations + 1,
                 });
                 Decision::Rotate { old: old.id, id }
@@ -149,7 +181,7 @@ impl SessionTable {
                 if let Err(why) = self.room_for(&key.thing) {
                     return Decision::Refused(why);
                 }
-                let id = self.insert(key.clone(), fp.clone(), now);
+                let id = self.insert(key.clone(), fp, now);
                 Decision::Start { id }
             }
         };
@@ -167,12 +199,12 @@ impl SessionTable {
         deadline: Option<Instant>,
         now: Instant,
     ) -> Result<u64, String> {
-        let fp = token.to_string();
+        let fp = token.hash();
         if self.entries.iter().any(|e| e.key == key && e.token == fp) {
             return Err("a live session has the same token".into());
         }
         self.room_for(&key.thing)?;
-        let id = self.insert(key.clone(), fp.clone(), now);
+        let id = self.insert(key.clone(), fp, now);
         if let Some(e) = self.entries.iter_mut().find(|e| e.id == id) {
             e.deadline = deadline;
         }
@@ -180,7 +212,7 @@ impl SessionTable {
         Ok(id)
     }
 
-    fn insert(&mut self, key: TunnelKey, token: String, now: Instant) -> u64 {
+    fn insert(&mut self, key: TunnelKey, token: TokenHash, now: Instant) -> u64 {
         let id = self.next();
         self.entries.push(Entry {
             id,
@@ -212,7 +244,7 @@ impl SessionTable {
         self.next_id
     }
 
-    fn remember(&mut self, key: TunnelKey, fp: String) {
+    fn remember(&mut self, key: TunnelKey, fp: TokenHash) {
         let tokens = self.seen.entry(key.clone()).or_default();
         if tokens.contains(&fp) {
             return;
@@ -297,6 +329,48 @@ mod tests {
             Decision::Refused(why) => assert!(why.contains("limits.max_tunnels"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_uncapped_downstream_thing_leaves_the_gateway_its_last_slot() {
+        let mut t = table(3, RotationPolicy::Replace);
+        t.set_own_thing("gw");
+        t.set_thing_caps(HashMap::from([("CAM".to_owned(), 3)]));
+        let of = |thing: &str, s: &str| TunnelKey::new(thing, "us-east-1", &[s.to_owned()]);
+        let now = Instant::now();
+        assert!(matches!(
+            t.decide(of("PLC", "A"), &Secret::new("1"), now),
+            Decision::Start { .. }
+        ));
+        assert!(matches!(
+            t.decide(of("PLC", "B"), &Secret::new("2"), now),
+            Decision::Start { .. }
+        ));
+        match t.decide(of("PLC", "C"), &Secret::new("3"), now) {
+            Decision::Refused(why) => assert!(why.contains("gateway's own thing gw"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // A thing with a cap of its own may take it; so may the gateway itself.
+        let mut capped = table(3, RotationPolicy::Replace);
+        capped.set_own_thing("gw");
+        capped.set_thing_caps(HashMap::from([("CAM".to_owned(), 3)]));
+        for (i, s) in ["A", "B", "C"].iter().enumerate() {
+            let d = capped.decide(of("CAM", s), &Secret::new(i.to_string()), now);
+            assert!(matches!(d, Decision::Start { .. }), "{d:?}");
+        }
+        assert!(matches!(
+            t.decide(of("gw", "SSH"), &Secret::new("4"), now),
+            Decision::Start { .. }
+        ));
+        // Once the gateway has its tunnel, nothing more is held back (the total still counts).
+        let mut t = table(3, RotationPolicy::Replace);
+        t.set_own_thing("gw");
+        t.decide(of("gw", "SSH"), &Secret::new("5"), now);
+        t.decide(of("PLC", "A"), &Secret::new("6"), now);
+        assert!(matches!(
+            t.decide(of("PLC", "B"), &Secret::new("7"), now),
+            Decision::Start { .. }
+        ));
     }
 
     fn start(t: &mut SessionTable, k: TunnelKey, token: &str) -> u64 {
@@ -428,6 +502,25 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_told_apart_by_their_whole_hash_not_their_display_form() {
+        let mut t = table(10, RotationPolicy::Replace);
+        // The same `token:<8 hex>`: a rotation all the same, and no duplicate.
+        let (a, b) = (
+            Secret::new("AQGA-collide-40119"),
+            Secret::new("AQGA-collide-45948"),
+        );
+        assert_eq!(a.to_string(), b.to_string());
+        start(&mut t, key(&["SSH"]), a.expose());
+        assert!(matches!(
+            t.decide(key(&["SSH"]), &b, Instant::now()),
+            Decision::Rotate { .. }
+        ));
+        let c = Secret::new("AQGA-later");
+        t.decide(key(&["SSH"]), &c, Instant::now());
+        assert_eq!(t.decide(key(&["SSH"]), &a, Instant::now()), Decision::Stale);
+    }
+
     #[test]
     fn remembered_tokens_are_bounded() {
         let mut t = SessionTable::new(100, Duration::from_secs(600), RotationPolicy::Replace);
@@ -447,6 +540,17 @@ mod tests {
             }
         }
         assert!(t.remembered() <= REMEMBERED_KEYS * REMEMBERED_TOKENS);
+    }
+
+    #[test]
+    fn a_session_that_never_connects_ends_12_hours_after_its_notify() {
+        let now = Instant::now();
+        assert_eq!(connect_deadline(None, now), Some(now + CONNECT_WITHIN));
+        let hour = Duration::from_secs(3600);
+        assert_eq!(connect_deadline(Some(11 * hour), now), Some(now + hour));
+        assert_eq!(connect_deadline(Some(12 * hour), now), None);
+        assert_eq!(connect_deadline(Some(13 * hour), now), None);
+        assert_eq!(CONNECT_WITHIN, 12 * hour);
     }
 
     #[test]

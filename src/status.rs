@@ -122,7 +122,7 @@ impl TunnelStatus {
             thing: e.key.thing.clone(),
             region: e.key.region.clone(),
             services: e.key.services.clone(),
-            token: e.token.clone(),
+            token: e.token.to_string(),
             rotations: e.rotations,
             age_secs: now.saturating_duration_since(e.created).as_secs(),
             expires_in_secs: e

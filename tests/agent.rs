@@ -494,3 +494,65 @@ async fn sighup_reloads_the_service_map_and_live_tunnels_keep_running() {
     );
     assert_eq!(agent.count("session started"), 1);
 }
+
+/// The trust boundary: a source that speaks the protocol itself asks for a service the
+/// thing maps but the tunnel was not opened for. The agent resets the stream without any
+/// local connect; a stream for the opened service passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_for_a_mapped_service_the_tunnel_was_not_opened_for_reaches_nothing() {
+    use common::raw_source::RawSource;
+    use securetunnel_agent::protocol::{Message, MessageType};
+
+    let rig = Rig::start(RigOptions::default()).await;
+    let mut http = echo_tcp("127.0.0.1:0").await.unwrap();
+    let ssh = echo_tcp("127.0.0.1:0").await.unwrap();
+    let map = format!(
+        "HTTP = \"{}\"\nSSH = \"{}\"\n",
+        http.addr.unwrap(),
+        ssh.addr.unwrap()
+    );
+    let mut agent = rig.spawn_agent(&rig.agent_config("gw-scope", &map, ""));
+    agent.expect("subscribed to tunnel notifications").await;
+    let t = open(&rig, "gw-scope", &["HTTP"], 30).await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    let mut src = RawSource::connect(&rig.emu, &t.source_access_token).await;
+
+    src.send(&[
+        Message::stream_start(1, "SSH", 1),
+        Message::data(1, "SSH", 1, bytes::Bytes::from_static(b"let me in")),
+    ])
+    .await;
+    let reset = src.next_not_service_ids().await;
+    assert_eq!(
+        (reset.kind(), reset.stream_id, reset.service_id.as_str()),
+        (Some(MessageType::StreamReset), 1, "SSH")
+    );
+    let line = agent
+        .expect("refusing stream: the tunnel was not opened for this service")
+        .await;
+    assert!(
+        line.contains("SSH") && line.contains("token:"),
+        "the warning names the service and the tunnel: {line}"
+    );
+
+    // The opened service passes, after the refused one in the same ordered path.
+    let hello = bytes::Bytes::from_static(b"hello HTTP");
+    src.send(&[
+        Message::stream_start(2, "HTTP", 1),
+        Message::data(2, "HTTP", 1, hello.clone()),
+    ])
+    .await;
+    let echoed = src.next_not_service_ids().await;
+    assert_eq!(
+        (echoed.kind(), echoed.service_id.as_str(), echoed.payload),
+        (Some(MessageType::Data), "HTTP", hello)
+    );
+    assert_eq!(http.accepted(), 1);
+    assert_eq!(ssh.accepted(), 0, "the SSH service saw a connection");
+    src.send(&[Message::stream_reset(2, "HTTP")]).await;
+    within("the HTTP connection closes", http.wait_closed(1)).await;
+}

@@ -145,3 +145,177 @@ async fn a_local_service_cannot_push_faster_than_the_source_reads() {
     // The source's client that read nothing for 2 s was waited for, not reset.
     assert_eq!(get(&t.src.stats.stall_resets), 0);
 }
+
+/// A destination bridge of `tokens` serving `SVC` from `addr`, sharing `budget`.
+fn sharing_destination(
+    emu: &securetunnel_emulator::Emulator,
+    tokens: &securetunnel_emulator::TunnelTokens,
+    addr: std::net::SocketAddr,
+    budget: &securetunnel_agent::bridge::Budget,
+    limits: Limits,
+) -> Running {
+    use securetunnel_agent::bridge::{Bridge, Role};
+    let role = Role::Destination {
+        services: ServiceMap::default().with("SVC", tcp(addr)).into(),
+        scope: securetunnel_agent::services::Scope::WholeMap,
+    };
+    let cfg = config(emu, &tokens.destination_access_token, role, limits);
+    let bridge = Bridge::new(cfg).unwrap().with_budget(budget.clone());
+    run_bridge(bridge)
+}
+
+/// Fair shares: two tunnels whose local consumers stopped reading hold all of the shared
+/// byte budget between them; a third tunnel still moves its data at full speed on its own
+/// reserve, and nobody was reset to make room for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tunnels_with_stalled_consumers_do_not_stall_a_third() {
+    use securetunnel_agent::bridge::{Budget, Phase};
+    use securetunnel_agent::protocol::MAX_PAYLOAD;
+    use securetunnel_emulator::testkit::{Behaviour, echo_transfer, service_tcp};
+
+    const TOTAL: usize = 1 << 20;
+    let budget = Budget::new(TOTAL);
+    let stuck = service_tcp("127.0.0.1:0", Behaviour::Stuck).await.unwrap();
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let emu = emulator(false).await;
+    // Long enough that no stalled consumer is reset while the test runs; queues deep
+    // enough that the budget, not a queue, is what stops the stalled ones.
+    let limits = Limits {
+        stall_timeout: Duration::from_secs(60),
+        queue_depth: 64,
+        ..test_limits()
+    };
+    let mut tunnels = Vec::new();
+    for addr in [stuck.addr, stuck.addr, echo.addr] {
+        let tokens = emu.open_tunnel(&["SVC"], Duration::from_secs(3600));
+        let mut dest = sharing_destination(&emu, &tokens, addr.unwrap(), &budget, limits);
+        let (mut src, addrs) = source(&emu, &tokens, "SVC=0", Format::V3).await;
+        dest.wait_phase(Phase::Ready).await;
+        src.wait_phase(Phase::Ready).await;
+        tunnels.push((dest, src, addrs));
+    }
+    // Flooding clients: more than a tunnel may hold.
+    let mut floods = Vec::new();
+    for (_, _, addrs) in &tunnels[..2] {
+        for _ in 0..2 {
+            let mut c = TcpStream::connect(addrs.get("SVC")).await.unwrap();
+            floods.push(tokio::spawn(async move {
+                let chunk = vec![7u8; 64 << 10];
+                while c.write_all(&chunk).await.is_ok() {}
+            }));
+        }
+    }
+    within("the stalled consumers hold the shared budget", async {
+        while budget.used() + MAX_PAYLOAD < TOTAL {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let third = TcpStream::connect(tunnels[2].2.get("SVC")).await.unwrap();
+    let report = within(
+        "16 MiB through the third tunnel",
+        echo_transfer(third, 16 << 20, 11),
+    )
+    .await
+    .expect("the third tunnel's transfer completes byte-exact");
+    eprintln!(
+        "third tunnel: {:.1} MiB/s beside two stalled ones",
+        report.mib_per_s()
+    );
+    assert!(report.mib_per_s() > 8.0, "{:.1} MiB/s", report.mib_per_s());
+    let third_dest = &tunnels[2].0.stats;
+    assert!(
+        third_dest
+            .max_queued_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "the third tunnel never queued: the budget was not needed"
+    );
+    for (dest, _, _) in &tunnels[..2] {
+        assert_eq!(get(&dest.stats.stall_resets), 0, "room was made by a reset");
+    }
+    assert!(
+        budget.used() + MAX_PAYLOAD >= TOTAL,
+        "the stalled ones let go"
+    );
+    floods.iter().for_each(|f| f.abort());
+}
+
+/// Bounded name lookups: a resolver that never answers gets at most the bound of lookups
+/// (blocking threads); each keeps its connection counted against the tunnel's connection
+/// limit until it answers, so the tunnel refuses more; the runtime's blocking pool keeps
+/// working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_never_answers_holds_only_its_bound() {
+    use securetunnel_agent::bridge::{Bridge, Phase, Role};
+    use securetunnel_agent::lookup::{LookupFn, Lookups};
+    use securetunnel_agent::services::LocalEndpoint;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let (answer, wait) = std::sync::mpsc::channel::<()>();
+    let wait = Arc::new(Mutex::new(wait));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let stuck: Arc<LookupFn> = Arc::new(move |_, _| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let _ = wait.lock().unwrap().recv();
+        Err(std::io::Error::other("no answer"))
+    });
+    let echo = echo_tcp("127.0.0.1:0").await.unwrap();
+    let slow = LocalEndpoint::Tcp {
+        host: "slow.example".into(),
+        port: 80,
+    };
+    let map = ServiceMap::default()
+        .with("SLOW", slow)
+        .with("ECHO", tcp(echo.addr.unwrap()));
+    let limits = Limits {
+        max_connections: 3,
+        connect_attempts: 1,
+        connect_timeout: Duration::from_millis(200),
+        ..test_limits()
+    };
+    let emu = emulator(false).await;
+    let tokens = emu.open_tunnel(&["SLOW", "ECHO"], Duration::from_secs(3600));
+    let role = Role::Destination {
+        services: map.into(),
+        scope: securetunnel_agent::services::Scope::WholeMap,
+    };
+    let cfg = config(&emu, &tokens.destination_access_token, role, limits);
+    let bridge = Bridge::new(cfg)
+        .unwrap()
+        .with_lookups(Lookups::with(2, stuck));
+    let mut dest = run_bridge(bridge);
+    let (mut src, addrs) = source(&emu, &tokens, "SLOW=0,ECHO=0", Format::V3).await;
+    dest.wait_phase(Phase::Ready).await;
+    src.wait_phase(Phase::Ready).await;
+
+    // Three clients of the host-name service: two lookups start and hang; the third is
+    // refused at once; all three are closed.
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(addrs.get("SLOW")).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        within(
+            "a client of the unresolvable service is closed",
+            wait_closed(&mut c),
+        )
+        .await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "lookups beyond the bound");
+    // The two hanging lookups still count: one more connection fits, not two.
+    let live = live_client(addrs.get("ECHO")).await;
+    let mut refused = TcpStream::connect(addrs.get("ECHO")).await.unwrap();
+    refused.write_all(b"hello").await.unwrap();
+    within(
+        "the connection over the limit is closed",
+        wait_closed(&mut refused),
+    )
+    .await;
+    assert_eq!(echo.accepted(), 1);
+    // The blocking pool is not tied up.
+    let pool = tokio::task::spawn_blocking(|| 7);
+    assert_eq!(within("a blocking task runs", pool).await.unwrap(), 7);
+    drop((live, answer));
+}

@@ -176,6 +176,7 @@ async fn a_second_destination_with_another_client_token_is_refused_and_the_first
         &tokens.destination_access_token,
         securetunnel_agent::bridge::Role::Destination {
             services: ServiceMap::default().into(),
+            scope: securetunnel_agent::services::Scope::WholeMap,
         },
         test_limits(),
     );
@@ -255,6 +256,7 @@ async fn a_server_that_does_not_echo_the_subprotocol_is_refused_and_retried() {
     let dest = spawn_bridge(BridgeConfig {
         role: Role::Destination {
             services: ServiceMap::default().into(),
+            scope: securetunnel_agent::services::Scope::WholeMap,
         },
         endpoint: DataEndpoint::parse_override(&format!("ws://{addr}")).unwrap(),
         tls: None,

@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use super::log_rate::Kind;
 use super::ws::Outbound;
 use super::{Limits, Stats};
+use crate::lookup::Lookups;
 use crate::protocol::{MAX_PAYLOAD, Message};
 use crate::services::LocalEndpoint;
 
@@ -82,12 +83,28 @@ impl LocalStream {
         }
     }
 
-    pub async fn connect(endpoint: &LocalEndpoint) -> io::Result<Self> {
+    /// Connects to `endpoint`; a host name is resolved through `lookups`, which keep
+    /// `hold` until the resolver answers.
+    pub async fn connect<H: Send + 'static>(
+        endpoint: &LocalEndpoint,
+        lookups: &Lookups,
+        hold: H,
+    ) -> io::Result<Self> {
         match endpoint {
             LocalEndpoint::Tcp { host, port } => {
-                let s = TcpStream::connect((host.as_str(), *port)).await?;
-                s.set_nodelay(true)?;
-                Ok(LocalStream::Tcp(s))
+                let mut last = None;
+                for addr in lookups.resolve(host, *port, hold).await? {
+                    match TcpStream::connect(addr).await {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(LocalStream::Tcp(s));
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))
+                }))
             }
             LocalEndpoint::Unix(path) => Ok(LocalStream::Unix(UnixStream::connect(path).await?)),
         }
@@ -256,7 +273,9 @@ pub struct ConnTask {
     pub upward: Arc<Semaphore>,
     pub limits: Limits,
     pub stats: Arc<Stats>,
-    pub _open: OpenGuard,
+    /// Host names resolve here; a lookup in flight keeps the connection counted.
+    pub lookups: Lookups,
+    pub open: Arc<OpenGuard>,
 }
 
 impl ConnTask {
@@ -304,7 +323,10 @@ impl ConnTask {
             let result = tokio::select! {
                 _ = self.closing.cancelled() => return None,
                 _ = self.reset.cancelled() => return None,
-                r = tokio::time::timeout(self.limits.connect_timeout, LocalStream::connect(endpoint)) => r,
+                r = tokio::time::timeout(
+                    self.limits.connect_timeout,
+                    LocalStream::connect(endpoint, &self.lookups, self.open.clone()),
+                ) => r,
             };
             let err = match result {
                 Ok(Ok(s)) => {

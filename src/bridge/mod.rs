@@ -28,7 +28,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::backoff::Backoff;
 use crate::protocol::{self, Format, Mode};
 use crate::secret::Secret;
-use crate::services::SharedServiceMap;
+use crate::services::{Scope, SharedServiceMap};
 use relay::{Session, SessionEnd};
 pub use source::SourceListeners;
 #[cfg(fuzzing)]
@@ -245,6 +245,8 @@ pub enum Role {
     Destination {
         /// Read per STREAM_START, so a reload applies to new streams.
         services: SharedServiceMap,
+        /// The services this tunnel may reach (`Scope::admits`), asked before the map.
+        scope: Scope,
     },
     /// Accept local clients and open streams for them.
     Source {
@@ -325,6 +327,8 @@ struct Link {
     budget: TunnelBudget,
     /// Bytes read from local sockets and not yet sent: this tunnel's own.
     upward: Arc<Semaphore>,
+    /// Where host-name services resolve; the agent's bridges share one bound.
+    lookups: crate::lookup::Lookups,
 }
 
 /// A byte budget: a semaphore of bytes, and its size.
@@ -334,23 +338,37 @@ pub struct Budget {
     total: usize,
 }
 
-/// One bridge's view of a budget: the budget itself, and the tunnel's own cap on it.
+/// One bridge's view of a budget: the budget itself, the tunnel's own cap on it, and, when
+/// it shares the budget with other tunnels, a reserve of its own.
 #[derive(Clone, Debug)]
 pub(crate) struct TunnelBudget {
     pub shared: Budget,
     cap: Arc<Semaphore>,
+    reserve: Option<Arc<Semaphore>>,
 }
+
+/// Bytes each tunnel that shares the agent's budget holds on its own, besides that budget:
+/// two full payloads, so its reader moves while others' stalled consumers hold the rest.
+pub const TUNNEL_RESERVE: usize = 2 * crate::protocol::MAX_PAYLOAD;
 
 /// A payload's share of the budget: released when the payload is written (or dropped).
 #[derive(Debug)]
-pub(crate) struct BudgetPermit {
-    _cap: tokio::sync::OwnedSemaphorePermit,
-    _shared: tokio::sync::OwnedSemaphorePermit,
+pub(crate) enum BudgetPermit {
+    /// From the shared budget, within the tunnel's cap.
+    Shared {
+        _cap: tokio::sync::OwnedSemaphorePermit,
+        _shared: tokio::sync::OwnedSemaphorePermit,
+    },
+    /// From the tunnel's own reserve.
+    Reserved {
+        _reserve: tokio::sync::OwnedSemaphorePermit,
+    },
 }
 
 impl TunnelBudget {
     /// Rule (fair share): a tunnel may hold at most half of a budget it shares with other
-    /// tunnels, so consumers of one tunnel cannot starve the rest; alone, all of it.
+    /// tunnels, and has `TUNNEL_RESERVE` of its own that it uses first, so consumers of other
+    /// tunnels can never stall its reader; alone, it has all of its budget.
     pub fn new(shared: Budget, sharing: bool) -> Self {
         let cap = if sharing {
             shared.total / 2
@@ -360,28 +378,47 @@ impl TunnelBudget {
         TunnelBudget {
             cap: Arc::new(Semaphore::new(cap.max(crate::protocol::MAX_PAYLOAD))),
             shared,
+            reserve: sharing.then(|| Arc::new(Semaphore::new(TUNNEL_RESERVE))),
         }
     }
 
-    /// `len` bytes now, if both the tunnel's cap and the budget have them.
+    /// `len` bytes now: from the reserve, else if both the tunnel's cap and the budget
+    /// have them.
     pub fn try_acquire(&self, len: u32) -> Option<BudgetPermit> {
+        if let Some(reserve) = &self.reserve
+            && let Ok(p) = reserve.clone().try_acquire_many_owned(len)
+        {
+            return Some(BudgetPermit::Reserved { _reserve: p });
+        }
         let cap = self.cap.clone().try_acquire_many_owned(len).ok()?;
         let shared = self.shared.sem.clone().try_acquire_many_owned(len).ok()?;
-        Some(BudgetPermit {
+        Some(BudgetPermit::Shared {
             _cap: cap,
             _shared: shared,
         })
     }
 
-    /// `len` bytes once available: the tunnel's cap first, so a tunnel at its cap does not
-    /// hold a share of the budget while it waits.
+    /// `len` bytes once available, from whichever has them first: the reserve, or the
+    /// tunnel's cap and then the budget (so a tunnel at its cap does not hold a share of
+    /// the budget while it waits).
     pub async fn acquire(&self, len: u32) -> Option<BudgetPermit> {
-        let cap = self.cap.clone().acquire_many_owned(len).await.ok()?;
-        let shared = self.shared.sem.clone().acquire_many_owned(len).await.ok()?;
-        Some(BudgetPermit {
-            _cap: cap,
-            _shared: shared,
-        })
+        let shared = async {
+            let cap = self.cap.clone().acquire_many_owned(len).await.ok()?;
+            let shared = self.shared.sem.clone().acquire_many_owned(len).await.ok()?;
+            Some(BudgetPermit::Shared {
+                _cap: cap,
+                _shared: shared,
+            })
+        };
+        let Some(reserve) = &self.reserve else {
+            return shared.await;
+        };
+        tokio::select! {
+            p = shared => p,
+            Ok(p) = reserve.clone().acquire_many_owned(len) => {
+                Some(BudgetPermit::Reserved { _reserve: p })
+            }
+        }
     }
 }
 
@@ -445,6 +482,7 @@ impl Bridge {
                 client_token,
                 budget: TunnelBudget::new(Budget::new(cfg.limits.buffer_budget), false),
                 upward: Arc::new(Semaphore::new(cfg.limits.upward_budget)),
+                lookups: crate::lookup::Lookups::default(),
                 limits: cfg.limits,
                 stats: Arc::default(),
                 state,
@@ -467,6 +505,13 @@ impl Bridge {
     /// `limits.buffer_budget`: the agent bounds what all its tunnels hold together.
     pub fn with_budget(mut self, budget: Budget) -> Self {
         self.link.budget = TunnelBudget::new(budget, true);
+        self
+    }
+
+    /// Resolves host-name services through `lookups`, whose bound it shares with other
+    /// bridges, instead of a bound of its own.
+    pub fn with_lookups(mut self, lookups: crate::lookup::Lookups) -> Self {
+        self.link.lookups = lookups;
         self
     }
 
@@ -512,7 +557,7 @@ impl Link {
         let (accept_tx, mut accepts) = mpsc::channel(ACCEPT_QUEUE);
         let mut listener_tasks = JoinSet::new();
         let (services, format) = match role {
-            Role::Destination { services } => (Some(services), Format::V3),
+            Role::Destination { services, scope } => (Some((services, scope)), Format::V3),
             Role::Source { listeners, format } => {
                 listeners.log_addresses();
                 listeners.spawn(&mut listener_tasks, accept_tx);
@@ -551,7 +596,7 @@ impl Link {
                         );
                     }
                     let role = match &services {
-                        Some(map) => relay::Role::Destination(map),
+                        Some((map, scope)) => relay::Role::Destination(map, scope),
                         None => relay::Role::Source(format),
                     };
                     let up = Instant::now();
@@ -653,6 +698,7 @@ impl Link {
             upward: self.upward.clone(),
             swept: Vec::new(),
             pong_seen: false,
+            lookups: self.lookups.clone(),
         };
         let end = session.run(incoming, &mut writer, accepts, cancel).await;
         self.state.send_modify(|s| s.phase = Phase::Draining);
@@ -687,7 +733,11 @@ mod tests {
             TunnelBudget::new(shared.clone(), true),
         );
         let held: Vec<_> = std::iter::from_fn(|| a.try_acquire(64 << 10)).collect();
-        assert_eq!(held.len(), 8, "half of 1 MiB in 64 KiB payloads");
+        assert_eq!(
+            held.len(),
+            1 + 8,
+            "one 64 KiB payload from its reserve, then half of 1 MiB"
+        );
         let rest = b.try_acquire(512 << 10);
         assert!(rest.is_some(), "the other tunnel gets the rest");
         assert_eq!(shared.used(), 1 << 20);
@@ -698,11 +748,39 @@ mod tests {
         assert!(alone.try_acquire(1 << 20).is_some());
     }
 
+    #[tokio::test]
+    async fn a_tunnel_keeps_its_reserve_when_others_hold_the_whole_shared_budget() {
+        let shared = Budget::new(1 << 20);
+        let (a, b, c) = (
+            TunnelBudget::new(shared.clone(), true),
+            TunnelBudget::new(shared.clone(), true),
+            TunnelBudget::new(shared.clone(), true),
+        );
+        let payload = crate::protocol::MAX_PAYLOAD as u32;
+        // Two tunnels take their reserves and then all of the shared budget.
+        let held: Vec<_> = std::iter::from_fn(|| a.try_acquire(payload))
+            .chain(std::iter::from_fn(|| b.try_acquire(payload)))
+            .collect();
+        assert!(shared.used() > (1 << 20) - payload as usize);
+        assert_eq!(held.len(), 2 * 2 + (1 << 20) / payload as usize);
+        // The third still has its own: two payloads at once, and more as they are written.
+        let first = c.try_acquire(payload).expect("reserve");
+        let _second = c.try_acquire(payload).expect("reserve");
+        assert!(c.try_acquire(payload).is_none());
+        let waiting = tokio::spawn(async move { c.acquire(payload).await.is_some() });
+        drop(first);
+        assert!(
+            waiting.await.unwrap(),
+            "the written payload's room comes back"
+        );
+    }
+
     #[test]
     fn malformed_client_token_is_refused_with_the_rule() {
         let cfg = BridgeConfig {
             role: Role::Destination {
                 services: crate::services::ServiceMap::default().into(),
+                scope: Scope::WholeMap,
             },
             endpoint: DataEndpoint::for_region("us-east-1"),
             tls: None,

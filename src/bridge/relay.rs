@@ -28,7 +28,7 @@ use crate::protocol::{
     self, Format, FrameCodec, FrameReader, Incoming, Message, MessageType, Mode, ProtocolError,
     Violation, connection_key,
 };
-use crate::services::SharedServiceMap;
+use crate::services::{LocalEndpoint, Scope, SharedServiceMap};
 
 pub enum SessionEnd {
     Closed(Option<CloseFrame>),
@@ -49,9 +49,18 @@ fn next_waiting(
     std::future::ready(free)
 }
 
+/// Why a destination connects a new stream nowhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// Outside the tunnel's scope (`Scope::admits`).
+    OutOfScope,
+    /// Not in the thing's service map.
+    Unmapped,
+}
+
 /// What differs between the two ends.
 pub enum Role<'a> {
-    Destination(&'a SharedServiceMap),
+    Destination(&'a SharedServiceMap, &'a Scope),
     Source(Format),
 }
 
@@ -81,6 +90,8 @@ pub struct Session<'a> {
     pub swept: Vec<(String, u32, u64, u64)>,
     /// A pong arrived on this websocket: the service answers pings.
     pub pong_seen: bool,
+    /// Where host-name services resolve, bounded.
+    pub lookups: crate::lookup::Lookups,
 }
 
 /// Rule (stalled consumer): a consumer holding bytes that wrote less than one full payload
@@ -106,7 +117,7 @@ type Writer = tokio_util::task::AbortOnDropHandle<Result<(), tungstenite::Error>
 impl Session<'_> {
     fn mode(&self) -> Mode {
         match self.role {
-            Role::Destination(_) => Mode::Destination,
+            Role::Destination(..) => Mode::Destination,
             Role::Source(_) => Mode::Source,
         }
     }
@@ -556,23 +567,40 @@ impl Session<'_> {
         self.send(protocol::reset_on_local_close(stream, service, wire));
     }
 
+    /// Where a new stream or connection of `service` goes: nowhere unless the tunnel's
+    /// scope admits it (`Scope::admits`) and its thing's map has it. A refusal is counted
+    /// and logged (rate-limited) with the service; the span names the tunnel.
+    fn endpoint_for(&mut self, service: &str, stream: i32) -> Result<LocalEndpoint, Refused> {
+        let Role::Destination(map, scope) = self.role else {
+            return Err(Refused::Unmapped);
+        };
+        let (refused, why) = if !scope.admits(service, self.services()) {
+            (
+                Refused::OutOfScope,
+                "the tunnel was not opened for this service",
+            )
+        } else if let Some(endpoint) = map.current().resolve(service, self.services()) {
+            return Ok(endpoint.clone());
+        } else {
+            (Refused::Unmapped, "the service is not in the service map")
+        };
+        let n = self.stats.refused_streams.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
+            warn!(
+                service = ?service, stream, tunnel_services = %scope, refused = n, suppressed,
+                "refusing stream: {why}"
+            );
+        }
+        Err(refused)
+    }
+
     fn services(&self) -> &[String] {
         self.tunnel_services.as_deref().unwrap_or(&[])
     }
 
     fn on_stream_start(&mut self, msg: Message) {
         let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
-        let Role::Destination(map) = self.role else {
-            return;
-        };
-        let Some(endpoint) = map.current().resolve(&service, self.services()).cloned() else {
-            let n = self.stats.refused_streams.fetch_add(1, Ordering::Relaxed) + 1;
-            if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
-                warn!(
-                    service = ?service, stream, refused = n, suppressed,
-                    "refusing stream: the service is not in the service map"
-                );
-            }
+        let Ok(endpoint) = self.endpoint_for(&service, stream) else {
             self.send(Message::stream_reset(stream, &service));
             return;
         };
@@ -595,9 +623,9 @@ impl Session<'_> {
     }
 
     fn on_connection_start(&mut self, msg: Message) -> Result<(), SessionEnd> {
-        let Role::Destination(map) = self.role else {
+        if !matches!(self.role, Role::Destination(..)) {
             return Ok(());
-        };
+        }
         if self.table.active_stream(&msg.service_id) == Some(msg.stream_id)
             && !self.table.has_wire_ids(&msg.service_id)
         {
@@ -627,17 +655,18 @@ impl Session<'_> {
             self.send(Message::connection_reset(stream, &service, conn));
             return Ok(());
         }
-        let Some(endpoint) = map.current().resolve(&service, self.services()).cloned() else {
-            // Removed from the map by a reload while its stream was open.
-            let n = self.stats.refused_streams.fetch_add(1, Ordering::Relaxed) + 1;
-            if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
-                warn!(
-                    service = ?service, stream, conn, refused = n, suppressed,
-                    "refusing connection: the service is not in the service map"
-                );
+        let endpoint = match self.endpoint_for(&service, stream) {
+            Ok(endpoint) => endpoint,
+            Err(Refused::OutOfScope) => {
+                drop(self.table.reset_stream(&service, stream));
+                self.send(Message::stream_reset(stream, &service));
+                return Ok(());
             }
-            self.send(Message::connection_reset(stream, &service, conn));
-            return Ok(());
+            // Removed from the map by a reload while its stream was open.
+            Err(Refused::Unmapped) => {
+                self.send(Message::connection_reset(stream, &service, conn));
+                return Ok(());
+            }
         };
         let open = Open::Connect {
             endpoint,
@@ -699,7 +728,8 @@ impl Session<'_> {
             upward: self.upward.clone(),
             limits: self.limits,
             stats: self.stats.clone(),
-            _open: OpenGuard::new(self.stats.clone(), &service),
+            lookups: self.lookups.clone(),
+            open: Arc::new(OpenGuard::new(self.stats.clone(), &service)),
         };
         // Inherit the session's span so connection logs carry the tunnel and token.
         self.tasks
@@ -772,7 +802,7 @@ impl Session<'_> {
         let ids = protocol::distinct_services(msg.available_service_ids);
         info!(services = ?ids, "tunnel services");
         match &self.role {
-            Role::Destination(map) => {
+            Role::Destination(map, _) => {
                 let unmapped = map.current().unmapped(&ids);
                 if !unmapped.is_empty() {
                     warn!(services = ?unmapped, "services not in the service map: their streams will be refused");

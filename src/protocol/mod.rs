@@ -283,9 +283,16 @@ pub fn is_valid_service_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
 }
 
+/// A label of a DNS name: at most 63 bytes (RFC 1035, 2.3.4).
+pub const MAX_DNS_LABEL: usize = 63;
+
 /// Rule (spec §5): region names look like `us-east-1`, `cn-north-1`, `us-gov-west-1`:
 /// two letters, one or more lowercase words, a number.
 pub(crate) fn is_valid_region(region: &str) -> bool {
+    // It becomes one label of the data plane's host name (`data_plane_host`).
+    if region.len() > MAX_DNS_LABEL {
+        return false;
+    }
     let parts: Vec<&str> = region.split('-').collect();
     let Some((last, rest)) = parts.split_last() else {
         return false;
@@ -471,6 +478,15 @@ mod tests {
         ] {
             assert!(!is_valid_region(r), "{r}");
         }
+    }
+
+    #[test]
+    fn a_region_is_at_most_one_dns_label_long() {
+        let longest = format!("us-{}-1", "a".repeat(MAX_DNS_LABEL - 5));
+        assert_eq!(longest.len(), MAX_DNS_LABEL);
+        assert!(is_valid_region(&longest));
+        let longer = format!("us-{}-1", "a".repeat(MAX_DNS_LABEL - 4));
+        assert!(!is_valid_region(&longer), "64 bytes");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod e2e;
 pub mod http_proxy;
+pub mod raw_source;
 pub mod rig;
 
 use std::sync::Arc;
@@ -107,7 +108,11 @@ impl Running {
 }
 
 pub fn spawn_bridge(cfg: BridgeConfig) -> Running {
-    let bridge = Bridge::new(cfg).expect("valid bridge config");
+    run_bridge(Bridge::new(cfg).expect("valid bridge config"))
+}
+
+/// Runs a bridge built by the caller (shared budget, own lookups...).
+pub fn run_bridge(bridge: Bridge) -> Running {
     let cancel = CancellationToken::new();
     Running {
         stats: bridge.stats(),
@@ -140,6 +145,7 @@ pub fn destination_with(
 ) -> Running {
     let role = Role::Destination {
         services: services.into(),
+        scope: securetunnel_agent::services::Scope::WholeMap,
     };
     spawn_bridge(config(emu, &t.destination_access_token, role, limits))
 }
