@@ -382,6 +382,8 @@ impl Agent {
             }
             Decision::Start { id } => {
                 self.start_new(id, &n);
+                let running = self.live.values().filter(|l| !l.cancel.is_cancelled());
+                debug!(session = id, running = running.count(), "bridge started");
                 self.write_status();
                 info!(session = id, region = %n.region, services = ?n.services, token = %n.token, "session started");
             }
@@ -391,6 +393,8 @@ impl Agent {
                 if let Some(l) = self.live.get_mut(&id) {
                     l.replaces = replaces;
                 }
+                let running = self.live.values().filter(|l| !l.cancel.is_cancelled());
+                debug!(session = id, running = running.count(), "bridge started");
                 self.write_status();
                 info!(session = id, replaces = old, token = %n.token, "rotation: starting a bridge with the new token; the old one stops once it is connected");
             }
@@ -407,21 +411,31 @@ impl Agent {
             return Vec::new();
         };
         let file = l.persisted.take();
-        let replaces = if l.state.borrow().sessions > 0 {
+        let replaced = std::mem::take(&mut l.replaces);
+        let connected = l.state.borrow().sessions > 0;
+        if connected {
             l.retire.cancel();
-            vec![old]
         } else {
             debug!(
                 session = old,
                 "replaced before it connected: stopping it now"
             );
             l.cancel.cancel();
-            std::mem::take(&mut l.replaces)
-        };
+        }
         if let Some(p) = file {
             self.forget(&p.file_id);
         }
-        replaces
+        if !connected {
+            return replaced;
+        }
+        // It connected: what it replaced stops now, even if the agent has not heard of that
+        // connect yet (`on_connected`).
+        for gone in replaced {
+            if let Some(g) = self.live.get(&gone) {
+                g.cancel.cancel();
+            }
+        }
+        vec![old]
     }
 
     /// A new session from a notify: a fresh client token, persisted before it is used.

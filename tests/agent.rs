@@ -556,3 +556,65 @@ async fn a_stream_for_a_mapped_service_the_tunnel_was_not_opened_for_reaches_not
     src.send(&[Message::stream_reset(2, "HTTP")]).await;
     within("the HTTP connection closes", http.wait_closed(1)).await;
 }
+
+/// Rotation bursts are bounded: 200 rotations of one tunnel's destination token arrive at
+/// once. Per tunnel only the serving bridge and the newest one run; bridges replaced before
+/// they connected are stopped at once, so few of the revoked tokens are ever presented; the
+/// last token serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_200_rotations_runs_at_most_two_bridges_and_the_last_token_serves() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let (agent, _echo) = agent(&rig, "gw-burst", &["SSH"], "").await;
+    let t = open(&rig, "gw-burst", &["SSH"], 30).await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    let tokens: Vec<String> = (0..200)
+        .map(|_| rig.emu.rotate(&id, Mode::Destination).unwrap())
+        .collect();
+    let topic = "$aws/things/gw-burst/tunnels/notify";
+    for token in &tokens {
+        let n = json!({"clientAccessToken": token, "clientMode": "destination", "region": "us-east-1", "services": ["SSH"]});
+        rig.emu
+            .publish_raw(topic, n.to_string().into_bytes())
+            .await
+            .unwrap();
+    }
+    let last = tokens.last().unwrap().clone();
+    until(&rig.emu, "the last token serves", |e| {
+        e.peer_token_is(&id, Mode::Destination, &last)
+    })
+    .await;
+    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
+    transfer(&addrs, "SSH", 9).await;
+
+    let running: Vec<usize> = agent
+        .log
+        .text()
+        .lines()
+        .filter(|l| l.contains("bridge started"))
+        .filter_map(|l| {
+            l.split("running=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(running.len(), 201, "a bridge per token");
+    let most = running.iter().max().copied().unwrap_or(0);
+    assert!(most <= 2, "{most} bridges ran at once for one tunnel");
+    let presented: u64 = tokens[..199]
+        .iter()
+        .map(|t| rig.emu.handshakes_for_token(t))
+        .sum();
+    eprintln!("revoked tokens presented: {presented} of 199");
+    assert!(
+        presented < 50,
+        "{presented} handshakes with replaced tokens"
+    );
+    assert_eq!(agent.session_files(), 1, "one session file for the tunnel");
+}

@@ -822,6 +822,44 @@ async fn a_proxy_that_refuses_the_broker_is_named_with_the_fix() {
     );
 }
 
+/// A proxy that answers CONNECT with bytes and never a line end: the agent reads at most
+/// 8 KiB of it per attempt (the bounded proxy connect, for MQTT too), names the proxy in its
+/// error, and stays small however long the proxy goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_never_ends_its_answer_is_cut_off_and_named() {
+    use tokio::io::AsyncWriteExt;
+    let rig = Rig::start(RigOptions::default()).await;
+    let endless = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = endless.local_addr().unwrap();
+    let _proxy = tokio::spawn(async move {
+        while let Ok((mut s, _)) = endless.accept().await {
+            tokio::spawn(async move {
+                let junk = vec![b'A'; 64 << 10];
+                while s.write_all(&junk).await.is_ok() {}
+            });
+        }
+    });
+    let cfg = rig.agent_config_with(
+        "gw-proxy-endless",
+        &ConfigExtra {
+            services: "SSH = 22",
+            mqtt: "reconnect_spread_secs = 0",
+            rest: &format!("[proxy]\nurl = \"http://{proxy}\"\n"),
+            ..ConfigExtra::default()
+        },
+    );
+    let mut agent = rig.spawn_agent(&cfg);
+    for _ in 0..3 {
+        let line = agent.expect("MQTT connection").await;
+        assert!(
+            line.contains(&format!("proxy http://{proxy}")) && line.contains("over 8 KiB"),
+            "{line}"
+        );
+    }
+    let peak = securetunnel_emulator::testkit::proc_status_kib(agent.pid(), "VmHWM:").unwrap();
+    assert!(peak < 16 * 1024, "the agent grew to {peak} KiB");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_downstream_thing_the_broker_refuses_is_logged_once_and_the_rest_stay_subscribed() {
     let rig = Rig::start(RigOptions::default()).await;

@@ -238,3 +238,44 @@ async fn a_downstream_things_session_rejoins_after_a_restart_unless_the_thing_wa
     assert_eq!(agent.session_files(), 1);
     assert!(!rig.emu.is_connected(&t8.tunnel_id, Mode::Destination));
 }
+
+/// Subscriptions never starve: sets of 49 downstream things are swapped in by reload until
+/// 147 were removed, so every CONNACK queues the most unsubscribes the agent remembers; after
+/// the broker restarts, the gateway's own notify is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_many_removed_things_a_reconnect_still_subscribes_the_gateways_own_topic() {
+    let mut rig = Rig::start(RigOptions::default()).await;
+    let own = echo_tcp("127.0.0.1:0").await.unwrap();
+    let set = |n: usize| -> String {
+        (0..49)
+            .map(|i| format!("[things.t{n}-{i}.services]\nHTTP = 80\n"))
+            .collect()
+    };
+    let cfg = rig.agent_config_with(
+        "gw-swap",
+        &ConfigExtra {
+            services: &format!("SSH = \"{}\"", own.addr.unwrap()),
+            mqtt: "reconnect_spread_secs = 0",
+            rest: &set(0),
+            ..ConfigExtra::default()
+        },
+    );
+    let mut agent = rig.spawn_agent(&cfg);
+    agent.expect("subscribed to tunnel notifications").await;
+    for n in 1..4 {
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, text.replace(&set(n - 1), &set(n))).unwrap();
+        agent.signal(libc::SIGHUP);
+        agent.expect("service map reloaded").await;
+    }
+    rig.mosquitto.restart().await;
+    agent.expect("subscribed to tunnel notifications").await;
+    let t = open(&rig, "gw-swap", &["SSH"], 30).await;
+    connected(&rig, &t).await;
+    let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
+    transfer(&addrs, "SSH", 7).await;
+    assert!(
+        !agent.log.text().contains("cannot queue"),
+        "a request found no room"
+    );
+}

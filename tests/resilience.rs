@@ -414,3 +414,150 @@ async fn a_replaced_bridge_dropped_without_a_close_never_presents_its_revoked_to
         Some((tok, _)) if tok == new_dest
     ));
 }
+
+/// Nothing lives for ever: a session whose data plane never answers ends 12 h after its
+/// notify arrived, and that time is kept across restarts. Here the agent starts with a
+/// session file whose notify came 12 h less 5 s ago, on another boot (the wall clock
+/// counts): it gives the token up within seconds instead of trying for 12 h more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_never_connects_ends_12_hours_after_its_notify_across_restarts() {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let rig = Rig::start(RigOptions::default()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = closed.local_addr().unwrap();
+    drop(closed);
+    let host = "data.tunneling.iot.us-east-1.amazonaws.com";
+    let cfg = rig.agent_config_with(
+        "gw-never",
+        &ConfigExtra {
+            services: "SSH = 22",
+            tunnel: &format!("resolve = {{ \"{host}\" = \"{nowhere}\" }}"),
+            region_endpoint: true,
+            ..ConfigExtra::default()
+        },
+    );
+    let sessions = rig.files.dir.join("state-gw-never").join("sessions");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&sessions)
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let file = serde_json::json!({
+        "version": 1, "thing": "gw-never", "region": "us-east-1", "services": ["SSH"],
+        "access_token": "AQGA-never-connects", "client_token": uuid::Uuid::new_v4().to_string(),
+        "first_connected_unix": null, "boot_id": "", "first_connected_uptime_ms": 0,
+        "received": {"unix": now - 12 * 3600 + 5, "boot_id": "another-boot", "uptime_ms": 1},
+    });
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(sessions.join("f00d.session.json"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, file.to_string().as_bytes()).unwrap();
+    drop(f);
+
+    let started = Instant::now();
+    let mut agent = rig.spawn_agent(&cfg);
+    agent.expect("session resumed with its tokens").await;
+    agent
+        .expect("session ended: it never connected within 12 h of its notify")
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(agent.session_files(), 0, "its file stays");
+}
+
+/// RSS (KiB) and open descriptors of a process.
+fn footprint(pid: u32) -> (u64, usize) {
+    let rss = securetunnel_emulator::testkit::proc_status_kib(pid, "VmRSS:").unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (rss, fds)
+}
+
+/// A long run leaks nothing: tunnels opened, rotated and closed through the control plane
+/// (the notifies through mosquitto), ten byte-checked local connections through each. From
+/// the 10% mark to the end RSS grows by less than 1 MiB and descriptors by fewer than 5, and
+/// the session directory ends empty. `SOAK_CYCLES` sets the length (`bench/soak.sh` runs
+/// 2,000 and prints the curve).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_run_of_tunnels_and_connections_leaks_nothing() {
+    use securetunnel_agent::bridge::Phase;
+    use securetunnel_agent::protocol::Format;
+    use serde_json::json;
+    let cycles: usize = std::env::var("SOAK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let every = (cycles / 20).max(1);
+    let rig = Rig::start(RigOptions::default()).await;
+    let (mut agent, _echo) = agent(&rig, "gw-soak", &["SSH"], "").await;
+    let api = |op: &'static str, body: serde_json::Value| {
+        let emu = &rig.emu;
+        async move { emu.api(op, body).await.unwrap() }
+    };
+    let mut curve = Vec::new();
+    let mut baseline = None;
+    for cycle in 1..=cycles {
+        let open = api(
+            "OpenTunnel",
+            json!({"destinationConfig": dest_config("gw-soak", &["SSH"])}),
+        )
+        .await;
+        let mut t = tokens(&open);
+        let id = t.tunnel_id.clone();
+        until(&rig.emu, "agent connects", |e| {
+            e.is_connected(&id, Mode::Destination)
+        })
+        .await;
+        let rotated = api(
+            "RotateTunnelAccessToken",
+            json!({"tunnelId": id, "clientMode": "DESTINATION", "destinationConfig": dest_config("gw-soak", &["SSH"])}),
+        )
+        .await;
+        t.destination_access_token = rotated["destinationAccessToken"].as_str().unwrap().into();
+        until(&rig.emu, "agent follows the rotation", |e| {
+            e.peer_token_is(&id, Mode::Destination, &t.destination_access_token)
+        })
+        .await;
+        let (mut src, addrs) = source(&rig.emu, &t, "SSH=0", Format::V3).await;
+        src.wait_phase(Phase::Ready).await;
+        for n in 0..10 {
+            let c = TcpStream::connect(addrs.get("SSH")).await.unwrap();
+            within("a byte-checked connection", echo_transfer(c, 16 << 10, n))
+                .await
+                .unwrap();
+        }
+        src.stop().await.unwrap();
+        api("CloseTunnel", json!({"tunnelId": id})).await;
+        agent.expect("session ended").await;
+        if cycle == (cycles / 10).max(1) {
+            baseline = Some(footprint(agent.pid()));
+        }
+        if cycle % every == 0 {
+            let (rss, fds) = footprint(agent.pid());
+            curve.push((cycle, rss, fds));
+            eprintln!("soak: cycle {cycle}: RSS {rss} KiB, {fds} descriptors");
+        }
+    }
+    let (rss0, fds0) = baseline.unwrap();
+    let (rss1, fds1) = footprint(agent.pid());
+    assert!(
+        rss1 < rss0 + 1024,
+        "RSS grew from {rss0} to {rss1} KiB: {curve:?}"
+    );
+    assert!(
+        fds1 < fds0 + 5,
+        "descriptors grew from {fds0} to {fds1}: {curve:?}"
+    );
+    assert_eq!(agent.session_files(), 0, "session files left behind");
+}
