@@ -244,3 +244,43 @@ async fn an_unnamed_listener_on_a_tunnel_without_services_sends_no_service_id() 
     .unwrap();
     assert_eq!(echo.accepted(), 1);
 }
+
+/// Interop with localproxy peers: every websocket message either end sends stays within
+/// 65,538 bytes (one largest tunnel frame, what localproxy itself sends). The emulator plays
+/// a localproxy peer's strictness and closes, with 1009, an end that sends more. 64 MiB each
+/// way through this project's source and destination, byte-checked, with local reads and
+/// writes of random sizes on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_in_messages_a_localproxy_peer_accepts() {
+    use securetunnel_agent::bridge::Phase;
+    use securetunnel_agent::protocol::MAX_SENT_MESSAGE;
+    use securetunnel_emulator::testkit::{Behaviour, echo_transfer_random_sizes, service_tcp};
+
+    let echo = service_tcp("127.0.0.1:0", Behaviour::EchoRandomSizes)
+        .await
+        .unwrap();
+    let emu = emulator(true).await;
+    emu.set_max_peer_message(Some(65_538));
+    let t = emu.open_tunnel(&["SSH"], std::time::Duration::from_secs(3600));
+    let map = ServiceMap::default().with("SSH", tcp(echo.addr.unwrap()));
+    let mut dest = destination(&emu, &t, map);
+    let (mut src, addrs) = source(&emu, &t, "SSH=0", Format::V3).await;
+    dest.wait_phase(Phase::Ready).await;
+    src.wait_phase(Phase::Ready).await;
+    let client = TcpStream::connect(addrs.get("SSH")).await.unwrap();
+    let report = within(
+        "64 MiB each way",
+        echo_transfer_random_sizes(client, 64 << 20, 26),
+    )
+    .await
+    .expect("the transfer completes byte-exact");
+    eprintln!("{:.1} MiB/s each way", report.mib_per_s());
+    assert_eq!(get(&dest.stats.sessions), 1, "the destination was closed");
+    assert_eq!(get(&src.stats.sessions), 1, "the source was closed");
+    let largest = emu.largest_peer_message();
+    assert!(largest <= MAX_SENT_MESSAGE, "a {largest}-byte message");
+    assert!(
+        largest > MAX_SENT_MESSAGE / 2,
+        "never a full frame: {largest}"
+    );
+}

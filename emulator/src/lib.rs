@@ -23,7 +23,7 @@ pub mod state;
 pub mod testkit;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -127,6 +127,11 @@ pub struct Shared {
     drop_after: Mutex<Option<Duration>>,
     /// Fault: black-hole every accepted peer this long after its upgrade.
     hole_after: Mutex<Option<Duration>>,
+    /// Strictness of a localproxy peer: a peer that sends a websocket message above this
+    /// many bytes is closed with 1009 (0: off).
+    max_peer_message: AtomicUsize,
+    /// The largest websocket message a peer sent.
+    largest_peer_message: AtomicUsize,
     region: String,
     minute: Duration,
     max_open_tunnels: usize,
@@ -220,6 +225,13 @@ impl Shared {
         Some(token)
     }
 
+    /// Records a peer's message size; `true` when it is above the peer size limit.
+    fn message_too_big(&self, len: usize) -> bool {
+        self.largest_peer_message.fetch_max(len, Ordering::Relaxed);
+        let limit = self.max_peer_message.load(Ordering::Relaxed);
+        limit != 0 && len > limit
+    }
+
     fn ping_seen(&self, tunnel: &str, mode: Mode) {
         if let Some(t) = self.lock().tunnel_mut(tunnel) {
             t.count_ping(mode);
@@ -285,6 +297,8 @@ impl Emulator {
             reset_on_reconnect: AtomicBool::new(true),
             drop_after: Mutex::new(None),
             hole_after: Mutex::new(None),
+            max_peer_message: AtomicUsize::new(0),
+            largest_peer_message: AtomicUsize::new(0),
             region: cfg.region,
             minute: cfg.minute,
             max_open_tunnels: cfg.max_open_tunnels,
@@ -564,6 +578,20 @@ impl Emulator {
     /// Fault: answer the next `n` handshakes with `status`.
     pub fn fail_next_handshakes(&self, n: u32, status: u16) {
         self.shared.lock().fail_next_handshakes(n, status);
+    }
+
+    /// Strictness of a localproxy peer: a peer sending a websocket message of more than
+    /// `limit` bytes is closed with 1009 (message too big); `None` accepts up to the frame
+    /// limit.
+    pub fn set_max_peer_message(&self, limit: Option<usize>) {
+        self.shared
+            .max_peer_message
+            .store(limit.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The largest websocket message any peer sent so far.
+    pub fn largest_peer_message(&self) -> usize {
+        self.shared.largest_peer_message.load(Ordering::Relaxed)
     }
 
     /// Fault: stop answering pings (pongs are dropped on the way out).

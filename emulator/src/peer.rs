@@ -136,6 +136,10 @@ async fn read_loop(
             Ok(_) => continue,
             Err(_) => return "connection lost",
         };
+        if shared.message_too_big(data.len()) {
+            let _ = own.try_send(PeerCmd::Close(1009, "message too big".to_owned()));
+            return "sent a message above the peer's size limit";
+        }
         // tungstenite enforces the 131076-byte frame limit (ws_config). Copied: queued frames
         // must not pin tungstenite's read buffer (the agent copies only what it queues).
         frames.push(Bytes::copy_from_slice(&data));

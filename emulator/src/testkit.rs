@@ -66,6 +66,8 @@ pub struct EchoService {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Behaviour {
     Echo,
+    /// Echoes with reads and writes of random sizes (1 byte to 128 KiB).
+    EchoRandomSizes,
     /// Never reads: a stuck consumer.
     Stuck,
 }
@@ -96,10 +98,31 @@ async fn echo<S: AsyncRead + AsyncWrite>(s: S) {
     let _ = w.shutdown().await;
 }
 
+/// Echoes with reads of random sizes, each written back whole.
+async fn echo_random_sizes<S: AsyncRead + AsyncWrite>(s: S) {
+    let (mut r, mut w) = tokio::io::split(s);
+    let mut rng = fastrand::Rng::new();
+    let mut buf = vec![0u8; 128 << 10];
+    loop {
+        let want = rng.usize(1..=buf.len());
+        match r.read(&mut buf[..want]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if w.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
 async fn serve(conn: Conn, how: Behaviour, closed: Arc<watch::Sender<u64>>) {
     match (how, conn) {
         (Behaviour::Echo, Conn::Tcp(s)) => echo(s).await,
         (Behaviour::Echo, Conn::Unix(s)) => echo(s).await,
+        (Behaviour::EchoRandomSizes, Conn::Tcp(s)) => echo_random_sizes(s).await,
+        (Behaviour::EchoRandomSizes, Conn::Unix(s)) => echo_random_sizes(s).await,
         // Never reads; ends when the peer resets the connection.
         (Behaviour::Stuck, Conn::Tcp(s)) => {
             let _ = s.ready(Interest::ERROR).await;
@@ -189,15 +212,45 @@ pub async fn echo_transfer<S>(stream: S, size: usize, seed: u64) -> io::Result<T
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    echo_transfer_in(stream, size, seed, false).await
+}
+
+/// As `echo_transfer`, writing in chunks of random sizes (1 byte to 128 KiB), so the path's
+/// local reads come in every size.
+pub async fn echo_transfer_random_sizes<S>(
+    stream: S,
+    size: usize,
+    seed: u64,
+) -> io::Result<TransferReport>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    echo_transfer_in(stream, size, seed, true).await
+}
+
+async fn echo_transfer_in<S>(
+    stream: S,
+    size: usize,
+    seed: u64,
+    random_sizes: bool,
+) -> io::Result<TransferReport>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let start = Instant::now();
     let (mut r, mut w) = tokio::io::split(stream);
     let writer = tokio::spawn(async move {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut sent = Context::new(&SHA256);
-        let mut buf = vec![0u8; 48 * 1024];
+        let mut buf = vec![0u8; if random_sizes { 128 << 10 } else { 48 << 10 }];
         let mut left = size;
         while left > 0 {
-            let n = left.min(buf.len());
+            let chunk = if random_sizes {
+                rng.usize(1..=buf.len())
+            } else {
+                buf.len()
+            };
+            let n = left.min(chunk);
             rng.fill(&mut buf[..n]);
             sent.update(&buf[..n]);
             w.write_all(&buf[..n]).await?;

@@ -25,8 +25,8 @@ use tracing::error;
 
 use super::Stats;
 use crate::protocol::{
-    self, FrameCodec, LENGTH_PREFIX, MAX_HANDSHAKE_REQUEST, MAX_MESSAGE, MAX_WS_FRAME,
-    MAX_WS_MESSAGE, Message, Mode, SUBPROTOCOL_V3,
+    self, FrameCodec, LENGTH_PREFIX, MAX_HANDSHAKE_REQUEST, MAX_WS_FRAME, MAX_WS_MESSAGE, Message,
+    Mode, SUBPROTOCOL_V3,
 };
 use crate::secret::Secret;
 
@@ -509,6 +509,16 @@ pub enum Outbound {
 }
 
 impl Outbound {
+    /// Bytes it takes in a websocket message (a close request takes none).
+    fn framed_len(&self) -> usize {
+        match self {
+            Outbound::Frame(msg) | Outbound::Data { msg, .. } => {
+                LENGTH_PREFIX + prost::Message::encoded_len(msg)
+            }
+            Outbound::Close(..) => 0,
+        }
+    }
+
     /// Frames the message into `buf`; a DATA message's budget share is released here, once
     /// its bytes are in `buf` (bounded by `MAX_WS_FRAME`), not after the send. A close
     /// request is returned instead.
@@ -526,9 +536,6 @@ impl Outbound {
         None
     }
 }
-
-/// Largest encoded frame, prefix included.
-const MAX_FRAME: usize = LENGTH_PREFIX + MAX_MESSAGE;
 
 /// Where a batch starts, modulo a cache line (see `start_batch`).
 const BATCH_LINE_OFFSET: usize = 32;
@@ -549,8 +556,8 @@ fn start_batch(buf: &mut BytesMut) {
 }
 
 /// Writes queued frames, several to a websocket message when they are already waiting
-/// (never above `MAX_WS_FRAME`), and pings every `ping_every`. Ends when the session
-/// drops its sender or asks for a close.
+/// (`protocol::joins_message`: never above `MAX_SENT_MESSAGE`), and pings every
+/// `ping_every`. Ends when the session drops its sender or asks for a close.
 pub async fn write_loop(
     mut sink: SplitSink<WsStream, WsMessage>,
     mut rx: mpsc::Receiver<Outbound>,
@@ -560,13 +567,19 @@ pub async fn write_loop(
     let mut buf = BytesMut::new();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A frame that did not fit the last message: it starts the next one.
+    let mut carried: Option<Outbound> = None;
     loop {
-        let first = tokio::select! {
-            m = rx.recv() => m,
-            _ = ping.tick() => {
-                sink.send(WsMessage::Ping(epoch_millis().into_bytes().into())).await?;
-                stats.pings_sent.fetch_add(1, Ordering::Relaxed);
-                continue;
+        let first = if let Some(out) = carried.take() {
+            Some(out)
+        } else {
+            tokio::select! {
+                m = rx.recv() => m,
+                _ = ping.tick() => {
+                    sink.send(WsMessage::Ping(epoch_millis().into_bytes().into())).await?;
+                    stats.pings_sent.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
             }
         };
         let close = match first {
@@ -577,12 +590,14 @@ pub async fn write_loop(
             Some(out) => {
                 start_batch(&mut buf);
                 let mut close = out.frame_into(&mut buf, &stats);
-                // Batch frames that are already waiting, while a largest frame still fits.
-                while close.is_none() && buf.len() + MAX_FRAME <= MAX_WS_FRAME {
-                    match rx.try_recv() {
-                        Ok(out) => close = out.frame_into(&mut buf, &stats),
-                        Err(_) => break,
+                // Batch frames that are already waiting, while they fit.
+                while close.is_none() {
+                    let Ok(next) = rx.try_recv() else { break };
+                    if !protocol::joins_message(buf.len(), next.framed_len()) {
+                        carried = Some(next);
+                        break;
                     }
+                    close = next.frame_into(&mut buf, &stats);
                 }
                 if !buf.is_empty() {
                     sink.send(WsMessage::Binary(buf.split().freeze())).await?;

@@ -22,6 +22,20 @@ pub(crate) const MAX_MESSAGE: usize = u16::MAX as usize;
 /// frames: a message reassembled from fragments may be larger, and tunnel frames are
 /// validated one by one (spec §1.4).
 pub const MAX_WS_FRAME: usize = 131_076;
+/// Largest websocket message this agent sends: 65538 bytes, the size of the largest
+/// message the reference localproxy sends (a 64 KiB frame and its 2-byte prefix; a frame's
+/// u16 prefix keeps ours at 65537). The protocol allows up to `MAX_WS_FRAME`, but localproxy
+/// reads into a buffer of that size that still holds the unprocessed tail of the previous
+/// message, and dies (`basic_multi_buffer too long`) on larger ones.
+pub const MAX_SENT_MESSAGE: usize = 65_538;
+
+/// Rule (sent message size): another frame of `frame` bytes joins a websocket message that
+/// holds `batched` bytes only while the message stays within `MAX_SENT_MESSAGE`; a message
+/// always takes its first frame.
+pub fn joins_message(batched: usize, frame: usize) -> bool {
+    batched == 0 || batched + frame <= MAX_SENT_MESSAGE
+}
+
 /// Largest websocket message accepted after reassembly: a memory bound, not a protocol rule.
 pub const MAX_WS_MESSAGE: usize = 1 << 20;
 /// The whole HTTP upgrade request must stay under this, or the service rejects it.
@@ -478,6 +492,15 @@ mod tests {
         ] {
             assert!(!is_valid_region(r), "{r}");
         }
+    }
+
+    #[test]
+    fn a_sent_message_holds_small_frames_up_to_one_largest_frame() {
+        assert_eq!(MAX_SENT_MESSAGE, 65_538);
+        assert!(joins_message(0, MAX_SENT_MESSAGE), "a largest frame alone");
+        assert!(joins_message(100, MAX_SENT_MESSAGE - 100));
+        assert!(!joins_message(100, MAX_SENT_MESSAGE - 99));
+        assert!(!joins_message(1, MAX_SENT_MESSAGE));
     }
 
     #[test]
