@@ -5,7 +5,6 @@
 //! (package upgrade) is re-executed once no local connection is open.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -23,11 +22,12 @@ use crate::bridge::{
 use crate::config::{Checked, Config};
 use crate::notify::{self, MqttPhase, MqttState, Notice, Notification, NotifyClient};
 use crate::persist::{Moment, PersistedSession, SessionStore};
+use crate::persist_writer::PersistWriter;
 use crate::secret::Secret;
 use crate::services::{Scope, ServiceMap, SharedServiceMap};
 use crate::session::{CONNECT_WITHIN, Decision, SessionTable, TunnelKey, connect_deadline};
 use crate::status::{Snapshot, StatusFile, StatusSocket, TunnelStatus, systemd};
-use crate::upgrade::BinaryWatch;
+use crate::upgrade::{Candidate, Step, Upgrader};
 
 /// How long bridges get to close their sockets when the agent stops.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -39,12 +39,12 @@ const HOUSEKEEPING: Duration = Duration::from_secs(3600);
 const BINARY_CHECK: Duration = Duration::from_secs(2);
 
 /// Why `Agent::run` returned.
-#[derive(Debug, PartialEq, Eq)]
 pub enum AgentExit {
     /// SIGINT/SIGTERM.
     Stopped,
-    /// The binary was replaced: re-execute it (sessions are persisted and will rejoin).
-    Upgrade(PathBuf),
+    /// The binary was replaced and the new one checked: execute it (sessions are persisted
+    /// and will rejoin).
+    Upgrade(Candidate),
 }
 
 /// A bridge reached its first websocket.
@@ -101,7 +101,8 @@ pub struct Agent {
     downstream_tx: watch::Sender<Vec<String>>,
     tunnel_tls: Arc<rustls::ClientConfig>,
     table: SessionTable,
-    store: Option<SessionStore>,
+    /// Writes session files off the runtime; `None` when sessions are not persisted.
+    store: Option<PersistWriter>,
     /// Bytes all tunnels together hold for and from local sockets.
     budget: crate::bridge::Budget,
     /// Name lookups in flight, all tunnels together.
@@ -111,13 +112,22 @@ pub struct Agent {
     live: HashMap<u64, Live>,
     status: StatusFile,
     mqtt: watch::Receiver<MqttState>,
-    binary: Option<BinaryWatch>,
+    upgrade: Option<Upgrader>,
 }
 
 impl Agent {
     /// Runs until `cancel` (or an upgrade); then stops every bridge (sockets closed) within
     /// `DRAIN`. Persisted sessions stay on disk for the next start.
     pub async fn run(cfg: Config, checked: Checked, cancel: CancellationToken) -> AgentExit {
+        // First: until now SIGHUP is ignored (`main`); a reload sent while the agent
+        // starts waits here for the loop.
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("SIGHUP will not reload the service map: {e}");
+                None
+            }
+        };
         for w in &checked.warnings {
             warn!("{w}");
         }
@@ -136,6 +146,22 @@ impl Agent {
             SessionStore::clear(&cfg.state_dir);
             None
         };
+        // Read off the runtime (flash can be slow); the files' writer thread owns them after.
+        let persisted = match store.clone() {
+            Some(st) => tokio::task::spawn_blocking(move || st.load())
+                .await
+                .unwrap_or_default(),
+            None => Default::default(),
+        };
+        let store = store.and_then(|st| match PersistWriter::start(st) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                error!(
+                    "cannot start the session-file thread: {e}; tunnels will not survive a restart"
+                );
+                None
+            }
+        });
         let mut maps = BTreeMap::new();
         maps.insert(
             cfg.thing_name.clone(),
@@ -165,14 +191,14 @@ impl Agent {
             connected_tx,
             live: HashMap::new(),
             mqtt,
-            binary: BinaryWatch::current(),
+            upgrade: Upgrader::new(&cfg.path, cfg.upgrade_deadline),
             cfg,
         };
         agent.table.set_thing_caps(thing_caps(&agent.cfg));
         agent.table.set_own_thing(&agent.cfg.thing_name);
         info!(thing = %agent.cfg.thing_name, downstream = ?agent.cfg.things.keys().collect::<Vec<_>>(), version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), "agent started");
         // Rejoin before the first notify can arrive.
-        agent.resume();
+        agent.resume(persisted).await;
         // Running from here on: resumed tunnels are served whether or not MQTT is reachable,
         // so a gateway that boots offline is started, not restarted every start timeout.
         let status = agent.write_status();
@@ -198,13 +224,6 @@ impl Agent {
                 .run(tx, mqtt_state, mqtt_cancel.clone(), spread)
                 .instrument(info_span!("mqtt")),
         );
-        let mut hangup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                warn!("SIGHUP will not reload the service map: {e}");
-                None
-            }
-        };
         // Live status for `securetunnel-agent status`; without it the agent still runs.
         let status_socket = match StatusSocket::bind(&agent.cfg.runtime_dir) {
             Ok(s) => {
@@ -227,14 +246,14 @@ impl Agent {
                 Some(()) = recv_signal(&mut hangup) => agent.reload(),
                 _ = tick(&mut watchdog) => systemd::watchdog(),
                 Some(Notice { notification, ack }) = notifications.recv() => {
-                    agent.on_notification(notification);
+                    agent.on_notification(notification).await;
                     // Acted on (persisted): the broker may forget it.
                     ack.send();
                 }
-                Some(c) = connected.recv() => agent.on_connected(c),
+                Some(c) = connected.recv() => agent.on_connected(c).await,
                 Some(done) = agent.bridges.join_next() => {
                     if let Ok(exit) = done {
-                        agent.on_bridge_end(exit);
+                        agent.on_bridge_end(exit).await;
                     }
                 }
                 Ok(()) = agent.mqtt.changed() => agent.on_mqtt_state(),
@@ -243,10 +262,15 @@ impl Agent {
                         socket.answer(client, || agent.snapshot());
                     }
                 }
-                _ = housekeeping.tick() => agent.housekeeping(),
+                _ = housekeeping.tick() => agent.housekeeping().await,
+                (candidate, result) = upgrade_checked(agent.upgrade.as_mut()) => {
+                    if let Some(u) = agent.upgrade.as_mut() {
+                        u.done(candidate, result);
+                    }
+                }
                 _ = binary_check.tick() => {
-                    if let Some(path) = agent.upgrade_due() {
-                        break AgentExit::Upgrade(path);
+                    if let Some(candidate) = agent.upgrade_due() {
+                        break AgentExit::Upgrade(candidate);
                     }
                 }
             }
@@ -267,11 +291,7 @@ impl Agent {
     }
 
     /// Starts a bridge for every persisted session whose lifetime is not over.
-    fn resume(&mut self) {
-        let Some(store) = &self.store else {
-            return;
-        };
-        let (sessions, warnings) = store.load();
+    async fn resume(&mut self, (sessions, warnings): (Vec<PersistedSession>, Vec<String>)) {
         for w in warnings {
             warn!("{w}");
         }
@@ -287,12 +307,12 @@ impl Agent {
                 .map(|elapsed| self.table.max_lifetime().saturating_sub(elapsed));
             if !self.maps.contains_key(&s.thing) {
                 info!(thing = %s.thing, services = ?s.services, "persisted session dropped: the thing is no longer configured");
-                self.forget(&s.file_id);
+                self.forget(&s.file_id).await;
                 continue;
             }
             if left.is_some_and(|l| l.is_zero()) {
                 info!(region = %s.region, services = ?s.services, "persisted session dropped: its lifetime ended while the agent was down");
-                self.forget(&s.file_id);
+                self.forget(&s.file_id).await;
                 continue;
             }
             let now = Instant::now();
@@ -305,7 +325,7 @@ impl Agent {
             let connect_by = match (&s.first_connected, connect_deadline(since_notify, now)) {
                 (None, None) => {
                     info!(region = %s.region, services = ?s.services, "persisted session dropped: it never connected within 12 h of its notify");
-                    self.forget(&s.file_id);
+                    self.forget(&s.file_id).await;
                     continue;
                 }
                 (_, by) => by.unwrap_or(now),
@@ -314,7 +334,7 @@ impl Agent {
                 Ok(id) => id,
                 Err(why) => {
                     warn!(thing = %s.thing, region = %s.region, services = ?s.services, "persisted session dropped: {why}");
-                    self.forget(&s.file_id);
+                    self.forget(&s.file_id).await;
                     continue;
                 }
             };
@@ -325,33 +345,35 @@ impl Agent {
                 lifetime: deadline,
                 connect_by,
             };
-            self.start_bridge(id, &key, token, client_token, Some(s), ends);
+            if let Err(file) = self.start_bridge(id, &key, token, client_token, Some(s), ends) {
+                self.forget(&file).await;
+            }
         }
     }
 
     /// Hourly: unusable session files moved aside go once they are 12 h old.
-    fn housekeeping(&self) {
+    async fn housekeeping(&self) {
         if let Some(store) = &self.store {
-            let n = store.sweep_rejected(std::time::SystemTime::now());
-            if n > 0 {
-                info!(files = n, "removed session files kept aside for 12 h");
-            }
+            store.sweep_rejected().await;
         }
     }
 
-    fn forget(&self, file_id: &str) {
+    async fn forget(&self, file_id: &str) {
         if let Some(store) = &self.store {
-            if let Err(e) = store.remove(file_id) {
-                warn!("cannot remove a persisted session: {e}");
-            }
+            store.remove(file_id).await;
         }
     }
 
+    /// Only systemd's one line: status.json is rewritten when the tunnel table changes, not
+    /// on every MQTT reconnect attempt of an offline gateway (flash wear).
     fn on_mqtt_state(&mut self) {
-        self.write_status();
+        systemd::status(&status_line(
+            self.table.entries().len(),
+            &self.mqtt.borrow(),
+        ));
     }
 
-    fn on_notification(&mut self, n: Notification) {
+    async fn on_notification(&mut self, n: Notification) {
         let Some((_, shared)) = self.maps.get(&n.thing) else {
             warn!(thing = %n.thing, "notify refused: the thing is no longer configured");
             return;
@@ -381,15 +403,15 @@ impl Agent {
                 warn!(region = %n.region, services = ?n.services, "notify refused: {why}")
             }
             Decision::Start { id } => {
-                self.start_new(id, &n);
+                self.start_new(id, &n).await;
                 let running = self.live.values().filter(|l| !l.cancel.is_cancelled());
                 debug!(session = id, running = running.count(), "bridge started");
                 self.write_status();
                 info!(session = id, region = %n.region, services = ?n.services, token = %n.token, "session started");
             }
             Decision::Rotate { old, id } => {
-                self.start_new(id, &n);
-                let replaces = self.retire(old);
+                self.start_new(id, &n).await;
+                let replaces = self.retire(old).await;
                 if let Some(l) = self.live.get_mut(&id) {
                     l.replaces = replaces;
                 }
@@ -406,7 +428,7 @@ impl Agent {
     /// the newest one live. A bridge that has connected serves on until its successor
     /// connects (or the overlap ends) but never reconnects; one that never connected is
     /// cancelled at once and hands on what it was replacing. Its file goes now either way.
-    fn retire(&mut self, old: u64) -> Vec<u64> {
+    async fn retire(&mut self, old: u64) -> Vec<u64> {
         let Some(l) = self.live.get_mut(&old) else {
             return Vec::new();
         };
@@ -423,7 +445,7 @@ impl Agent {
             l.cancel.cancel();
         }
         if let Some(p) = file {
-            self.forget(&p.file_id);
+            self.forget(&p.file_id).await;
         }
         if !connected {
             return replaced;
@@ -439,9 +461,10 @@ impl Agent {
     }
 
     /// A new session from a notify: a fresh client token, persisted before it is used.
-    fn start_new(&mut self, id: u64, n: &Notification) {
+    async fn start_new(&mut self, id: u64, n: &Notification) {
         let client_token = Secret::new(uuid::Uuid::new_v4().to_string());
-        let persisted = self.store.as_ref().map(|store| {
+        let mut persisted = None;
+        if let Some(store) = &self.store {
             let p = PersistedSession {
                 file_id: SessionStore::new_id(),
                 thing: n.thing.clone(),
@@ -452,26 +475,26 @@ impl Agent {
                 first_connected: None,
                 received: Some(Moment::now()),
             };
-            if let Err(e) = store.save(&p) {
+            if let Err(e) = store.save(p.clone()).await {
                 warn!("cannot persist the session: {e}; it will not survive a restart");
             }
-            p
-        });
-        self.start_bridge(
-            id,
-            &TunnelKey::new(&n.thing, &n.region, &n.services),
-            n.token.clone(),
-            client_token,
-            persisted,
-            Ends {
-                lifetime: None,
-                connect_by: Instant::now() + CONNECT_WITHIN,
-            },
-        );
+            persisted = Some(p);
+        }
+        let ends = Ends {
+            lifetime: None,
+            connect_by: Instant::now() + CONNECT_WITHIN,
+        };
+        let key = TunnelKey::new(&n.thing, &n.region, &n.services);
+        if let Err(file) =
+            self.start_bridge(id, &key, n.token.clone(), client_token, persisted, ends)
+        {
+            self.forget(&file).await;
+        }
     }
 
     /// Starts the bridge of session `id` for tunnel `key`: it reaches only the services of
-    /// `key` (its scope) that its thing's map has.
+    /// `key` (its scope) that its thing's map has. `Err` with the file to forget when the
+    /// bridge cannot start (the session left the table).
     fn start_bridge(
         &mut self,
         id: u64,
@@ -480,7 +503,7 @@ impl Agent {
         client_token: Secret,
         persisted: Option<PersistedSession>,
         ends: Ends,
-    ) {
+    ) -> Result<(), String> {
         let mut endpoint = self
             .cfg
             .tunnel
@@ -516,10 +539,7 @@ impl Agent {
             Err(e) => {
                 warn!(session = id, "cannot start the bridge: {e}");
                 self.table.ended(id);
-                if let Some(p) = persisted {
-                    self.forget(&p.file_id);
-                }
-                return;
+                return Err(persisted.map(|p| p.file_id).unwrap_or_default());
             }
         };
         let cancel = CancellationToken::new();
@@ -547,11 +567,12 @@ impl Agent {
         };
         self.bridges
             .spawn(task.run().instrument(info_span!("session", id)));
+        Ok(())
     }
 
     /// A bridge reached its first websocket: its lifetime starts (persisted), and the
     /// sessions it replaces stop.
-    fn on_connected(&mut self, c: Connected) {
+    async fn on_connected(&mut self, c: Connected) {
         self.table.connected(c.id, Instant::now());
         let Some(live) = self.live.get_mut(&c.id) else {
             return;
@@ -560,9 +581,7 @@ impl Agent {
         if let (Some(store), Some(p)) = (&self.store, live.persisted.as_mut()) {
             if p.first_connected.is_none() {
                 p.first_connected = Some(c.at);
-                if let Err(e) = store.save(p) {
-                    warn!("cannot persist the session: {e}");
-                }
+                store.save_later(p.clone()).await;
             }
         }
         for old in replaces {
@@ -578,7 +597,7 @@ impl Agent {
         self.write_status();
     }
 
-    fn on_bridge_end(&mut self, exit: SessionExit) {
+    async fn on_bridge_end(&mut self, exit: SessionExit) {
         let SessionExit {
             id,
             result,
@@ -590,7 +609,7 @@ impl Agent {
             return;
         };
         if let Some(p) = live.and_then(|l| l.persisted) {
-            self.forget(&p.file_id);
+            self.forget(&p.file_id).await;
         }
         let why = match &result {
             Ok(BridgeEnd::ClosedByService { code, reason }) => {
@@ -609,35 +628,25 @@ impl Agent {
         info!(session = id, region = %entry.key.region, services = ?entry.key.services, "session ended: {why}");
     }
 
-    /// The path to re-execute, once the binary was replaced and no local connection is open.
-    fn upgrade_due(&mut self) -> Option<PathBuf> {
-        let watch = self.binary.as_mut()?;
-        if !watch.replaced() {
-            return None;
-        }
+    /// The checked new binary, once it is due (`Upgrader::tick`).
+    fn upgrade_due(&mut self) -> Option<Candidate> {
         let open: usize = self
             .live
             .values()
             .map(|l| l.stats.open_connections.load(Ordering::Relaxed))
             .sum();
-        if open > 0 {
-            watch.waiting_for(open);
-            return None;
+        let before = self.upgrade.as_ref()?.pending_since();
+        let step = self.upgrade.as_mut()?.tick(open);
+        if self.upgrade.as_ref()?.pending_since() != before {
+            self.write_status();
         }
-        // The new binary must accept this configuration before it replaces us.
-        let path = watch.path().to_owned();
-        if let Err(why) = crate::upgrade::accepts_config(&path, &self.cfg.path) {
-            watch.reject();
-            error!(
-                "the new binary at {} refuses the configuration, staying on the running version until it is replaced again:\n{why}",
-                path.display()
-            );
-            return None;
+        match step {
+            Step::Wait => None,
+            Step::Exec(c) => {
+                info!("the new binary is due: re-executing it; tunnels rejoin with their tokens");
+                Some(c)
+            }
         }
-        info!(
-            "the agent's binary was replaced and no local connection is open: re-executing it; tunnels rejoin with their tokens"
-        );
-        Some(path)
     }
 
     /// SIGHUP: a new service map for new streams; live tunnels and connections stay.
@@ -744,7 +753,13 @@ impl Agent {
             })
             .collect();
         let things: Vec<String> = self.cfg.things.keys().cloned().collect();
-        Snapshot::new(&self.mqtt.borrow(), &things, tunnels)
+        let mut snapshot = Snapshot::new(&self.mqtt.borrow(), &things, tunnels);
+        snapshot.upgrade_pending_since = self
+            .upgrade
+            .as_ref()
+            .and_then(Upgrader::pending_since)
+            .map(crate::status::unix);
+        snapshot
     }
 
     /// Writes status.json and systemd's STATUS=; returns the latter.
@@ -900,6 +915,14 @@ impl SessionTask {
 /// `true` once the bridge had its first websocket session; `false` if it ended first.
 async fn first_websocket(state: &mut watch::Receiver<State>) -> bool {
     state.wait_for(|s| s.sessions > 0).await.is_ok()
+}
+
+/// The end of the upgrade check under way; pending for ever without one.
+async fn upgrade_checked(upgrade: Option<&mut Upgrader>) -> (Candidate, Result<(), String>) {
+    match upgrade {
+        Some(u) => u.checked().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_signal(s: &mut Option<Signal>) -> Option<()> {

@@ -153,15 +153,28 @@ pub fn status(path: &std::path::Path, json: bool) -> ExitCode {
 
 /// `run`: the agent until SIGINT/SIGTERM.
 pub async fn run_agent(path: &std::path::Path, cancel: CancellationToken) -> ExitCode {
-    let Some((cfg, checked)) = load_checked(path) else {
-        return ExitCode::from(2);
-    };
-    match crate::agent::Agent::run(cfg, checked, cancel).await {
-        crate::agent::AgentExit::Stopped => ExitCode::SUCCESS,
-        crate::agent::AgentExit::Upgrade(path) => {
-            crate::upgrade::reexec(&path);
-            // Still here: exit non-zero so the service manager starts the new binary.
-            ExitCode::FAILURE
+    loop {
+        let Some((cfg, checked)) = load_checked(path) else {
+            return ExitCode::from(2);
+        };
+        let runtime_dir = cfg.runtime_dir.clone();
+        let candidate = match crate::agent::Agent::run(cfg, checked, cancel.clone()).await {
+            crate::agent::AgentExit::Stopped => return ExitCode::SUCCESS,
+            crate::agent::AgentExit::Upgrade(candidate) => candidate,
+        };
+        // Sessions are on disk and no bridge runs: try the new binary before it replaces us.
+        match crate::upgrade_trial::trial(&candidate, &runtime_dir).await {
+            Ok(()) => {
+                tracing::info!("the new binary was ready in its trial run: re-executing it");
+                let err = candidate.exec();
+                // Still here: the checked file was not executed. Exiting would let the
+                // service manager start whatever is at the path now, unchecked.
+                tracing::error!(
+                    "the new binary was not executed ({err}); the running version starts again"
+                );
+                crate::upgrade::refuse_for_process(&candidate);
+            }
+            Err(why) => crate::upgrade_trial::record_rollback(&candidate, &why),
         }
     }
 }

@@ -51,6 +51,9 @@ struct RawConfig {
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
     runtime_dir: Option<PathBuf>,
+    /// An upgrade waits for open local connections at most this long.
+    #[serde(default = "default_upgrade_deadline")]
+    upgrade_deadline_minutes: f64,
     proxy: Option<RawProxy>,
     /// Downstream things the gateway serves tunnels for: `[things.<name>.services]`.
     #[serde(default)]
@@ -83,6 +86,10 @@ struct RawProxy {
     url: Option<crate::secret::Secret>,
     #[serde(default)]
     no_proxy: Vec<String>,
+}
+
+fn default_upgrade_deadline() -> f64 {
+    24.0 * 60.0
 }
 
 fn default_state_dir() -> PathBuf {
@@ -327,6 +334,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Where the live status socket is (`status::default_runtime_dir` unless set).
     pub runtime_dir: PathBuf,
+    /// How long an installed upgrade waits for open local connections to end.
+    pub upgrade_deadline: Duration,
     /// `[proxy]`: MQTT and the data plane through an HTTP CONNECT proxy.
     pub proxy: Option<crate::proxy::ProxySettings>,
     /// Downstream things, by name (the gateway's own thing is not among them).
@@ -654,6 +663,16 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
             "use e.g. /run/securetunnel-agent",
         ));
     }
+    if !(raw.upgrade_deadline_minutes.is_finite() && raw.upgrade_deadline_minutes >= 0.0) {
+        errors.push(err(
+            "upgrade_deadline_minutes",
+            format!(
+                "{} is not a number of minutes",
+                raw.upgrade_deadline_minutes
+            ),
+            "use e.g. 1440 (24 h); 0 re-executes at once, cutting open connections",
+        ));
+    }
     if !raw.state_dir.is_absolute() {
         errors.push(err(
             "state_dir",
@@ -700,6 +719,9 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErrors> {
         runtime_dir: raw
             .runtime_dir
             .unwrap_or_else(crate::status::runtime_dir_here),
+        upgrade_deadline: Duration::from_secs_f64(
+            raw.upgrade_deadline_minutes.clamp(0.0, 1e9) * 60.0,
+        ),
         proxy,
         things: raw
             .things
@@ -1069,6 +1091,13 @@ fn summary(cfg: &Config) -> Vec<(String, String)> {
             format!("{:?}", cfg.rotation).to_lowercase(),
         ),
         ("state dir".into(), cfg.state_dir.display().to_string()),
+        (
+            "upgrades".into(),
+            format!(
+                "a new binary is checked, then executed once no local connection is open, or after {} min (upgrade_deadline_minutes)",
+                cfg.upgrade_deadline.as_secs() / 60
+            ),
+        ),
         (
             "live status".into(),
             format!(

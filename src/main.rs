@@ -21,6 +21,7 @@ use securetunnel_agent::cli::{self, Cli, Command};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    securetunnel_agent::signals::ignore_hangup();
     let args = Cli::parse();
     // The quick commands need neither logging nor the runtime.
     match &args.command {

@@ -137,6 +137,7 @@ pub enum StoreError {
 }
 
 /// The sessions directory.
+#[derive(Clone)]
 pub struct SessionStore {
     dir: PathBuf,
 }

@@ -62,6 +62,19 @@ pub struct Snapshot {
     #[serde(default)]
     pub things: Vec<ThingStatus>,
     pub tunnels: Vec<TunnelStatus>,
+    /// Unix time since which a checked upgrade waits for local connections to end.
+    #[serde(default)]
+    pub upgrade_pending_since: Option<u64>,
+    /// The last upgrade this process rolled back: the file's SHA-256 and why.
+    #[serde(default)]
+    pub upgrade_rolled_back: Option<RolledBack>,
+}
+
+/// An upgrade that failed its trial run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub sha256: String,
+    pub why: String,
 }
 
 /// A downstream thing as the MQTT side sees it.
@@ -94,7 +107,7 @@ pub fn connected_since(phase: Phase, since: Option<SystemTime>) -> Option<u64> {
     }
 }
 
-fn unix(t: SystemTime) -> u64 {
+pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -159,6 +172,9 @@ impl Snapshot {
                 })
                 .collect(),
             tunnels,
+            upgrade_pending_since: None,
+            upgrade_rolled_back: crate::upgrade_trial::rolled_back()
+                .map(|(sha256, why)| RolledBack { sha256, why }),
         }
     }
 
@@ -170,6 +186,18 @@ impl Snapshot {
             out.push_str(&format!(" (last error: {e})"));
         }
         out.push('\n');
+        if let Some(r) = &self.upgrade_rolled_back {
+            out.push_str(&format!(
+                "Upgrade rolled back: the new binary (sha256 {}) failed its trial run: {}; the running version goes on\n",
+                r.sha256, r.why
+            ));
+        }
+        if let Some(since) = self.upgrade_pending_since {
+            out.push_str(&format!(
+                "Upgrade pending since {} ago: the new binary runs once no local connection is open, or at upgrade_deadline_minutes\n",
+                ago(since)
+            ));
+        }
         if !self.things.is_empty() {
             let things: Vec<String> = self
                 .things

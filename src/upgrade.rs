@@ -3,11 +3,15 @@
 //! systemd and procd keep tracking it) at the first moment no local connection is open.
 //! Persisted sessions rejoin with their tokens in the new process.
 
-use std::os::unix::fs::MetadataExt;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// The identity of a file's contents: a new file (new inode) or a rewrite (new mtime/size).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +32,15 @@ fn file_id(path: &Path) -> Option<FileId> {
     })
 }
 
+/// The file this process refused after its trial run (`refuse_for_process`).
+static REFUSED: std::sync::Mutex<Option<FileId>> = std::sync::Mutex::new(None);
+
+/// Rule (no retry of a refused file): the candidate is not taken again by this process
+/// until another file is installed.
+pub fn refuse_for_process(candidate: &Candidate) {
+    *REFUSED.lock().unwrap_or_else(|e| e.into_inner()) = Some(candidate.identity.id);
+}
+
 /// Watches the path this process was started from.
 pub struct BinaryWatch {
     path: PathBuf,
@@ -41,12 +54,17 @@ pub struct BinaryWatch {
 
 impl BinaryWatch {
     /// The running binary, or `None` if its path cannot be known (then upgrades need a
-    /// restart).
+    /// restart). After a rollback, the refused file at the path counts as the running one:
+    /// it is not tried again, but the next file installed is.
     pub fn current() -> Option<Self> {
         let path = std::env::current_exe().ok()?;
         // /proc/self/exe is the running image even if the path was replaced meanwhile.
         let running = file_id(Path::new("/proc/self/exe"))?;
-        Self::watching(path, running)
+        let refused = *REFUSED.lock().unwrap_or_else(|e| e.into_inner());
+        match refused.filter(|r| file_id(&path) == Some(*r)) {
+            Some(r) => Self::watching(path, r),
+            None => Self::watching(path, running),
+        }
     }
 
     fn watching(path: PathBuf, running: FileId) -> Option<Self> {
@@ -115,37 +133,316 @@ impl BinaryWatch {
     }
 }
 
+/// An upgrade's progress: the watch on the binary's path, the check of a new file, and the
+/// moment it became due. One owner (the agent loop) drives it: `tick` on its timer, `done`
+/// when a check ends.
+pub struct Upgrader {
+    watch: BinaryWatch,
+    config: PathBuf,
+    /// The running check of a candidate.
+    check: Option<tokio::task::JoinHandle<(Candidate, Result<(), String>)>>,
+    /// A candidate that passed its check, waiting for local connections to end.
+    ready: Option<Candidate>,
+    /// Since when an upgrade waits for local connections (for `status`).
+    pending_since: Option<std::time::SystemTime>,
+    waiting_since: Option<tokio::time::Instant>,
+    deadline: Duration,
+}
+
+/// What a tick decides.
+pub enum Step {
+    /// Nothing to do now.
+    Wait,
+    /// Execute this candidate.
+    Exec(Candidate),
+}
+
+impl Upgrader {
+    /// Watches the running binary's path; `None` when it cannot be known.
+    pub fn new(config: &Path, deadline: Duration) -> Option<Self> {
+        Some(Upgrader {
+            watch: BinaryWatch::current()?,
+            config: config.to_owned(),
+            check: None,
+            ready: None,
+            pending_since: None,
+            waiting_since: None,
+            deadline,
+        })
+    }
+
+    /// Since when a checked upgrade waits for local connections to end.
+    pub fn pending_since(&self) -> Option<std::time::SystemTime> {
+        self.pending_since
+    }
+
+    /// Rule (upgrade timing): a new binary is checked as soon as it is installed; it is
+    /// executed once no local connection is open, or once it has waited `deadline` (an
+    /// idle session left open must not hold a fix back for ever).
+    pub fn tick(&mut self, open: usize) -> Step {
+        if !self.watch.replaced() {
+            self.ready = None;
+            return Step::Wait;
+        }
+        if self.check.is_none() && self.ready.is_none() {
+            self.start_check();
+            return Step::Wait;
+        }
+        if self.ready.is_none() {
+            return Step::Wait;
+        }
+        let waited = self
+            .waiting_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        let overdue = waited.elapsed() >= self.deadline;
+        if open > 0 && !overdue {
+            self.pending_since
+                .get_or_insert_with(std::time::SystemTime::now);
+            self.watch.waiting_for(open);
+            return Step::Wait;
+        }
+        if open > 0 {
+            warn!(open, deadline = ?self.deadline, "the upgrade waited its deadline (upgrade_deadline_minutes): re-executing now; open local connections are cut");
+        }
+        self.ready.take().map_or(Step::Wait, Step::Exec)
+    }
+
+    fn start_check(&mut self) {
+        let path = self.watch.path().to_owned();
+        let candidate = match Candidate::open(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(path = %path.display(), "cannot open the new binary: {e}");
+                return;
+            }
+        };
+        info!(path = %path.display(), sha256 = %candidate.identity().sha256_hex(), "checking the new binary (check-config)");
+        let config = self.config.clone();
+        self.check = Some(tokio::spawn(async move {
+            let result = accepts_config(&candidate, &config).await;
+            (candidate, result)
+        }));
+    }
+
+    /// The running check's end; pending for ever while none runs.
+    pub async fn checked(&mut self) -> (Candidate, Result<(), String>) {
+        let Some(check) = self.check.as_mut() else {
+            return std::future::pending().await;
+        };
+        let done = check.await;
+        self.check = None;
+        match done {
+            Ok(done) => done,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// Takes a check's result: a passed candidate waits for its moment, a refused one is
+    /// not taken again until the file changes.
+    pub fn done(&mut self, candidate: Candidate, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                info!(path = %candidate.path().display(), "the new binary accepts the configuration");
+                self.ready = Some(candidate);
+            }
+            Err(why) => {
+                self.watch.reject();
+                error!(
+                    "the new binary at {} refuses the configuration, staying on the running version until it is replaced again: {}",
+                    candidate.path().display(),
+                    why.trim().replace('\n', "; ")
+                );
+            }
+        }
+    }
+}
+
+/// Time a new binary gets to answer `check-config`.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// What is kept of its output for the log.
+pub const CHECK_OUTPUT: usize = 64 * 1024;
+
+/// What identifies the contents of a file: where it is (device, inode) and what it holds
+/// (size, mtime, SHA-256).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    id: FileId,
+    sha256: Vec<u8>,
+}
+
+impl Identity {
+    /// Of the open `file`, read from its start.
+    fn of(file: &File) -> io::Result<Self> {
+        let m = file.metadata()?;
+        let id = FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: m.mtime(),
+        };
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut at = 0u64;
+        loop {
+            let n = file.read_at(&mut buf, at)?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(Identity {
+            id,
+            sha256: ctx.finish().as_ref().to_vec(),
+        })
+    }
+
+    /// The SHA-256 as hex, to name the file in logs and the status.
+    pub fn sha256_hex(&self) -> String {
+        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The new binary, opened once: `check-config` runs that open file, and the re-exec
+/// executes it from the same descriptor, so what runs is what was checked.
+pub struct Candidate {
+    path: PathBuf,
+    file: File,
+    identity: Identity,
+}
+
+impl Candidate {
+    /// Opens the file now at `path`.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let identity = Identity::of(&file)?;
+        Ok(Candidate {
+            path: path.to_owned(),
+            file,
+            identity,
+        })
+    }
+
+    /// Where it was found.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its identity when it was opened.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The open file as a path a child process can execute (while this one holds it open).
+    pub fn exec_path(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.file.as_raw_fd()
+        ))
+    }
+
+    /// Rule (exec what was checked): replaces this process with the open file, same
+    /// arguments and environment, after checking that its contents are still what was
+    /// checked (a rewrite in place changes them); returns only if that failed.
+    pub fn exec(&self) -> io::Error {
+        match Identity::of(&self.file) {
+            Ok(now) if now == self.identity => {}
+            Ok(_) => {
+                return io::Error::other(
+                    "the new binary changed after it was checked: not executing it",
+                );
+            }
+            Err(e) => return e,
+        }
+        // A script's interpreter opens the file by its /proc path: it must stay open
+        // across the exec. An ELF image does not need it.
+        let mut magic = [0u8; 4];
+        let script = self.file.read_at(&mut magic, 0).is_ok() && magic.starts_with(b"#!");
+        let path = if script {
+            // SAFETY: F_SETFD on a descriptor this process owns.
+            unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_SETFD, 0) };
+            self.exec_path()
+        } else {
+            PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        };
+        reexec_path(&path, &self.path)
+    }
+}
+
 /// Rule: a new binary replaces the running one only if it accepts the configuration
-/// (`check-config`); `Err` carries what it said.
-pub fn accepts_config(binary: &Path, config: &Path) -> Result<(), String> {
-    let out = std::process::Command::new(binary)
+/// (`check-config`) within `CHECK_TIMEOUT`; `Err` carries why not, with at most
+/// `CHECK_OUTPUT` bytes of what it said. Runs the candidate's open file, as a child process
+/// of the runtime (never blocking it); a child that hangs or talks without end is killed.
+pub async fn accepts_config(candidate: &Candidate, config: &Path) -> Result<(), String> {
+    accepts_config_within(candidate, config, CHECK_TIMEOUT).await
+}
+
+async fn accepts_config_within(
+    candidate: &Candidate,
+    config: &Path,
+    limit: Duration,
+) -> Result<(), String> {
+    let mut child = tokio::process::Command::new(candidate.exec_path())
         .arg("check-config")
         .arg("--config")
         .arg(config)
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
         .map_err(|e| format!("cannot run it: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let run = async {
+        let (out, err, status) = tokio::join!(bounded(out), bounded(err), child.wait());
+        (out, err, status)
+    };
+    let Ok((mut out, err, status)) = tokio::time::timeout(limit, run).await else {
+        return Err(format!("it did not finish check-config within {limit:?}"));
+    };
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(_) => {
+            out.extend_from_slice(&err);
+            out.truncate(CHECK_OUTPUT);
+            Err(String::from_utf8_lossy(&out).into_owned())
+        }
+        Err(e) => Err(format!("cannot wait for it: {e}")),
     }
 }
 
-/// Replaces this process with `path`, same arguments and environment; returns only if that
-/// failed.
-pub fn reexec(path: &Path) -> std::io::Error {
+/// Up to `CHECK_OUTPUT` bytes of a child's output; the rest is read and dropped, so a child
+/// that prints without end neither blocks nor grows the agent.
+async fn bounded<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let Some(mut r) = r else {
+        return Vec::new();
+    };
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        let room = CHECK_OUTPUT.saturating_sub(kept.len());
+        kept.extend_from_slice(&buf[..n.min(room)]);
+    }
+    kept
+}
+
+/// Replaces this process with `path` (shown as `shown`), same arguments and environment;
+/// returns only if that failed. SIGHUP stays ignored across the exec, until the new
+/// process installs its handler.
+fn reexec_path(path: &Path, shown: &Path) -> io::Error {
+    crate::signals::ignore_hangup();
     let mut args = std::env::args_os();
-    let argv0 = args.next().unwrap_or_else(|| path.as_os_str().to_owned());
+    let argv0 = args.next().unwrap_or_else(|| shown.as_os_str().to_owned());
     let err = std::process::Command::new(path)
         .arg0(argv0)
         .args(args)
         .exec();
-    warn!(path = %path.display(), "cannot re-execute the new binary: {err}");
+    warn!(path = %shown.display(), "cannot re-execute the new binary: {err}");
     err
 }
 
@@ -200,22 +497,76 @@ mod tests {
         assert!(w.replaced());
     }
 
-    #[test]
-    fn a_binary_that_refuses_the_config_is_not_executed() {
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn a_binary_that_refuses_the_config_is_not_executed() {
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("agent");
-        std::fs::write(
-            &script,
-            "#!/bin/sh\necho 'thing_name: missing' >&2\nexit 2\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let err = accepts_config(&script, Path::new("/etc/x.toml")).unwrap_err();
+        let bad = script(
+            dir.path(),
+            "agent",
+            "echo 'thing_name: missing' >&2\nexit 2",
+        );
+        let bad = Candidate::open(&bad).unwrap();
+        let err = accepts_config(&bad, Path::new("/etc/x.toml"))
+            .await
+            .unwrap_err();
         assert!(err.contains("thing_name"), "{err}");
-        let ok = dir.path().join("ok");
-        std::fs::write(&ok, "#!/bin/sh\nexit 0\n").unwrap();
-        std::fs::set_permissions(&ok, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(accepts_config(&ok, Path::new("/etc/x.toml")).is_ok());
+        let ok = Candidate::open(&script(dir.path(), "ok", "exit 0")).unwrap();
+        assert!(accepts_config(&ok, Path::new("/etc/x.toml")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_check_that_hangs_or_talks_without_end_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = Duration::from_millis(500);
+        let hangs = Candidate::open(&script(dir.path(), "hangs", "sleep 60")).unwrap();
+        let err = accepts_config_within(&hangs, Path::new("/x"), limit)
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("did not finish check-config within 500ms"),
+            "{err}"
+        );
+        let talks = Candidate::open(&script(dir.path(), "talks", "yes; exit 1")).unwrap();
+        let err = accepts_config_within(&talks, Path::new("/x"), limit)
+            .await
+            .unwrap_err();
+        assert!(err.contains("did not finish"), "{err}");
+        assert_eq!(CHECK_TIMEOUT, Duration::from_secs(10));
+        let long = "head -c 200000 /dev/zero | tr '\\0' x; exit 1";
+        let verbose = Candidate::open(&script(dir.path(), "verbose", long)).unwrap();
+        let err = accepts_config(&verbose, Path::new("/x")).await.unwrap_err();
+        assert_eq!(err.len(), CHECK_OUTPUT, "output kept");
+    }
+
+    #[test]
+    fn the_checked_file_is_told_apart_from_a_rewrite_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = script(dir.path(), "agent", "exit 0");
+        let c = Candidate::open(&path).unwrap();
+        assert_eq!(
+            Identity::of(&File::open(&path).unwrap()).unwrap(),
+            c.identity
+        );
+        // The same inode rewritten: another identity, so `exec` refuses it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(b"#!/bin/sh\nexit 1\n", 0)
+            .unwrap();
+        assert_ne!(Identity::of(&c.file).unwrap(), c.identity);
+        let err = c.exec();
+        assert!(
+            err.to_string().contains("changed after it was checked"),
+            "{err}"
+        );
     }
 }

@@ -923,3 +923,87 @@ async fn a_downstream_thing_the_broker_refuses_is_logged_once_and_the_rest_stay_
         "{text}"
     );
 }
+
+/// Signals before handlers: from the agent's first line on, SIGHUP is ignored or caught, never
+/// left to its default, which kills (procd would count a crash); a flood of SIGHUPs while it
+/// comes up does not stop it from subscribing. (The window before the handler is a few
+/// milliseconds: the unit test `signals::tests` shows the ignored disposition survives exec.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_during_start_up_does_not_kill_the_agent() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let cfg = rig.agent_config("gw-hup", "SSH = 22", "");
+    let mut agent = rig.spawn_agent(&cfg);
+    let pid = agent.pid();
+    // From its first line (main has run, the configuration is being read; the reload
+    // handler comes later) until it says it started, SIGHUP is never left to its default
+    // (which kills): ignored, then caught.
+    agent.expect("").await;
+    let mut samples = 0;
+    while agent.count("agent started") == 0 && agent.child.try_wait().unwrap().is_none() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let mask = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .unwrap_or(0)
+        };
+        let hup = 1u64 << (libc::SIGHUP - 1);
+        assert!(
+            (mask("SigIgn:") | mask("SigCgt:")) & hup != 0,
+            "SIGHUP has its default disposition during start-up"
+        );
+        samples += 1;
+        tokio::task::yield_now().await;
+    }
+    assert!(samples > 0, "the start-up was not sampled");
+    // Then SIGHUP it every millisecond until it is subscribed.
+    within("the agent comes up under SIGHUPs", async {
+        while agent.count("subscribed to tunnel notifications") == 0 {
+            agent.signal(libc::SIGHUP);
+            assert!(
+                agent.child.try_wait().unwrap().is_none(),
+                "SIGHUP killed the agent (pid {pid})"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent exited"
+    );
+}
+
+/// status.json is not rewritten by MQTT state changes (an offline gateway reconnects every
+/// few seconds, and status.json may be on flash): only tunnel-table changes write it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_reconnects_do_not_rewrite_status_json() {
+    use std::os::unix::fs::MetadataExt;
+    let rig = Rig::start(RigOptions::default()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let cfg = rig.agent_config_with(
+        "gw-offline",
+        &ConfigExtra {
+            services: "SSH = 22",
+            mqtt: "reconnect_spread_secs = 0",
+            mqtt_port: Some(port),
+            ..ConfigExtra::default()
+        },
+    );
+    let mut agent = rig.spawn_agent(&cfg);
+    agent.expect("agent started").await;
+    agent.expect("MQTT connection ended").await;
+    let path = rig.files.dir.join("state-gw-offline/status.json");
+    let written = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    };
+    let before = written(&path);
+    for _ in 0..3 {
+        agent.expect("MQTT connection failed").await;
+    }
+    assert_eq!(written(&path), before, "status.json was rewritten");
+}

@@ -290,3 +290,54 @@ fn a_binary_for_another_machine_is_refused() {
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// The init script's start, run with procd's and the system's commands stubbed: it creates
+/// and hands over the state directory the configuration names (on flash, under a root-owned
+/// parent the agent cannot write), and raises the open-files limit to the unit's.
+#[test]
+fn the_init_script_hands_over_the_configured_state_dir_and_raises_the_descriptor_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("etc/securetunnel-agent/state");
+    let conf = dir.path().join("agent.toml");
+    std::fs::write(
+        &conf,
+        format!("thing_name = \"gw\"\nstate_dir = \"{}\"\n", state.display()),
+    )
+    .unwrap();
+    let init = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("packaging/openwrt/securetunnel-agent.init"),
+    )
+    .unwrap()
+    .replace(
+        "CONF=/etc/securetunnel-agent/agent.toml",
+        &format!("CONF={}", conf.display()),
+    );
+    let calls = dir.path().join("calls");
+    let harness = format!(
+        "log() {{ echo \"$*\" >> {calls}; }}\n\
+         chown() {{ log chown \"$@\"; }}\nchgrp() {{ log chgrp \"$@\"; }}\nchmod() {{ log chmod \"$@\"; }}\n\
+         logger() {{ log logger \"$@\"; }}\nprocd_open_instance() {{ :; }}\nprocd_close_instance() {{ :; }}\n\
+         procd_set_param() {{ log procd_set_param \"$@\"; }}\n{init}\nstart_service\n",
+        calls = calls.display()
+    );
+    let status = Command::new("sh").arg("-c").arg(&harness).status().unwrap();
+    assert!(status.success());
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    assert!(state.is_dir(), "the configured state_dir was not made");
+    assert!(
+        calls.contains(&format!(
+            "chown securetunnel-agent:securetunnel-agent {}",
+            state.display()
+        )),
+        "{calls}"
+    );
+    assert!(
+        calls.contains(&format!("chmod 0700 {}", state.display())),
+        "{calls}"
+    );
+    assert!(
+        calls.contains("procd_set_param limits nofile=8192 8192"),
+        "{calls}"
+    );
+}

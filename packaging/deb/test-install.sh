@@ -44,7 +44,14 @@ grep -Eq 'exposure level for .*: (0\.[0-9]|1\.[0-2]) ' <<< "$exposure" || fail "
 # owned it is deleted, so it goes to root, readable by root only.
 key=/etc/securetunnel-agent/private.pem.key
 install -o securetunnel-agent -m 600 /dev/null "$key" || fail "place a key"
+# A compromised agent plants a link to a file it does not own: purge must not follow it.
+victim="$(mktemp)"; chown nobody:nogroup "$victim"; chmod 644 "$victim"
+ln -s "$victim" /etc/securetunnel-agent/planted || fail "plant a link"
+chown -h securetunnel-agent:securetunnel-agent /etc/securetunnel-agent/planted
 dpkg --purge securetunnel-agent >/dev/null || fail "dpkg --purge"
+expect_mode "$victim" 644 nobody:nogroup
+rm -f "$victim"
+[ ! -L /etc/securetunnel-agent/planted ] || fail "purge left the agent's link"
 expect_mode "$key" 600 root:root
 expect_mode /etc/securetunnel-agent 700 root:root
 [ "$(ls -A /etc/securetunnel-agent)" = "private.pem.key" ] || fail "purge left more than the key: $(ls -A /etc/securetunnel-agent)"

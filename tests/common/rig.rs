@@ -151,6 +151,8 @@ pub struct Rig {
 /// Keys added to an agent config's sections.
 #[derive(Default)]
 pub struct ConfigExtra<'a> {
+    /// Top-level keys, before any table.
+    pub top: &'a str,
     /// The `[services]` body.
     pub services: &'a str,
     /// Lines added to `[mqtt]`.
@@ -245,11 +247,12 @@ impl Rig {
             format!("endpoint = \"{}\"", self.emu.endpoint())
         };
         let text = format!(
-            "thing_name = \"{thing}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n\n[mqtt]\nendpoint = \"127.0.0.1\"\nport = {}\n\
+            "thing_name = \"{thing}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n{}\n\n[mqtt]\nendpoint = \"127.0.0.1\"\nport = {}\n\
              cert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nkeep_alive_secs = 5\n{}\n\n[tunnel]\n{}\n\
              ca = \"{}\"\n{}\n\n[services]\n{}\n\n{}\n",
             state.display(),
             self.files.dir.join(format!("run-{thing}")).display(),
+            x.top,
             x.mqtt_port.unwrap_or(self.mosquitto.port),
             cert.display(),
             key.display(),
