@@ -263,9 +263,9 @@ impl Agent {
                     }
                 }
                 _ = housekeeping.tick() => agent.housekeeping().await,
-                (candidate, result) = upgrade_checked(agent.upgrade.as_mut()) => {
+                done = upgrade_checked(agent.upgrade.as_mut()) => {
                     if let Some(u) = agent.upgrade.as_mut() {
-                        u.done(candidate, result);
+                        u.done(done);
                     }
                 }
                 _ = binary_check.tick() => {
@@ -321,7 +321,7 @@ impl Agent {
             let since_notify = s
                 .received
                 .as_ref()
-                .and_then(|m| m.elapsed_until(&now_moment));
+                .and_then(|m| m.since_notify(&now_moment));
             let connect_by = match (&s.first_connected, connect_deadline(since_notify, now)) {
                 (None, None) => {
                     info!(region = %s.region, services = ?s.services, "persisted session dropped: it never connected within 12 h of its notify");
@@ -410,8 +410,11 @@ impl Agent {
                 info!(session = id, region = %n.region, services = ?n.services, token = %n.token, "session started");
             }
             Decision::Rotate { old, id } => {
-                self.start_new(id, &n).await;
+                // The old file goes before the new one is written (one writer, in order): a
+                // crash between the two leaves neither, and the unacknowledged notify comes
+                // again; never both, which would present the revoked token at the restart.
                 let replaces = self.retire(old).await;
+                self.start_new(id, &n).await;
                 if let Some(l) = self.live.get_mut(&id) {
                     l.replaces = replaces;
                 }
@@ -781,6 +784,11 @@ impl Agent {
 
     /// Stops every bridge; persisted sessions stay on disk, so the next start rejoins them.
     async fn shutdown(&mut self) {
+        // What was asked of the session files is on disk before the process ends or
+        // re-executes.
+        if let Some(store) = &self.store {
+            store.flush().await;
+        }
         self.stop_bridges();
         let drained = tokio::time::timeout(DRAIN, async {
             while self.bridges.join_next().await.is_some() {}
@@ -918,7 +926,7 @@ async fn first_websocket(state: &mut watch::Receiver<State>) -> bool {
 }
 
 /// The end of the upgrade check under way; pending for ever without one.
-async fn upgrade_checked(upgrade: Option<&mut Upgrader>) -> (Candidate, Result<(), String>) {
+async fn upgrade_checked(upgrade: Option<&mut Upgrader>) -> crate::upgrade::CheckDone {
     match upgrade {
         Some(u) => u.checked().await,
         None => std::future::pending().await,

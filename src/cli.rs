@@ -153,17 +153,25 @@ pub fn status(path: &std::path::Path, json: bool) -> ExitCode {
 
 /// `run`: the agent until SIGINT/SIGTERM.
 pub async fn run_agent(path: &std::path::Path, cancel: CancellationToken) -> ExitCode {
+    let Some(mut loaded) = load_checked(path) else {
+        return ExitCode::from(2);
+    };
     loop {
-        let Some((cfg, checked)) = load_checked(path) else {
-            return ExitCode::from(2);
-        };
+        let (cfg, checked) = loaded.clone();
         let runtime_dir = cfg.runtime_dir.clone();
         let candidate = match crate::agent::Agent::run(cfg, checked, cancel.clone()).await {
             crate::agent::AgentExit::Stopped => return ExitCode::SUCCESS,
             crate::agent::AgentExit::Upgrade(candidate) => candidate,
         };
         // Sessions are on disk and no bridge runs: try the new binary before it replaces us.
-        match crate::upgrade_trial::trial(&candidate, &runtime_dir).await {
+        let tried = tokio::select! {
+            r = crate::upgrade_trial::trial(&candidate, &runtime_dir) => r,
+            _ = cancel.cancelled() => Err("the agent is stopping".to_owned()),
+        };
+        if cancel.is_cancelled() {
+            return ExitCode::SUCCESS;
+        }
+        match tried {
             Ok(()) => {
                 tracing::info!("the new binary was ready in its trial run: re-executing it");
                 let err = candidate.exec();
@@ -175,6 +183,14 @@ pub async fn run_agent(path: &std::path::Path, cancel: CancellationToken) -> Exi
                 crate::upgrade::refuse_for_process(&candidate);
             }
             Err(why) => crate::upgrade_trial::record_rollback(&candidate, &why),
+        }
+        // The configuration as it is now, or, if the new package changed it into one this
+        // version refuses, the one it ran with: the running version must come back.
+        match load_checked(path) {
+            Some(now) => loaded = now,
+            None => tracing::warn!(
+                "the configuration is not usable by the running version; it goes on with the one it started with"
+            ),
         }
     }
 }

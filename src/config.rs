@@ -803,6 +803,7 @@ fn validate_things(raw: &RawConfig) -> Vec<ConfigError> {
 }
 
 /// What the files named by a config turned into.
+#[derive(Clone)]
 pub struct Checked {
     pub mqtt_tls: Arc<rustls::ClientConfig>,
     pub tunnel_tls: Arc<rustls::ClientConfig>,

@@ -9,9 +9,13 @@
 //!   HTTP CONNECT proxies.
 //! - [`cli`], [`signals`]: the command line (`run`, `check-config`, `local-proxy` with the
 //!   reference localproxy's options) and SIGINT/SIGTERM as cancellation.
-//! - The agent itself (private): `config` (agent.toml), `notify` (MQTT), `session` (the
-//!   tunnel table), `agent` (carries out the table's decisions), `status` (status.json,
-//!   systemd), `sandbox` (can the service's user reach each Unix-socket service).
+//! - [`lookup`]: bounded name lookups of host-name services.
+//! - The agent itself (private): `config` (agent.toml), `notify` (MQTT) and `proxy_front`
+//!   (MQTT through an HTTP proxy), `session` (the tunnel table), `agent` (carries out the
+//!   table's decisions), `persist` and `persist_writer` (session files), `status`
+//!   (status.json, systemd), `upgrade` and `upgrade_trial` (replacing the running binary),
+//!   `net` (keepalive on long-lived sockets), `sandbox` (can the service's user reach each
+//!   Unix-socket service). ARCHITECTURE.md has the map.
 //!
 //! The public API is what the binary, the emulator crate and the integration tests use to
 //! run a bridge; the agent's own state stays private.

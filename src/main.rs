@@ -23,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     securetunnel_agent::signals::ignore_hangup();
     let args = Cli::parse();
+    // `local-proxy` dies with its terminal, as the reference localproxy does.
+    if matches!(args.command, Command::LocalProxy(_)) {
+        securetunnel_agent::signals::default_hangup();
+    }
     // The quick commands need neither logging nor the runtime.
     match &args.command {
         Command::CheckConfig { user } => return cli::check_config(&args.config, user.as_deref()),

@@ -172,6 +172,8 @@ const MAX_OUTGOING_PACKET: usize = 16 * 1024;
 const RECONNECT_BASE: Duration = Duration::from_millis(500);
 const RECONNECT_CAP: Duration = Duration::from_secs(60);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+/// Time one MQTT connection attempt may take, to its CONNACK.
+const MQTT_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Requests waiting for rumqttc's event loop (subscribes, unsubscribes, acks), sized for the
 /// worst case after a CONNACK: every SUBSCRIBE batch, every remembered unsubscribe, and an
 /// ack for each notify the agent may hold. A request that still finds no room ends the
@@ -463,6 +465,9 @@ impl NotifyClient {
         // Notifies are small and latency matters: no Nagle delay.
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
+        // Connect, TLS and CONNACK; through a proxy, longer than the front gives the proxy
+        // (`proxy_front`), so the proxy's failure is the one reported.
+        net.set_connection_timeout(MQTT_CONNECT_TIMEOUT.as_secs());
         events.set_network_options(net);
         let broker = format!("{}:{}", self.config.host, self.config.port);
         let silence = silence_limit(self.config.keep_alive);

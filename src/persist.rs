@@ -76,6 +76,18 @@ impl Moment {
         let secs = later.unix_secs.checked_sub(self.unix_secs)?;
         (secs <= 12 * 3600).then(|| Duration::from_secs(secs))
     }
+
+    /// Rule: the time from a notify's arrival (`self`) to `later`. Within one boot, by the
+    /// time since boot; across a reboot, by the wall clock whatever the gap (the clock was
+    /// right when the notify arrived: its TLS needed it), unless it went back (unset again:
+    /// unknown, `None`).
+    pub fn since_notify(&self, later: &Moment) -> Option<Duration> {
+        if !self.boot_id.is_empty() && self.boot_id == later.boot_id {
+            return self.elapsed_until(later);
+        }
+        let secs = later.unix_secs.checked_sub(self.unix_secs)?;
+        Some(Duration::from_secs(secs))
+    }
 }
 
 /// The file's shape. Tokens are written from and read into memory that is wiped.
@@ -674,6 +686,20 @@ mod tests {
         );
         let now = Moment::now();
         assert!(!now.boot_id.is_empty() && now.uptime_ms > 0);
+        // A notify's arrival counts across any reboot gap (its clock was right), not back.
+        assert_eq!(
+            first.since_notify(&at(1000 + 13 * 3600, "b2", 1)),
+            Some(Duration::from_secs(13 * 3600))
+        );
+        assert_eq!(
+            first.since_notify(&at(500, "b2", 1)),
+            None,
+            "clock unset again"
+        );
+        assert_eq!(
+            first.since_notify(&at(5, "b1", 70_000)),
+            Some(Duration::from_secs(60))
+        );
     }
 
     #[test]

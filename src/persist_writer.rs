@@ -21,6 +21,8 @@ enum Op {
     ),
     Remove(String),
     SweepRejected,
+    /// Answered once everything asked before it is done.
+    Flush(oneshot::Sender<()>),
 }
 
 /// The agent's handle on the thread; the thread ends when the handle is dropped.
@@ -66,6 +68,13 @@ impl PersistWriter {
         self.send(Op::SweepRejected).await;
     }
 
+    /// Waits until everything asked so far is done.
+    pub async fn flush(&self) {
+        let (done, finished) = oneshot::channel();
+        self.send(Op::Flush(done)).await;
+        let _ = finished.await;
+    }
+
     async fn send(&self, op: Op) {
         if self.tx.send(op).await.is_err() {
             warn!("the session-file thread stopped: session files are not kept up to date");
@@ -92,6 +101,9 @@ fn run(store: &SessionStore, op: Op) {
             if let Err(e) = store.remove(&id) {
                 warn!("cannot remove a persisted session: {e}");
             }
+        }
+        Op::Flush(done) => {
+            let _ = done.send(());
         }
         Op::SweepRejected => {
             let n = store.sweep_rejected(SystemTime::now());
@@ -130,7 +142,8 @@ mod tests {
             w.save_later(session(&id)).await;
             w.remove(&id).await;
         }
-        w.save(session("kept")).await.unwrap();
+        w.save_later(session("kept")).await;
+        w.flush().await;
         let (left, _) = store.load();
         let ids: Vec<&str> = left.iter().map(|s| s.file_id.as_str()).collect();
         assert_eq!(ids, ["kept"]);

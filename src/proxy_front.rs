@@ -23,6 +23,10 @@ use crate::secret::Secret;
 const MAX_REQUEST_HEAD: usize = 4096;
 /// Time rumqttc gets to send its request head.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the real proxy gets to answer CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connections the front serves at once.
+const MAX_CLIENTS: usize = 4;
 /// The user name rumqttc presents to the front.
 const FRONT_USER: &str = "securetunnel-agent";
 
@@ -63,9 +67,27 @@ impl ProxyFront {
             expected,
             last_error: last_error.clone(),
         });
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
         let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(route.clone().serve(client));
+            loop {
+                let client = match listener.accept().await {
+                    Ok((client, _)) => client,
+                    // Descriptors exhausted, say: the front must outlive it.
+                    Err(e) => {
+                        debug!("the MQTT proxy front cannot accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                // Beyond the bound (only rumqttc should come, once at a time), dropped.
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let route = route.clone();
+                tokio::spawn(async move {
+                    route.serve(client).await;
+                    drop(slot);
+                });
             }
         });
         Ok(ProxyFront {
@@ -106,12 +128,27 @@ impl Route {
             _ => false,
         };
         if !authorized {
+            debug!("a connection to the MQTT proxy front without its credentials was refused");
             let _ = client
                 .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
                 .await;
             return;
         }
-        match crate::proxy::connect(&self.proxy, &self.host, self.port).await {
+        let upstream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            crate::proxy::connect(&self.proxy, &self.host, self.port),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::proxy::ProxyError::Io {
+                proxy: self.proxy.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer to CONNECT within {}s", CONNECT_TIMEOUT.as_secs()),
+                ),
+            })
+        });
+        match upstream {
             Ok(mut upstream) => {
                 let _ = crate::net::harden(socket2::SockRef::from(&upstream));
                 if client

@@ -108,6 +108,35 @@ pub struct UnitSettings {
     pub groups: Vec<String>,
 }
 
+/// Time `systemctl show` gets: during a package upgrade systemd may be busy reloading; the
+/// packaged unit is used then.
+const SYSTEMCTL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A command's output, or an error if it did not finish within `limit` (it is killed).
+fn output_within(
+    cmd: &mut std::process::Command,
+    limit: std::time::Duration,
+) -> std::io::Result<std::process::Output> {
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let start = std::time::Instant::now();
+    while child.try_wait()?.is_none() {
+        if start.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "did not answer in time",
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output()
+}
+
 impl UnitSettings {
     /// From `systemctl show`-style `Key=value` lines (the unit file's own syntax too).
     pub fn parse(text: &str) -> UnitSettings {
@@ -127,19 +156,20 @@ impl UnitSettings {
 
     /// The installed unit with its drop-ins (`systemctl show`), else the packaged unit.
     pub fn installed() -> UnitSettings {
-        let shown = std::process::Command::new("systemctl")
-            .args([
-                "show",
-                "-p",
-                "LoadState",
-                "-p",
-                "PrivateTmp",
-                "-p",
-                "ProtectHome",
-            ])
-            .args(["-p", "SupplementaryGroups", "securetunnel-agent.service"])
-            .stderr(std::process::Stdio::null())
-            .output();
+        let shown = output_within(
+            std::process::Command::new("systemctl")
+                .args([
+                    "show",
+                    "-p",
+                    "LoadState",
+                    "-p",
+                    "PrivateTmp",
+                    "-p",
+                    "ProtectHome",
+                ])
+                .args(["-p", "SupplementaryGroups", "securetunnel-agent.service"]),
+            SYSTEMCTL_TIMEOUT,
+        );
         match shown {
             Ok(out) if out.status.success() => {
                 let text = String::from_utf8_lossy(&out.stdout);

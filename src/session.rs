@@ -1,5 +1,5 @@
-//! The tunnel table: which sessions are live, keyed by (region, sorted services), and what a
-//! new notify means for them: a repeat, a new tunnel, or a rotation. Pure state, no I/O;
+//! The tunnel table: which sessions are live, keyed by (thing, region, sorted services), and
+//! what a new notify means for them: a repeat, a new tunnel, or a rotation. Pure state, no I/O;
 //! the agent carries out the decisions.
 
 use std::collections::{HashMap, VecDeque};

@@ -29,6 +29,14 @@ pub fn ignore_hangup() {
     }
 }
 
+/// SIGHUP back to its default (the process ends), for commands that do not reload.
+pub fn default_hangup() {
+    // SAFETY: setting a signal's disposition to SIG_DFL has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_DFL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Ignored signals stay ignored across exec: a re-executed agent is covered until its

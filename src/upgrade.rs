@@ -57,7 +57,11 @@ impl BinaryWatch {
     /// restart). After a rollback, the refused file at the path counts as the running one:
     /// it is not tried again, but the next file installed is.
     pub fn current() -> Option<Self> {
-        let path = std::env::current_exe().ok()?;
+        // After a package replaced the file, the kernel names the running image's path
+        // "<path> (deleted)": the path to watch is still <path>.
+        let exe = std::env::current_exe().ok()?;
+        let shown = exe.to_string_lossy();
+        let path = PathBuf::from(shown.strip_suffix(" (deleted)").unwrap_or(&shown));
         // /proc/self/exe is the running image even if the path was replaced meanwhile.
         let running = file_id(Path::new("/proc/self/exe"))?;
         let refused = *REFUSED.lock().unwrap_or_else(|e| e.into_inner());
@@ -68,9 +72,6 @@ impl BinaryWatch {
     }
 
     fn watching(path: PathBuf, running: FileId) -> Option<Self> {
-        if path.to_string_lossy().ends_with(" (deleted)") {
-            return None;
-        }
         // Already different at start (a filesystem that reports other identities through
         // /proc): watching would re-execute in a loop. Upgrades then need a restart.
         if file_id(&path) != Some(running) {
@@ -91,10 +92,12 @@ impl BinaryWatch {
         &self.path
     }
 
-    /// The new file was refused: it is not taken again until it changes.
-    pub fn reject(&mut self) {
-        if let Some(id) = self.candidate.take() {
-            self.running = id;
+    /// The file with identity `id` was refused: it is not taken again, but a newer file
+    /// installed since is.
+    fn reject_file(&mut self, id: FileId) {
+        self.running = id;
+        if self.candidate == Some(id) {
+            self.candidate = None;
         }
         self.announced = false;
         self.waiting_logged = false;
@@ -140,14 +143,34 @@ pub struct Upgrader {
     watch: BinaryWatch,
     config: PathBuf,
     /// The running check of a candidate.
-    check: Option<tokio::task::JoinHandle<(Candidate, Result<(), String>)>>,
+    check: Option<tokio::task::JoinHandle<CheckDone>>,
     /// A candidate that passed its check, waiting for local connections to end.
     ready: Option<Candidate>,
     /// Since when an upgrade waits for local connections (for `status`).
     pending_since: Option<std::time::SystemTime>,
     waiting_since: Option<tokio::time::Instant>,
     deadline: Duration,
+    /// A file whose check could not finish is tried again from then on (another file at
+    /// once).
+    retry: Option<(tokio::time::Instant, Option<FileId>)>,
 }
+
+/// A check's end: the candidate and what its check said, or why it could not start.
+pub type CheckDone = Result<(Candidate, Result<(), CheckError>), String>;
+
+/// Why a candidate did not pass its check.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// It said the configuration is not usable (or could not run at all).
+    #[error("{0}")]
+    Refused(String),
+    /// It did not finish in time: tried again later.
+    #[error("{0}")]
+    Unfinished(String),
+}
+
+/// A check that did not finish is tried again this much later.
+pub const CHECK_RETRY: Duration = Duration::from_secs(60);
 
 /// What a tick decides.
 pub enum Step {
@@ -168,6 +191,7 @@ impl Upgrader {
             pending_since: None,
             waiting_since: None,
             deadline,
+            retry: None,
         })
     }
 
@@ -181,10 +205,13 @@ impl Upgrader {
     /// idle session left open must not hold a fix back for ever).
     pub fn tick(&mut self, open: usize) -> Step {
         if !self.watch.replaced() {
-            self.ready = None;
+            self.forget_ready();
             return Step::Wait;
         }
-        if self.check.is_none() && self.ready.is_none() {
+        let retry_due = self.retry.is_none_or(|(at, file)| {
+            tokio::time::Instant::now() >= at || self.watch.candidate != file
+        });
+        if self.check.is_none() && self.ready.is_none() && retry_due {
             self.start_check();
             return Step::Wait;
         }
@@ -204,28 +231,43 @@ impl Upgrader {
         if open > 0 {
             warn!(open, deadline = ?self.deadline, "the upgrade waited its deadline (upgrade_deadline_minutes): re-executing now; open local connections are cut");
         }
-        self.ready.take().map_or(Step::Wait, Step::Exec)
+        let ready = self.ready.take();
+        self.forget_ready();
+        ready.map_or(Step::Wait, Step::Exec)
+    }
+
+    fn retry_later(&mut self, file: Option<FileId>) {
+        self.retry = Some((tokio::time::Instant::now() + CHECK_RETRY, file));
+    }
+
+    /// No candidate waits any more: its wait and deadline go with it.
+    fn forget_ready(&mut self) {
+        self.ready = None;
+        self.pending_since = None;
+        self.waiting_since = None;
     }
 
     fn start_check(&mut self) {
         let path = self.watch.path().to_owned();
-        let candidate = match Candidate::open(&path) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(path = %path.display(), "cannot open the new binary: {e}");
-                return;
-            }
-        };
-        info!(path = %path.display(), sha256 = %candidate.identity().sha256_hex(), "checking the new binary (check-config)");
         let config = self.config.clone();
+        self.retry = None;
         self.check = Some(tokio::spawn(async move {
+            // Reading and hashing the file happens off the runtime (flash can be slow).
+            let opened = path.clone();
+            let candidate = tokio::task::spawn_blocking(move || Candidate::open(&opened)).await;
+            let candidate = match candidate {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(format!("cannot open {}: {e}", path.display())),
+                Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+            };
+            info!(path = %path.display(), sha256 = %candidate.identity().sha256_hex(), "checking the new binary (check-config)");
             let result = accepts_config(&candidate, &config).await;
-            (candidate, result)
+            Ok((candidate, result))
         }));
     }
 
     /// The running check's end; pending for ever while none runs.
-    pub async fn checked(&mut self) -> (Candidate, Result<(), String>) {
+    pub async fn checked(&mut self) -> CheckDone {
         let Some(check) = self.check.as_mut() else {
             return std::future::pending().await;
         };
@@ -233,20 +275,40 @@ impl Upgrader {
         self.check = None;
         match done {
             Ok(done) => done,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(format!("the check failed: {e}")),
         }
     }
 
-    /// Takes a check's result: a passed candidate waits for its moment, a refused one is
-    /// not taken again until the file changes.
-    pub fn done(&mut self, candidate: Candidate, result: Result<(), String>) {
+    /// Takes a check's result: a passed candidate waits for its moment; a refused one is
+    /// not taken again until another file is installed; a check that could not finish (a
+    /// busy machine, a package manager still at work) is tried again in `CHECK_RETRY`.
+    pub fn done(&mut self, done: CheckDone) {
+        let (candidate, result) = match done {
+            Ok(done) => done,
+            Err(why) => {
+                warn!(
+                    "the new binary could not be checked ({why}); trying again in {}s",
+                    CHECK_RETRY.as_secs()
+                );
+                self.retry_later(self.watch.candidate);
+                return;
+            }
+        };
         match result {
             Ok(()) => {
                 info!(path = %candidate.path().display(), "the new binary accepts the configuration");
                 self.ready = Some(candidate);
             }
-            Err(why) => {
-                self.watch.reject();
+            Err(CheckError::Unfinished(why)) => {
+                warn!(
+                    "the new binary at {} {why}; staying on the running version, trying again in {}s",
+                    candidate.path().display(),
+                    CHECK_RETRY.as_secs()
+                );
+                self.retry_later(Some(candidate.identity.id));
+            }
+            Err(CheckError::Refused(why)) => {
+                self.watch.reject_file(candidate.identity.id);
                 error!(
                     "the new binary at {} refuses the configuration, staying on the running version until it is replaced again: {}",
                     candidate.path().display(),
@@ -374,7 +436,7 @@ impl Candidate {
 /// (`check-config`) within `CHECK_TIMEOUT`; `Err` carries why not, with at most
 /// `CHECK_OUTPUT` bytes of what it said. Runs the candidate's open file, as a child process
 /// of the runtime (never blocking it); a child that hangs or talks without end is killed.
-pub async fn accepts_config(candidate: &Candidate, config: &Path) -> Result<(), String> {
+pub async fn accepts_config(candidate: &Candidate, config: &Path) -> Result<(), CheckError> {
     accepts_config_within(candidate, config, CHECK_TIMEOUT).await
 }
 
@@ -382,7 +444,7 @@ async fn accepts_config_within(
     candidate: &Candidate,
     config: &Path,
     limit: Duration,
-) -> Result<(), String> {
+) -> Result<(), CheckError> {
     let mut child = tokio::process::Command::new(candidate.exec_path())
         .arg("check-config")
         .arg("--config")
@@ -392,23 +454,27 @@ async fn accepts_config_within(
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run it: {e}"))?;
+        .map_err(|e| CheckError::Refused(format!("cannot run it: {e}")))?;
     let (out, err) = (child.stdout.take(), child.stderr.take());
     let run = async {
         let (out, err, status) = tokio::join!(bounded(out), bounded(err), child.wait());
         (out, err, status)
     };
     let Ok((mut out, err, status)) = tokio::time::timeout(limit, run).await else {
-        return Err(format!("it did not finish check-config within {limit:?}"));
+        return Err(CheckError::Unfinished(format!(
+            "did not finish check-config within {limit:?}"
+        )));
     };
     match status {
         Ok(s) if s.success() => Ok(()),
         Ok(_) => {
             out.extend_from_slice(&err);
             out.truncate(CHECK_OUTPUT);
-            Err(String::from_utf8_lossy(&out).into_owned())
+            Err(CheckError::Refused(
+                String::from_utf8_lossy(&out).into_owned(),
+            ))
         }
-        Err(e) => Err(format!("cannot wait for it: {e}")),
+        Err(e) => Err(CheckError::Unfinished(format!("cannot wait for it: {e}"))),
     }
 }
 
@@ -489,7 +555,8 @@ mod tests {
         std::fs::rename(&new, &path).unwrap();
         w.replaced();
         assert!(w.replaced());
-        w.reject();
+        let refused = w.candidate.unwrap();
+        w.reject_file(refused);
         assert!(!w.replaced() && !w.replaced());
         std::fs::write(&new, b"version 3").unwrap();
         std::fs::rename(&new, &path).unwrap();
@@ -517,7 +584,10 @@ mod tests {
         let err = accepts_config(&bad, Path::new("/etc/x.toml"))
             .await
             .unwrap_err();
-        assert!(err.contains("thing_name"), "{err}");
+        assert!(
+            matches!(&err, CheckError::Refused(e) if e.contains("thing_name")),
+            "{err}"
+        );
         let ok = Candidate::open(&script(dir.path(), "ok", "exit 0")).unwrap();
         assert!(accepts_config(&ok, Path::new("/etc/x.toml")).await.is_ok());
     }
@@ -531,19 +601,19 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            err.contains("did not finish check-config within 500ms"),
+            matches!(&err, CheckError::Unfinished(e) if e.contains("did not finish check-config within 500ms")),
             "{err}"
         );
         let talks = Candidate::open(&script(dir.path(), "talks", "yes; exit 1")).unwrap();
         let err = accepts_config_within(&talks, Path::new("/x"), limit)
             .await
             .unwrap_err();
-        assert!(err.contains("did not finish"), "{err}");
+        assert!(matches!(err, CheckError::Unfinished(_)), "{err}");
         assert_eq!(CHECK_TIMEOUT, Duration::from_secs(10));
         let long = "head -c 200000 /dev/zero | tr '\\0' x; exit 1";
         let verbose = Candidate::open(&script(dir.path(), "verbose", long)).unwrap();
         let err = accepts_config(&verbose, Path::new("/x")).await.unwrap_err();
-        assert_eq!(err.len(), CHECK_OUTPUT, "output kept");
+        assert_eq!(err.to_string().len(), CHECK_OUTPUT, "output kept");
     }
 
     #[test]

@@ -49,7 +49,16 @@ pub async fn trial(candidate: &Candidate, runtime_dir: &Path) -> Result<(), Stri
         )
     })?;
     let _cleanup = RemoveOnDrop(socket_path.clone());
-    let mut child = tokio::process::Command::new(candidate.exec_path())
+    let mut cmd = tokio::process::Command::new(candidate.exec_path());
+    // SAFETY: prctl is async-signal-safe. The child dies with us: were this process killed
+    // (procd's SIGKILL after term_timeout), no second agent would live on.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .args(std::env::args_os().skip(1))
         .env("NOTIFY_SOCKET", &socket_path)
         .env_remove("WATCHDOG_PID")

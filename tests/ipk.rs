@@ -327,7 +327,7 @@ fn the_init_script_hands_over_the_configured_state_dir_and_raises_the_descriptor
     assert!(state.is_dir(), "the configured state_dir was not made");
     assert!(
         calls.contains(&format!(
-            "chown securetunnel-agent:securetunnel-agent {}",
+            "chown -h securetunnel-agent:securetunnel-agent {}",
             state.display()
         )),
         "{calls}"

@@ -472,7 +472,7 @@ async fn a_session_that_never_connects_ends_12_hours_after_its_notify_across_res
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(agent.session_files(), 0, "its file stays");
+    assert_eq!(agent.session_files(), 0, "its file was left");
 }
 
 /// RSS (KiB) and open descriptors of a process.

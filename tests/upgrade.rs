@@ -254,12 +254,9 @@ async fn a_new_binary_whose_check_hangs_or_talks_without_end_never_stalls_the_ag
         })
         .await;
         let line = agent
-            .expect("refuses the configuration, staying on the running version")
+            .expect("did not finish check-config within 10s; staying on the running version")
             .await;
-        assert!(
-            line.contains("did not finish check-config within 10s"),
-            "{line}"
-        );
+        assert!(line.contains("trying again in 60s"), "{line}");
     }
     assert!(
         agent.child.try_wait().unwrap().is_none(),

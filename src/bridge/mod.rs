@@ -45,7 +45,7 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Messages (each at most 64512 bytes) queued toward one local connection.
     pub queue_depth: usize,
-    /// A connection whose queue stays full this long is reset (see `session::on_data`).
+    /// A connection whose queue stays full this long is reset (see `relay::Session::on_data`).
     pub stall_timeout: Duration,
     /// How long a reset connection may take to flush what is queued for it.
     pub close_linger: Duration,
@@ -583,8 +583,11 @@ impl Link {
                 client_token: &self.client_token,
                 timeout: self.limits.handshake_timeout,
             };
+            // A retired bridge never presents its replaced token again, not even in a
+            // handshake already under way.
             let connected = tokio::select! {
                 _ = cancel.cancelled() => return Ok(BridgeEnd::Cancelled),
+                _ = retire.cancelled() => return Ok(BridgeEnd::Retired),
                 r = ws::connect(&params) => r,
             };
             let why = match connected {

@@ -599,6 +599,10 @@ impl Session<'_> {
     }
 
     fn on_stream_start(&mut self, msg: Message) {
+        // A source opens streams itself; one from its peer is not for it to answer.
+        if !matches!(self.role, Role::Destination(..)) {
+            return;
+        }
         let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
         let Ok(endpoint) = self.endpoint_for(&service, stream) else {
             self.send(Message::stream_reset(stream, &service));
