@@ -83,7 +83,7 @@ struct RawNotify {
     services: Option<Vec<String>>,
 }
 
-/// Rule (spec §5): what a usable notify looks like.
+/// Rule (docs/protocol.md §5): what a usable notify looks like.
 pub fn parse(thing: &str, payload: &[u8]) -> Result<Notification, Refusal> {
     let text = std::str::from_utf8(payload).map_err(|_| Refusal::NotUtf8)?;
     // A string from the payload as a refusal quotes it: its start, enough to recognise it.

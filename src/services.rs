@@ -245,7 +245,7 @@ impl ServiceMap {
     }
 
     /// The endpoint serving `service_id` in a tunnel whose services are `tunnel_services`
-    /// (empty when the service never said). Rule (spec §3.3 SERVICE_IDS): the unnamed
+    /// (empty when the service never said). Rule (docs/protocol.md §3.3 SERVICE_IDS): the unnamed
     /// mapping serves V1 streams (empty id) and the tunnel's only service; a V1 stream in a
     /// one-service tunnel may also use that service's named mapping.
     pub fn resolve(&self, service_id: &str, tunnel_services: &[String]) -> Option<&LocalEndpoint> {

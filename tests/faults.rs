@@ -269,8 +269,8 @@ async fn revoked_token_answered_4xx() {
         emu.drop_peer(&id, Mode::Destination);
         let line = agent.expect("session ended").await;
         assert!(line.contains("token rejected"), "{line}");
-        // The service never tells a source that its destination is gone (spec §3.5): the
-        // operator closes the tunnel, which resets the source's connections.
+        // The service never tells a source that its destination is gone (docs/protocol.md §3.5):
+        // the operator closes the tunnel, which resets the source's connections.
         emu.close_tunnel(&id);
     })
     .await;

@@ -226,7 +226,7 @@ async fn unanswered_pings_do_not_end_the_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_tunnel_whose_service_never_answers_pings_is_not_dropped() {
-    // The idle timeout needs a service that answers pings (spec §1.5): without a single
+    // The idle timeout needs a service that answers pings (docs/protocol.md §1.5): without a single
     // pong on this websocket, a quiet link is not taken for dead.
     let emu = emulator(false).await;
     emu.set_answer_pings(false);

@@ -231,7 +231,7 @@ async fn a_replacing_destination_closes_the_old_one_and_resets_the_sources_strea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unnamed_listener_on_a_tunnel_without_services_sends_no_service_id() {
-    // As localproxy: `-s 5555` against a tunnel opened without services (spec §3.3).
+    // As localproxy: `-s 5555` against a tunnel opened without services (docs/protocol.md §3.3).
     let echo = echo_tcp("127.0.0.1:0").await.unwrap();
     let map = ServiceMap::unnamed(tcp(echo.addr.unwrap()));
     let t = tunnel(&[], map, "0", Format::V3).await;

@@ -49,7 +49,7 @@ fn epoch(t: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
-// --- field rules (botocore model, spec §6.2) ---
+// --- field rules (botocore model, docs/protocol.md §6.2) ---
 
 /// ThingName and Service share one pattern, the agent's rule.
 use securetunnel_agent::protocol::is_valid_service_id as is_name;

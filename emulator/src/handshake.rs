@@ -1,5 +1,5 @@
-//! The tunneling service's upgrade checks (spec §1.2), as a pure function of the request
-//! and the token table, so each rule is tested without a socket.
+//! The tunneling service's upgrade checks (docs/protocol.md §1.2), as a pure function of the
+//! request and the token table, so each rule is tested without a socket.
 
 use tokio_tungstenite::tungstenite::handshake::server::Request;
 

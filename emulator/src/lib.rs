@@ -207,7 +207,7 @@ impl Shared {
     }
 
     /// Revokes and reissues a token; with the switch on, the peer that used the old one is
-    /// disconnected at once (spec §5.1 leaves the real behaviour open).
+    /// disconnected at once (docs/protocol.md §5.1 leaves the real behaviour open).
     fn rotate(&self, tunnel_id: &str, mode: Mode) -> Option<String> {
         let (token, peer) = {
             let mut st = self.lock();
@@ -769,7 +769,7 @@ async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
 }
 
 /// Installs a newly connected peer: SERVICE_IDS first (V2/V3 peers), the replaced peer
-/// closed, and STREAM_RESET for the open streams sent to the other side (spec §3.5).
+/// closed, and STREAM_RESET for the open streams sent to the other side (docs/protocol.md §3.5).
 fn register(shared: &Shared, tunnel_id: &str, mode: Mode, peer: PeerHandle) -> bool {
     let (old, other, resets) = {
         let mut st = shared.lock();
@@ -789,7 +789,7 @@ fn register(shared: &Shared, tunnel_id: &str, mode: Mode, peer: PeerHandle) -> b
         t.record(&peer, mode, PeerEventKind::Connected);
         let old = t.set_peer(mode, peer);
         // A (re)connected peer knows none of the open streams: the service resets them on
-        // the other side (spec §3.5), unless the switch is off.
+        // the other side (docs/protocol.md §3.5), unless the switch is off.
         let resets: Vec<Message> = if shared.reset_on_reconnect.load(Ordering::Relaxed) {
             t.active_streams
                 .drain()

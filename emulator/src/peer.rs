@@ -26,7 +26,7 @@ use securetunnel_agent::protocol::{
 pub type PeerIo = super::pong_filter::PongFilter<Box<dyn securetunnel_agent::bridge::Io>>;
 pub type PeerWs = WebSocketStream<PeerIo>;
 
-/// Rule (spec §3.1, service side): what a client may send. Returns the decoded message.
+/// Rule (docs/protocol.md §3.1, service side): what a client may send. Returns the decoded message.
 pub fn check_client_frame(mode: Mode, raw: &Bytes) -> Result<Message, &'static str> {
     let body = raw.slice(LENGTH_PREFIX..);
     let msg = Message::decode(body.clone()).map_err(|_| "malformed tunnel message")?;

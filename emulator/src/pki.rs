@@ -1,6 +1,7 @@
 //! A throwaway PKI minted in-process with rcgen: a CA, server certificates for loopback
-//! names, client certificates whose CN is a thing name. Certificates are X.509 v3 with SANs,
-//! as rustls requires (see test-rig §2).
+//! names, client certificates whose CN is a thing name. Certificates are X.509 v3 with SANs:
+//! rustls (webpki) refuses other versions (`UnsupportedCertVersion`) and matches names
+//! against subjectAltName only, never the CN.
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,

@@ -133,11 +133,11 @@ impl Session<'_> {
         let accepting = matches!(self.role, Role::Source(_));
         // A second handle, so a send permit does not borrow `self`.
         let out = self.out.clone();
-        // Dead-link detection: anything received (data, ping, pong) proves the link alive.
-        // It is enforced once the service answered a ping on this websocket: one that does
-        // not answer (spec §1.5) would otherwise see an idle tunnel dropped, and its streams
-        // reset, every period; TCP keepalive still covers that link. The timer is re-armed
-        // lazily, once per idle period, not once per message.
+        // Dead-link detection: anything received (data, ping, pong) proves the link alive. It is
+        // enforced once the service answered a ping on this websocket: one that does not answer
+        // (docs/protocol.md §1.5) would otherwise see an idle tunnel dropped, and its streams
+        // reset, every period; TCP keepalive still covers that link. The timer is re-armed lazily,
+        // once per idle period, not once per message.
         let idle = self.limits.idle_timeout;
         let mut last_rx = Instant::now();
         let idle_check = tokio::time::sleep(idle);
@@ -242,7 +242,7 @@ impl Session<'_> {
                 .map(|()| false),
             Some(Ok(WsMessage::Close(frame))) => Err(SessionEnd::Closed(frame)),
             Some(Ok(WsMessage::Pong(_))) => {
-                // The service may not answer pings (spec §1.5); once it does, the idle
+                // The service may not answer pings (docs/protocol.md §1.5); once it does, the idle
                 // timeout applies to this websocket.
                 let n = self.stats.pongs_received.fetch_add(1, Ordering::Relaxed);
                 if !self.pong_seen {

@@ -33,7 +33,8 @@ const STRAY_MEMORY: usize = 32;
 #[derive(Debug)]
 pub enum Route<'a, H> {
     Deliver(&'a mut H),
-    /// The stream id is not the service's active stream: drop silently (spec §3.2).
+    /// The stream id is not the service's active stream: dropped, and the first such DATA
+    /// answered with STREAM_RESET (`answer_stray_data`; docs/protocol.md §3.2, §3.3).
     StaleStream,
     /// The stream is current but the connection is unknown (already closed): drop.
     UnknownConnection,

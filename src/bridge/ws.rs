@@ -40,7 +40,7 @@ pub type WsStream = WebSocketStream<Box<dyn Io>>;
 /// Bytes read from the websocket's stream at a time: one TLS record's plaintext.
 pub const READ_BUFFER: usize = 16 * 1024;
 
-/// Websocket limits of the protocol, both directions (spec §1.4), and buffer sizes.
+/// Websocket limits of the protocol, both directions (docs/protocol.md §1.4), and buffer sizes.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_WS_MESSAGE))
@@ -137,7 +137,7 @@ impl DataEndpoint {
         crate::proxy::authority(&self.host, self.port)
     }
 
-    /// The upgrade URL for `mode` (spec §1.1).
+    /// The upgrade URL for `mode` (docs/protocol.md §1.1).
     pub fn url(&self, mode: Mode) -> String {
         let scheme = if self.tls { "wss" } else { "ws" };
         format!(
@@ -147,8 +147,9 @@ impl DataEndpoint {
         )
     }
 
-    /// Rule (test-rig §5): the `Host:` of the upgrade names the port only when it is not the
-    /// scheme's default, as the reference localproxy sends it (`Host: <host>`).
+    /// Rule (docs/protocol.md §4.1): the `Host:` of the upgrade names the port only when it
+    /// is not the scheme's default (RFC 9110 §4.2.3); the reference localproxy sends the bare
+    /// host.
     pub fn host_header(&self) -> String {
         let default = if self.tls { 443 } else { 80 };
         if self.port == default {
@@ -276,7 +277,7 @@ pub fn user_agent() -> String {
     )
 }
 
-/// Builds the upgrade request (spec §1.2): subprotocol V3 offered, `access-token` and
+/// Builds the upgrade request (docs/protocol.md §1.2): subprotocol V3 offered, `access-token` and
 /// `client-token` headers, both marked sensitive.
 pub fn handshake_request(p: &HandshakeParams<'_>) -> Result<Request, HandshakeError> {
     let mut req = p
@@ -371,8 +372,8 @@ async fn connect_inner(p: &HandshakeParams<'_>, req: Request) -> Result<Connecte
     Ok(Connected { ws, channel_id })
 }
 
-/// Rule (spec §1.2): a 101 counts only with the offered subprotocol echoed; the service's
-/// `channel-id` is kept for support cases. Returns the channel id.
+/// Rule (docs/protocol.md §1.2): a 101 counts only with the offered subprotocol echoed; the
+/// service's `channel-id` is kept for support cases. Returns the channel id.
 pub fn check_upgrade_response<B>(
     response: &tungstenite::http::Response<B>,
 ) -> Result<Option<String>, HandshakeError> {

@@ -16,9 +16,9 @@ pub struct FrameCodec;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RawFrameCodec;
 
-/// Rule (spec §2.1): the body length sits in a 2-byte big-endian prefix; the length of the
-/// whole frame at the front of `src` (prefix included), or `Err(needed)` with the bytes a
-/// whole frame needs while it is incomplete.
+/// Rule (docs/protocol.md §2.1): the body length sits in a 2-byte big-endian prefix; the length of
+/// the whole frame at the front of `src` (prefix included), or `Err(needed)` with the bytes a whole
+/// frame needs while it is incomplete.
 fn frame_len(src: &[u8]) -> Result<usize, usize> {
     match src {
         [hi, lo, ..] => Ok(LENGTH_PREFIX + u16::from_be_bytes([*hi, *lo]) as usize),
@@ -122,7 +122,7 @@ impl<D: FrameDecoder> FrameReader<D> {
     }
 
     /// Appends a websocket message. Message boundaries mean nothing to tunnel frames; the
-    /// websocket layer bounds frame and message sizes (spec §1.4).
+    /// websocket layer bounds frame and message sizes (docs/protocol.md §1.4).
     pub fn push(&mut self, data: Bytes) {
         if self.buf.is_empty() && self.head.is_empty() {
             // Nothing pending: frames are sliced out of the message itself. The spill buffer

@@ -133,7 +133,7 @@ mod tests {
 
     #[test]
     fn stream_start_encodes_like_the_protocol_guide_example() {
-        // Spec §2.2: STREAM_START {streamId 1, serviceId "ssh1", connectionId 1}.
+        // docs/protocol.md §2.2: STREAM_START {streamId 1, serviceId "ssh1", connectionId 1}.
         let bytes = Message::stream_start(1, "ssh1", 1).encode_to_vec();
         assert_eq!(
             bytes,

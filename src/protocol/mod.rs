@@ -1,6 +1,6 @@
 //! Every rule of the secure-tunneling wire protocol lives here, as a named constant or a
-//! function with a unit test named after the rule (spec §1-§3). Nothing else in the crate
-//! hard-codes a size, a subprotocol or a reset decision.
+//! function with a unit test named after the rule (docs/protocol.md §1-§3). Nothing else in
+//! the crate hard-codes a size, a subprotocol or a reset decision.
 
 mod codec;
 mod message;
@@ -20,7 +20,7 @@ pub const MAX_SERVICE_ID: usize = 128;
 pub(crate) const MAX_MESSAGE: usize = u16::MAX as usize;
 /// Largest websocket frame either side may send or accept (2 x 65538). The rule is about
 /// frames: a message reassembled from fragments may be larger, and tunnel frames are
-/// validated one by one (spec §1.4).
+/// validated one by one (docs/protocol.md §1.4).
 pub const MAX_WS_FRAME: usize = 131_076;
 /// Largest websocket message this agent sends: 65538 bytes, the size of the largest
 /// message the reference localproxy sends (a 64 KiB frame and its 2-byte prefix; a frame's
@@ -46,7 +46,7 @@ pub(crate) const MAX_ACCESS_TOKEN: usize = 4096;
 pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// A websocket that receives nothing for this long is presumed dead. No source states the
 /// service's own idle behaviour; a service that answers pings keeps the link alive, and one
-/// that does not (spec §1.5) costs one reconnect per minute while the tunnel is idle.
+/// that does not (docs/protocol.md §1.5) costs one reconnect per minute while the tunnel is idle.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Subprotocol of the V1 message format.
@@ -148,8 +148,8 @@ pub(crate) enum Incoming {
     Ignore,
 }
 
-/// Rule (spec §3.1, §3.3): which messages a peer in `mode` accepts. Type 0 and unknown types
-/// not marked ignorable are errors; only the source opens streams and connections; only the
+/// Rule (docs/protocol.md §3.1, §3.3): which messages a peer in `mode` accepts. Type 0 and unknown
+/// types not marked ignorable are errors; only the source opens streams and connections; only the
 /// service sends SESSION_RESET and SERVICE_IDS, so those are always accepted from it.
 pub(crate) fn admit(mode: Mode, msg: &Message) -> Result<Incoming, ProtocolError> {
     let kind = match msg.kind() {
@@ -188,7 +188,7 @@ pub(crate) fn admit(mode: Mode, msg: &Message) -> Result<Incoming, ProtocolError
     Ok(Incoming::Handle(kind))
 }
 
-/// Rule (spec §3.2): the message format implied by a STREAM_START.
+/// Rule (docs/protocol.md §3.2): the message format implied by a STREAM_START.
 pub(crate) fn format_of_stream_start(service_id: &str, connection_id: u32) -> Format {
     match (service_id.is_empty(), connection_id) {
         (_, c) if c > 0 => Format::V3,
@@ -197,7 +197,7 @@ pub(crate) fn format_of_stream_start(service_id: &str, connection_id: u32) -> Fo
     }
 }
 
-/// Rule (V3 guide, spec §3.1): a connection id of 0 (absent) on STREAM_START,
+/// Rule (V3 guide, docs/protocol.md §3.1): a connection id of 0 (absent) on STREAM_START,
 /// CONNECTION_START, DATA or CONNECTION_RESET means connection 1; the stream's peer then
 /// speaks V1/V2 and gets no connection ids back.
 pub(crate) fn connection_key(wire: u32) -> u32 {
@@ -215,7 +215,7 @@ pub(crate) enum Violation {
     Session,
 }
 
-/// Rule (spec §2.1 "end the stream with STREAM_RESET"): a bad message ends only what it
+/// Rule (docs/protocol.md §2.1 "end the stream with STREAM_RESET"): a bad message ends only what it
 /// belongs to. Its stream, when it names one; nothing when it cannot be attributed (the
 /// length prefix still delimits the next frame); the session only when the websocket itself
 /// breaks the protocol.
@@ -235,8 +235,9 @@ pub(crate) fn distinct_services(mut ids: Vec<String>) -> Vec<String> {
     ids
 }
 
-/// Rule (spec §3.4): a local connection that ends on its own is reported with CONNECTION_RESET
-/// to V3 peers and STREAM_RESET to V1/V2 peers (connection id 0), which ends their stream.
+/// Rule (docs/protocol.md §3.4): a local connection that ends on its own is reported with
+/// CONNECTION_RESET to V3 peers and STREAM_RESET to V1/V2 peers (connection id 0), which ends their
+/// stream.
 pub(crate) fn reset_on_local_close(
     stream_id: i32,
     service_id: &str,
@@ -249,8 +250,8 @@ pub(crate) fn reset_on_local_close(
     }
 }
 
-/// Rule (spec §3.4): a local connect that fails answers STREAM_RESET when it was asked for by
-/// STREAM_START (the stream never came up) and CONNECTION_RESET for a CONNECTION_START.
+/// Rule (docs/protocol.md §3.4): a local connect that fails answers STREAM_RESET when it was asked
+/// for by STREAM_START (the stream never came up) and CONNECTION_RESET for a CONNECTION_START.
 pub(crate) fn reset_on_connect_failure(
     opened_by_stream_start: bool,
     stream_id: i32,
@@ -264,14 +265,14 @@ pub(crate) fn reset_on_connect_failure(
     }
 }
 
-/// Rule (spec §1.2): a rejected upgrade is retried only for 5xx (service trouble) and 429
-/// (connection rate limit); any other 4xx means the token or request is wrong and retrying
-/// with the same token cannot help.
+/// Rule (docs/protocol.md §1.2): a rejected upgrade is retried only for 5xx (service trouble)
+/// and 429 (connection rate limit, our own choice); any other 4xx means the token or request
+/// is wrong and retrying with the same token cannot help.
 pub(crate) fn handshake_status_is_retryable(status: u16) -> bool {
     status == 429 || (500..=599).contains(&status)
 }
 
-/// Rule (spec §1.2): client tokens are 32-128 characters of `[a-zA-Z0-9-]`.
+/// Rule (docs/protocol.md §1.2): client tokens are 32-128 characters of `[a-zA-Z0-9-]`.
 pub fn is_valid_client_token(token: &str) -> bool {
     (32..=128).contains(&token.len())
         && token
@@ -279,7 +280,8 @@ pub fn is_valid_client_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-/// Rule (spec §1.1): the data-plane host for a region; China regions live under `.com.cn`.
+/// Rule (docs/protocol.md §1.1): the data-plane host for a region; China regions live under
+/// `.com.cn`.
 pub(crate) fn data_plane_host(region: &str) -> String {
     let suffix = if region.starts_with("cn-") {
         "amazonaws.com.cn"
@@ -300,7 +302,7 @@ pub fn is_valid_service_id(id: &str) -> bool {
 /// A label of a DNS name: at most 63 bytes (RFC 1035, 2.3.4).
 pub const MAX_DNS_LABEL: usize = 63;
 
-/// Rule (spec §5): region names look like `us-east-1`, `cn-north-1`, `us-gov-west-1`:
+/// Rule (docs/protocol.md §5): region names look like `us-east-1`, `cn-north-1`, `us-gov-west-1`:
 /// two letters, one or more lowercase words, a number.
 pub(crate) fn is_valid_region(region: &str) -> bool {
     // It becomes one label of the data plane's host name (`data_plane_host`).
@@ -320,8 +322,9 @@ pub(crate) fn is_valid_region(region: &str) -> bool {
         && last.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// Rule (spec §1.2): the service rejects an access token that is empty, over 4096 bytes or
-/// carries control characters; catch it before it reaches the wire.
+/// Rule (docs/protocol.md §4.1): the reference localproxy refuses an access token that is
+/// empty, over 4096 characters or carries control characters before it reaches the wire;
+/// so does this agent.
 pub(crate) fn access_token_problem(token: &str) -> Option<&'static str> {
     if token.is_empty() {
         Some("the access token is empty")
