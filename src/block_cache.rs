@@ -1,5 +1,5 @@
-//! The static (musl) builds' allocator (under `align_large` on x86_64): the system allocator
-//! with a small cache of freed large blocks in front of it.
+//! The static (musl) builds' allocator: the system allocator with a small cache of freed
+//! large blocks in front of it.
 //!
 //! Why: musl's allocator maps every block above ~128 KiB with mmap and unmaps it on free, and
 //! returns emptied groups of smaller large blocks too; the relay path frees and allocates a
@@ -23,8 +23,8 @@ const CLASSES: usize = 4;
 const MAX_CLASS: usize = MIN_CLASS << (CLASSES - 1);
 /// Freed blocks kept per class.
 const SLOTS: usize = 4;
-/// Every block's alignment: a cache line, what `align_large` asks for blocks this size.
-const BLOCK_ALIGN: usize = crate::align_large::LINE;
+/// Every block's alignment: a cache line, more than any message buffer asks for.
+const BLOCK_ALIGN: usize = 64;
 /// How often the cache looks for idleness: blocks go back 1-2 periods after the last use.
 pub const IDLE_TRIM: Duration = Duration::from_secs(2);
 
@@ -279,7 +279,7 @@ mod tests {
         assert_eq!(class(131_076), Some((3, 256 * 1024)));
         assert_eq!(class(256 * 1024), Some((3, 256 * 1024)));
         assert_eq!(class(256 * 1024 + 1), None);
-        // `align_large` asks for line-aligned blocks: they are cached; more is not.
+        // Line-aligned requests are cached; more is not.
         assert_eq!(
             size_class(Layout::from_size_align(64 * 1024 + 516, 64).unwrap()),
             Some((2, 128 * 1024))
@@ -348,18 +348,17 @@ mod tests {
     }
 
     #[test]
-    fn line_aligned_blocks_are_cached_and_reused() {
-        // As the static x86_64 build runs it: `align_large` in front of the cache.
-        let a = crate::align_large::AlignLarge(BlockCache::new());
+    fn a_freed_block_is_reused_for_the_next_request_of_its_class() {
+        let a = BlockCache::new();
         let layout = Layout::from_size_align(70_000, 1).unwrap();
         unsafe {
             let p = a.alloc(layout);
-            assert_eq!(p as usize % 64, 0);
+            assert_eq!(p as usize % BLOCK_ALIGN, 0);
             a.dealloc(p, layout);
-            assert_eq!(a.alloc(layout), p);
+            assert_eq!(a.alloc(Layout::from_size_align(90_000, 8).unwrap()), p);
             a.dealloc(p, layout);
-            a.0.trim_if_idle();
-            a.0.trim_if_idle();
+            a.trim_if_idle();
+            a.trim_if_idle();
         }
     }
 

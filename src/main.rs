@@ -2,19 +2,13 @@
 
 use std::process::ExitCode;
 
-// Large blocks on a cache line on x86_64 (a slow `memcpy` case otherwise; a no-op on ARM);
-// the static builds also cache large blocks: musl's own allocator unmaps them on every free.
-mod align_large;
+// The static builds cache freed message buffers: musl's allocator unmaps large blocks on
+// every free, on every architecture (block_cache.rs has the rationale).
 #[cfg_attr(not(target_env = "musl"), allow(dead_code))]
 mod block_cache;
 #[cfg(target_env = "musl")]
 #[global_allocator]
-static ALLOCATOR: align_large::AlignLarge<block_cache::BlockCache> =
-    align_large::AlignLarge(block_cache::BlockCache::new());
-#[cfg(not(target_env = "musl"))]
-#[global_allocator]
-static ALLOCATOR: align_large::AlignLarge<std::alloc::System> =
-    align_large::AlignLarge(std::alloc::System);
+static ALLOCATOR: block_cache::BlockCache = block_cache::BlockCache::new();
 
 use clap::Parser;
 use securetunnel_agent::cli::{self, Cli, Command};
@@ -48,7 +42,7 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         // An idle gateway gives the static build's cached message buffers back.
         #[cfg(target_env = "musl")]
-        tokio::spawn(ALLOCATOR.0.trim_when_idle());
+        tokio::spawn(ALLOCATOR.trim_when_idle());
         let cancel = CancellationToken::new();
         if let Err(e) = securetunnel_agent::signals::cancel_on_signals(cancel.clone()) {
             eprintln!("securetunnel-agent: cannot install signal handlers: {e}");
