@@ -445,49 +445,82 @@ async fn accepts_config_within(
     config: &Path,
     limit: Duration,
 ) -> Result<(), CheckError> {
-    let mut child = tokio::process::Command::new(candidate.exec_path())
+    let (path, config) = (candidate.exec_path(), config.to_owned());
+    tokio::task::spawn_blocking(move || check_within(&path, &config, limit))
+        .await
+        .map_err(|e| CheckError::Unfinished(format!("the check failed: {e}")))?
+}
+
+/// The check itself, on a blocking thread: the child runs in a process group of its own, so
+/// what it started dies with it when it does not finish in time.
+fn check_within(path: &Path, config: &Path, limit: Duration) -> Result<(), CheckError> {
+    use std::os::unix::process::CommandExt as _;
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(path)
         .arg("check-config")
         .arg("--config")
         .arg(config)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(|e| CheckError::Refused(format!("cannot run it: {e}")))?;
-    let (out, err) = (child.stdout.take(), child.stderr.take());
-    let run = async {
-        let (out, err, status) = tokio::join!(bounded(out), bounded(err), child.wait());
-        (out, err, status)
-    };
-    let Ok((mut out, err, status)) = tokio::time::timeout(limit, run).await else {
-        return Err(CheckError::Unfinished(format!(
-            "did not finish check-config within {limit:?}"
-        )));
-    };
-    match status {
-        Ok(s) if s.success() => Ok(()),
-        Ok(_) => {
-            out.extend_from_slice(&err);
-            out.truncate(CHECK_OUTPUT);
-            Err(CheckError::Refused(
-                String::from_utf8_lossy(&out).into_owned(),
-            ))
-        }
-        Err(e) => Err(CheckError::Unfinished(format!("cannot wait for it: {e}"))),
+    let (tx, rx) = std::sync::mpsc::channel();
+    for pipe in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || tx.send(bounded(pipe)));
     }
+    let start = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
+            result => {
+                // SAFETY: signalling the process group this child leads (`process_group(0)`).
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                return Err(CheckError::Unfinished(match result {
+                    Err(e) => format!("cannot wait for it: {e}"),
+                    _ => format!("did not finish check-config within {limit:?}"),
+                }));
+            }
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    // What it said, once its pipes close (or what came by then).
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        if let Ok(part) = rx.recv_timeout(Duration::from_secs(1)) {
+            out.extend_from_slice(&part);
+        }
+    }
+    out.truncate(CHECK_OUTPUT);
+    Err(CheckError::Refused(
+        String::from_utf8_lossy(&out).into_owned(),
+    ))
 }
 
 /// Up to `CHECK_OUTPUT` bytes of a child's output; the rest is read and dropped, so a child
 /// that prints without end neither blocks nor grows the agent.
-async fn bounded<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> Vec<u8> {
-    use tokio::io::AsyncReadExt;
-    let Some(mut r) = r else {
+fn bounded(pipe: Option<Box<dyn io::Read + Send>>) -> Vec<u8> {
+    let Some(mut pipe) = pipe else {
         return Vec::new();
     };
     let mut kept = Vec::new();
     let mut buf = vec![0u8; 8192];
-    while let Ok(n) = r.read(&mut buf).await {
+    while let Ok(n) = pipe.read(&mut buf) {
         if n == 0 {
             break;
         }

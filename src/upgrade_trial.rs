@@ -9,6 +9,7 @@
 //! `status`), and does not try the same file again. The service manager never sees the
 //! trial: it is the same process throughout, fed its watchdog while it waits.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -49,7 +50,7 @@ pub async fn trial(candidate: &Candidate, runtime_dir: &Path) -> Result<(), Stri
         )
     })?;
     let _cleanup = RemoveOnDrop(socket_path.clone());
-    let mut cmd = tokio::process::Command::new(candidate.exec_path());
+    let mut cmd = std::process::Command::new(candidate.exec_path());
     // SAFETY: prctl is async-signal-safe. The child dies with us: were this process killed
     // (procd's SIGKILL after term_timeout), no second agent would live on.
     unsafe {
@@ -58,31 +59,84 @@ pub async fn trial(candidate: &Candidate, runtime_dir: &Path) -> Result<(), Stri
             Ok(())
         });
     }
-    let mut child = cmd
+    let child = cmd
         .args(std::env::args_os().skip(1))
         .env("NOTIFY_SOCKET", &socket_path)
         .env_remove("WATCHDOG_PID")
         .env_remove("WATCHDOG_USEC")
         .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start it: {e}"))?;
+    let mut child = TrialChild::watch(child);
     info!(
-        pid = child.id(),
+        pid = child.pid,
         "trial run of the new binary: waiting for it to be ready"
     );
     let outcome = tokio::select! {
-        status = child.wait() => Err(match status {
-            Ok(s) => format!("it exited ({s}) before it was ready"),
-            Err(e) => format!("cannot wait for it: {e}"),
-        }),
+        status = &mut child.exited => {
+            child.reaped = true;
+            Err(match status {
+                Ok(Ok(s)) => format!("it exited ({s}) before it was ready"),
+                Ok(Err(e)) => format!("cannot wait for it: {e}"),
+                Err(e) => format!("cannot wait for it: {e}"),
+            })
+        }
         ready = ready(&socket) => ready,
         _ = tokio::time::sleep(TRIAL_READY) => {
             Err(format!("it was not ready within {}s", TRIAL_READY.as_secs()))
         }
     };
-    stop(&mut child).await;
+    child.stop().await;
     outcome
+}
+
+/// The trial child, waited for on a blocking thread; killed if dropped before it was reaped
+/// (the trial given up half-way).
+struct TrialChild {
+    pid: i32,
+    exited: tokio::task::JoinHandle<std::io::Result<std::process::ExitStatus>>,
+    reaped: bool,
+}
+
+impl TrialChild {
+    fn watch(mut child: std::process::Child) -> Self {
+        TrialChild {
+            pid: child.id() as i32,
+            exited: tokio::task::spawn_blocking(move || child.wait()),
+            reaped: false,
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not stopped within `TRIAL_STOP`.
+    async fn stop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        if tokio::time::timeout(TRIAL_STOP, &mut self.exited)
+            .await
+            .is_err()
+        {
+            self.signal(libc::SIGKILL);
+            let _ = (&mut self.exited).await;
+        }
+        self.reaped = true;
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: our own child, not reaped yet (its waiter has not returned).
+        unsafe {
+            libc::kill(self.pid, sig);
+        }
+    }
+}
+
+impl Drop for TrialChild {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.signal(libc::SIGKILL);
+        }
+    }
 }
 
 /// Records a rollback for `status` and says so.
@@ -127,22 +181,6 @@ pub fn is_ready(message: &[u8]) -> bool {
     message
         .split(|b| *b == b'\n')
         .any(|line| line == b"READY=1")
-}
-
-/// SIGTERM, then SIGKILL if it has not stopped within `TRIAL_STOP`.
-async fn stop(child: &mut tokio::process::Child) {
-    if let Some(pid) = child.id() {
-        // SAFETY: signalling our own child, which has not been reaped yet.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGTERM);
-        }
-    }
-    if tokio::time::timeout(TRIAL_STOP, child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
-    }
 }
 
 struct RemoveOnDrop(PathBuf);
