@@ -643,6 +643,7 @@ impl Agent {
         if self.upgrade.as_ref()?.pending_since() != before {
             self.write_status();
         }
+        self.upgrade.as_mut()?.announce_waiting(open);
         match step {
             Step::Wait => None,
             Step::Exec(c) => {

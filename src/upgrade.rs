@@ -195,6 +195,14 @@ impl Upgrader {
         })
     }
 
+    /// Says once that the upgrade waits for `open` local connections (after status.json
+    /// shows it: whoever follows the log may read the state at once).
+    pub fn announce_waiting(&mut self, open: usize) {
+        if self.pending_since.is_some() {
+            self.watch.waiting_for(open);
+        }
+    }
+
     /// Since when a checked upgrade waits for local connections to end.
     pub fn pending_since(&self) -> Option<std::time::SystemTime> {
         self.pending_since
@@ -225,7 +233,6 @@ impl Upgrader {
         if open > 0 && !overdue {
             self.pending_since
                 .get_or_insert_with(std::time::SystemTime::now);
-            self.watch.waiting_for(open);
             return Step::Wait;
         }
         if open > 0 {
