@@ -20,13 +20,14 @@ use crate::bridge::{
     Bridge, BridgeConfig, BridgeEnd, BridgeError, DataEndpoint, Limits, Role, State, Stats,
 };
 use crate::config::{Checked, Config};
-use crate::notify::{self, MqttPhase, MqttState, Notice, Notification, NotifyClient};
+use crate::mqtt::{self, MqttPhase, MqttState, Notice, Notification, NotifyClient};
 use crate::persist::{Moment, PersistedSession, SessionStore};
 use crate::persist_writer::PersistWriter;
 use crate::secret::Secret;
 use crate::services::{Scope, ServiceMap, SharedServiceMap};
 use crate::session::{CONNECT_WITHIN, Decision, SessionTable, TunnelKey, connect_deadline};
-use crate::status::{Snapshot, StatusFile, StatusSocket, TunnelStatus, systemd};
+use crate::status::{Snapshot, StatusFile, StatusSocket, TunnelStatus};
+use crate::systemd;
 use crate::upgrade::{Candidate, Step, Upgrader};
 
 /// How long bridges get to close their sockets when the agent stops.
@@ -203,7 +204,7 @@ impl Agent {
         // so a gateway that boots offline is started, not restarted every start timeout.
         let status = agent.write_status();
         systemd::ready(&status);
-        let (tx, mut notifications) = mpsc::channel(notify::QUEUE);
+        let (tx, mut notifications) = mpsc::channel(mqtt::QUEUE);
         let mqtt_cancel = cancel.child_token();
         let client = NotifyClient {
             config: agent.cfg.mqtt.clone(),

@@ -36,7 +36,7 @@ pub fn frames(data: &[u8]) {
 
 /// The MQTT notify payload parser.
 pub fn notify(data: &[u8]) {
-    let _ = crate::notify::parse("fuzz-thing", data);
+    let _ = crate::protocol::notify::parse("fuzz-thing", data);
 }
 
 /// The agent's configuration parser and validation.

@@ -30,8 +30,8 @@ mod config;
 #[allow(missing_docs)]
 pub mod fuzzing;
 pub mod lookup;
+mod mqtt;
 mod net;
-mod notify;
 mod persist;
 mod persist_writer;
 pub mod protocol;
@@ -43,6 +43,7 @@ pub mod services;
 mod session;
 pub mod signals;
 mod status;
+mod systemd;
 pub mod tls;
 mod upgrade;
 mod upgrade_trial;

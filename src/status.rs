@@ -156,7 +156,7 @@ impl TunnelStatus {
 
 impl Snapshot {
     pub fn new(
-        mqtt: &crate::notify::MqttState,
+        mqtt: &crate::mqtt::MqttState,
         things: &[String],
         tunnels: Vec<TunnelStatus>,
     ) -> Self {
@@ -296,8 +296,7 @@ impl StatusFile {
     }
 }
 
-/// The live status socket's name in the runtime directory.
-pub const SOCKET_NAME: &str = "status.sock";
+pub use crate::config::SOCKET_NAME;
 /// Status clients answered at once; more wait in the listen backlog.
 const MAX_CLIENTS: usize = 4;
 /// A client that does not take its answer within this is dropped.
@@ -434,73 +433,6 @@ pub fn query(dir: &Path) -> Result<Snapshot, QueryError> {
     })
 }
 
-/// The default runtime directory on this machine.
-pub fn runtime_dir_here() -> PathBuf {
-    default_runtime_dir(Path::new("/run").is_dir())
-}
-
-/// Rule (runtime directory): systemd's `RuntimeDirectory=` under /run; /var/run where there
-/// is no /run (OpenWrt).
-pub fn default_runtime_dir(run_exists: bool) -> PathBuf {
-    if run_exists {
-        PathBuf::from("/run/securetunnel-agent")
-    } else {
-        PathBuf::from("/var/run/securetunnel-agent")
-    }
-}
-
-/// The systemd service-manager protocol (`Type=notify`): no-ops when not run by systemd.
-pub mod systemd {
-    use std::time::Duration;
-
-    use sd_notify::NotifyState;
-
-    fn send(states: &[NotifyState]) {
-        if let Err(e) = sd_notify::notify(states) {
-            tracing::debug!("sd_notify: {e}");
-        }
-    }
-
-    /// READY=1 with the status that justifies it (MQTT subscribed), in one message.
-    pub fn ready(status: &str) {
-        send(&[NotifyState::Ready, NotifyState::Status(status)]);
-    }
-
-    pub fn status(text: &str) {
-        send(&[NotifyState::Status(text)]);
-    }
-
-    pub fn stopping() {
-        send(&[NotifyState::Stopping]);
-    }
-
-    /// Before re-executing a new binary (same PID): reloading until its READY=1.
-    pub fn reexecuting() {
-        match NotifyState::monotonic_usec_now() {
-            Ok(now) => send(&[NotifyState::Reloading, now]),
-            Err(_) => send(&[NotifyState::Reloading]),
-        }
-    }
-
-    /// RELOADING=1 with the monotonic timestamp newer systemd requires, then READY=1.
-    pub fn reloading() {
-        match NotifyState::monotonic_usec_now() {
-            Ok(now) => send(&[NotifyState::Reloading, now]),
-            Err(_) => send(&[NotifyState::Reloading]),
-        }
-        send(&[NotifyState::Ready]);
-    }
-
-    pub fn watchdog() {
-        send(&[NotifyState::Watchdog]);
-    }
-
-    /// Half of `WatchdogSec=`, when systemd asked for a watchdog for this process.
-    pub fn watchdog_interval() -> Option<Duration> {
-        sd_notify::watchdog_enabled().map(|d| (d / 2).max(Duration::from_millis(100)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,18 +456,6 @@ mod tests {
             assert_eq!(connected_since(phase, t), None, "{phase:?}");
         }
         assert_eq!(connected_since(Phase::Connected, None), None);
-    }
-
-    #[test]
-    fn the_runtime_directory_is_under_run_or_var_run() {
-        assert_eq!(
-            default_runtime_dir(true),
-            Path::new("/run/securetunnel-agent")
-        );
-        assert_eq!(
-            default_runtime_dir(false),
-            Path::new("/var/run/securetunnel-agent")
-        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::net::UnixDatagram;
 use tracing::{info, warn};
 
-use crate::status::systemd;
+use crate::systemd;
 use crate::upgrade::Candidate;
 
 /// How long a candidate gets to become ready in its trial run.

@@ -4,6 +4,7 @@
 
 mod codec;
 mod message;
+pub mod notify;
 
 use std::time::Duration;
 

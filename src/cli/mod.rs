@@ -60,8 +60,14 @@ pub enum Command {
     LocalProxy(Box<LocalProxyArgs>),
 }
 
+mod check_config;
+
+pub use check_config::check_config;
+
 /// Loads the config and its files, printing every problem; `None` if any.
-fn load_checked(path: &std::path::Path) -> Option<(crate::config::Config, crate::config::Checked)> {
+pub(crate) fn load_checked(
+    path: &std::path::Path,
+) -> Option<(crate::config::Config, crate::config::Checked)> {
     let cfg = match crate::config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -78,41 +84,6 @@ fn load_checked(path: &std::path::Path) -> Option<(crate::config::Config, crate:
     }
 }
 
-/// `check-config`: exit 0 and a redacted summary, or every problem and exit 2.
-pub fn check_config(path: &std::path::Path, user: Option<&str>) -> ExitCode {
-    let who = match crate::sandbox::Identity::agent(user) {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("securetunnel-agent: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let Some((cfg, checked)) = load_checked(path) else {
-        return ExitCode::from(2);
-    };
-    // The unit's sandbox (with its drop-ins) applies only where systemd runs the agent.
-    let unit = std::path::Path::new("/run/systemd/system")
-        .exists()
-        .then(crate::sandbox::UnitSettings::installed);
-    let who = match &unit {
-        Some(u) => who.with_groups(&u.groups),
-        None => who,
-    };
-    let mut sockets = crate::sandbox::unix_socket_warnings(&cfg.services, &who, unit.as_ref());
-    for (name, t) in &cfg.things {
-        let thing = crate::sandbox::unix_socket_warnings(&t.services, &who, unit.as_ref());
-        sockets.extend(thing.into_iter().map(|w| format!("thing {name}: {w}")));
-    }
-    println!("{}: OK", path.display());
-    for (k, v) in &checked.summary {
-        println!("  {k:<16} {v}");
-    }
-    for w in checked.warnings.iter().chain(&sockets) {
-        println!("warning: {w}");
-    }
-    ExitCode::SUCCESS
-}
-
 /// `status`: the running agent's live snapshot; exit 3 when it is not running, 1 when it
 /// cannot be asked (permission, busy).
 pub fn status(path: &std::path::Path, json: bool) -> ExitCode {
@@ -120,7 +91,7 @@ pub fn status(path: &std::path::Path, json: bool) -> ExitCode {
     // still gets an answer from the default one.
     let dir = match crate::config::load(path) {
         Ok(c) => c.runtime_dir,
-        Err(_) => crate::status::runtime_dir_here(),
+        Err(_) => crate::config::runtime_dir_here(),
     };
     match crate::status::query(&dir) {
         Ok(snapshot) if json => match serde_json::to_string_pretty(&snapshot) {

@@ -1,0 +1,198 @@
+//! `check-config`: the configuration and the files it names checked, then a summary of what
+//! the agent will do. No secrets: there are none in the file, and keys stay on disk.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::{Config, UNIT_LIMIT_NOFILE, UNIT_MEMORY_MAX, resource_needs};
+use crate::services::ServiceMap;
+
+/// Exit 0 and a redacted summary, or every problem and exit 2.
+pub fn check_config(path: &Path, user: Option<&str>) -> ExitCode {
+    let who = match crate::sandbox::Identity::agent(user) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("securetunnel-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some((cfg, checked)) = super::load_checked(path) else {
+        return ExitCode::from(2);
+    };
+    // The unit's sandbox (with its drop-ins) applies only where systemd runs the agent.
+    let unit = Path::new("/run/systemd/system")
+        .exists()
+        .then(crate::sandbox::UnitSettings::installed);
+    let who = match &unit {
+        Some(u) => who.with_groups(&u.groups),
+        None => who,
+    };
+    let mut sockets = crate::sandbox::unix_socket_warnings(&cfg.services, &who, unit.as_ref());
+    for (name, t) in &cfg.things {
+        let thing = crate::sandbox::unix_socket_warnings(&t.services, &who, unit.as_ref());
+        sockets.extend(thing.into_iter().map(|w| format!("thing {name}: {w}")));
+    }
+    println!("{}: OK", path.display());
+    for (k, v) in summary(&cfg) {
+        println!("  {k:<16} {v}");
+    }
+    for w in checked.warnings.iter().chain(&sockets) {
+        println!("warning: {w}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// The summary's lines, as (label, value).
+pub fn summary(cfg: &Config) -> Vec<(&'static str, String)> {
+    vec![
+        ("thing name", cfg.thing_name.clone()),
+        ("downstream things", downstream(cfg)),
+        ("notify topic", cfg.notify_topic()),
+        ("MQTT", mqtt(cfg)),
+        ("certificate", cfg.mqtt.cert.display().to_string()),
+        (
+            "private key",
+            format!("{} (matches the certificate)", cfg.mqtt.key.display()),
+        ),
+        (
+            "MQTT CA",
+            cfg.mqtt
+                .ca
+                .as_ref()
+                .map_or("platform CA store".into(), |p| {
+                    format!("{} only (pinned)", p.display())
+                }),
+        ),
+        ("tunnel endpoint", tunnel_endpoint(cfg)),
+        ("tunnel CA", tunnel_ca(cfg)),
+        ("services", services(&cfg.services).join(", ")),
+        ("limits", limits(cfg)),
+        ("resources", resources(cfg)),
+        ("dead links", dead_links(cfg)),
+        ("restarts", restarts(cfg)),
+        ("rotation", format!("{:?}", cfg.rotation).to_lowercase()),
+        ("state dir", cfg.state_dir.display().to_string()),
+        (
+            "upgrades",
+            format!(
+                "a new binary is checked, then executed once no local connection is open, or after {} min (upgrade_deadline_minutes)",
+                cfg.upgrade_deadline.as_secs() / 60
+            ),
+        ),
+        (
+            "live status",
+            format!(
+                "{} (securetunnel-agent status)",
+                cfg.runtime_dir.join(crate::config::SOCKET_NAME).display()
+            ),
+        ),
+        ("proxy", proxy(cfg)),
+    ]
+}
+
+fn services(map: &ServiceMap) -> Vec<String> {
+    map.named()
+        .map(|(s, e)| format!("{s} -> {e}"))
+        .chain(map.unnamed_endpoint().map(|e| format!("(unnamed) -> {e}")))
+        .collect()
+}
+
+fn downstream(cfg: &Config) -> String {
+    if cfg.things.is_empty() {
+        return "none".to_owned();
+    }
+    let things: Vec<String> = cfg
+        .things
+        .iter()
+        .map(|(name, t)| {
+            let cap = t
+                .max_tunnels
+                .map(|n| format!(", at most {n} tunnels"))
+                .unwrap_or_default();
+            format!("{name} ({}{cap})", services(&t.services).join(", "))
+        })
+        .collect();
+    things.join("; ")
+}
+
+fn mqtt(cfg: &Config) -> String {
+    let alpn = cfg.mqtt.alpn.as_deref();
+    format!(
+        "{}:{} as client {:?}, mutual TLS{}",
+        cfg.mqtt.host,
+        cfg.mqtt.port,
+        cfg.mqtt.client_id,
+        alpn.map(|p| format!(", ALPN {p}")).unwrap_or_default()
+    )
+}
+
+fn tunnel_endpoint(cfg: &Config) -> String {
+    let mut tunnel = match &cfg.tunnel.endpoint {
+        Some(e) => format!("{e} (override)"),
+        None => "data.tunneling.iot.<region>.amazonaws.com:443, region from each notify".into(),
+    };
+    for (host, (ip, port)) in &cfg.tunnel.resolve {
+        let port = port.map(|p| format!(" port {p}")).unwrap_or_default();
+        tunnel.push_str(&format!("; {host} at {ip}{port} (tunnel.resolve)"));
+    }
+    tunnel
+}
+
+fn tunnel_ca(cfg: &Config) -> String {
+    match &cfg.tunnel.ca {
+        None => "platform CA store".into(),
+        Some(p) if cfg.tunnel.ca_only => format!("{} only (pinned)", p.display()),
+        Some(p) => format!("{} + platform CA store", p.display()),
+    }
+}
+
+fn limits(cfg: &Config) -> String {
+    format!(
+        "{} tunnels, {} connections each, lifetime at most {} min, stall reset after {} ms",
+        cfg.limits.max_tunnels,
+        cfg.limits.max_connections_per_tunnel,
+        cfg.limits.max_lifetime.as_secs_f64() / 60.0,
+        cfg.tunnel.stall_timeout.as_millis()
+    )
+}
+
+fn resources(cfg: &Config) -> String {
+    let (fds, memory) = resource_needs(&cfg.limits);
+    format!(
+        "{} KiB buffered at most; up to {fds} descriptors (unit: {UNIT_LIMIT_NOFILE}), {} MiB (unit: {} MiB)",
+        cfg.limits.max_buffered / 1024,
+        memory >> 20,
+        UNIT_MEMORY_MAX >> 20
+    )
+}
+
+fn dead_links(cfg: &Config) -> String {
+    if cfg.tunnel.idle_timeout.is_zero() {
+        return "TCP keepalive only (tunnel.idle_timeout_secs = 0)".to_owned();
+    }
+    format!(
+        "websocket dropped after {} s without a byte; TCP keepalive",
+        cfg.tunnel.idle_timeout.as_secs()
+    )
+}
+
+fn restarts(cfg: &Config) -> String {
+    if !cfg.tunnel.persist_sessions {
+        return "sessions are not persisted (tunnel.persist_sessions = false)".to_owned();
+    }
+    format!(
+        "live sessions persisted in {}/sessions and rejoined",
+        cfg.state_dir.display()
+    )
+}
+
+fn proxy(cfg: &Config) -> String {
+    let Some(p) = &cfg.proxy else {
+        return "none (direct connections)".to_owned();
+    };
+    let mut via = format!("{} for MQTT and the data plane (CONNECT)", p.proxy);
+    if !p.no_proxy.is_empty() {
+        via.push_str(&format!("; direct for {}", p.no_proxy.join(", ")));
+    }
+    via
+}
