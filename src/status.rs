@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::bridge::{Phase, State, Stats};
-use crate::session::Entry;
+use crate::tunnels::Entry;
 
 /// One tunnel, as status.json and `status` show it.
 #[derive(Debug, Serialize, Deserialize)]

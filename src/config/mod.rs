@@ -51,7 +51,7 @@ pub enum RotationPolicy {
     Parallel,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MqttConfig {
     pub host: String,
     pub port: u16,
@@ -68,7 +68,7 @@ pub struct MqttConfig {
     pub alpn: Option<String>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelConfig {
     /// Data-plane endpoint override; by default the notify's region decides.
     pub endpoint: Option<DataEndpoint>,
@@ -83,7 +83,7 @@ pub struct TunnelConfig {
     pub persist_sessions: bool,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AgentLimits {
     pub max_tunnels: usize,
     pub max_connections_per_tunnel: usize,

@@ -1,0 +1,108 @@
+//! SIGHUP: a new service map for new streams, and downstream things added or removed; live
+//! tunnels and connections stay. Other settings take effect at the next restart.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::Agent;
+use super::start::thing_caps;
+use crate::config::{Config, ThingConfig};
+use crate::services::SharedServiceMap;
+use crate::systemd;
+
+/// Rule (reload): the settings that differ between two configurations and take effect
+/// only at a restart (everything but `[services]` and `[things]`), compared by value.
+pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    [
+        ("thing_name", new.thing_name != old.thing_name),
+        ("mqtt", new.mqtt != old.mqtt),
+        ("tunnel", new.tunnel != old.tunnel),
+        ("limits", new.limits != old.limits),
+        ("rotation", new.rotation != old.rotation),
+        ("state_dir", new.state_dir != old.state_dir),
+        ("runtime_dir", new.runtime_dir != old.runtime_dir),
+        (
+            "upgrade_deadline",
+            new.upgrade_deadline != old.upgrade_deadline,
+        ),
+        ("proxy", new.proxy != old.proxy),
+    ]
+    .into_iter()
+    .filter_map(|(k, changed)| changed.then_some(k))
+    .collect()
+}
+
+impl Agent {
+    pub(super) fn reload(&mut self) {
+        systemd::reloading();
+        match crate::config::load(&self.cfg.path) {
+            Ok(new) => self.apply(new),
+            // One line per problem would split the record in journald: join them.
+            Err(e) => warn!(
+                "reload failed, keeping the current service map: {}",
+                e.to_string().trim().replace('\n', "; ")
+            ),
+        }
+        self.write_status();
+    }
+
+    fn apply(&mut self, new: Config) {
+        let restart_only = restart_only_changes(&self.cfg, &new);
+        if !restart_only.is_empty() {
+            warn!(changed = ?restart_only, "these settings take effect at the next restart; only [services] and [things] are reloaded");
+        }
+        let summary: Vec<String> = new
+            .services
+            .named()
+            .map(|(s, e)| format!("{s} -> {e}"))
+            .collect();
+        if let Some((tx, _)) = self.maps.get(&self.cfg.thing_name) {
+            tx.send_replace(Arc::new(new.services.clone()));
+        }
+        self.cfg.services = new.services;
+        self.reload_things(new.things);
+        info!(services = ?summary, "service map reloaded; live tunnels keep running");
+    }
+
+    /// Downstream things added (mapped, subscribed), changed (new map for new streams; live
+    /// tunnels stay) or removed (unsubscribed; their tunnels stop).
+    fn reload_things(&mut self, things: BTreeMap<String, ThingConfig>) {
+        let own = self.cfg.thing_name.clone();
+        let removed: Vec<String> = self
+            .maps
+            .keys()
+            .filter(|name| **name != own && !things.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &removed {
+            self.maps.remove(name);
+            let stops = self.lifecycle.thing_removed(name);
+            info!(thing = %name, bridges = stops.len(), "downstream thing removed: unsubscribing; its tunnels stop");
+            for effect in stops {
+                if let crate::tunnels::Effect::Stop(id) = effect {
+                    self.stop(id);
+                }
+            }
+        }
+        for (name, t) in &things {
+            match self.maps.get(name) {
+                Some((tx, _)) => {
+                    tx.send_replace(Arc::new(t.services.clone()));
+                }
+                None => {
+                    info!(thing = %name, "downstream thing added: subscribing to its notifications");
+                    self.maps
+                        .insert(name.clone(), SharedServiceMap::new(t.services.clone()));
+                }
+            }
+        }
+        self.cfg.things = things;
+        self.lifecycle
+            .table_mut()
+            .set_thing_caps(thing_caps(&self.cfg));
+        self.downstream_tx
+            .send_replace(self.cfg.things.keys().cloned().collect());
+    }
+}

@@ -1,0 +1,123 @@
+//! What the agent says about itself: status.json, the live status socket's snapshot,
+//! systemd's one-line STATUS=, and a warning when the descriptor limit is too low.
+
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::Agent;
+use crate::config::Config;
+use crate::mqtt::{MqttPhase, MqttState};
+use crate::status::{Snapshot, StatusSocket, TunnelStatus};
+use crate::systemd;
+use crate::upgrade::Upgrader;
+
+/// Characters of the last MQTT error shown in STATUS=.
+const STATUS_ERROR_CHARS: usize = 160;
+
+impl Agent {
+    /// Only systemd's one line: status.json is rewritten when the tunnel table changes, not
+    /// on every MQTT reconnect attempt of an offline gateway (flash wear).
+    pub(super) fn on_mqtt_state(&mut self) {
+        let tunnels = self.lifecycle.table().entries().len();
+        systemd::status(&status_line(tunnels, &self.mqtt.borrow()));
+    }
+
+    /// The table with each bridge's state and counters, now.
+    pub(super) fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let tunnels = self
+            .lifecycle
+            .table()
+            .entries()
+            .iter()
+            .map(|e| match self.live.get(&e.id) {
+                Some(l) => TunnelStatus::of(e, Some((&l.state.borrow(), &l.stats)), now),
+                None => TunnelStatus::of(e, None, now),
+            })
+            .collect();
+        let things: Vec<String> = self.cfg.things.keys().cloned().collect();
+        let mut snapshot = Snapshot::new(&self.mqtt.borrow(), &things, tunnels);
+        snapshot.upgrade_pending_since = self
+            .upgrade
+            .as_ref()
+            .and_then(Upgrader::pending_since)
+            .map(crate::status::unix);
+        snapshot
+    }
+
+    /// Writes status.json and systemd's STATUS=; returns the latter.
+    pub(super) fn write_status(&self) -> String {
+        let snapshot = self.snapshot();
+        let line = status_line(snapshot.tunnels.len(), &self.mqtt.borrow());
+        systemd::status(&line);
+        if let Err(e) = self.status.write(&snapshot) {
+            debug!(path = %self.status.path().display(), "status not written: {e}");
+        }
+        line
+    }
+}
+
+/// Rule: systemd's one-line STATUS=: live tunnels and the MQTT phase, with the last MQTT
+/// error while it is not subscribed (cut to `STATUS_ERROR_CHARS`).
+pub fn status_line(tunnels: usize, mqtt: &MqttState) -> String {
+    let phase = format!("{:?}", mqtt.phase).to_lowercase();
+    match (&mqtt.last_error, mqtt.phase) {
+        (Some(e), p) if p != MqttPhase::Subscribed => {
+            let e: String = e.chars().take(STATUS_ERROR_CHARS).collect();
+            format!("{tunnels} tunnel(s) live; MQTT {phase} (last error: {e})")
+        }
+        _ => format!("{tunnels} tunnel(s) live; MQTT {phase}"),
+    }
+}
+
+/// The next status client; pending forever without a socket. An accept error (descriptors
+/// exhausted) is skipped: the agent's work matters more than its status.
+pub(super) async fn accept_status(socket: Option<&StatusSocket>) -> Option<tokio::net::UnixStream> {
+    match socket {
+        Some(s) => s.accept().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Outside systemd the descriptor limit is the shell's (often 1024): say when the
+/// configured limits could exceed it.
+pub(super) fn check_descriptor_limit(cfg: &Config) {
+    let (needed, _) = crate::config::resource_needs(&cfg.limits);
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))?
+                .split_whitespace()
+                .nth(3)?
+                .parse::<u64>()
+                .ok()
+        });
+    if let Some(soft) = soft.filter(|s| *s < needed) {
+        warn!(
+            needed,
+            limit = soft,
+            "the open-files limit is lower than the configured limits can need: connections may fail with 'too many open files'; raise it (ulimit -n, LimitNOFILE) or lower limits.max_tunnels / limits.max_connections_per_tunnel"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_the_last_mqtt_error_until_subscribed() {
+        let mut m = MqttState::connecting();
+        assert_eq!(status_line(2, &m), "2 tunnel(s) live; MQTT connecting");
+        m.last_error = Some("connection refused".into());
+        assert_eq!(
+            status_line(2, &m),
+            "2 tunnel(s) live; MQTT connecting (last error: connection refused)"
+        );
+        m.last_error = Some("x".repeat(1000));
+        assert!(status_line(0, &m).len() < 250);
+        m.phase = MqttPhase::Subscribed;
+        assert_eq!(status_line(1, &m), "1 tunnel(s) live; MQTT subscribed");
+    }
+}
