@@ -9,5 +9,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
 export SOAK_CYCLES="${1:-${SOAK_CYCLES:-2000}}"
-cargo test --locked --all-features --test resilience a_long_run_of_tunnels_and_connections_leaks_nothing \
+cargo test --locked --all-features --test peers resilience::a_long_run_of_tunnels_and_connections_leaks_nothing \
     -- --nocapture 2>&1 | grep -E '^soak:|test result|panicked|grew'

@@ -1,6 +1,6 @@
 //! Reconnect policies for one gateway and for a fleet, in one place: the websocket's and
 //! MQTT's backoff as pure state driven by the caller's clock, so the fleet simulation
-//! (`tests/fleet.rs`) runs exactly the code the agent runs.
+//! (`benches/fleet.rs`) runs exactly the code the agent runs.
 
 use std::time::Duration;
 

@@ -1,20 +1,21 @@
 //! Helpers for end-to-end tests of the agent process: tunnels opened through boto3, the
-//! agent serving them, this project's source side, checked transfers.
+//! agent serving them, this project's source side, checked transfers, the destination's
+//! connects as the service saw them, and `securetunnel-agent status`.
 
 use securetunnel_agent::bridge::Phase;
-use securetunnel_agent::protocol::Format;
+use securetunnel_agent::protocol::{Format, Mode};
 use securetunnel_emulator::testkit::{EchoService, echo_tcp, echo_transfer};
-use securetunnel_emulator::{Emulator, TunnelTokens};
+use securetunnel_emulator::{Emulator, PeerEventKind, TunnelTokens};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
-use super::rig::{AgentProc, ConfigExtra, Rig, within_deadline};
+use super::rig::{AgentProc, ConfigExtra, Rig};
 use super::*;
 
 /// Waits until `cond` holds on the emulator, re-checking on each of its changes.
 pub async fn until(emu: &Emulator, what: &str, cond: impl Fn(&Emulator) -> bool) {
     let mut changes = emu.changes();
-    within_deadline(what, async {
+    within(what, async {
         while !cond(emu) {
             if changes.changed().await.is_err() {
                 return;
@@ -116,4 +117,35 @@ pub async fn transfer(addrs: &SourceListenersAddrs, service: &str, seed: u64) {
     )
     .await
     .unwrap();
+}
+
+/// Connected destination peers of a tunnel, oldest first: (peer id, access token, client token).
+pub fn destination_connects(rig: &Rig, id: &str) -> Vec<(u64, String, Option<String>)> {
+    rig.emu
+        .peer_events(id)
+        .into_iter()
+        .filter(|e| e.mode == Mode::Destination && e.kind == PeerEventKind::Connected)
+        .map(|e| (e.peer, e.access_token, e.client_token))
+        .collect()
+}
+
+/// `securetunnel-agent status [--json]` against `cfg`: exit code, stdout, stderr.
+pub async fn status_cmd(cfg: &std::path::Path, json: bool) -> (Option<i32>, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"));
+    cmd.arg("status").arg("--config").arg(cfg);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = within("status answers", cmd.output()).await.unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub async fn status_json(cfg: &std::path::Path) -> serde_json::Value {
+    let (code, out, err) = status_cmd(cfg, true).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    serde_json::from_str(&out).unwrap()
 }

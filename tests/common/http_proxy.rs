@@ -7,7 +7,7 @@ use std::time::Duration;
 use securetunnel_emulator::testkit::{LogTail, free_port};
 use tokio::process::{Child, Command};
 
-use super::DEADLINE;
+use super::{DEADLINE, require_system_peers};
 
 pub struct Tinyproxy {
     pub port: u16,
@@ -20,6 +20,7 @@ pub struct Tinyproxy {
 impl Tinyproxy {
     /// With `extra` config lines (`BasicAuth user pass`, `ConnectPort 443`).
     pub async fn start(extra: &str) -> Tinyproxy {
+        require_system_peers();
         let dir = tempfile::tempdir().unwrap();
         // A free port can be taken between the probe and tinyproxy's bind: retry then.
         for _ in 0..5 {

@@ -1,11 +1,16 @@
 //! Test harness: an emulator on a free loopback port, bridges run in-process, helpers to
 //! wait for events. Every test gets its own ports and tunnels, so tests run in parallel.
+//! The one copy of the helpers: each tier's test binary (tests/in_process, peers,
+//! packaging) includes it with `#[path = "../common/mod.rs"] mod common;`.
 #![allow(dead_code)]
 
 pub mod e2e;
 pub mod http_proxy;
 pub mod raw_source;
 pub mod rig;
+pub mod system;
+
+pub use system::require_system_peers;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -13,7 +13,7 @@ use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
-use super::{DEADLINE, init_logs};
+use super::{DEADLINE, init_logs, require_system_peers, within};
 
 /// Waits for a line or fails the test with the log so far.
 async fn wait_line(
@@ -66,6 +66,7 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub async fn start(files: &Files, extra_acl: &str) -> Mosquitto {
+        require_system_peers();
         let server_crt = Files::write(&files.dir, "server.crt", &files.server.cert_pem);
         let server_key = Files::write(&files.dir, "server.key", &files.server.key_pem);
         let acl = Files::write(
@@ -189,6 +190,7 @@ impl Default for RigOptions {
 
 impl Rig {
     pub async fn start(opts: RigOptions) -> Rig {
+        require_system_peers();
         init_logs();
         let dir = tempfile::tempdir().unwrap();
         let pki = TestPki::new("rig CA").unwrap();
@@ -215,7 +217,7 @@ impl Rig {
         });
         let emu = Emulator::start(cfg).await.unwrap();
         let emu_ca = Files::write(dir.path(), "emulator-ca.pem", emu.ca_pem().unwrap());
-        within_deadline("emulator publisher connects", emu.wait_publisher()).await;
+        within("emulator publisher connects", emu.wait_publisher()).await;
         Rig {
             files,
             mosquitto,
@@ -340,18 +342,13 @@ impl Rig {
 /// One iotsecuretunneling call through boto3 against the emulator's control plane;
 /// `Err((code, message))` for a service error.
 pub async fn boto3(emu: &Emulator, op: &str, params: Value) -> Result<Value, (String, String)> {
+    require_system_peers();
     let endpoint = emu
         .control_endpoint()
         .expect("the emulator serves a control plane");
     testkit::boto3(&endpoint, op, params)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
-}
-
-pub async fn within_deadline<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
 pub struct AgentProc {
@@ -383,7 +380,7 @@ impl AgentProc {
         let pid = self.child.id().expect("agent running") as i32;
         // SAFETY: kill(2) with a live child's pid and a valid signal number.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        within_deadline("agent exits after SIGTERM", self.child.wait())
+        within("agent exits after SIGTERM", self.child.wait())
             .await
             .unwrap()
     }

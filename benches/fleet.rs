@@ -3,6 +3,11 @@
 //! reconnect policy (`backoff::MqttReconnect`), beside the policy it replaced. Prints, for
 //! 10,000 and 50,000 gateways: attempts per device, peak attempts per second, and the time
 //! until every gateway is back.
+//!
+//! A simulation, not a behaviour test: a `harness = false` bench target whose `main` prints
+//! the table (`cargo bench --bench fleet`) and asserts, per fleet size, the bounds the README
+//! and BENCHMARKS.md state. Cargo.toml gives it `test = true`, so `cargo test` (and
+//! ./test.sh) runs those assertions too.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -115,7 +120,10 @@ fn previous(seed: u64) -> Previous {
     }
 }
 
-#[test]
+fn main() {
+    a_fleet_that_lost_its_broker_returns_within_the_connect_quota();
+}
+
 fn a_fleet_that_lost_its_broker_returns_within_the_connect_quota() {
     println!("| gateways | policy | attempts per device | peak attempts/s | all back after |");
     println!("|---|---|---|---|---|");

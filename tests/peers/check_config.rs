@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn openssl(dir: &Path, args: &[&str]) {
+    crate::common::require_system_peers();
     let out = Command::new("openssl")
         .current_dir(dir)
         .args(args)

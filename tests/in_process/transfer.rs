@@ -1,8 +1,6 @@
 //! Byte-exact transfers through the emulator: this project's source and destination.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use securetunnel_agent::protocol::{Format, Mode};
 use securetunnel_agent::services::{LocalEndpoint, ServiceMap};
 use securetunnel_emulator::testkit::{SENTINEL_LEN, echo_tcp, echo_transfer, echo_unix};

@@ -2,12 +2,10 @@
 //! localproxy options the README lists (`-c DIR`, `-k`, `-b`), exit 0 on SIGINT/SIGTERM, and
 //! HTTPS_PROXY/NO_PROXY through a real proxy (tinyproxy).
 
-mod common;
-
 use std::process::Stdio;
 
-use common::http_proxy::Tinyproxy;
-use common::*;
+use crate::common::http_proxy::Tinyproxy;
+use crate::common::*;
 use securetunnel_agent::protocol::{Format, Mode};
 use securetunnel_emulator::testkit::{LogTail, echo_tcp, echo_transfer};
 use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls, TunnelTokens};

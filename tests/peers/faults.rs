@@ -4,14 +4,12 @@
 //! never a silently short or wrong echo), that nothing hangs (every wait is bounded), and
 //! that the agent's peak RSS stayed under 16 MiB.
 
-mod common;
-
 use std::io;
 
+use crate::common::e2e::*;
+use crate::common::rig::{AgentProc, ConfigExtra, Rig, RigOptions};
+use crate::common::*;
 use bytes::BytesMut;
-use common::e2e::*;
-use common::rig::{AgentProc, ConfigExtra, Rig, RigOptions};
-use common::*;
 use securetunnel_agent::protocol::{Format, FrameCodec, Message, Mode};
 use securetunnel_emulator::TunnelTokens;
 use securetunnel_emulator::testkit::{

@@ -1,11 +1,9 @@
 //! Resets, refusals and closes: every local socket ends as the protocol says, and the
 //! tunnel keeps working afterwards.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use securetunnel_agent::bridge::{BridgeEnd, Limits, Phase};
 use securetunnel_agent::protocol::{Format, Message, Mode};
 use securetunnel_agent::services::{LocalEndpoint, ServiceMap};

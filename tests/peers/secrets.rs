@@ -4,13 +4,11 @@
 //! the device's private key. `./test.sh` runs this with `--all-features`, so the libraries'
 //! own `log` records (tungstenite writes the raw upgrade request) are forwarded too.
 
-mod common;
-
 use std::process::Stdio;
 
-use common::e2e::*;
-use common::rig::{Rig, RigOptions};
-use common::*;
+use crate::common::e2e::*;
+use crate::common::rig::{Rig, RigOptions};
+use crate::common::*;
 use securetunnel_agent::protocol::Mode;
 use securetunnel_emulator::testkit::{LogTail, echo_tcp, echo_transfer};
 use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls, PeerEventKind};

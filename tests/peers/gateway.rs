@@ -1,13 +1,11 @@
 //! Gateway mode: one agent serves tunnels to the things behind it. mosquitto's ACL lets the
 //! gateway's certificate read two downstream things' notify topics (and a third added on
 //! reload) and not a fourth (mosquitto 2.0 grants the subscription and withholds the
-//! messages; a broker that refuses the SUBSCRIBE is tested in claims.rs); the emulator's
+//! messages; a broker that refuses the SUBSCRIBE is tested in mqtt.rs); the emulator's
 //! control plane opens tunnels by thing name; echo services stand in for the devices.
 
-mod common;
-
-use common::e2e::*;
-use common::rig::{ConfigExtra, Rig, RigOptions};
+use crate::common::e2e::*;
+use crate::common::rig::{ConfigExtra, Rig, RigOptions};
 use securetunnel_agent::protocol::Mode;
 use securetunnel_emulator::testkit::echo_tcp;
 

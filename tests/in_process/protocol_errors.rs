@@ -1,16 +1,15 @@
-//! Protocol violations, handshake failures and keepalive: errors are handled, never panics.
+//! Protocol violations, handshake failures, reconnect backoff and keepalive: errors are
+//! handled, never panics.
 
-mod common;
+use std::time::{Duration, Instant};
 
-use std::time::Duration;
-
-use common::*;
+use crate::common::*;
 use securetunnel_agent::bridge::{BridgeError, HandshakeError, Limits, Phase};
 use securetunnel_agent::protocol::{Format, Message, Mode};
 use securetunnel_agent::secret::Secret;
 use securetunnel_agent::services::ServiceMap;
-use securetunnel_emulator::CLIENT_TOKEN_MISMATCH;
 use securetunnel_emulator::testkit::{echo_tcp, echo_transfer, wait_closed};
+use securetunnel_emulator::{CLIENT_TOKEN_MISMATCH, PeerEventKind};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -140,6 +139,41 @@ async fn handshake_5xx_is_retried_with_a_growing_backoff() {
             n + 1
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_accepts_and_drops_gets_at_most_8_handshakes_in_the_first_window() {
+    // The agent's policy scaled by 1/10 (0.5 s -> 50 ms, 30 s -> 3 s): at most 8 handshakes
+    // in the first 6 s, as 8 in the first 60 s at full scale.
+    let emu = emulator(false).await;
+    let tokens = emu.open_tunnel(&["SSH"], Duration::from_secs(600));
+    emu.set_drop_after_upgrade(Some(Duration::from_millis(20)));
+    let limits = Limits {
+        reconnect_min_delay: Duration::from_millis(50),
+        reconnect_max_delay: Duration::from_secs(3),
+        ..test_limits()
+    };
+    let dest = destination_with(&emu, &tokens, ServiceMap::default(), limits);
+    let id = tokens.tunnel_id.clone();
+    let mut changes = emu.changes();
+    within("nine handshakes", async {
+        while emu.handshakes_for_token(&tokens.destination_access_token) < 9 {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await;
+    let at: Vec<Instant> = emu
+        .peer_events(&id)
+        .into_iter()
+        .filter(|e| e.kind == PeerEventKind::Connected)
+        .map(|e| e.at)
+        .collect();
+    let window = at[8] - at[0];
+    assert!(
+        window >= Duration::from_secs(6),
+        "9 handshakes within {window:?}"
+    );
+    dest.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

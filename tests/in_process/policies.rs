@@ -2,11 +2,9 @@
 //! the emulator): local connect retries, V1/V2 clients waiting their turn, the connection
 //! limit, and backpressure from a local service toward a source that does not read.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use securetunnel_agent::bridge::Limits;
 use securetunnel_agent::protocol::Format;
 use securetunnel_agent::services::ServiceMap;

@@ -6,14 +6,12 @@
 //! the old one). With `SECURETUNNEL_UPGRADE_DEBS="old.deb new.deb"` (CI, as root) the agent
 //! runs from the installed package and the upgrade is `dpkg -i new.deb`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::e2e::*;
-use common::rig::{Rig, RigOptions};
-use common::*;
+use crate::common::e2e::*;
+use crate::common::rig::{Rig, RigOptions};
+use crate::common::*;
 use securetunnel_agent::protocol::Mode;
 use securetunnel_emulator::PeerEventKind;
 use securetunnel_emulator::testkit::echo_tcp;
@@ -204,7 +202,7 @@ async fn serving(
     tunnel: &str,
     top: &str,
 ) -> (
-    common::rig::AgentProc,
+    crate::common::rig::AgentProc,
     securetunnel_emulator::TunnelTokens,
     SourceListenersAddrs,
     Running,
@@ -213,7 +211,7 @@ async fn serving(
     let echo = echo_tcp("127.0.0.1:0").await.unwrap();
     let cfg = rig.agent_config_with(
         thing,
-        &common::rig::ConfigExtra {
+        &crate::common::rig::ConfigExtra {
             services: &format!("SSH = \"{}\"", echo.addr.unwrap()),
             tunnel,
             top,

@@ -23,6 +23,7 @@ fn script() -> PathBuf {
 
 /// The cross-built binary for an opkg architecture, and the ELF machine it must be.
 fn binary(arch: &str) -> (PathBuf, u16) {
+    crate::common::require_system_peers();
     let (name, target, machine) = match arch {
         "aarch64_generic" => ("AARCH64", "aarch64-unknown-linux-musl", 183),
         "arm_cortex-a7" => ("ARM", "armv7-unknown-linux-musleabihf", 40),

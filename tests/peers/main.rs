@@ -1,0 +1,27 @@
+//! The agent-process tier: the agent binary as its own process (`run`, `local-proxy`,
+//! `check-config`, `status`, the demos) against real peers: mosquitto with mutual TLS,
+//! boto3 from .venv driving the emulator's control plane, tinyproxy, openssl. Without them
+//! the first test that needs one stops the run with one line naming what is missing
+//! (`common::require_system_peers`). `cargo test --test peers`; see TESTING.md.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod agent;
+mod check_config;
+mod cli;
+mod demo;
+mod faults;
+mod gateway;
+mod lifetime;
+mod local_proxy;
+mod mqtt;
+mod proxy;
+mod resilience;
+mod restarts;
+mod rotation;
+mod secrets;
+mod signals;
+mod status;
+mod tls;
+mod upgrade;
