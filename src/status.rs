@@ -217,48 +217,53 @@ impl Snapshot {
             out.push_str("No tunnels.\n");
         }
         for t in &self.tunnels {
-            out.push_str(&format!(
-                "\nTunnel {} to {} ({}): {}, region {}, services {}\n",
-                t.id,
-                t.thing,
-                t.token,
-                t.phase,
-                t.region,
-                t.services.join(", ")
-            ));
-            if let Some(n) = t.next_attempt_in_secs {
-                out.push_str(&format!("  next attempt in {n} s\n"));
-            }
-            if let Some(since) = t.connected_since {
-                out.push_str(&format!(
-                    "  connected for {}, channel {}\n",
-                    ago(since),
-                    t.channel_id.as_deref().unwrap_or("-")
-                ));
-            }
-            let open: Vec<String> = t
-                .services
-                .iter()
-                .map(|s| format!("{s} {}", t.open_connections.get(s).copied().unwrap_or(0)))
-                .collect();
-            out.push_str(&format!(
-                "  connections open: {}; bytes from tunnel {}, to tunnel {}\n",
-                open.join(", "),
-                t.bytes_from_tunnel,
-                t.bytes_to_tunnel
-            ));
-            let left = t.expires_in_secs.map_or("-".to_owned(), human);
-            out.push_str(&format!(
-                "  reconnects {}, rotations {}, age {}, lifetime left {left}\n",
-                t.reconnects,
-                t.rotations,
-                human(t.age_secs)
-            ));
-            if let Some(e) = &t.last_error {
-                out.push_str(&format!("  last error: {e}\n"));
-            }
+            render_tunnel(&mut out, t, &ago);
         }
         out
+    }
+}
+
+/// One tunnel's lines of `status`.
+fn render_tunnel(out: &mut String, t: &TunnelStatus, ago: &dyn Fn(u64) -> String) {
+    out.push_str(&format!(
+        "\nTunnel {} to {} ({}): {}, region {}, services {}\n",
+        t.id,
+        t.thing,
+        t.token,
+        t.phase,
+        t.region,
+        t.services.join(", ")
+    ));
+    if let Some(n) = t.next_attempt_in_secs {
+        out.push_str(&format!("  next attempt in {n} s\n"));
+    }
+    if let Some(since) = t.connected_since {
+        out.push_str(&format!(
+            "  connected for {}, channel {}\n",
+            ago(since),
+            t.channel_id.as_deref().unwrap_or("-")
+        ));
+    }
+    let open: Vec<String> = t
+        .services
+        .iter()
+        .map(|s| format!("{s} {}", t.open_connections.get(s).copied().unwrap_or(0)))
+        .collect();
+    out.push_str(&format!(
+        "  connections open: {}; bytes from tunnel {}, to tunnel {}\n",
+        open.join(", "),
+        t.bytes_from_tunnel,
+        t.bytes_to_tunnel
+    ));
+    let left = t.expires_in_secs.map_or("-".to_owned(), human);
+    out.push_str(&format!(
+        "  reconnects {}, rotations {}, age {}, lifetime left {left}\n",
+        t.reconnects,
+        t.rotations,
+        human(t.age_secs)
+    ));
+    if let Some(e) = &t.last_error {
+        out.push_str(&format!("  last error: {e}\n"));
     }
 }
 

@@ -1,0 +1,250 @@
+//! Backpressure toward local sockets: a payload is written through or queued within the
+//! budget, a consumer that cannot keep up stalls the websocket reader for `stall_timeout`
+//! at most, and then its stream is reset (`stalled`), never buffered without bound.
+
+use super::*;
+
+/// Rule (stalled consumer): a consumer holding bytes that wrote less than one full payload
+/// in a `stall_timeout` window is stalled, even if it trickles: it would hold the whole
+/// tunnel (every stream waits behind it) for as long as it pleases.
+pub fn stalled(written_before: u64, written_now: u64) -> bool {
+    written_now.saturating_sub(written_before) < crate::protocol::MAX_PAYLOAD as u64
+}
+
+/// Rule (bounded memory): what is queued toward a local socket is a copy of the bytes that
+/// the socket did not take at once (`ConnHandle::write_through`). A payload is a slice of
+/// its websocket message, which may be tungstenite's read buffer or a reassembled message
+/// twice its size: queued as a slice, a small payload would keep all of that alive.
+pub fn remainder_to_queue(payload: &Bytes, written: usize) -> Bytes {
+    Bytes::copy_from_slice(&payload[written..])
+}
+
+impl Session<'_> {
+    /// Backpressure policy: a full connection queue, or a spent byte budget, pauses the
+    /// websocket reader (and so the whole tunnel) for at most `stall_timeout`, counted once
+    /// the connection is up. Then connections whose local consumer made no progress are
+    /// reset, so the others go on.
+    pub(super) async fn on_data(&mut self, msg: Message, cancel: &CancellationToken) {
+        let (service, stream) = (msg.service_id, msg.stream_id);
+        let key = connection_key(msg.connection_id);
+        let handle = match self.table.route(&service, stream, key) {
+            Route::Deliver(h) => h,
+            Route::StaleStream => {
+                if self.table.answer_stray_data(&service, stream) {
+                    debug!(service = ?service, stream, "DATA for a stream that is not active: resetting it");
+                    self.send(Message::stream_reset(stream, &service));
+                }
+                return;
+            }
+            Route::UnknownConnection => {
+                debug!(service = ?service, stream, conn = key, "no such connection: dropping DATA");
+                return;
+            }
+        };
+        let payload = {
+            // The slice of the websocket message goes at the end of this block: only the
+            // copy of what the socket did not take may outlive it.
+            let sliced = msg.payload;
+            let n = sliced.len() as u64;
+            self.stats.bytes_from_tunnel.fetch_add(n, Ordering::Relaxed);
+            let through = handle.write_through(&sliced);
+            if through == sliced.len() {
+                return;
+            }
+            remainder_to_queue(&sliced, through)
+        };
+        let len = payload.len();
+        let budget = self.budget.try_acquire(len as u32);
+        // Count the bytes before the chunk becomes visible to the receiver, which subtracts
+        // them: a slot first, then the count, then the send.
+        let waiting = match budget {
+            Some(permit) => match handle.tx.try_reserve() {
+                Ok(slot) => {
+                    ConnHandle::note_queued(&handle.queued, len, self.stats);
+                    slot.send((payload, permit));
+                    return;
+                }
+                // The task is ending; its exit is handled in `on_conn_exit`.
+                Err(TrySendError::Closed(())) => return,
+                Err(TrySendError::Full(())) => Some(permit),
+            },
+            None => None,
+        };
+        self.stall(payload, waiting, &service, stream, key, cancel)
+            .await;
+    }
+
+    /// Waits for a queue slot and budget for one payload; see `on_data`. The websocket is
+    /// not read meanwhile. After each `stall_timeout` without room, every connected
+    /// connection that holds bytes and is `stalled` is reset (this one included); this one
+    /// is also reset if it did not connect within one connect attempt. A consumer that
+    /// keeps writing at least a payload per window is waited for: that is backpressure.
+    pub(super) async fn stall(
+        &mut self,
+        payload: Bytes,
+        mut permit: Option<crate::bridge::BudgetPermit>,
+        service: &str,
+        stream: i32,
+        key: u32,
+        cancel: &CancellationToken,
+    ) {
+        self.stats.stalls.fetch_add(1, Ordering::Relaxed);
+        let len = payload.len();
+        let stall = self.limits.stall_timeout;
+        // Data queued for a connection still connecting waits for one connect attempt.
+        let connect_limit = self.limits.connect_timeout.saturating_add(stall);
+        loop {
+            let Some(handle) = self.table.get(service, key) else {
+                return;
+            };
+            let (tx, queued, id) = (handle.tx.clone(), handle.queued.clone(), handle.id);
+            let mut connected = handle.connected.clone();
+            let before = self.progress_snapshot();
+            let budget = self.budget.clone();
+            let acquire = async {
+                let permit = match permit.take() {
+                    Some(p) => p,
+                    None => budget.acquire(len as u32).await?,
+                };
+                let slot = tx.reserve().await.ok()?;
+                Some((slot, permit))
+            };
+            // A connection still connecting is not a stalled consumer, unless it takes
+            // longer than any connect could.
+            let deadline = async {
+                let up = tokio::time::timeout(connect_limit, async {
+                    connected.wait_for(|up| *up).await.is_ok()
+                })
+                .await;
+                match up {
+                    Ok(true) => tokio::time::sleep(stall).await,
+                    // The task ended: `acquire` fails at once.
+                    Ok(false) => std::future::pending().await,
+                    Err(_) => {}
+                }
+            };
+            let gone = tx.clone();
+            let waited = tokio::select! {
+                _ = cancel.cancelled() => return,
+                // The task ended (its exit is handled in `on_conn_exit`): nothing to wait for.
+                _ = gone.closed() => return,
+                r = acquire => Some(r),
+                _ = deadline => None,
+            };
+            match waited {
+                Some(Some((slot, permit))) => {
+                    ConnHandle::note_queued(&queued, len, self.stats);
+                    slot.send((payload, permit));
+                    return;
+                }
+                Some(None) => return,
+                None => {
+                    self.reset_idle_holders(&before);
+                    let Some(up) = self
+                        .table
+                        .get(service, key)
+                        .filter(|h| h.id == id)
+                        .map(|h| *h.connected.borrow())
+                    else {
+                        return;
+                    };
+                    if !up {
+                        self.reset_stalled(service, stream, key, id);
+                        return;
+                    }
+                    // It wrote, or others freed the budget: wait again (holding on to a
+                    // queue permit is not needed; it is re-acquired).
+                }
+            }
+        }
+    }
+
+    /// Under budget pressure (`Budget::scarce`), resets the connected holders that wrote
+    /// nothing since the previous sweep: the budget is shared with other tunnels, whose
+    /// readers would otherwise wait on consumers only this session can reset. Called every
+    /// `stall_timeout`.
+    pub fn sweep(&mut self) {
+        let before = std::mem::take(&mut self.swept);
+        if self.budget.shared.scarce() {
+            self.reset_idle_holders(&before);
+        }
+        self.swept = self.progress_snapshot();
+    }
+
+    /// (service, connection, task id, bytes written so far) of every connected connection
+    /// holding bytes: who made progress while the reader waited.
+    pub(super) fn progress_snapshot(&self) -> Vec<(String, u32, u64, u64)> {
+        self.table
+            .connections()
+            .filter(|(_, _, h)| h.queued.load(Ordering::Relaxed) > 0 && *h.connected.borrow())
+            .map(|(s, k, h)| (s.to_owned(), k, h.id, h.written.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Resets the connections of `before` that still hold bytes and wrote none since.
+    pub(super) fn reset_idle_holders(&mut self, before: &[(String, u32, u64, u64)]) -> usize {
+        let mut reset = 0;
+        for (service, key, id, written) in before {
+            let idle = self.table.get(service, *key).is_some_and(|h| {
+                h.id == *id
+                    && stalled(*written, h.written.load(Ordering::Relaxed))
+                    && h.queued.load(Ordering::Relaxed) > 0
+            });
+            if idle {
+                let stream = self.table.active_stream(service).unwrap_or(0);
+                self.reset_stalled(service, stream, *key, *id);
+                reset += 1;
+            }
+        }
+        reset
+    }
+
+    pub(super) fn reset_stalled(&mut self, service: &str, stream: i32, key: u32, id: u64) {
+        let wire = self.table.wire_connection_id(service, key);
+        let Some(handle) = self.table.remove_if(service, key, |h| h.id == id) else {
+            return;
+        };
+        handle.reset.cancel();
+        self.stats.stall_resets.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.stats.logs.admit(Kind::Stall) {
+            warn!(
+                service = ?service, stream, conn = key, suppressed,
+                "local consumer stopped reading for {:?}: resetting this connection to keep the tunnel moving",
+                self.limits.stall_timeout
+            );
+        }
+        if wire == 0 {
+            drop(self.table.reset_stream(service, stream));
+        }
+        self.send(protocol::reset_on_local_close(stream, service, wire));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_consumer_writing_less_than_a_payload_per_window_is_stalled() {
+        assert!(stalled(1000, 1000));
+        assert!(stalled(1000, 1000 + 64511));
+        assert!(!stalled(1000, 1000 + 64512));
+        assert!(stalled(5, 0), "a counter that went back is no progress");
+    }
+
+    #[test]
+    fn what_is_queued_is_a_copy_of_the_unwritten_rest_of_its_message() {
+        let message = Bytes::from(vec![7u8; 4000]);
+        let inside = message.as_ptr_range();
+        let payload = message.slice(1000..3000);
+        let rest = remainder_to_queue(&payload, 500);
+        assert_eq!(rest, payload.slice(500..));
+        assert!(
+            !inside.contains(&rest.as_ptr()),
+            "a queued slice pins the message"
+        );
+        // Even a rest that is nearly all of its message: the message may be twice its size.
+        let rest = remainder_to_queue(&message, 1);
+        assert!(!inside.contains(&rest.as_ptr()));
+    }
+}

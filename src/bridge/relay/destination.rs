@@ -1,0 +1,197 @@
+//! The destination role: a stream or connection start is checked against the tunnel's
+//! scope and the thing's map (`endpoint_for`), then its local connection is opened.
+
+use super::*;
+
+impl Session<'_> {
+    /// Where a new stream or connection of `service` goes: nowhere unless the tunnel's
+    /// scope admits it (`Scope::admits`) and its thing's map has it. A refusal is counted
+    /// and logged (rate-limited) with the service; the span names the tunnel.
+    pub(super) fn endpoint_for(
+        &mut self,
+        service: &str,
+        stream: i32,
+    ) -> Result<LocalEndpoint, Refused> {
+        let Role::Destination(map, scope) = self.role else {
+            return Err(Refused::Unmapped);
+        };
+        let (refused, why) = if !scope.admits(service, self.services()) {
+            (
+                Refused::OutOfScope,
+                "the tunnel was not opened for this service",
+            )
+        } else if let Some(endpoint) = map.current().resolve(service, self.services()) {
+            return Ok(endpoint.clone());
+        } else {
+            (Refused::Unmapped, "the service is not in the service map")
+        };
+        let n = self.stats.refused_streams.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
+            warn!(
+                service = ?service, stream, tunnel_services = %scope, refused = n, suppressed,
+                "refusing stream: {why}"
+            );
+        }
+        Err(refused)
+    }
+
+    pub(super) fn services(&self) -> &[String] {
+        self.tunnel_services.as_deref().unwrap_or(&[])
+    }
+
+    pub(super) fn on_stream_start(&mut self, msg: Message) {
+        // A source opens streams itself; one from its peer is not for it to answer.
+        if !matches!(self.role, Role::Destination(..)) {
+            return;
+        }
+        let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
+        let Ok(endpoint) = self.endpoint_for(&service, stream) else {
+            self.send(Message::stream_reset(stream, &service));
+            return;
+        };
+        let format = protocol::format_of_stream_start(&service, conn);
+        let replaced = self
+            .table
+            .start_stream(&service, stream, format == Format::V3);
+        if !replaced.is_empty()
+            && let Some(suppressed) = self.stats.logs.admit(Kind::Replace)
+        {
+            info!(service = ?service, stream, closed = replaced.len(), suppressed, "new stream replaces the active one");
+        }
+        drop(replaced);
+        debug!(service = ?service, stream, conn, ?format, "stream start");
+        let open = Open::Connect {
+            endpoint,
+            by_stream_start: true,
+        };
+        self.open_local(service, stream, connection_key(conn), open);
+    }
+
+    pub(super) fn on_connection_start(&mut self, msg: Message) -> Result<(), SessionEnd> {
+        if !matches!(self.role, Role::Destination(..)) {
+            return Ok(());
+        }
+        if self.table.active_stream(&msg.service_id) == Some(msg.stream_id)
+            && !self.table.has_wire_ids(&msg.service_id)
+        {
+            return self.violation(Some(&msg), ProtocolError::ConnectionOnSingleStream);
+        }
+        let (service, stream, conn) = (msg.service_id, msg.stream_id, msg.connection_id);
+        match self.table.active_stream(&service) {
+            None => {
+                // The source believes in a stream we do not have (we were reset, it was
+                // not): reset it so its next connection starts a fresh stream.
+                debug!(service = ?service, stream, "CONNECTION_START without a stream: resetting it");
+                self.send(Message::stream_reset(stream, &service));
+                return Ok(());
+            }
+            Some(active) if active != stream => {
+                trace!(service = ?service, stream, active, "stale CONNECTION_START dropped");
+                return Ok(());
+            }
+            Some(_) => {}
+        }
+        let conn = connection_key(conn);
+        if self.table.contains(&service, conn) {
+            if let Some(suppressed) = self.stats.logs.admit(Kind::Replace) {
+                warn!(service = ?service, stream, conn, suppressed, "CONNECTION_START reuses a live connection id: resetting it");
+            }
+            drop(self.table.reset_connection(&service, stream, conn));
+            self.send(Message::connection_reset(stream, &service, conn));
+            return Ok(());
+        }
+        let endpoint = match self.endpoint_for(&service, stream) {
+            Ok(endpoint) => endpoint,
+            Err(Refused::OutOfScope) => {
+                drop(self.table.reset_stream(&service, stream));
+                self.send(Message::stream_reset(stream, &service));
+                return Ok(());
+            }
+            // Removed from the map by a reload while its stream was open.
+            Err(Refused::Unmapped) => {
+                self.send(Message::connection_reset(stream, &service, conn));
+                return Ok(());
+            }
+        };
+        let open = Open::Connect {
+            endpoint,
+            by_stream_start: false,
+        };
+        self.open_local(service, stream, conn, open);
+        Ok(())
+    }
+
+    /// Registers the connection (its queue exists at once, so DATA that arrives while the
+    /// local connect is under way waits in it) and starts its task. The limit counts running
+    /// tasks, so connections that were reset but are still flushing count too.
+    pub(super) fn open_local(&mut self, service: String, stream: i32, conn: u32, open: Open) {
+        let wire = self.table.wire_connection_id(&service, conn);
+        let running = self.stats.open_connections.load(Ordering::Relaxed);
+        if running >= self.limits.max_connections {
+            if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
+                warn!(
+                    service = ?service, stream, conn, suppressed,
+                    "refusing connection: {running} connections already open on this tunnel (limits.max_connections_per_tunnel)"
+                );
+            }
+            let by_stream_start = match &open {
+                Open::Connect {
+                    by_stream_start, ..
+                }
+                | Open::Accepted {
+                    by_stream_start, ..
+                } => *by_stream_start,
+            };
+            if by_stream_start {
+                self.table.refuse_start(&service, stream);
+            }
+            let reset = protocol::reset_on_connect_failure(by_stream_start, stream, &service, wire);
+            self.send(reset);
+            return;
+        }
+        let (tx, rx) = mpsc::channel(self.limits.queue_depth.max(1));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let written = Arc::new(AtomicU64::new(0));
+        let (closing, reset) = (CancellationToken::new(), CancellationToken::new());
+        let (connected_tx, connected) = tokio::sync::watch::channel(false);
+        let sink = crate::bridge::local::Sink::default();
+        self.next_id += 1;
+        let task = ConnTask {
+            id: self.next_id,
+            service: service.clone(),
+            stream_id: stream,
+            conn_id: conn,
+            wire_conn: wire,
+            rx,
+            queued: queued.clone(),
+            written: written.clone(),
+            out: self.out.clone(),
+            closing: closing.clone(),
+            reset: reset.clone(),
+            connected: connected_tx,
+            sink: sink.clone(),
+            upward: self.upward.clone(),
+            limits: self.limits,
+            stats: self.stats.clone(),
+            lookups: self.lookups.clone(),
+            open: Arc::new(OpenGuard::new(self.stats.clone(), &service)),
+        };
+        // Inherit the session's span so connection logs carry the tunnel and token.
+        self.tasks
+            .spawn(task.run(open).instrument(tracing::Span::current()));
+        let handle = ConnHandle {
+            id: self.next_id,
+            tx,
+            queued,
+            written,
+            reset,
+            closing,
+            connected,
+            sink,
+        };
+        self.table.insert(&service, conn, handle);
+        self.stats
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
