@@ -179,20 +179,44 @@ pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
             report.mib_per_s()
         ),
     );
-    if let (Some(rss), Some(cpu)) = (dest_peak_rss_kib, dest_cpu_s) {
-        let gib = 2.0 * opts.bytes as f64 / (1u64 << 30) as f64;
-        println!(
-            "      destination: peak RSS {:.1} MiB; CPU {cpu:.2} s for {} MiB relayed ({:.2} s/GiB)",
-            rss as f64 / 1024.0,
-            2 * mib,
-            cpu / gib
-        );
-    }
+    print_destination_cost(dest_peak_rss_kib, dest_cpu_s, opts.bytes);
 
-    emu.close_tunnel(&t.tunnel_id);
+    close_and_wait(&emu, &t.tunnel_id, &mut dest, &mut src, opts).await?;
+    Ok(DemoReport {
+        mib_per_s: report.mib_per_s(),
+        sha256: report.sha256,
+        dest_peak_rss_kib,
+        dest_cpu_s,
+    })
+}
+
+/// The destination's peak RSS and CPU for the echo, when /proc tells.
+fn print_destination_cost(rss_kib: Option<u64>, cpu_s: Option<f64>, bytes: usize) {
+    let (Some(rss), Some(cpu)) = (rss_kib, cpu_s) else {
+        return;
+    };
+    let mib = bytes >> 20;
+    let gib = 2.0 * bytes as f64 / (1u64 << 30) as f64;
+    println!(
+        "      destination: peak RSS {:.1} MiB; CPU {cpu:.2} s for {} MiB relayed ({:.2} s/GiB)",
+        rss as f64 / 1024.0,
+        2 * mib,
+        cpu / gib
+    );
+}
+
+/// Step 6: the service closes the tunnel and both ends exit 0.
+async fn close_and_wait(
+    emu: &crate::Emulator,
+    tunnel_id: &str,
+    dest: &mut Child,
+    src: &mut Child,
+    opts: &DemoOptions,
+) -> DemoResult<()> {
+    emu.close_tunnel(tunnel_id);
     let (d, s) = (
-        wait_exit(&mut dest, "destination").await?,
-        wait_exit(&mut src, "source").await?,
+        wait_exit(dest, "destination").await?,
+        wait_exit(src, "source").await?,
     );
     step(
         6,
@@ -204,12 +228,7 @@ pub async fn run(opts: &DemoOptions) -> DemoResult<DemoReport> {
             opts.work_dir.display()
         ));
     }
-    Ok(DemoReport {
-        mib_per_s: report.mib_per_s(),
-        sha256: report.sha256,
-        dest_peak_rss_kib,
-        dest_cpu_s,
-    })
+    Ok(())
 }
 
 /// A 1-way push: what `push` measured.
@@ -227,7 +246,6 @@ pub struct PushReport {
 /// localproxy source's frames), `conns` connections at once each pushing its share of
 /// `opts.bytes`. CPU is counted from the first byte to the sink's last.
 pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> DemoResult<PushReport> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if conns == 0 {
         return Err("push needs at least one connection".into());
     }
@@ -238,28 +256,7 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> Demo
         .map_err(|e| e.to_string())?;
     let sink_addr = sink.local_addr().map_err(|e| e.to_string())?;
     let total = opts.bytes;
-    // Every accepted connection is read; `arrived` holds the sum and each connection's count.
-    let (arrived_tx, mut arrived) = tokio::sync::watch::channel((0usize, vec![0usize; conns]));
-    // Aborted on every way out of this function, with its readers.
-    let _sink_task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-        let mut readers = tokio::task::JoinSet::new();
-        for i in 0..conns {
-            let Ok((mut c, _)) = sink.accept().await else {
-                break;
-            };
-            let arrived = arrived_tx.clone();
-            readers.spawn(async move {
-                let mut buf = vec![0u8; 256 << 10];
-                while let Ok(n @ 1..) = c.read(&mut buf).await {
-                    arrived.send_modify(|(sum, each)| {
-                        *sum += n;
-                        each[i] += n;
-                    });
-                }
-            });
-        }
-        while readers.join_next().await.is_some() {}
-    }));
+    let (_sink_task, mut arrived) = spawn_sink(sink, conns);
     let args = |m: &str, map: String| proxy_args(&emu, &ca, m, map, "3");
     let mut dest = spawn_agent(
         opts,
@@ -294,56 +291,15 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> Demo
     }
     let (d0, s0) = (cpu_seconds(dest_pid), cpu_seconds(src_pid));
     let start = std::time::Instant::now();
-    let mut writers = tokio::task::JoinSet::new();
-    for (i, mut client) in clients.into_iter().enumerate() {
-        let share = push_share(total, conns, i);
-        writers.spawn(async move {
-            let chunk = vec![0x5au8; 256 << 10];
-            let mut sent = 0;
-            while sent < share {
-                let n = chunk.len().min(share - sent);
-                client.write_all(&chunk[..n]).await?;
-                sent += n;
-            }
-            // Kept open until the sink has everything: closing is not part of the push.
-            Ok::<TcpStream, std::io::Error>(client)
-        });
-    }
-    // One deadline for writing and arriving: 30 s plus a second per MiB.
-    let limit = Duration::from_secs(30 + (total >> 20) as u64);
-    let pushed = tokio::time::timeout(limit, async {
-        let mut open = Vec::with_capacity(conns);
-        while let Some(r) = writers.join_next().await {
-            open.push(r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
-        }
-        // Ends when everything arrived, or when every sink connection has ended (then short).
-        let _ = arrived.wait_for(|(sum, _)| *sum >= total).await;
-        Ok::<_, String>(open)
-    })
-    .await;
-    let (got, mut each) = arrived.borrow().clone();
-    let open = match pushed {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(format!(
-                "the sink received {got} of {total} bytes in {limit:?}"
-            ));
-        }
-    };
+    let mut writers = spawn_writers(clients, total);
+    let open = all_arrived(&mut writers, &mut arrived, total).await?;
+    let (got, each) = arrived.borrow().clone();
     let secs = start.elapsed().as_secs_f64();
     let (d1, s1) = (cpu_seconds(dest_pid), cpu_seconds(src_pid));
     if got != total {
         return Err(format!("the sink received {got} of {total} bytes"));
     }
-    // Each connection's bytes arrived on its own connection to the sink.
-    let mut shares: Vec<usize> = (0..conns).map(|i| push_share(total, conns, i)).collect();
-    shares.sort_unstable();
-    each.sort_unstable();
-    if each != shares {
-        return Err(format!(
-            "the sink connections received {each:?} bytes, the clients sent {shares:?}"
-        ));
-    }
+    check_shares(each, total, conns)?;
     let gib = total as f64 / (1u64 << 30) as f64;
     let per_gib =
         |a: Option<f64>, b: Option<f64>| a.zip(b).map_or(f64::NAN, |(a, b)| (a - b) / gib);
@@ -358,6 +314,106 @@ pub async fn push(opts: &DemoOptions, source_agent: &Path, conns: usize) -> Demo
     wait_exit(&mut dest, "destination").await?;
     wait_exit(&mut src, "source").await?;
     Ok(report)
+}
+
+/// The sink's reader of each accepted connection; `arrived` holds the sum and each
+/// connection's count. Aborted (with its readers) when the handle drops.
+fn spawn_sink(
+    sink: tokio::net::TcpListener,
+    conns: usize,
+) -> (
+    tokio_util::task::AbortOnDropHandle<()>,
+    tokio::sync::watch::Receiver<(usize, Vec<usize>)>,
+) {
+    use tokio::io::AsyncReadExt;
+    let (arrived_tx, arrived) = tokio::sync::watch::channel((0usize, vec![0usize; conns]));
+    let task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut readers = tokio::task::JoinSet::new();
+        for i in 0..conns {
+            let Ok((mut c, _)) = sink.accept().await else {
+                break;
+            };
+            let arrived = arrived_tx.clone();
+            readers.spawn(async move {
+                let mut buf = vec![0u8; 256 << 10];
+                while let Ok(n @ 1..) = c.read(&mut buf).await {
+                    arrived.send_modify(|(sum, each)| {
+                        *sum += n;
+                        each[i] += n;
+                    });
+                }
+            });
+        }
+        while readers.join_next().await.is_some() {}
+    }));
+    (task, arrived)
+}
+
+/// Each client pushes its share; it is kept open until the sink has everything (closing is
+/// not part of the push).
+fn spawn_writers(
+    clients: Vec<TcpStream>,
+    total: usize,
+) -> tokio::task::JoinSet<std::io::Result<TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let conns = clients.len();
+    let mut writers = tokio::task::JoinSet::new();
+    for (i, mut client) in clients.into_iter().enumerate() {
+        let share = push_share(total, conns, i);
+        writers.spawn(async move {
+            let chunk = vec![0x5au8; 256 << 10];
+            let mut sent = 0;
+            while sent < share {
+                let n = chunk.len().min(share - sent);
+                client.write_all(&chunk[..n]).await?;
+                sent += n;
+            }
+            Ok::<TcpStream, std::io::Error>(client)
+        });
+    }
+    writers
+}
+
+/// Waits for every writer and for the sink to have `total` bytes: 30 s plus a second per
+/// MiB for both. Returns the client connections, still open.
+async fn all_arrived(
+    writers: &mut tokio::task::JoinSet<std::io::Result<TcpStream>>,
+    arrived: &mut tokio::sync::watch::Receiver<(usize, Vec<usize>)>,
+    total: usize,
+) -> DemoResult<Vec<TcpStream>> {
+    let limit = Duration::from_secs(30 + (total >> 20) as u64);
+    let pushed = tokio::time::timeout(limit, async {
+        let mut open = Vec::new();
+        while let Some(r) = writers.join_next().await {
+            open.push(r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
+        }
+        // Ends when everything arrived, or when every sink connection has ended (then short).
+        let _ = arrived.wait_for(|(sum, _)| *sum >= total).await;
+        Ok::<_, String>(open)
+    })
+    .await;
+    match pushed {
+        Ok(r) => r,
+        Err(_) => {
+            let got = arrived.borrow().0;
+            Err(format!(
+                "the sink received {got} of {total} bytes in {limit:?}"
+            ))
+        }
+    }
+}
+
+/// Each connection's bytes arrived on its own connection to the sink.
+fn check_shares(mut each: Vec<usize>, total: usize, conns: usize) -> DemoResult<()> {
+    let mut shares: Vec<usize> = (0..conns).map(|i| push_share(total, conns, i)).collect();
+    shares.sort_unstable();
+    each.sort_unstable();
+    if each != shares {
+        return Err(format!(
+            "the sink connections received {each:?} bytes, the clients sent {shares:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// Connection `i`'s share of a push: shares differ by at most one byte, the first ones take

@@ -266,9 +266,8 @@ async fn transfer(addr: std::net::SocketAddr, bytes: usize, seed: u64) -> R<Stri
     ))
 }
 
-/// The whole flow, each step printed with what was verified.
-pub async fn run(agent_bin: &Path, dir: &Path, bytes: usize) -> R<()> {
-    let mut s = Stack::start(agent_bin, dir).await?;
+/// Steps 1-3: what runs.
+fn announce(s: &mut Stack, dir: &Path) {
     step(
         1,
         &format!(
@@ -291,6 +290,12 @@ pub async fn run(agent_bin: &Path, dir: &Path, bytes: usize) -> R<()> {
             dir.join("agent.toml").display()
         ),
     );
+}
+
+/// The whole flow, each step printed with what was verified.
+pub async fn run(agent_bin: &Path, dir: &Path, bytes: usize) -> R<()> {
+    let mut s = Stack::start(agent_bin, dir).await?;
+    announce(&mut s, dir);
     let (open, took) = s.open().await?;
     let id = open["tunnelId"].as_str().unwrap_or_default().to_owned();
     s.expect("session started").await?;

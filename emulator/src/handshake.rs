@@ -114,29 +114,7 @@ pub fn decide(state: &mut State, req: &Request) -> Result<Accepted, Rejected> {
         )
     })?;
     let token = access_token(req)?;
-    let client_token = match req
-        .headers()
-        .get_all("client-token")
-        .iter()
-        .collect::<Vec<_>>()[..]
-    {
-        [] => None,
-        [one] => match one.to_str() {
-            Ok(ct) if is_valid_client_token(ct) => Some(ct.to_owned()),
-            _ => {
-                return Err(reject(
-                    400,
-                    "Invalid client token: it must match ^[a-zA-Z0-9-]{32,128}$",
-                ));
-            }
-        },
-        _ => {
-            return Err(reject(
-                400,
-                "Invalid client token: more than one client token was provided.",
-            ));
-        }
-    };
+    let client_token = client_token(req)?;
     let (tunnel_id, token_mode, usage) = match state.lookup_token(&token) {
         Some(found) => found,
         None => {
@@ -170,11 +148,7 @@ pub fn decide(state: &mut State, req: &Request) -> Result<Accepted, Rejected> {
         client_token: bound,
     } = usage
     {
-        match (bound, &client_token) {
-            (None, _) => return Err(reject(400, PREVIOUSLY_USED)),
-            (Some(b), Some(c)) if &b == c => {}
-            (Some(_), _) => return Err(reject(400, CLIENT_TOKEN_MISMATCH)),
-        }
+        check_binding(bound.as_deref(), client_token.as_deref())?;
     }
     state.mark_used(&tunnel_id, mode, client_token.clone());
     Ok(Accepted {
@@ -184,6 +158,34 @@ pub fn decide(state: &mut State, req: &Request) -> Result<Accepted, Rejected> {
         token,
         client_token,
     })
+}
+
+/// Rule: at most one `client-token` header, matching `^[a-zA-Z0-9-]{32,128}$`.
+fn client_token(req: &Request) -> Result<Option<String>, Rejected> {
+    let values: Vec<_> = req.headers().get_all("client-token").iter().collect();
+    match values[..] {
+        [] => Ok(None),
+        [one] => match one.to_str() {
+            Ok(ct) if is_valid_client_token(ct) => Ok(Some(ct.to_owned())),
+            _ => Err(reject(
+                400,
+                "Invalid client token: it must match ^[a-zA-Z0-9-]{32,128}$",
+            )),
+        },
+        _ => Err(reject(
+            400,
+            "Invalid client token: more than one client token was provided.",
+        )),
+    }
+}
+
+/// Rule: a token used before reconnects only with the client token it was first used with.
+fn check_binding(bound: Option<&str>, presented: Option<&str>) -> Result<(), Rejected> {
+    match (bound, presented) {
+        (None, _) => Err(reject(400, PREVIOUSLY_USED)),
+        (Some(b), Some(c)) if b == c => Ok(()),
+        (Some(_), _) => Err(reject(400, CLIENT_TOKEN_MISMATCH)),
+    }
 }
 
 #[cfg(test)]
