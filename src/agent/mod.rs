@@ -191,6 +191,10 @@ impl Agent {
                 Effect::Stop(id) => self.stop(id),
                 Effect::Retire(id) => {
                     if let Some(l) = self.live.get(&id) {
+                        debug!(
+                            session = id,
+                            "the new bridge is connected: stopping the old one"
+                        );
                         l.retire.cancel();
                     }
                 }
@@ -391,6 +395,16 @@ impl Agent {
     /// sessions it replaces stop.
     async fn on_connected(&mut self, c: Connected) {
         let effects = self.lifecycle.connected(c.id, c.at, Instant::now());
+        for old in effects.iter().filter_map(|e| match e {
+            Effect::Stop(old) => Some(old),
+            _ => None,
+        }) {
+            debug!(
+                session = old,
+                by = c.id,
+                "the new bridge is connected: stopping the old one"
+            );
+        }
         self.carry_out(effects).await;
         self.write_status();
     }
