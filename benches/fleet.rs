@@ -5,8 +5,8 @@
 //! until every gateway is back.
 //!
 //! A simulation, not a behaviour test: a `harness = false` bench target whose `main` prints
-//! the table (`cargo bench --bench fleet`) and asserts, per fleet size, the bounds the README
-//! and BENCHMARKS.md state. Cargo.toml gives it `test = true`, so `cargo test` (and
+//! the table (`cargo bench --bench fleet`) and asserts, per fleet size, the bounds
+//! docs/performance.md and docs/operations.md state. Cargo.toml gives it `test = true`, so `cargo test` (and
 //! ./test.sh) runs those assertions too.
 
 use std::cmp::Reverse;

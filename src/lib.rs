@@ -10,10 +10,11 @@
 //! - [`cli`], [`signals`]: the command line (`run`, `check-config`, `local-proxy` with the
 //!   reference localproxy's options) and SIGINT/SIGTERM as cancellation.
 //! - [`lookup`]: bounded name lookups of host-name services.
-//! - The agent itself (private): `config` (agent.toml), `notify` (MQTT) and `proxy_front`
-//!   (MQTT through an HTTP proxy), `session` (the tunnel table), `agent` (carries out the
-//!   table's decisions), `persist` and `persist_writer` (session files), `status`
-//!   (status.json, systemd), `upgrade` and `upgrade_trial` (replacing the running binary),
+//! - The agent itself (private): `config` (agent.toml), `mqtt` (notify client and
+//!   subscriptions) and `proxy_front` (MQTT through an HTTP proxy), `tunnels` (the tunnel
+//!   table and lifecycle), `agent` (carries out the lifecycle's effects), `persist` and
+//!   `persist_writer` (session files), `status` (status.json), `systemd` (notify, watchdog),
+//!   `upgrade` and `upgrade_trial` (replacing the running binary),
 //!   `net` (keepalive on long-lived sockets), `sandbox` (can the service's user reach each
 //!   Unix-socket service). ARCHITECTURE.md has the map.
 //!

@@ -419,6 +419,47 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_endpoint_is_a_checked_address_in_brackets() {
+        let parse = |s: &str| LocalEndpoint::parse(s, "127.0.0.1", false);
+        assert_eq!(parse("[::1]:22"), Ok(tcp("::1", 22)));
+        assert_eq!(parse("[fe80::2]:8080"), Ok(tcp("fe80::2", 8080)));
+        assert!(
+            parse("[not-v6]:22")
+                .unwrap_err()
+                .contains("not an IPv6 address")
+        );
+        assert!(parse("::1:22").unwrap_err().contains("[address]:port"));
+        assert!(parse("[::1]22").unwrap_err().contains("[address]:port"));
+        assert!(parse("[::1]:0").is_err());
+        assert_eq!(tcp("::1", 22).to_string(), "[::1]:22");
+        assert_eq!(tcp("10.0.0.2", 22).to_string(), "10.0.0.2:22");
+        let unix = LocalEndpoint::Unix("/run/app.sock".into());
+        assert_eq!(unix.to_string(), "unix:/run/app.sock");
+        for e in [tcp("::1", 22), tcp("10.0.0.2", 22)] {
+            assert_eq!(parse(&e.to_string()), Ok(e));
+        }
+    }
+
+    #[test]
+    fn a_host_endpoint_needs_a_host_and_one_port() {
+        let parse = |s: &str| LocalEndpoint::parse(s, "127.0.0.1", false);
+        assert_eq!(parse(" localhost:80 "), Ok(tcp("localhost", 80)));
+        assert!(parse(":80").is_err());
+        assert!(parse("").unwrap_err().contains("empty"));
+        assert!(parse("host").is_err());
+        assert!(
+            parse("host:http")
+                .unwrap_err()
+                .contains("not a port number")
+        );
+        assert!(parse("0").unwrap_err().contains("port 0"));
+        assert_eq!(
+            LocalEndpoint::parse("0", "127.0.0.1", true),
+            Ok(tcp("127.0.0.1", 0))
+        );
+    }
+
+    #[test]
     fn unnamed_mapping_serves_v1_streams_and_the_only_service() {
         let map = ServiceMap::unnamed(tcp("127.0.0.1", 22));
         let one = vec!["SSH".to_string()];

@@ -87,7 +87,7 @@ pub struct NotifyClient {
 /// Notifications waiting for the agent.
 pub const QUEUE: usize = 16;
 /// Largest incoming MQTT packet: AWS IoT's 128 KiB message limit plus topic and header.
-/// A larger one cannot be read; see `NotifyClient::run` for how it is dropped.
+/// A larger one cannot be read; `connection::Connection::poll_error` and `on_error` drop it by wiping the session.
 pub const MAX_INCOMING_PACKET: usize = 128 * 1024 + 1024;
 /// The agent only sends small packets (CONNECT, SUBSCRIBE, acks).
 const MAX_OUTGOING_PACKET: usize = 16 * 1024;
@@ -99,7 +99,7 @@ const MQTT_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Requests waiting for rumqttc's event loop (subscribes, unsubscribes, acks), sized for the
 /// worst case after a CONNACK: every SUBSCRIBE batch, every remembered unsubscribe, and an
 /// ack for each notify the agent may hold. A request that still finds no room ends the
-/// connection (`NotifyClient::run`): the next CONNACK queues everything again.
+/// connection (`connection::Connection::drop_and_retry`): the next CONNACK queues everything again.
 pub const REQUEST_QUEUE: usize = MAX_UNSUBSCRIBE
     + (crate::config::MAX_DOWNSTREAM_THINGS + 1).div_ceil(FILTERS_PER_SUBSCRIBE)
     + QUEUE

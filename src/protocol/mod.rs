@@ -520,7 +520,9 @@ mod tests {
     fn access_token_must_be_non_empty_bounded_and_printable() {
         assert!(access_token_problem("AQGA").is_none());
         assert!(access_token_problem("").is_some());
-        assert!(access_token_problem(&"a".repeat(4097)).is_some());
+        assert!(access_token_problem(&"a".repeat(MAX_ACCESS_TOKEN)).is_none());
+        assert!(access_token_problem(&"a".repeat(MAX_ACCESS_TOKEN + 1)).is_some());
+        assert_eq!(MAX_ACCESS_TOKEN, 4096);
         assert!(access_token_problem("a\nb").is_some());
     }
 

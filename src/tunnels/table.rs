@@ -521,6 +521,91 @@ mod tests {
         assert_eq!(t.decide(key(&["SSH"]), &a, Instant::now()), Decision::Stale);
     }
 
+    /// Rotates one key through `n` tokens named `{prefix}{i}`, each ending the previous.
+    fn rotate_through(t: &mut SessionTable, k: &TunnelKey, prefix: &str, n: usize) {
+        for i in 0..n {
+            let d = t.decide(
+                k.clone(),
+                &Secret::new(format!("{prefix}{i}")),
+                Instant::now(),
+            );
+            assert!(
+                matches!(d, Decision::Start { .. } | Decision::Rotate { .. }),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_remembers_its_last_16_tokens() {
+        let mut t = table(4, RotationPolicy::Replace);
+        let k = key(&["SSH"]);
+        rotate_through(&mut t, &k, "tok-", REMEMBERED_TOKENS + 1);
+        assert_eq!(REMEMBERED_TOKENS, 16);
+        // tok-0 is the 17th back: forgotten, so it reads as a new token (a rotation).
+        let oldest_kept = Secret::new("tok-1");
+        assert_eq!(
+            t.decide(k.clone(), &oldest_kept, Instant::now()),
+            Decision::Stale
+        );
+        let forgotten = Secret::new("tok-0");
+        assert!(matches!(
+            t.decide(k, &forgotten, Instant::now()),
+            Decision::Rotate { .. }
+        ));
+    }
+
+    #[test]
+    fn the_table_remembers_the_tokens_of_its_last_64_keys() {
+        let mut t = table(4, RotationPolicy::Replace);
+        let keys: Vec<TunnelKey> = (0..=REMEMBERED_KEYS)
+            .map(|i| key(&[&format!("S{i}")]))
+            .collect();
+        for k in &keys {
+            rotate_through(&mut t, k, "old-", 1);
+            let id = t.entries().iter().find(|e| &e.key == k).map(|e| e.id);
+            t.ended(id.unwrap());
+        }
+        assert_eq!(REMEMBERED_KEYS, 64);
+        assert_eq!(t.remembered(), REMEMBERED_KEYS);
+        let old = Secret::new("old-0");
+        assert_eq!(
+            t.decide(keys[1].clone(), &old, Instant::now()),
+            Decision::Stale
+        );
+        assert!(matches!(
+            t.decide(keys[0].clone(), &old, Instant::now()),
+            Decision::Start { .. }
+        ));
+    }
+
+    #[test]
+    fn a_live_keys_tokens_are_never_forgotten_for_other_keys() {
+        let mut t = table(4, RotationPolicy::Replace);
+        let live = key(&["LIVE"]);
+        rotate_through(&mut t, &live, "live-", 2);
+        for i in 0..2 * REMEMBERED_KEYS {
+            let k = key(&[&format!("S{i}")]);
+            rotate_through(&mut t, &k, "x-", 1);
+            let id = t.entries().iter().find(|e| e.key == k).map(|e| e.id);
+            t.ended(id.unwrap());
+        }
+        let replaced = Secret::new("live-0");
+        assert_eq!(t.decide(live, &replaced, Instant::now()), Decision::Stale);
+    }
+
+    #[test]
+    fn a_resumed_session_is_refused_when_its_token_is_already_live() {
+        let mut t = table(4, RotationPolicy::Replace);
+        let tok = Secret::new("AQGA-resumed");
+        let now = Instant::now();
+        assert!(t.resume(key(&["SSH"]), &tok, None, now).is_ok());
+        assert!(t.resume(key(&["SSH"]), &tok, None, now).is_err());
+        assert!(t.resume(key(&["HTTP"]), &tok, None, now).is_ok());
+        assert_eq!(t.entries().len(), 2);
+        assert_eq!(t.decide(key(&["SSH"]), &tok, now), Decision::Duplicate);
+    }
+
     #[test]
     fn remembered_tokens_are_bounded() {
         let mut t = SessionTable::new(100, Duration::from_secs(600), RotationPolicy::Replace);
