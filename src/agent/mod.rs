@@ -98,6 +98,11 @@ struct Inputs {
     housekeeping: Interval,
 }
 
+/// A session's bridge could not start; `file` is its session file, to forget.
+struct NotStarted {
+    file: Option<String>,
+}
+
 impl Agent {
     /// Runs until `cancel` (or an upgrade); then stops every bridge (sockets closed) within
     /// `DRAIN`. Persisted sessions stay on disk for the next start.
@@ -311,7 +316,9 @@ impl Agent {
         };
         let key = TunnelKey::new(&n.thing, &n.region, &n.services);
         let token = n.token.clone();
-        if let Err(file) = self.start_bridge(id, &key, token, client_token, persisted, ends) {
+        if let Err(NotStarted { file: Some(file) }) =
+            self.start_bridge(id, &key, token, client_token, persisted, ends)
+        {
             self.forget(&file).await;
         }
         self.lifecycle.set_replaces(id, replaces);
@@ -362,7 +369,7 @@ impl Agent {
         client_token: Secret,
         persisted: Option<PersistedSession>,
         ends: Ends,
-    ) -> Result<(), String> {
+    ) -> Result<(), NotStarted> {
         let bridge = match Bridge::new(self.bridge_config(key, token, client_token)) {
             Ok(b) => b
                 .with_budget(self.budget.clone())
@@ -370,7 +377,8 @@ impl Agent {
             Err(e) => {
                 warn!(session = id, "cannot start the bridge: {e}");
                 self.lifecycle.table_mut().ended(id);
-                return Err(persisted.map(|p| p.file_id).unwrap_or_default());
+                let file = persisted.map(|p| p.file_id);
+                return Err(NotStarted { file });
             }
         };
         let (cancel, retire) = (CancellationToken::new(), bridge.retire_handle());

@@ -106,3 +106,83 @@ impl Agent {
             .send_replace(self.cfg.things.keys().cloned().collect());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A configuration: `top` goes before the first table, `mqtt` into `[mqtt]`, `rest` after.
+    fn config(top: &str, mqtt: &str, rest: &str) -> Config {
+        let text = format!(
+            "thing_name = \"gw-1\"\n{top}\n[mqtt]\nendpoint = \"a1-ats.iot.eu-west-1.amazonaws.com\"\n\
+             cert = \"/etc/x/cert.pem\"\nkey = \"/etc/x/key.pem\"\n{mqtt}\n{rest}"
+        );
+        crate::config::parse(&text, Path::new("agent.toml")).unwrap()
+    }
+
+    #[test]
+    fn a_reload_names_every_setting_that_waits_for_a_restart_and_only_those() {
+        let base = config("", "", "[services]\nSSH = 22");
+        assert!(restart_only_changes(&base, &base.clone()).is_empty());
+        // The service map and the downstream things are reloaded: not named.
+        let reloadable = config(
+            "",
+            "",
+            "[services]\nSSH = 2222\nHTTP = 80\n[things.PLC-1.services]\nMODBUS = 502",
+        );
+        assert!(restart_only_changes(&base, &reloadable).is_empty());
+        let cases = [
+            (
+                config("", "keep_alive_secs = 60", "[services]\nSSH = 22"),
+                "mqtt",
+            ),
+            (
+                config("", "", "[services]\nSSH = 22\n[limits]\nmax_tunnels = 3"),
+                "limits",
+            ),
+            (
+                config(
+                    "",
+                    "",
+                    "[services]\nSSH = 22\n[rotation]\npolicy = \"parallel\"",
+                ),
+                "rotation",
+            ),
+            (
+                config("state_dir = \"/tmp/elsewhere\"", "", "[services]\nSSH = 22"),
+                "state_dir",
+            ),
+            (
+                config("runtime_dir = \"/tmp/run-x\"", "", "[services]\nSSH = 22"),
+                "runtime_dir",
+            ),
+            (
+                config("upgrade_deadline_minutes = 5.0", "", "[services]\nSSH = 22"),
+                "upgrade_deadline",
+            ),
+            (
+                config(
+                    "",
+                    "",
+                    "[services]\nSSH = 22\n[tunnel]\nstall_timeout_ms = 900",
+                ),
+                "tunnel",
+            ),
+            (
+                config(
+                    "",
+                    "",
+                    "[services]\nSSH = 22\n[proxy]\nurl = \"http://proxy:3128\"",
+                ),
+                "proxy",
+            ),
+        ];
+        for (changed, name) in cases {
+            assert_eq!(restart_only_changes(&base, &changed), vec![name]);
+        }
+        let mut renamed = base.clone();
+        renamed.thing_name = "gw-2".into();
+        assert_eq!(restart_only_changes(&base, &renamed), vec!["thing_name"]);
+    }
+}

@@ -62,6 +62,21 @@ fn open_store(cfg: &Config) -> Option<SessionStore> {
         .ok()
 }
 
+/// Why a persisted session is dropped at start (`Agent::resume_one`).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Dropped {
+    #[error("the thing is no longer configured")]
+    ThingUnconfigured,
+    #[error("its lifetime ended while the agent was down")]
+    LifetimeEnded,
+    #[error("it never connected within 12 h of its notify")]
+    NeverConnected,
+    #[error(transparent)]
+    NotResumed(#[from] crate::tunnels::NotResumed),
+    #[error("its bridge could not start")]
+    BridgeFailed,
+}
+
 impl Agent {
     pub(super) async fn start(cfg: Config, checked: &Checked) -> (Agent, Started) {
         for w in &checked.warnings {
@@ -189,7 +204,7 @@ impl Agent {
     /// within 12 h of its notify. Unknown elapsed time (clock unset or stepped across a
     /// reboot) starts the lifetime again at this connect; the service still enforces the
     /// real one.
-    fn resume_one(&mut self, s: &PersistedSession, now_moment: &Moment) -> Result<(), String> {
+    fn resume_one(&mut self, s: &PersistedSession, now_moment: &Moment) -> Result<(), Dropped> {
         let left = s
             .first_connected
             .as_ref()
@@ -201,17 +216,17 @@ impl Agent {
                     .saturating_sub(elapsed)
             });
         if !self.maps.contains_key(&s.thing) {
-            return Err("the thing is no longer configured".into());
+            return Err(Dropped::ThingUnconfigured);
         }
         if left.is_some_and(|l| l.is_zero()) {
-            return Err("its lifetime ended while the agent was down".into());
+            return Err(Dropped::LifetimeEnded);
         }
         let now = Instant::now();
         let deadline = left.map(|l| now + l);
         // Counted from its notify across restarts; a file without it starts anew.
         let since_notify = s.received.as_ref().and_then(|m| m.since_notify(now_moment));
         let connect_by = match (&s.first_connected, connect_deadline(since_notify, now)) {
-            (None, None) => return Err("it never connected within 12 h of its notify".into()),
+            (None, None) => return Err(Dropped::NeverConnected),
             (_, by) => by.unwrap_or(now),
         };
         let key = TunnelKey::new(&s.thing, &s.region, &s.services);
@@ -224,6 +239,6 @@ impl Agent {
         };
         let (token, client_token) = (s.access_token.clone(), s.client_token.clone());
         self.start_bridge(id, &key, token, client_token, Some(s.clone()), ends)
-            .map_err(|_| "its bridge could not start".to_owned())
+            .map_err(|_| Dropped::BridgeFailed)
     }
 }

@@ -24,7 +24,7 @@ const CONNECTION_MEMORY: u64 = 16 << 10;
 pub fn resource_needs(l: &AgentLimits) -> (u64, u64) {
     let (tunnels, conns) = (l.max_tunnels as u64, l.max_connections_per_tunnel as u64);
     let fds = BASE_FDS + tunnels * (conns + 2);
-    // Queued payloads are copies of their own bytes (`relay::backpressure::remainder_to_queue`); the
+    // Queued payloads are copies of their own bytes (`bridge/local/downward.rs` `remainder_to_queue`); the
     // allocator's size classes can round each up to twice its size. Chunks read from local
     // sockets keep at most twice what they count too (`local::keep_read_buffer`).
     // Each tunnel's reserve (`bridge::TUNNEL_RESERVE`) comes on top of the shared budget,

@@ -214,7 +214,10 @@ impl Connection {
     /// backoff and ask again (a fixed device policy is picked up), as AWS IoT would
     /// disconnect anyway. A downstream thing refused is logged once; the others keep working.
     fn on_suback(&mut self, ack: &SubAck) -> Result<(), String> {
-        let outcome = self.subs.acked(ack.pkid, &ack.return_codes)?;
+        let outcome = self
+            .subs
+            .acked(ack.pkid, &ack.return_codes)
+            .map_err(|e| e.to_string())?;
         let refused = self.subs.refused_things();
         self.state.send_if_modified(|s| {
             let changed = s.refused_things != refused;

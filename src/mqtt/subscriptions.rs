@@ -50,6 +50,15 @@ pub(super) struct SubAcked {
     pub(super) granted: Vec<String>,
 }
 
+/// A SUBACK that does not answer what was sent: the connection is dropped and made again.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(super) enum BadSubAck {
+    #[error("a SUBACK for packet {0}, which no SUBSCRIBE used")]
+    UnknownPacket(u16),
+    #[error("a SUBACK with {codes} codes for a SUBSCRIBE of {filters} filters")]
+    CodeCount { codes: usize, filters: usize },
+}
+
 impl Subscriptions {
     pub(super) fn new(own_thing: &str, own_topic: &str, downstream: &[String]) -> Self {
         let mut s = Subscriptions {
@@ -109,23 +118,20 @@ impl Subscriptions {
         &mut self,
         pkid: u16,
         codes: &[SubscribeReasonCode],
-    ) -> Result<SubAcked, String> {
+    ) -> Result<SubAcked, BadSubAck> {
         let mut out = SubAcked {
             own: None,
             refused: Vec::new(),
             granted: Vec::new(),
         };
         let Some(batch) = self.pending.remove(&pkid) else {
-            return Err(format!(
-                "a SUBACK for packet {pkid}, which no SUBSCRIBE used"
-            ));
+            return Err(BadSubAck::UnknownPacket(pkid));
         };
         if batch.len() != codes.len() {
-            return Err(format!(
-                "a SUBACK with {} codes for a SUBSCRIBE of {} filters",
-                codes.len(),
-                batch.len()
-            ));
+            return Err(BadSubAck::CodeCount {
+                codes: codes.len(),
+                filters: batch.len(),
+            });
         }
         for (topic, code) in batch.iter().zip(codes) {
             let granted = !matches!(code, SubscribeReasonCode::Failure);
@@ -285,8 +291,17 @@ mod tests {
         // A SUBACK that does not answer what was sent is a protocol error.
         subs.queued(vec!["$aws/things/gw/tunnels/notify".into(), "x".into()]);
         subs.sent(10);
-        assert!(subs.acked(10, &[ok]).is_err());
-        assert!(subs.acked(11, &[ok]).is_err());
+        assert_eq!(
+            subs.acked(10, &[ok]).err(),
+            Some(BadSubAck::CodeCount {
+                codes: 1,
+                filters: 2
+            })
+        );
+        assert_eq!(
+            subs.acked(11, &[ok]).err(),
+            Some(BadSubAck::UnknownPacket(11))
+        );
         assert!(policy_statement("PLC-1").contains("topicfilter/$aws/things/PLC-1/tunnels/notify"));
     }
 

@@ -101,7 +101,7 @@ impl Encoder<&Message> for FrameCodec {
 
 /// Turns websocket binary messages into decoded frames. Frames are slices of the message
 /// they came in (or of the reader's own buffer, for a frame spanning messages): whoever keeps
-/// one beyond the message copies it (`relay::backpressure::remainder_to_queue`).
+/// one beyond the message copies it (`bridge/local/downward.rs` `remainder_to_queue`).
 #[derive(Debug, Default)]
 pub struct FrameReader<D = FrameCodec> {
     /// The current message's unread part: its whole frames are sliced out of it, no copy.

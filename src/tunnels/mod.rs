@@ -10,7 +10,9 @@ use std::collections::HashMap;
 
 use tokio::time::Instant;
 
-pub use table::{CONNECT_WITHIN, Decision, Entry, SessionTable, TunnelKey, connect_deadline};
+pub use table::{
+    CONNECT_WITHIN, Decision, Entry, NotResumed, SessionTable, TunnelKey, connect_deadline,
+};
 pub use task::{Connected, Ends, Expiry, SessionExit, SessionTask};
 
 use crate::persist::{Moment, PersistedSession};

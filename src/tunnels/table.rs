@@ -72,15 +72,37 @@ pub enum Decision {
     /// A token this tunnel already replaced: never presented again.
     Stale,
     /// A new session `id`.
-    Start {
-        id: u64,
-    },
+    Start { id: u64 },
     /// Replace session `old` by `id`: connect `id` first, then stop `old`.
-    Rotate {
-        old: u64,
-        id: u64,
+    Rotate { old: u64, id: u64 },
+    /// No room for a new tunnel.
+    Refused(NoRoom),
+}
+
+/// Why a new tunnel does not fit (`SessionTable::room_for`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoRoom {
+    #[error("{live} tunnels are already live (limits.max_tunnels); a live tunnel is never evicted")]
+    Agent { live: usize },
+    #[error("{live} tunnels of thing {thing} are already live (things.{thing}.max_tunnels)")]
+    Thing { thing: String, live: usize },
+    #[error(
+        "the last of limits.max_tunnels ({max}) stays free for the gateway's own thing {own}; give things.{thing}.max_tunnels to share it otherwise"
+    )]
+    KeptForOwnThing {
+        max: usize,
+        own: String,
+        thing: String,
     },
-    Refused(String),
+}
+
+/// Why a persisted session is not resumed into the table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotResumed {
+    #[error("a live session has the same token")]
+    AlreadyLive,
+    #[error(transparent)]
+    NoRoom(#[from] NoRoom),
 }
 
 pub struct SessionTable {
@@ -127,26 +149,24 @@ impl SessionTable {
     /// `max_tunnels` and under its thing's cap; a downstream thing without a cap of its own
     /// also leaves one slot to the gateway's own thing while that has none. The refusal
     /// says which.
-    fn room_for(&self, thing: &str) -> Result<(), String> {
+    fn room_for(&self, thing: &str) -> Result<(), NoRoom> {
         let total = self.entries.len();
         if total >= self.max_tunnels {
-            return Err(format!(
-                "{total} tunnels are already live (limits.max_tunnels); a live tunnel is never evicted"
-            ));
+            return Err(NoRoom::Agent { live: total });
         }
         let live_of = |t: &str| self.entries.iter().filter(|e| e.key.thing == t).count();
         let live = live_of(thing);
-        match (self.thing_caps.get(thing), &self.own_thing) {
-            (Some(&cap), _) if live >= cap => Err(format!(
-                "{live} tunnels of thing {thing} are already live (things.{thing}.max_tunnels)"
-            )),
+        let thing = thing.to_owned();
+        match (self.thing_caps.get(&thing), &self.own_thing) {
+            (Some(&cap), _) if live >= cap => Err(NoRoom::Thing { thing, live }),
             (None, Some(own))
-                if own != thing && live_of(own) == 0 && total + 1 >= self.max_tunnels =>
+                if *own != thing && live_of(own) == 0 && total + 1 >= self.max_tunnels =>
             {
-                Err(format!(
-                    "the last of limits.max_tunnels ({}) stays free for the gateway's own thing {own}; give things.{thing}.max_tunnels to share it otherwise",
-                    self.max_tunnels
-                ))
+                Err(NoRoom::KeptForOwnThing {
+                    max: self.max_tunnels,
+                    own: own.clone(),
+                    thing,
+                })
             }
             _ => Ok(()),
         }
@@ -198,10 +218,10 @@ impl SessionTable {
         token: &Secret,
         deadline: Option<Instant>,
         now: Instant,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, NotResumed> {
         let fp = token.hash();
         if self.entries.iter().any(|e| e.key == key && e.token == fp) {
-            return Err("a live session has the same token".into());
+            return Err(NotResumed::AlreadyLive);
         }
         self.room_for(&key.thing)?;
         let id = self.insert(key.clone(), fp, now);
@@ -309,7 +329,12 @@ mod tests {
         ));
         // A second tunnel of the capped thing is refused by name; a rotation is not new.
         match t.decide(plc("MODBUS"), &Secret::new("b"), now) {
-            Decision::Refused(why) => assert!(why.contains("things.PLC-42.max_tunnels"), "{why}"),
+            Decision::Refused(why) => {
+                assert_eq!(
+                    why.to_string(),
+                    "1 tunnels of thing PLC-42 are already live (things.PLC-42.max_tunnels)"
+                )
+            }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
@@ -326,7 +351,7 @@ mod tests {
             Decision::Start { .. }
         ));
         match t.decide(key(&["WEB"]), &Secret::new("f"), now) {
-            Decision::Refused(why) => assert!(why.contains("limits.max_tunnels"), "{why}"),
+            Decision::Refused(why) => assert_eq!(why, NoRoom::Agent { live: 3 }),
             other => panic!("{other:?}"),
         }
     }
@@ -347,7 +372,10 @@ mod tests {
             Decision::Start { .. }
         ));
         match t.decide(of("PLC", "C"), &Secret::new("3"), now) {
-            Decision::Refused(why) => assert!(why.contains("gateway's own thing gw"), "{why}"),
+            Decision::Refused(why) => {
+                assert!(matches!(&why, NoRoom::KeptForOwnThing { own, .. } if own == "gw"));
+                assert!(why.to_string().contains("gateway's own thing gw"), "{why}");
+            }
             other => panic!("{other:?}"),
         }
         // A thing with a cap of its own may take it; so may the gateway itself.
@@ -465,7 +493,10 @@ mod tests {
         ));
         // So is nothing resumed above it.
         let refused = t.resume(key(&["D"]), &Secret::new("5"), None, Instant::now());
-        assert!(refused.is_err_and(|why| why.contains("limits.max_tunnels")));
+        assert!(matches!(
+            refused,
+            Err(NotResumed::NoRoom(NoRoom::Agent { .. }))
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -600,7 +631,10 @@ mod tests {
         let tok = Secret::new("AQGA-resumed");
         let now = Instant::now();
         assert!(t.resume(key(&["SSH"]), &tok, None, now).is_ok());
-        assert!(t.resume(key(&["SSH"]), &tok, None, now).is_err());
+        assert_eq!(
+            t.resume(key(&["SSH"]), &tok, None, now),
+            Err(NotResumed::AlreadyLive)
+        );
         assert!(t.resume(key(&["HTTP"]), &tok, None, now).is_ok());
         assert_eq!(t.entries().len(), 2);
         assert_eq!(t.decide(key(&["SSH"]), &tok, now), Decision::Duplicate);

@@ -69,6 +69,18 @@ pub async fn open(rig: &Rig, thing: &str, services: &[&str], minutes: u32) -> Tu
     tokens(&r)
 }
 
+/// Opens a 30-minute tunnel to `thing` and waits for the agent's destination to connect;
+/// the tokens and the tunnel id.
+pub async fn open_connected(rig: &Rig, thing: &str, services: &[&str]) -> (TunnelTokens, String) {
+    let t = open(rig, thing, services, 30).await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "agent connects", |e| {
+        e.is_connected(&id, Mode::Destination)
+    })
+    .await;
+    (t, id)
+}
+
 /// Agent for `thing` serving every service in `services` from one echo service.
 pub async fn agent(
     rig: &Rig,

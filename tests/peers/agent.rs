@@ -171,12 +171,7 @@ async fn a_stream_for_a_mapped_service_the_tunnel_was_not_opened_for_reaches_not
     );
     let mut agent = rig.spawn_agent(&rig.agent_config("gw-scope", &map, ""));
     agent.expect("subscribed to tunnel notifications").await;
-    let t = open(&rig, "gw-scope", &["HTTP"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, _) = open_connected(&rig, "gw-scope", &["HTTP"]).await;
     let mut src = RawSource::connect(&rig.emu, &t.source_access_token).await;
 
     src.send(&[

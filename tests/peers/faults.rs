@@ -48,12 +48,7 @@ async fn stage(thing: &str, tunnel_extra: &str, rest: &str) -> Stage {
     );
     let mut agent = rig.spawn_agent(&cfg);
     agent.expect("subscribed to tunnel notifications").await;
-    let t = open(&rig, thing, &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, _) = open_connected(&rig, thing, &["SSH"]).await;
     let (src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     Stage {
         rig,
@@ -337,12 +332,7 @@ async fn local_service_refusing() {
     let cfg = rig.agent_config("f-refuse", &format!("SSH = \"{dead}\""), "");
     let mut agent = rig.spawn_agent(&cfg);
     agent.expect("subscribed to tunnel notifications").await;
-    let t = open(&rig, "f-refuse", &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, _) = open_connected(&rig, "f-refuse", &["SSH"]).await;
     let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     let mut o = Outcome::default();
     for seed in 0..3 {
@@ -374,12 +364,7 @@ async fn slow_local_consumer_beside_a_fast_one() {
     );
     let mut agent = rig.spawn_agent(&cfg);
     agent.expect("subscribed to tunnel notifications").await;
-    let t = open(&rig, "f-slow", &["FAST", "STUCK"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, _) = open_connected(&rig, "f-slow", &["FAST", "STUCK"]).await;
     let (_src, addrs) = ready_source(&rig.emu, &t, "FAST=0,STUCK=0").await;
     let stuck_client = TcpStream::connect(addrs.get("STUCK")).await.unwrap();
     let stuck_task = tokio::spawn(echo_transfer(stuck_client, 16 << 20, 1));
@@ -420,12 +405,7 @@ async fn hundred_connections_with_stalled_consumers() {
     );
     let mut agent = rig.spawn_agent(&cfg);
     agent.expect("subscribed to tunnel notifications").await;
-    let t = open(&rig, "f-100", &["FAST", "STUCK"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, _) = open_connected(&rig, "f-100", &["FAST", "STUCK"]).await;
     // A source with a large budget pushes as fast as it can: the agent must bound what it
     // holds by itself.
     let limits = securetunnel_agent::bridge::Limits {
@@ -503,12 +483,7 @@ async fn flood_of_unmapped_stream_starts() {
     );
     let mut agent = rig.spawn_agent(&cfg);
     agent.expect("subscribed to tunnel notifications").await;
-    let t = open(&rig, "f-unmapped", &["SSH", "FTP"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, "f-unmapped", &["SSH", "FTP"]).await;
     let (src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     const STARTS: i32 = 20_000;
     for batch in 0..STARTS / 5000 {

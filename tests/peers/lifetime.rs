@@ -52,12 +52,7 @@ async fn the_agents_own_max_lifetime_ends_a_session() {
         "[limits]\nmax_lifetime_minutes = 0.05\n",
     )
     .await;
-    let t = open(&rig, "gw-cap", &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, "gw-cap", &["SSH"]).await;
     let line = agent.expect("session ended").await;
     assert!(line.contains("maximum lifetime"), "{line}");
     assert!(!rig.emu.is_closed(&id), "the service had not closed it");

@@ -27,12 +27,7 @@ async fn a_black_holed_websocket_is_dropped_and_reconnected_within_the_idle_time
     );
     let mut agent = rig.spawn_agent(&cfg);
     agent.expect("subscribed to tunnel notifications").await;
-    let t = open(&rig, thing, &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, thing, &["SSH"]).await;
     let tokens = rig.emu.peer_tokens(&id, Mode::Destination).unwrap();
     // The idle timeout applies once the service has answered a ping.
     agent.expect("idle timeout armed").await;

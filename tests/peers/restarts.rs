@@ -18,12 +18,7 @@ fn config_path(rig: &Rig, thing: &str) -> PathBuf {
 async fn restart_rejoins(thing: &str, sigkill: bool) {
     let rig = Rig::start(RigOptions::default()).await;
     let (mut agent, _echo) = agent(&rig, thing, &["SSH"], "").await;
-    let t = open(&rig, thing, &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, thing, &["SSH"]).await;
     let before = rig.emu.peer_tokens(&id, Mode::Destination).unwrap();
     assert_eq!(before.0, t.destination_access_token);
     assert!(before.1.is_some(), "the agent presents a client token");
@@ -94,12 +89,7 @@ async fn a_token_rotated_while_the_agent_was_down_is_dropped_and_the_new_one_ser
     let rig = Rig::start(RigOptions::default()).await;
     let thing = "gw-down";
     let (mut agent, _echo) = agent(&rig, thing, &["SSH"], "").await;
-    let t = open(&rig, thing, &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, thing, &["SSH"]).await;
     let status = agent.terminate().await;
     assert!(status.success());
     // Rotated while the agent is down: the notify waits in the persistent MQTT session.

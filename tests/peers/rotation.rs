@@ -108,12 +108,7 @@ async fn the_agent_follows_a_rotation_when_the_service_cuts_the_old_token_at_onc
     let rig = Rig::start(RigOptions::default()).await;
     rig.emu.set_disconnect_on_rotate(true);
     let (mut agent, _echo) = agent(&rig, "gw-cut", &["SSH"], "").await;
-    let t = open(&rig, "gw-cut", &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, "gw-cut", &["SSH"]).await;
     let r = rotate(&rig, &id, "DESTINATION", "gw-cut").await;
     let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
     until(&rig.emu, "agent reconnects with the new token", |e| {
@@ -146,12 +141,7 @@ async fn the_agent_follows_a_rotation_when_the_service_cuts_the_old_token_at_onc
 async fn a_burst_of_200_rotations_runs_at_most_two_bridges_and_the_last_token_serves() {
     let rig = Rig::start(RigOptions::default()).await;
     let (agent, _echo) = agent(&rig, "gw-burst", &["SSH"], "").await;
-    let t = open(&rig, "gw-burst", &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, "gw-burst", &["SSH"]).await;
     let tokens: Vec<String> = (0..200)
         .map(|_| rig.emu.rotate(&id, Mode::Destination).unwrap())
         .collect();
@@ -291,12 +281,7 @@ async fn a_rotation_connects_the_new_bridge_before_the_old_one_closes() {
     rig.emu.set_replaced_peer(ReplacedPeer::Keep);
     let thing = "gw-overlap";
     let (mut agent, _echo) = agent(&rig, thing, &["SSH"], "").await;
-    let t = open(&rig, thing, &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, thing, &["SSH"]).await;
     let (mut src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     let c = TcpStream::connect(addrs.get("SSH")).await.unwrap();
     let running = tokio::spawn(echo_transfer(c, 32 << 20, 9));
@@ -353,12 +338,7 @@ async fn a_replaced_bridge_dropped_without_a_close_never_presents_its_revoked_to
     rig.emu.set_replaced_peer(ReplacedPeer::Drop);
     let thing = "gw-revoked";
     let (mut agent, _echo) = agent(&rig, thing, &["SSH"], "").await;
-    let t = open(&rig, thing, &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, thing, &["SSH"]).await;
     let r = rotate(&rig, &id, "DESTINATION", thing).await;
     let new_dest = r["destinationAccessToken"].as_str().unwrap().to_owned();
     until(&rig.emu, "agent connects with the new token", |e| {

@@ -77,12 +77,7 @@ async fn the_agent_at_trace_level_logs_no_token_and_no_key() {
     let cfg = rig.agent_config(thing, &format!("SSH = \"{}\"", echo.addr.unwrap()), "");
     let mut agent = rig.spawn_agent_with_args(&cfg, &["-v", "6"]);
     agent.expect("subscribed to tunnel notifications").await;
-    let t = open(&rig, thing, &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, thing, &["SSH"]).await;
     let (mut src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     transfer(&addrs, "SSH", 1).await;
     let r = rotate(&rig, &id, "DESTINATION", thing).await;

@@ -104,12 +104,7 @@ async fn a_replaced_binary_is_re_executed_once_no_local_connection_is_open() {
     let cfg = rig.agent_config(thing, &format!("SSH = \"{}\"", echo.addr.unwrap()), "");
     let mut agent = rig.spawn_agent_program(&install.binary(), &cfg, &[]);
     agent.expect("subscribed to tunnel notifications").await;
-    let t = open(&rig, thing, &["SSH"], 30).await;
-    let id = t.tunnel_id.clone();
-    until(&rig.emu, "agent connects", |e| {
-        e.is_connected(&id, Mode::Destination)
-    })
-    .await;
+    let (t, id) = open_connected(&rig, thing, &["SSH"]).await;
     let tokens = rig.emu.peer_tokens(&id, Mode::Destination).unwrap();
     let (mut src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     let held = live_client(addrs.get("SSH")).await;

@@ -11,14 +11,6 @@ pub fn stalled(written_before: u64, written_now: u64) -> bool {
     written_now.saturating_sub(written_before) < crate::protocol::MAX_PAYLOAD as u64
 }
 
-/// Rule (bounded memory): what is queued toward a local socket is a copy of the bytes that
-/// the socket did not take at once (`ConnHandle::write_through`). A payload is a slice of
-/// its websocket message, which may be tungstenite's read buffer or a reassembled message
-/// twice its size: queued as a slice, a small payload would keep all of that alive.
-pub fn remainder_to_queue(payload: &Bytes, written: usize) -> Bytes {
-    Bytes::copy_from_slice(&payload[written..])
-}
-
 impl Session<'_> {
     /// Backpressure policy: a full connection queue, or a spent byte budget, pauses the
     /// websocket reader (and so the whole tunnel) for at most `stall_timeout`, counted once
@@ -41,34 +33,21 @@ impl Session<'_> {
                 return;
             }
         };
-        let payload = {
-            // The slice of the websocket message goes at the end of this block: only the
-            // copy of what the socket did not take may outlive it.
-            let sliced = msg.payload;
-            let n = sliced.len() as u64;
-            self.stats.bytes_from_tunnel.fetch_add(n, Ordering::Relaxed);
-            let through = handle.write_through(&sliced);
-            if through == sliced.len() {
-                return;
-            }
-            remainder_to_queue(&sliced, through)
+        self.stats
+            .bytes_from_tunnel
+            .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
+        // Only a copy of what the socket did not take outlives the websocket message.
+        let Some(payload) = handle.down().deliver(msg.payload) else {
+            return;
         };
-        let len = payload.len();
-        let budget = self.budget.try_acquire(len as u32);
-        // Count the bytes before the chunk becomes visible to the receiver, which subtracts
-        // them: a slot first, then the count, then the send.
-        let waiting = match budget {
-            Some(permit) => match handle.tx.try_reserve() {
-                Ok(slot) => {
-                    ConnHandle::note_queued(&handle.queued, len, self.stats);
-                    slot.send((payload, permit));
-                    return;
-                }
+        let (payload, waiting) = match self.budget.try_acquire(payload.len() as u32) {
+            Some(permit) => match handle.down().try_queue((payload, permit), self.stats) {
+                Ok(()) => return,
                 // The task is ending; its exit is handled in `on_conn_exit`.
-                Err(TrySendError::Closed(())) => return,
-                Err(TrySendError::Full(())) => Some(permit),
+                Err(TrySendError::Closed(_)) => return,
+                Err(TrySendError::Full((payload, permit))) => (payload, Some(permit)),
             },
-            None => None,
+            None => (payload, None),
         };
         self.stall(payload, waiting, &service, stream, key, cancel)
             .await;
@@ -97,8 +76,8 @@ impl Session<'_> {
             let Some(handle) = self.table.get(service, key) else {
                 return;
             };
-            let (tx, queued, id) = (handle.tx.clone(), handle.queued.clone(), handle.id);
-            let mut connected = handle.connected.clone();
+            let (down, id) = (handle.down().clone(), handle.id());
+            let mut connected = handle.connected();
             let before = self.progress_snapshot();
             let budget = self.budget.clone();
             let acquire = async {
@@ -106,7 +85,7 @@ impl Session<'_> {
                     Some(p) => p,
                     None => budget.acquire(len as u32).await?,
                 };
-                let slot = tx.reserve().await.ok()?;
+                let slot = down.reserve().await?;
                 Some((slot, permit))
             };
             // A connection still connecting is not a stalled consumer, unless it takes
@@ -123,18 +102,16 @@ impl Session<'_> {
                     Err(_) => {}
                 }
             };
-            let gone = tx.clone();
             let waited = tokio::select! {
                 _ = cancel.cancelled() => return,
                 // The task ended (its exit is handled in `on_conn_exit`): nothing to wait for.
-                _ = gone.closed() => return,
+                _ = down.closed() => return,
                 r = acquire => Some(r),
                 _ = deadline => None,
             };
             match waited {
                 Some(Some((slot, permit))) => {
-                    ConnHandle::note_queued(&queued, len, self.stats);
-                    slot.send((payload, permit));
+                    slot.send((payload, permit), self.stats);
                     return;
                 }
                 Some(None) => return,
@@ -143,8 +120,8 @@ impl Session<'_> {
                     let Some(up) = self
                         .table
                         .get(service, key)
-                        .filter(|h| h.id == id)
-                        .map(|h| *h.connected.borrow())
+                        .filter(|h| h.id() == id)
+                        .map(ConnHandle::is_connected)
                     else {
                         return;
                     };
@@ -176,8 +153,8 @@ impl Session<'_> {
     pub(super) fn progress_snapshot(&self) -> Vec<(String, u32, u64, u64)> {
         self.table
             .connections()
-            .filter(|(_, _, h)| h.queued.load(Ordering::Relaxed) > 0 && *h.connected.borrow())
-            .map(|(s, k, h)| (s.to_owned(), k, h.id, h.written.load(Ordering::Relaxed)))
+            .filter(|(_, _, h)| h.down().queued() > 0 && h.is_connected())
+            .map(|(s, k, h)| (s.to_owned(), k, h.id(), h.down().written()))
             .collect()
     }
 
@@ -186,9 +163,7 @@ impl Session<'_> {
         let mut reset = 0;
         for (service, key, id, written) in before {
             let idle = self.table.get(service, *key).is_some_and(|h| {
-                h.id == *id
-                    && stalled(*written, h.written.load(Ordering::Relaxed))
-                    && h.queued.load(Ordering::Relaxed) > 0
+                h.id() == *id && stalled(*written, h.down().written()) && h.down().queued() > 0
             });
             if idle {
                 let stream = self.table.active_stream(service).unwrap_or(0);
@@ -201,10 +176,10 @@ impl Session<'_> {
 
     pub(super) fn reset_stalled(&mut self, service: &str, stream: i32, key: u32, id: u64) {
         let wire = self.table.wire_connection_id(service, key);
-        let Some(handle) = self.table.remove_if(service, key, |h| h.id == id) else {
+        let Some(handle) = self.table.remove_if(service, key, |h| h.id() == id) else {
             return;
         };
-        handle.reset.cancel();
+        handle.reset();
         self.stats.stall_resets.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.stats.logs.admit(Kind::Stall) {
             warn!(
@@ -230,21 +205,5 @@ mod tests {
         assert!(stalled(1000, 1000 + 64511));
         assert!(!stalled(1000, 1000 + 64512));
         assert!(stalled(5, 0), "a counter that went back is no progress");
-    }
-
-    #[test]
-    fn what_is_queued_is_a_copy_of_the_unwritten_rest_of_its_message() {
-        let message = Bytes::from(vec![7u8; 4000]);
-        let inside = message.as_ptr_range();
-        let payload = message.slice(1000..3000);
-        let rest = remainder_to_queue(&payload, 500);
-        assert_eq!(rest, payload.slice(500..));
-        assert!(
-            !inside.contains(&rest.as_ptr()),
-            "a queued slice pins the message"
-        );
-        // Even a rest that is nearly all of its message: the message may be twice its size.
-        let rest = remainder_to_queue(&message, 1);
-        assert!(!inside.contains(&rest.as_ptr()));
     }
 }

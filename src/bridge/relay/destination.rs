@@ -149,46 +149,25 @@ impl Session<'_> {
             self.send(reset);
             return;
         }
-        let (tx, rx) = mpsc::channel(self.limits.queue_depth.max(1));
-        let queued = Arc::new(AtomicUsize::new(0));
-        let written = Arc::new(AtomicU64::new(0));
-        let (closing, reset) = (CancellationToken::new(), CancellationToken::new());
-        let (connected_tx, connected) = tokio::sync::watch::channel(false);
-        let sink = crate::bridge::local::Sink::default();
         self.next_id += 1;
-        let task = ConnTask {
+        let ids = ConnIds {
             id: self.next_id,
             service: service.clone(),
             stream_id: stream,
             conn_id: conn,
             wire_conn: wire,
-            rx,
-            queued: queued.clone(),
-            written: written.clone(),
+        };
+        let shared = ConnShared {
             out: self.out.clone(),
-            closing: closing.clone(),
-            reset: reset.clone(),
-            connected: connected_tx,
-            sink: sink.clone(),
             upward: self.upward.clone(),
             limits: self.limits,
             stats: self.stats.clone(),
             lookups: self.lookups.clone(),
-            open: Arc::new(OpenGuard::new(self.stats.clone(), &service)),
         };
+        let (handle, task) = connection(ids, shared);
         // Inherit the session's span so connection logs carry the tunnel and token.
         self.tasks
             .spawn(task.run(open).instrument(tracing::Span::current()));
-        let handle = ConnHandle {
-            id: self.next_id,
-            tx,
-            queued,
-            written,
-            reset,
-            closing,
-            connected,
-            sink,
-        };
         self.table.insert(&service, conn, handle);
         self.stats
             .connections_opened

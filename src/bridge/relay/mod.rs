@@ -3,7 +3,7 @@
 //! protocol error or cancellation; every local connection of the session ends with it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -18,7 +18,9 @@ use tracing::{Instrument, debug, info, trace, warn};
 
 use std::collections::{HashMap, VecDeque};
 
-use super::local::{ConnExit, ConnHandle, ConnTask, ExitCause, LocalStream, Open, OpenGuard};
+use super::local::{
+    ConnExit, ConnHandle, ConnIds, ConnShared, ExitCause, LocalStream, Open, connection,
+};
 use super::log_rate::Kind;
 use super::source::Accepted;
 use super::streams::{Route, StreamTable};
@@ -464,17 +466,17 @@ impl<'a> Session<'a> {
         let Ok(exit) = exit else {
             return; // aborted by us
         };
-        let ConnExit {
+        let ConnExit { ids, cause } = exit;
+        let ConnIds {
             id,
             service,
             stream_id: stream,
             conn_id: conn,
             wire_conn: wire,
-            cause,
-        } = exit;
+        } = ids;
         if self
             .table
-            .remove_if(&service, conn, |h| h.id == id)
+            .remove_if(&service, conn, |h| h.id() == id)
             .is_none()
         {
             return;
