@@ -3,14 +3,13 @@
 //!
 //! `ws` owns the websocket (handshake, writer), `relay` one websocket session, `streams`
 //! the stream/connection table (no I/O), `local` one local connection, `source` the
-//! listeners of source mode, `record_reads` the read sizes under TLS.
+//! listeners of source mode.
 
 mod budget;
 mod endpoint;
 mod link;
 mod local;
 mod log_rate;
-mod record_reads;
 mod relay;
 mod source;
 mod state;

@@ -223,7 +223,7 @@ async fn connect_inner(p: &HandshakeParams<'_>, req: Request) -> Result<Connecte
                     source: io::Error::new(io::ErrorKind::InvalidInput, e),
                 })?;
             let tls = tokio_rustls::TlsConnector::from(config.clone())
-                .connect(name, super::record_reads::RecordReads::new(tcp))
+                .connect(name, tcp)
                 .await
                 .map_err(|source| HandshakeError::Tls {
                     endpoint: endpoint.clone(),
