@@ -2,7 +2,7 @@
 # The benchmark suite: prints one table. Builds the workspace in release mode and,
 # for the static-build rows, rustup's x86_64 musl target (cross/setup.sh for ARM sizes).
 # Comparing two builds in one run (ratios): bench/compare.sh OLD_BIN NEW_BIN.
-#   bench/run.sh            results go to stdout; paste them into BENCHMARKS.md
+#   bench/run.sh            results go to stdout; the current table is in docs/performance.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "bench: $*" >&2; }

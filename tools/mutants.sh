@@ -27,4 +27,5 @@ RULES=(
 args=()
 for f in "${RULES[@]}"; do args+=(--file "$f"); done
 # Unit tests only: a rule must be pinned by its own test, not by an end-to-end one.
-exec cargo mutants "${args[@]}" --cargo-test-arg=--lib "$@"
+# The mutants profile (Cargo.toml): the agent unoptimised, one quick rebuild per mutant.
+exec cargo mutants "${args[@]}" --profile mutants --cargo-test-arg=--lib "$@"

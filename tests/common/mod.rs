@@ -31,6 +31,27 @@ use tokio_util::sync::CancellationToken;
 /// Safety net so a broken test fails instead of hanging; never used to wait for an event.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Spawns `cmd` with no stdin or stdout, killed on drop, its stderr followed as `label`.
+pub fn spawn_logged(
+    cmd: &mut tokio::process::Command,
+    label: &'static str,
+) -> (
+    tokio::process::Child,
+    securetunnel_emulator::testkit::LogTail,
+) {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = securetunnel_emulator::testkit::LogTail::follow(stderr, label);
+    (child, log)
+}
+
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::DEBUG)

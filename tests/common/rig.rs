@@ -308,19 +308,15 @@ impl Rig {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> AgentProc {
-        let mut child = Command::new(program)
-            .arg("run")
-            .args(args)
-            .arg("--config")
-            .arg(config)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let log = LogTail::follow(child.stderr.take().unwrap(), "agent");
+        let (child, log) = super::spawn_logged(
+            Command::new(program)
+                .arg("run")
+                .args(args)
+                .arg("--config")
+                .arg(config)
+                .envs(env.iter().copied()),
+            "agent",
+        );
         let state_dir = config.with_file_name(format!(
             "state-{}",
             config.file_stem().unwrap().to_string_lossy()

@@ -2,7 +2,6 @@
 //! localproxy options the README lists (`-c DIR`, `-k`, `-b`), exit 0 on SIGINT/SIGTERM, and
 //! HTTPS_PROXY/NO_PROXY through a real proxy (tinyproxy).
 
-use std::process::Stdio;
 
 use crate::common::http_proxy::Tinyproxy;
 use crate::common::*;
@@ -24,23 +23,19 @@ impl Proxy {
 
     /// With `env` set, and no HTTP proxy variables but those given.
     fn spawn_env(emu: &Emulator, token: &str, args: &[&str], env: &[(&str, &str)]) -> Proxy {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
-            .arg("local-proxy")
-            .args(["-e", &emu.endpoint(), "-v", "5"])
-            .args(args)
-            .env_remove("https_proxy")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("no_proxy")
-            .env_remove("NO_PROXY")
-            .envs(env.iter().copied())
-            .env("AWSIOT_TUNNEL_ACCESS_TOKEN", token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let log = LogTail::follow(child.stderr.take().unwrap(), "local-proxy");
+        let (child, log) = spawn_logged(
+            Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
+                .arg("local-proxy")
+                .args(["-e", &emu.endpoint(), "-v", "5"])
+                .args(args)
+                .env_remove("https_proxy")
+                .env_remove("HTTPS_PROXY")
+                .env_remove("no_proxy")
+                .env_remove("NO_PROXY")
+                .envs(env.iter().copied())
+                .env("AWSIOT_TUNNEL_ACCESS_TOKEN", token),
+            "local-proxy",
+        );
         Proxy { child, log }
     }
 

@@ -4,13 +4,12 @@
 //! the device's private key. `./test.sh` runs this with `--all-features`, so the libraries'
 //! own `log` records (tungstenite writes the raw upgrade request) are forwarded too.
 
-use std::process::Stdio;
 
 use crate::common::e2e::*;
 use crate::common::rig::{Rig, RigOptions};
 use crate::common::*;
 use securetunnel_agent::protocol::Mode;
-use securetunnel_emulator::testkit::{LogTail, echo_tcp, echo_transfer};
+use securetunnel_emulator::testkit::{echo_tcp, echo_transfer};
 use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls, PeerEventKind};
 use serde_json::json;
 use tokio::net::TcpStream;
@@ -123,18 +122,13 @@ async fn local_proxy_at_trace_level_logs_no_token() {
     let t = emu.open_tunnel(&["SSH"], std::time::Duration::from_secs(600));
     let echo = echo_tcp("127.0.0.1:0").await.unwrap();
     let spawn = |token: &str, map: &str, mode: &str| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
-            .args(["local-proxy", "-v", "6", "-e", &emu.endpoint(), mode, map])
-            .env("AWSIOT_TUNNEL_ACCESS_TOKEN", token)
-            .env_remove("AWSIOT_TUNNEL_CLIENT_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let log = LogTail::follow(child.stderr.take().unwrap(), "");
-        (child, log)
+        spawn_logged(
+            Command::new(env!("CARGO_BIN_EXE_securetunnel-agent"))
+                .args(["local-proxy", "-v", "6", "-e", &emu.endpoint(), mode, map])
+                .env("AWSIOT_TUNNEL_ACCESS_TOKEN", token)
+                .env_remove("AWSIOT_TUNNEL_CLIENT_TOKEN"),
+            "",
+        )
     };
     let (mut dest, dest_log) = spawn(
         &t.destination_access_token,
