@@ -24,8 +24,12 @@ RULES=(
     src/mqtt/subscriptions.rs
     src/services.rs
 )
+# Files given as --file FILE replace the list.
 args=()
-for f in "${RULES[@]}"; do args+=(--file "$f"); done
+case " $* " in
+    *" --file "*) ;;
+    *) for f in "${RULES[@]}"; do args+=(--file "$f"); done ;;
+esac
 # Unit tests only: a rule must be pinned by its own test, not by an end-to-end one.
 # The mutants profile (Cargo.toml): the agent unoptimised, one quick rebuild per mutant.
 exec cargo mutants "${args[@]}" --profile mutants --cargo-test-arg=--lib "$@"

@@ -7,12 +7,18 @@ use securetunnel_emulator::{Emulator, EmulatorConfig, EmulatorTls};
 use serde_json::{Value, json};
 use tokio::process::Command;
 
+/// The venv with aws-cli and boto3: when it is missing, the whole test binary fails once,
+/// with the one line that says to run ./test.sh, not once per test.
 fn venv_bin(name: &str) -> std::path::PathBuf {
-    testkit::venv_bin(name).unwrap_or_else(|e| panic!("{e}"))
+    testkit::venv_bin(name).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1)
+    })
 }
 
 async fn boto3(emu: &Emulator, op: &str, params: Value) -> Result<Value, testkit::ServiceError> {
     let endpoint = emu.control_endpoint().unwrap();
+    venv_bin("python");
     testkit::boto3(&endpoint, op, params)
         .await
         .unwrap_or_else(|e| panic!("{e}"))

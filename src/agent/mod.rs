@@ -198,7 +198,7 @@ impl Agent {
                     if let Some(l) = self.live.get(&id) {
                         debug!(
                             session = id,
-                            "the new bridge is connected: stopping the old one"
+                            "retiring the replaced bridge: it serves on until its successor connects and never reconnects"
                         );
                         l.retire.cancel();
                     }
@@ -233,10 +233,7 @@ impl Agent {
         let key = TunnelKey::new(&n.thing, &n.region, &n.services);
         // State (status.json) is written before the log line that announces it: whoever
         // follows the log may read the state at once.
-        let decision = self
-            .lifecycle
-            .table_mut()
-            .decide(key, &n.token, Instant::now());
+        let decision = self.lifecycle.decide(key, &n.token, Instant::now());
         match decision {
             Decision::Duplicate => info!(token = %n.token, "duplicate notify ignored (same token)"),
             Decision::Stale => {
@@ -376,7 +373,7 @@ impl Agent {
                 .with_lookups(self.lookups.clone()),
             Err(e) => {
                 warn!(session = id, "cannot start the bridge: {e}");
-                self.lifecycle.table_mut().ended(id);
+                self.lifecycle.abandon(id);
                 let file = persisted.map(|p| p.file_id);
                 return Err(NotStarted { file });
             }

@@ -15,19 +15,34 @@ use crate::systemd;
 /// Rule (reload): the settings that differ between two configurations and take effect
 /// only at a restart (everything but `[services]` and `[things]`), compared by value.
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    // Every field named: a new setting does not compile until it is placed here.
+    let Config {
+        path: _,
+        thing_name,
+        mqtt,
+        tunnel,
+        services: _,
+        limits,
+        rotation,
+        state_dir,
+        runtime_dir,
+        upgrade_deadline,
+        proxy,
+        things: _,
+    } = new;
     [
-        ("thing_name", new.thing_name != old.thing_name),
-        ("mqtt", new.mqtt != old.mqtt),
-        ("tunnel", new.tunnel != old.tunnel),
-        ("limits", new.limits != old.limits),
-        ("rotation", new.rotation != old.rotation),
-        ("state_dir", new.state_dir != old.state_dir),
-        ("runtime_dir", new.runtime_dir != old.runtime_dir),
+        ("thing_name", *thing_name != old.thing_name),
+        ("mqtt", *mqtt != old.mqtt),
+        ("tunnel", *tunnel != old.tunnel),
+        ("limits", *limits != old.limits),
+        ("rotation", *rotation != old.rotation),
+        ("state_dir", *state_dir != old.state_dir),
+        ("runtime_dir", *runtime_dir != old.runtime_dir),
         (
             "upgrade_deadline",
-            new.upgrade_deadline != old.upgrade_deadline,
+            *upgrade_deadline != old.upgrade_deadline,
         ),
-        ("proxy", new.proxy != old.proxy),
+        ("proxy", *proxy != old.proxy),
     ]
     .into_iter()
     .filter_map(|(k, changed)| changed.then_some(k))
@@ -99,9 +114,7 @@ impl Agent {
             }
         }
         self.cfg.things = things;
-        self.lifecycle
-            .table_mut()
-            .set_thing_caps(thing_caps(&self.cfg));
+        self.lifecycle.set_thing_caps(thing_caps(&self.cfg));
         self.downstream_tx
             .send_replace(self.cfg.things.keys().cloned().collect());
     }

@@ -147,18 +147,7 @@ impl Agent {
     ) -> (mpsc::Receiver<Notice>, JoinHandle<()>) {
         let (tx, notifications) = mpsc::channel(mqtt::QUEUE);
         let cfg = &self.cfg;
-        let client = NotifyClient {
-            config: cfg.mqtt.clone(),
-            tls: checked.mqtt_tls.clone(),
-            thing: cfg.thing_name.clone(),
-            topic: cfg.notify_topic(),
-            downstream,
-            proxy: cfg
-                .proxy
-                .as_ref()
-                .and_then(|p| p.for_host(&cfg.mqtt.host))
-                .cloned(),
-        };
+        let client = NotifyClient::new(cfg, checked.mqtt_tls.clone(), downstream);
         let spread = cfg.mqtt.reconnect_spread;
         let task = tokio::spawn(
             client
@@ -230,8 +219,9 @@ impl Agent {
             (_, by) => by.unwrap_or(now),
         };
         let key = TunnelKey::new(&s.thing, &s.region, &s.services);
-        let table = self.lifecycle.table_mut();
-        let id = table.resume(key.clone(), &s.access_token, deadline, now)?;
+        let id = self
+            .lifecycle
+            .resume(key.clone(), &s.access_token, deadline, now)?;
         info!(session = id, region = %s.region, services = ?s.services, token = %s.access_token, "session resumed with its tokens");
         let ends = Ends {
             lifetime: deadline,

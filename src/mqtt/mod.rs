@@ -73,15 +73,15 @@ impl MqttState {
 }
 
 pub struct NotifyClient {
-    pub config: MqttConfig,
-    pub tls: Arc<rustls::ClientConfig>,
+    config: MqttConfig,
+    tls: Arc<rustls::ClientConfig>,
     /// The gateway's own thing, and its notify topic.
-    pub thing: String,
-    pub topic: String,
+    thing: String,
+    topic: String,
     /// The downstream things whose notify topics it also follows (changes on SIGHUP).
-    pub downstream: watch::Receiver<Vec<String>>,
+    downstream: watch::Receiver<Vec<String>>,
     /// HTTP proxy to the broker (`[proxy]`, unless `no_proxy` names it).
-    pub proxy: Option<crate::proxy::HttpProxy>,
+    proxy: Option<crate::proxy::HttpProxy>,
 }
 
 /// Notifications waiting for the agent.
@@ -134,6 +134,24 @@ fn describe(e: &ConnectionError, front: Option<&ProxyFront>) -> String {
 }
 
 impl NotifyClient {
+    /// The client of `cfg`'s thing, its broker reached with `tls`; `downstream` names the
+    /// downstream things to follow as they change.
+    pub fn new(
+        cfg: &crate::config::Config,
+        tls: Arc<rustls::ClientConfig>,
+        downstream: watch::Receiver<Vec<String>>,
+    ) -> Self {
+        let proxy = cfg.proxy.as_ref();
+        NotifyClient {
+            config: cfg.mqtt.clone(),
+            tls,
+            thing: cfg.thing_name.clone(),
+            topic: cfg.notify_topic(),
+            downstream,
+            proxy: proxy.and_then(|p| p.for_host(&cfg.mqtt.host)).cloned(),
+        }
+    }
+
     /// Runs until `cancel`; valid notifications go to `out`, refusals are logged here.
     pub async fn run(
         self,

@@ -16,6 +16,7 @@ pub use table::{
 pub use task::{Connected, Ends, Expiry, SessionExit, SessionTask};
 
 use crate::persist::{Moment, PersistedSession};
+use crate::secret::Secret;
 
 /// What the agent does for the lifecycle.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,8 +61,31 @@ impl Lifecycle {
         &self.table
     }
 
-    pub fn table_mut(&mut self) -> &mut SessionTable {
-        &mut self.table
+    /// What a notify's token means for its tunnel (`SessionTable::decide`).
+    pub fn decide(&mut self, key: TunnelKey, token: &Secret, now: Instant) -> Decision {
+        self.table.decide(key, token, now)
+    }
+
+    /// A persisted session rejoins the table (`SessionTable::resume`).
+    pub fn resume(
+        &mut self,
+        key: TunnelKey,
+        token: &Secret,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<u64, NotResumed> {
+        self.table.resume(key, token, deadline, now)
+    }
+
+    /// Session `id` got no bridge: it leaves the table.
+    pub fn abandon(&mut self, id: u64) {
+        self.table.ended(id);
+        self.tracked.remove(&id);
+    }
+
+    /// The per-thing caps (`things.<name>.max_tunnels`), replacing the previous ones.
+    pub fn set_thing_caps(&mut self, caps: HashMap<String, usize>) {
+        self.table.set_thing_caps(caps);
     }
 
     /// Session `id` has a bridge; `replaces` are stopped once it connects.

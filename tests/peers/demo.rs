@@ -16,7 +16,7 @@ async fn the_headline_demo_opens_rotates_and_closes_a_tunnel_and_the_agent_exits
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_local_proxy_demo_moves_data_between_two_peerses_and_both_exit_cleanly() {
+async fn the_local_proxy_demo_moves_data_between_two_agent_processes_and_both_exit_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let opts = DemoOptions {
         agent: env!("CARGO_BIN_EXE_securetunnel-agent").into(),

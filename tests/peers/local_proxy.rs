@@ -2,7 +2,6 @@
 //! localproxy options the README lists (`-c DIR`, `-k`, `-b`), exit 0 on SIGINT/SIGTERM, and
 //! HTTPS_PROXY/NO_PROXY through a real proxy (tinyproxy).
 
-
 use crate::common::http_proxy::Tinyproxy;
 use crate::common::*;
 use securetunnel_agent::protocol::{Format, Mode};

@@ -4,7 +4,6 @@
 //! the device's private key. `./test.sh` runs this with `--all-features`, so the libraries'
 //! own `log` records (tungstenite writes the raw upgrade request) are forwarded too.
 
-
 use crate::common::e2e::*;
 use crate::common::rig::{Rig, RigOptions};
 use crate::common::*;
