@@ -11,7 +11,9 @@ use tokio::process::Command;
 /// with the one line that says to run ./test.sh, not once per test.
 fn venv_bin(name: &str) -> std::path::PathBuf {
     testkit::venv_bin(name).unwrap_or_else(|e| {
-        eprintln!("{e}");
+        // Straight to stderr: the harness captures eprintln! and the exit would lose it.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "control_plane: {e}");
         std::process::exit(1)
     })
 }
