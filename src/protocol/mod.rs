@@ -527,6 +527,20 @@ mod tests {
     }
 
     #[test]
+    fn a_reassembled_message_holds_several_of_the_largest_frames_within_1_mib() {
+        assert!(MAX_WS_MESSAGE >= 2 * MAX_WS_FRAME);
+        assert!(MAX_WS_MESSAGE <= 1 << 20);
+    }
+
+    #[test]
+    fn a_mode_is_shown_as_the_services_mode_name() {
+        // The handshake's `local-proxy-mode` and the status file use these words.
+        assert_eq!(Mode::Source.to_string(), "source");
+        assert_eq!(Mode::Destination.to_string(), "destination");
+        assert_eq!(Mode::Source.peer(), Mode::Destination);
+    }
+
+    #[test]
     fn connection_id_zero_is_read_as_one() {
         assert_eq!(connection_key(0), 1);
         assert_eq!(connection_key(1), 1);

@@ -95,6 +95,17 @@ fn running_binary(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// The agent tried the new binary and re-executed it: same process, new program.
+async fn re_executed(agent: &mut crate::common::rig::AgentProc, pid: u32, binary: &Path) {
+    agent
+        .expect("the new binary was ready in its trial run: re-executing it")
+        .await;
+    agent.expect("agent started").await;
+    assert_eq!(agent.pid(), pid, "same process");
+    let running = running_binary(pid);
+    assert_eq!(running, binary.display().to_string(), "the new binary runs");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_binary_is_re_executed_once_no_local_connection_is_open() {
     let install = Install::from_env();
@@ -129,16 +140,7 @@ async fn a_replaced_binary_is_re_executed_once_no_local_connection_is_open() {
 
     // echo_transfer closed the connection: now the agent tries the new binary, then
     // re-executes it.
-    agent
-        .expect("the new binary was ready in its trial run: re-executing it")
-        .await;
-    agent.expect("agent started").await;
-    assert_eq!(agent.pid(), pid, "same process");
-    assert_eq!(
-        running_binary(pid),
-        install.binary().display().to_string(),
-        "the new binary runs"
-    );
+    re_executed(&mut agent, pid, &install.binary()).await;
     agent.expect("session resumed with its tokens").await;
     // The trial run may have connected it once too, before it was stopped.
     until(&rig.emu, "the tunnel is connected again", |e| {
@@ -331,15 +333,7 @@ async fn an_open_connection_holds_an_upgrade_off_only_until_its_deadline() {
     let status = agent.status();
     assert!(status["upgrade_pending_since"].is_u64(), "{status}");
     agent.expect("the upgrade waited its deadline").await;
-    agent
-        .expect("the new binary was ready in its trial run: re-executing it")
-        .await;
-    agent.expect("agent started").await;
-    assert_eq!(agent.pid(), pid, "same process");
-    assert_eq!(
-        running_binary(pid),
-        installed.binary().display().to_string()
-    );
+    re_executed(&mut agent, pid, &installed.binary()).await;
 }
 
 /// A broken new version rolls back by itself: a binary that passes check-config but exits 1
