@@ -419,6 +419,17 @@ mod tests {
     }
 
     #[test]
+    fn a_map_built_in_code_resolves_each_service_it_was_given() {
+        let map = ServiceMap::default()
+            .with("SSH", tcp("127.0.0.1", 22))
+            .with("HTTP", tcp("::1", 80));
+        let t: Vec<String> = vec![];
+        assert_eq!(map.resolve("SSH", &t), Some(&tcp("127.0.0.1", 22)));
+        assert_eq!(map.resolve("HTTP", &t), Some(&tcp("::1", 80)));
+        assert_eq!(map.named().count(), 2);
+    }
+
+    #[test]
     fn an_ipv6_endpoint_is_a_checked_address_in_brackets() {
         let parse = |s: &str| LocalEndpoint::parse(s, "127.0.0.1", false);
         assert_eq!(parse("[::1]:22"), Ok(tcp("::1", 22)));

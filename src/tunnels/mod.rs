@@ -246,6 +246,38 @@ mod tests {
     }
 
     #[test]
+    fn a_successor_stops_what_it_was_set_to_replace_once_connected() {
+        let mut lc = lifecycle();
+        lc.started(2, "gw", None, Vec::new());
+        lc.set_replaces(2, vec![1]);
+        let effects = lc.connected(2, Moment::now(), Instant::now());
+        assert_eq!(effects, [Effect::Stop(1)]);
+    }
+
+    #[test]
+    fn an_ended_session_leaves_the_table_and_its_file_goes_unless_it_was_replaced() {
+        let mut lc = lifecycle();
+        let key = TunnelKey::new("gw", "eu-west-1", &["SSH".to_owned()]);
+        let now = Instant::now();
+        let Decision::Start { id } = lc.decide(key.clone(), &Secret::new("a"), now) else {
+            panic!("a first notify starts a session");
+        };
+        lc.started(id, "gw", file("f1"), Vec::new());
+        let (entry, effects) = lc.ended(id).expect("still the tunnel's session");
+        assert_eq!((entry.id, effects), (id, vec![Effect::Forget("f1".into())]));
+        assert!(lc.table().entries().is_empty());
+        // A replaced session is no longer the tunnel's: nothing to report.
+        let Decision::Start { id: old } = lc.decide(key.clone(), &Secret::new("b"), now) else {
+            panic!("the key is free again");
+        };
+        let Decision::Rotate { id: new, .. } = lc.decide(key, &Secret::new("c"), now) else {
+            panic!("a new token rotates");
+        };
+        assert!(lc.ended(old).is_none());
+        assert_eq!(lc.table().entries()[0].id, new);
+    }
+
+    #[test]
     fn a_removed_thing_stops_every_bridge_of_it_and_no_other() {
         let mut lc = lifecycle();
         lc.started(1, "plc", None, Vec::new());
