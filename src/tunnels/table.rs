@@ -675,6 +675,8 @@ mod tests {
     #[test]
     fn lifetime_is_capped_at_the_services_12_hours() {
         let t = SessionTable::new(1, Duration::from_secs(24 * 3600), RotationPolicy::Replace);
-        assert_eq!(t.max_lifetime, SERVICE_MAX_LIFETIME);
+        assert_eq!(t.max_lifetime(), SERVICE_MAX_LIFETIME);
+        let shorter = SessionTable::new(1, Duration::from_secs(3600), RotationPolicy::Replace);
+        assert_eq!(shorter.max_lifetime(), Duration::from_secs(3600));
     }
 }
