@@ -19,7 +19,8 @@ enum Op {
         Box<PersistedSession>,
         Option<oneshot::Sender<io::Result<()>>>,
     ),
-    Remove(String),
+    /// Answered once the file is gone (or could not be removed).
+    Remove(String, oneshot::Sender<()>),
     SweepRejected,
     /// Answered once everything asked before it is done.
     Flush(oneshot::Sender<()>),
@@ -58,9 +59,13 @@ impl PersistWriter {
         self.send(Op::Save(Box::new(s), None)).await;
     }
 
-    /// Removes a session's file (the session ended); a failure is logged.
+    /// Removes a session's file (the session ended) and returns once it is gone, so what
+    /// follows (the "session ended" line) may be trusted by whoever reads the directory; a
+    /// failure is logged.
     pub async fn remove(&self, file_id: &str) {
-        self.send(Op::Remove(file_id.to_owned())).await;
+        let (done, removed) = oneshot::channel();
+        self.send(Op::Remove(file_id.to_owned(), done)).await;
+        let _ = removed.await;
     }
 
     /// Removes files moved aside 12 h ago or more.
@@ -97,10 +102,11 @@ fn run(store: &SessionStore, op: Op) {
                 }
             }
         }
-        Op::Remove(id) => {
+        Op::Remove(id, done) => {
             if let Err(e) = store.remove(&id) {
                 warn!("cannot remove a persisted session: {e}");
             }
+            let _ = done.send(());
         }
         Op::Flush(done) => {
             let _ = done.send(());
