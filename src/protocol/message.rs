@@ -132,6 +132,20 @@ mod tests {
     use prost::Message as _;
 
     #[test]
+    fn control_constructors_carry_their_type_and_ids() {
+        let c = super::Message::connection_start(3, "SSH", 7);
+        assert_eq!(c.kind(), Some(MessageType::ConnectionStart));
+        assert_eq!(
+            (c.stream_id, c.service_id.as_str(), c.connection_id),
+            (3, "SSH", 7)
+        );
+        let ids = vec!["SSH".to_owned(), "HTTP".to_owned()];
+        let s = super::Message::service_ids(&ids);
+        assert_eq!(s.kind(), Some(MessageType::ServiceIds));
+        assert_eq!(s.available_service_ids, ids);
+    }
+
+    #[test]
     fn stream_start_encodes_like_the_protocol_guide_example() {
         // docs/protocol.md §2.2: STREAM_START {streamId 1, serviceId "ssh1", connectionId 1}.
         let bytes = Message::stream_start(1, "ssh1", 1).encode_to_vec();
