@@ -173,6 +173,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn mqtt_counts_failed_attempts_until_a_connection_stays_up() {
+        let mut m = MqttReconnect::with_rng(BASE, CAP, Duration::ZERO, fastrand::Rng::with_seed(5));
+        let now = Instant::now();
+        assert_eq!(m.failures(), 0);
+        m.next_delay(now, None);
+        m.next_delay(now, Some(Duration::from_secs(2)));
+        assert_eq!(
+            m.failures(),
+            2,
+            "a short-lived connection counts as a failure"
+        );
+        m.next_delay(now, Some(STABLE_AFTER));
+        assert_eq!(m.failures(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn mqtt_never_connects_twice_within_a_second() {
         let mut m = MqttReconnect::with_rng(
             Duration::from_millis(1),

@@ -118,6 +118,16 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_quotes_the_first_64_characters_of_the_bad_value() {
+        let long = format!("{}{}", "r".repeat(64), "TAIL");
+        let refusal = parse("gw", &notify("destination", "AQGA", &long, r#"["SSH"]"#));
+        match refusal {
+            Err(Refusal::Region(shown)) => assert_eq!(shown, "r".repeat(64)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn each_invalid_notify_is_refused_with_its_reason() {
         type Case = (Vec<u8>, fn(&Refusal) -> bool);
         let cases: Vec<Case> = vec![
