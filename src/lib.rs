@@ -27,6 +27,7 @@ pub mod backoff;
 pub mod bridge;
 pub mod cli;
 mod config;
+mod doctor;
 #[cfg(fuzzing)]
 #[allow(missing_docs)]
 pub mod fuzzing;

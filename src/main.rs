@@ -52,6 +52,11 @@ fn main() -> ExitCode {
             Command::Run => cli::run_agent(&args.config, cancel).await,
             Command::CheckConfig { .. } | Command::Status { .. } => ExitCode::SUCCESS,
             Command::LocalProxy(a) => cli::local_proxy(*a, cancel).await,
+            Command::Doctor {
+                regions,
+                client_id,
+                json,
+            } => cli::doctor(&args.config, regions, client_id, json).await,
         }
     })
 }

@@ -366,6 +366,26 @@ impl SessionStore {
         (sessions, warnings)
     }
 
+    /// The regions of the sessions in `state_dir`, read without changing anything (no
+    /// directory made, no file moved aside): what `doctor` checks by default.
+    pub fn regions(state_dir: &Path) -> Vec<String> {
+        let dir = state_dir.join("sessions");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut regions: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|name| {
+                let id = name.strip_suffix(SUFFIX)?;
+                read_session(&dir.join(&name), id).ok().map(|s| s.region)
+            })
+            .collect();
+        regions.sort();
+        regions.dedup();
+        regions
+    }
+
     /// Removes the files moved aside more than `REJECTED_KEPT` ago (by their change time,
     /// which a rename sets); returns how many. Called at start and hourly.
     pub fn sweep_rejected(&self, now: SystemTime) -> usize {
@@ -532,6 +552,27 @@ mod tests {
         store.remove(&s.file_id).unwrap();
         assert!(store.load().0.is_empty());
         store.remove(&s.file_id).unwrap();
+    }
+
+    #[test]
+    fn regions_are_read_without_touching_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(SessionStore::regions(dir.path()).is_empty());
+        assert!(!dir.path().join("sessions").exists(), "nothing made");
+        let store = SessionStore::open(dir.path()).unwrap();
+        for region in ["eu-west-1", "us-east-1", "eu-west-1"] {
+            let mut s = session(&SessionStore::new_id());
+            s.region = region.into();
+            store.save(&s).unwrap();
+        }
+        let junk = dir.path().join("sessions").join("junk.session.json");
+        fs::write(&junk, "{").unwrap();
+        fs::set_permissions(&junk, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            SessionStore::regions(dir.path()),
+            ["eu-west-1", "us-east-1"]
+        );
+        assert!(junk.exists(), "an unusable file stays where it is");
     }
 
     #[test]

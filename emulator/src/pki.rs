@@ -67,6 +67,16 @@ impl TestPki {
         self.issue(params)
     }
 
+    /// A client certificate for `cn` that expired at the end of 2021.
+    pub fn expired_client(&self, cn: &str) -> Result<Issued, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = rcgen::date_time_ymd(2021, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2022, 1, 1);
+        self.issue(params)
+    }
+
     fn issue(&self, params: CertificateParams) -> Result<Issued, rcgen::Error> {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.ca)?;

@@ -40,7 +40,7 @@ pub use source::SourceListeners;
 pub use state::{Phase, State, Stats};
 #[cfg(fuzzing)]
 pub(crate) use ws::handshake_against;
-pub use ws::{DataEndpoint, HandshakeError, Io, request_size, ws_config};
+pub use ws::{DataEndpoint, HandshakeError, Io, Probe, probe, request_size, ws_config};
 
 /// Timeouts, bounds and retry policies of a bridge, in one place.
 #[derive(Clone, Copy, Debug)]

@@ -213,37 +213,95 @@ pub async fn connect(p: &HandshakeParams<'_>) -> Result<Connected, HandshakeErro
 }
 
 async fn connect_inner(p: &HandshakeParams<'_>, req: Request) -> Result<Connected, HandshakeError> {
-    let endpoint = p.endpoint.to_string();
-    let tcp = connect_tcp(p.endpoint, &endpoint).await?;
-    let io: Box<dyn Io> = match (p.endpoint.tls, p.tls) {
-        (true, Some(config)) => {
-            let name =
-                ServerName::try_from(p.endpoint.host.clone()).map_err(|e| HandshakeError::Tls {
-                    endpoint: endpoint.clone(),
-                    source: io::Error::new(io::ErrorKind::InvalidInput, e),
-                })?;
-            let tls = tokio_rustls::TlsConnector::from(config.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|source| HandshakeError::Tls {
-                    endpoint: endpoint.clone(),
-                    source,
-                })?;
-            Box::new(tls)
-        }
-        (true, None) => {
-            return Err(HandshakeError::Tls {
-                endpoint,
-                source: io::Error::other("no TLS configuration given for a wss endpoint"),
-            });
-        }
-        (false, _) => Box::new(tcp),
-    };
+    let io = transport(p.endpoint, p.tls).await?;
     let (ws, response) = tokio_tungstenite::client_async_with_config(req, io, Some(ws_config()))
         .await
         .map_err(map_ws_error)?;
     let channel_id = check_upgrade_response(&response)?;
     Ok(Connected { ws, channel_id })
+}
+
+/// TCP, then TLS unless the endpoint is plain.
+async fn transport(
+    endpoint: &DataEndpoint,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Box<dyn Io>, HandshakeError> {
+    let name = endpoint.to_string();
+    let tcp = connect_tcp(endpoint, &name).await?;
+    match (endpoint.tls, tls) {
+        (true, Some(config)) => {
+            let server =
+                ServerName::try_from(endpoint.host.clone()).map_err(|e| HandshakeError::Tls {
+                    endpoint: name.clone(),
+                    source: io::Error::new(io::ErrorKind::InvalidInput, e),
+                })?;
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(server, tcp)
+                .await
+                .map_err(|source| HandshakeError::Tls {
+                    endpoint: name,
+                    source,
+                })?;
+            Ok(Box::new(tls))
+        }
+        (true, None) => Err(HandshakeError::Tls {
+            endpoint: name,
+            source: io::Error::other("no TLS configuration given for a wss endpoint"),
+        }),
+        (false, _) => Ok(Box::new(tcp)),
+    }
+}
+
+/// The service's answer to an upgrade that carries no token (`doctor`'s path check).
+#[derive(Debug)]
+pub struct Probe {
+    /// 101 if it upgraded anyway; the refusal's status otherwise.
+    pub status: u16,
+    /// The refusal's reason, at most `MAX_REASON` bytes of it.
+    pub body: String,
+    /// The answer's `Date` header: the service's clock.
+    pub date: Option<String>,
+}
+
+/// An upgrade without a token through the same TCP, proxy and TLS as a bridge: any HTTP
+/// answer proves the path to the service is open.
+pub async fn probe(
+    endpoint: &DataEndpoint,
+    tls: &Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<Probe, HandshakeError> {
+    let mut req = endpoint
+        .url(Mode::Destination)
+        .into_client_request()
+        .map_err(HandshakeError::Websocket)?;
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static(SUBPROTOCOL_V3),
+    );
+    let exchange = async {
+        let io = transport(endpoint, Some(tls)).await?;
+        let date = |h: &tungstenite::http::HeaderMap| {
+            h.get("date")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        match tokio_tungstenite::client_async_with_config(req, io, Some(ws_config())).await {
+            Ok((_, resp)) => Ok(Probe {
+                status: resp.status().as_u16(),
+                body: String::new(),
+                date: date(resp.headers()),
+            }),
+            Err(tungstenite::Error::Http(resp)) => Ok(Probe {
+                status: resp.status().as_u16(),
+                body: resp.body().as_deref().map(reason_text).unwrap_or_default(),
+                date: date(resp.headers()),
+            }),
+            Err(e) => Err(map_ws_error(e)),
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| HandshakeError::Timeout(timeout))?
 }
 
 /// Rule (docs/protocol.md §1.2): a 101 counts only with the offered subprotocol echoed; the

@@ -50,6 +50,22 @@ pub enum Command {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Check online what stands between this gateway and a working tunnel: configuration,
+    /// name and TCP (or proxy), TLS, MQTT connect and subscribe, the data plane. Exit 0 when
+    /// all pass, 1 when a check failed, 2 for a configuration error.
+    Doctor {
+        /// A data-plane region to check (repeatable; default: the regions of live or
+        /// persisted sessions, else the MQTT endpoint's).
+        #[arg(long = "region", value_name = "REGION")]
+        regions: Vec<String>,
+        /// Connect to MQTT with this client id (one the policy allows) instead of asking
+        /// the running agent: a second connection with the agent's id would disconnect it.
+        #[arg(long, value_name = "ID")]
+        client_id: Option<String>,
+        /// The checklist as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the running agent's MQTT state and tunnels, live (exit 3 when it is not running).
     Status {
         /// The snapshot as JSON (the fields of status.json, current).
@@ -120,6 +136,21 @@ pub fn status(path: &std::path::Path, json: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `doctor`: the online checklist (`crate::doctor`).
+pub async fn doctor(
+    path: &std::path::Path,
+    regions: Vec<String>,
+    client_id: Option<String>,
+    json: bool,
+) -> ExitCode {
+    let opts = crate::doctor::Options {
+        regions,
+        client_id,
+        json,
+    };
+    crate::doctor::run(path, &opts).await
 }
 
 /// `run`: the agent until SIGINT/SIGTERM.

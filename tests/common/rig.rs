@@ -40,16 +40,39 @@ pub struct Files {
 }
 
 impl Files {
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
     }
 
+    /// A fresh CA with a server certificate for loopback and the admin's identity, written
+    /// under `dir`.
+    pub fn new(dir: &Path) -> Files {
+        let pki = TestPki::new("rig CA").unwrap();
+        let ca_pem = pki.ca_pem();
+        Files {
+            dir: dir.to_owned(),
+            ca: Files::write(dir, "ca.crt", &ca_pem),
+            server: pki.server(&[]).unwrap(),
+            admin: pki.client(ADMIN).unwrap(),
+            ca_pem,
+            pki,
+        }
+    }
+
     /// Certificate and key of a thing, written as `<thing>.crt` / `<thing>.key` (0600).
     pub fn thing(&self, thing: &str) -> (PathBuf, PathBuf) {
+        self.identity(thing, &self.pki.client(thing).unwrap())
+    }
+
+    /// A thing's certificate that expired in 2021, written like `thing`.
+    pub fn expired_thing(&self, thing: &str) -> (PathBuf, PathBuf) {
+        self.identity(thing, &self.pki.expired_client(thing).unwrap())
+    }
+
+    fn identity(&self, thing: &str, id: &Issued) -> (PathBuf, PathBuf) {
         use std::os::unix::fs::PermissionsExt;
-        let id = self.pki.client(thing).unwrap();
         let cert = Self::write(&self.dir, &format!("{thing}.crt"), &id.cert_pem);
         let key = Self::write(&self.dir, &format!("{thing}.key"), &id.key_pem);
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -66,9 +89,6 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub async fn start(files: &Files, extra_acl: &str) -> Mosquitto {
-        require_system_peers();
-        let server_crt = Files::write(&files.dir, "server.crt", &files.server.cert_pem);
-        let server_key = Files::write(&files.dir, "server.key", &files.server.key_pem);
         let acl = Files::write(
             &files.dir,
             "acl",
@@ -76,6 +96,27 @@ impl Mosquitto {
                 "pattern read $aws/things/%u/tunnels/notify\nuser {ADMIN}\ntopic write $aws/things/+/tunnels/notify\n{extra_acl}\n"
             ),
         );
+        Self::start_with(files, &format!("acl_file {}\n", acl.display())).await
+    }
+
+    /// With the dynamic-security plugin as the policy (`dynsec` is its JSON file's text):
+    /// like AWS IoT, it answers a SUBSCRIBE its roles do not allow with 0x80. `extra`: more
+    /// configuration lines.
+    pub async fn start_dynsec(files: &Files, dynsec: &str, extra: &str) -> Mosquitto {
+        let json = Files::write(&files.dir, "dynsec.json", dynsec);
+        let plugin = super::system::mosquitto_dynsec_plugin();
+        let policy = format!(
+            "plugin {}\nplugin_opt_config_file {}\n{extra}\n",
+            plugin.display(),
+            json.display()
+        );
+        Self::start_with(files, &policy).await
+    }
+
+    async fn start_with(files: &Files, policy: &str) -> Mosquitto {
+        require_system_peers();
+        let server_crt = Files::write(&files.dir, "server.crt", &files.server.cert_pem);
+        let server_key = Files::write(&files.dir, "server.key", &files.server.key_pem);
         // A free port can be taken between the probe and mosquitto's bind: retry then.
         for _ in 0..5 {
             let port = free_port().unwrap();
@@ -86,11 +127,10 @@ impl Mosquitto {
                     "per_listener_settings false\npersistence false\nlog_dest stderr\nlog_type all\nuser root\n\
                      listener {port} 127.0.0.1\nprotocol mqtt\ncafile {}\ncertfile {}\nkeyfile {}\n\
                      require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.2\n\
-                     allow_anonymous false\nacl_file {}\n",
+                     allow_anonymous false\n{policy}",
                     files.ca.display(),
                     server_crt.display(),
                     server_key.display(),
-                    acl.display()
                 ),
             );
             let mut m = Mosquitto {
@@ -193,16 +233,7 @@ impl Rig {
         require_system_peers();
         init_logs();
         let dir = tempfile::tempdir().unwrap();
-        let pki = TestPki::new("rig CA").unwrap();
-        let ca_pem = pki.ca_pem();
-        let files = Files {
-            dir: dir.path().to_owned(),
-            ca: Files::write(dir.path(), "ca.crt", &ca_pem),
-            server: pki.server(&[]).unwrap(),
-            admin: pki.client(ADMIN).unwrap(),
-            ca_pem,
-            pki,
-        };
+        let files = Files::new(dir.path());
         let mosquitto = Mosquitto::start(&files, opts.extra_acl).await;
         let mut cfg = EmulatorConfig::loopback(EmulatorTls::Generate);
         cfg.control_plane = true;

@@ -56,6 +56,9 @@ fn peers_missing() -> Vec<String> {
             });
         }
     }
+    if find_dynsec_plugin().is_none() {
+        missing.push("mosquitto's dynamic-security plugin (apt-get install mosquitto)".to_owned());
+    }
     let venv = securetunnel_emulator::testkit::venv_dir();
     let boto3 = Command::new(venv.join("bin/python"))
         .args(["-c", "import boto3"])
@@ -93,6 +96,24 @@ fn packaging_missing() -> Vec<String> {
         missing.push("python3".to_owned());
     }
     missing
+}
+
+/// Where Debian's mosquitto package puts its dynamic-security plugin (a multiarch directory).
+fn find_dynsec_plugin() -> Option<PathBuf> {
+    let name = "mosquitto_dynamic_security.so";
+    let multiarch = std::fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join(name));
+    std::iter::once(Path::new("/usr/lib").join(name))
+        .chain(multiarch)
+        .find(|p| p.is_file())
+}
+
+/// The dynamic-security plugin (checked by `require_system_peers`).
+pub fn mosquitto_dynsec_plugin() -> PathBuf {
+    require_system_peers();
+    find_dynsec_plugin().unwrap_or_default()
 }
 
 fn on_path(program: &str) -> Option<PathBuf> {

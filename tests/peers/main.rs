@@ -11,6 +11,7 @@ mod agent;
 mod check_config;
 mod cli;
 mod demo;
+mod doctor;
 mod faults;
 mod gateway;
 mod lifetime;
