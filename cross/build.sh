@@ -27,10 +27,16 @@ for t in "${targets[@]}"; do
     # the crates we compile (std keeps its own; 62 KiB more): the release profile aborts on
     # panic, so nothing unwinds and only backtraces lose them (drop this with panic=unwind).
     # Panic messages without file:line (-Z location-detail=none, through RUSTC_BOOTSTRAP as
-    # the armv7 build's std already is): 60 KiB, what keeps the aarch64 binary within
-    # 2.5 MiB; the message itself stays, and a panic aborts either way.
-    [ "$linker" = rust-lld ] && envs+=("RUSTC_BOOTSTRAP=1"
-        "CARGO_TARGET_${var}_RUSTFLAGS=-C link-arg=--icf=all -C force-unwind-tables=no -Z location-detail=none")
+    # the armv7 build's std already is): 60 KiB; the message itself stays, and a panic
+    # aborts either way.
+    # std from source (rust-src) with these flags and in the same LTO, without its
+    # `backtrace` feature: a stripped binary cannot name frames anyway, so the symbolizer
+    # (gimli, addr2line, miniz, demangling) only took room. 485 KiB off the aarch64 binary.
+    if [ "$linker" = rust-lld ]; then
+        envs+=("RUSTC_BOOTSTRAP=1"
+            "CARGO_TARGET_${var}_RUSTFLAGS=-C link-arg=--icf=all -C force-unwind-tables=no -Z location-detail=none")
+        extra=(-Zbuild-std=std,panic_abort -Zbuild-std-features=)
+    fi
     if [ "$t" = armv7-unknown-linux-musleabihf ]; then
         # std from source (rust-src), musl and linking from zig: see cross/README.md.
         envs=("RUSTC_BOOTSTRAP=1" "ZIG_TARGET=arm-linux-musleabihf" "CC_${t//-/_}=$PWD/cross/zig-cc"

@@ -36,5 +36,8 @@ for t in "${targets[@]}"; do
         .venv/bin/python -c "import ziglang" 2>/dev/null || .venv/bin/pip install -q ziglang
         continue
     fi
+    # The other musl targets build std from source too (cross/build.sh: smaller), and link
+    # against rustup's musl (its self-contained objects come with the target).
+    case "$t" in *-musl*) rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src >/dev/null ;; esac
     grep -qx "$t" <<< "$installed" || rustup target add "$t" >/dev/null
 done
