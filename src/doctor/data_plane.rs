@@ -51,7 +51,7 @@ pub async fn check(
     regions: &[String],
 ) {
     if regions.is_empty() && cfg.tunnel.endpoint.is_none() {
-        let why = "no region known: no session, and mqtt.host names none";
+        let why = "no region known: no session, and mqtt.endpoint names none";
         report.add(Check::fail(
             "data-plane",
             "-",

@@ -105,7 +105,7 @@ fn server_certificate(c: &CertificateError, side: Side<'_>, host: &str) -> (Stri
         CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
             let saw = format!("the server's certificate does not name {host}");
             let fix = match side {
-                Side::Broker { .. } => "set mqtt.host to your account's endpoint (aws iot describe-endpoint --endpoint-type iot:Data-ATS)",
+                Side::Broker { .. } => "set mqtt.endpoint to your account's endpoint (aws iot describe-endpoint --endpoint-type iot:Data-ATS)",
                 Side::DataPlane { .. } => "something other than the tunneling service answers for this name: check tunnel.endpoint, tunnel.resolve and any TLS-inspecting firewall",
             };
             (saw, fix.into())
@@ -208,14 +208,14 @@ mod tests {
     }
 
     #[test]
-    fn a_wrong_host_name_points_at_mqtt_host() {
+    fn a_wrong_host_name_points_at_mqtt_endpoint() {
         let e = wrapped(rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName,
         ));
         assert!(
             failure(&e, Side::Broker { ca: None }, "h")
                 .1
-                .contains("mqtt.host")
+                .contains("mqtt.endpoint")
         );
     }
 

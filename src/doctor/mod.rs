@@ -184,7 +184,7 @@ async fn broker(
     let (host, port) = (cfg.mqtt.host.as_str(), cfg.mqtt.port);
     let proxy = cfg.proxy.as_ref().and_then(|p| p.for_host(host));
     let target = crate::proxy::authority(host, port);
-    let Some(tcp) = reach::connect(report, host, port, proxy, "mqtt.host").await else {
+    let Some(tcp) = reach::connect(report, host, port, proxy, "mqtt.endpoint").await else {
         report.add(Check::skip(
             "mqtt-connect",
             &cfg.mqtt.client_id,

@@ -261,11 +261,11 @@ fn ended(e: Ended, after: &str, client_id: &str, host: &str) -> (String, String)
         Ended::Closed | Ended::Io(_) => closed_instead_of(after, client_id),
         Ended::Garbled(what) => (
             format!("the broker's answer to {after} is not MQTT 3.1.1: {what}"),
-            "check mqtt.host and mqtt.port: something other than an MQTT broker answers".into(),
+            "check mqtt.endpoint and mqtt.port: something other than an MQTT broker answers".into(),
         ),
         Ended::Timeout => (
             format!("no answer to {after} within {}s", STEP_TIMEOUT.as_secs()),
-            "check mqtt.host and mqtt.port, and any firewall that inspects TLS".into(),
+            "check mqtt.endpoint and mqtt.port, and any firewall that inspects TLS".into(),
         ),
     }
 }

@@ -87,8 +87,8 @@ async fn resolve(report: &mut Report, host: &str, port: u16, key: &str) -> Optio
 
 /// Rule (a name that does not resolve): check the setting, then the gateway's resolver.
 fn dns_fix(key: &str) -> String {
-    let what = if key == "mqtt.host" {
-        "mqtt.host (your account's endpoint: aws iot describe-endpoint --endpoint-type iot:Data-ATS)"
+    let what = if key == "mqtt.endpoint" {
+        "mqtt.endpoint (your account's endpoint: aws iot describe-endpoint --endpoint-type iot:Data-ATS)"
     } else {
         key
     };
@@ -232,7 +232,7 @@ mod tests {
 
     #[test]
     fn a_name_that_does_not_resolve_points_at_the_setting() {
-        assert!(dns_fix("mqtt.host").contains("describe-endpoint"));
+        assert!(dns_fix("mqtt.endpoint").contains("describe-endpoint"));
         assert!(dns_fix("proxy.url").starts_with("check proxy.url"));
     }
 }
