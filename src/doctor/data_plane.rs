@@ -135,7 +135,7 @@ fn refusal(err: &HandshakeError, cfg: &Config, e: &DataEndpoint) -> (String, Str
         }
         HandshakeError::Proxy { source, .. } => match &e.proxy {
             Some(p) => proxy_failure(source, p),
-            None => (source.to_string(), String::new()),
+            None => (source.to_string(), "check the [proxy] settings".into()),
         },
         HandshakeError::Tls { source, .. } => {
             let side = Side::DataPlane {
@@ -150,7 +150,10 @@ fn refusal(err: &HandshakeError, cfg: &Config, e: &DataEndpoint) -> (String, Str
                 e.port, e.host
             ),
         ),
-        other => (other.to_string(), String::new()),
+        other => (
+            other.to_string(),
+            "check tunnel.endpoint and tunnel.resolve: something other than the tunneling service answers".into(),
+        ),
     }
 }
 

@@ -87,7 +87,7 @@ pub fn failure(e: &io::Error, side: Side<'_>, host: &str) -> (String, String) {
     match rustls_error(e) {
         Some(rustls::Error::InvalidCertificate(c)) => server_certificate(c, side, host),
         Some(rustls::Error::AlertReceived(alert)) => alert_received(*alert),
-        Some(other) => (format!("TLS failed: {other}"), String::new()),
+        Some(other) => (format!("TLS failed: {other}"), endpoint_fix(side)),
         None => (
             format!("the connection broke during the TLS handshake: {e}"),
             "check that the port speaks TLS and that no firewall cuts the connection".into(),
@@ -122,6 +122,17 @@ fn server_certificate(c: &CertificateError, side: Side<'_>, host: &str) -> (Stri
         ),
         other => (format!("{host}'s certificate was refused: {other:?}"), trust_fix(side)),
     }
+}
+
+/// What to check when TLS fails for a reason with no setting of its own.
+fn endpoint_fix(side: Side<'_>) -> String {
+    match side {
+        Side::Broker { .. } => {
+            "check mqtt.endpoint and mqtt.port, and that no firewall inspects TLS"
+        }
+        Side::DataPlane { .. } => "check tunnel.endpoint, and that no firewall inspects TLS",
+    }
+    .into()
 }
 
 /// Rule (an unknown server CA): the setting that names the CA.
@@ -167,7 +178,10 @@ pub fn alert_received(alert: AlertDescription) -> (String, String) {
             format!("the server refused the device certificate (TLS alert {alert:?})"),
             "register the certificate in mqtt.cert in AWS IoT and make it ACTIVE (aws iot describe-certificate); its CA must be registered too".into(),
         ),
-        other => (format!("the server ended TLS with alert {other:?}"), String::new()),
+        other => (
+            format!("the server ended TLS with alert {other:?}"),
+            "check that the endpoint is AWS IoT's and that no firewall inspects TLS".into(),
+        ),
     }
 }
 

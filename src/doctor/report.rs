@@ -46,12 +46,14 @@ impl Check {
         saw: impl Into<String>,
         fix: impl Into<String>,
     ) -> Check {
+        let fix = fix.into();
+        debug_assert!(!fix.is_empty(), "every failure names its fix: {name}");
         Check {
             name,
             target: target.into(),
             status: Status::Fail,
             saw: saw.into(),
-            fix: Some(fix.into()),
+            fix: Some(fix),
         }
     }
 
