@@ -76,10 +76,7 @@ impl<H> StreamTable<H> {
     /// i32::MAX), made active. Counters outlive resets so ids are not reused soon.
     pub fn open_stream(&mut self, service: &str, wire_ids: bool) -> i32 {
         let s = self.services.entry(service.to_owned()).or_default();
-        s.last_stream = match s.last_stream.checked_add(1) {
-            Some(next) if next > 0 => next,
-            _ => 1,
-        };
+        s.last_stream = s.last_stream.checked_add(1).unwrap_or(1);
         s.active = Some(s.last_stream);
         s.wire_ids = wire_ids;
         s.last_stream
@@ -329,6 +326,35 @@ mod tests {
         assert_eq!(t.wire_connection_id("SSH", 1), 0);
         t.start_stream("SSH", 2, true);
         assert_eq!(t.wire_connection_id("SSH", 1), 1);
+    }
+
+    #[test]
+    fn only_a_v3_stream_takes_connection_start() {
+        let mut t: StreamTable<()> = StreamTable::default();
+        assert!(
+            t.has_wire_ids("SSH"),
+            "a service with no stream yet: V3 until told"
+        );
+        t.start_stream("SSH", 1, false);
+        assert!(!t.has_wire_ids("SSH"));
+        t.start_stream("SSH", 2, true);
+        assert!(t.has_wire_ids("SSH"));
+    }
+
+    #[test]
+    fn the_table_finds_each_connection_by_service_and_id() {
+        let mut t = StreamTable::default();
+        t.start_stream("SSH", 1, true);
+        t.insert("SSH", 3, 30u64);
+        t.start_stream("HTTP", 1, true);
+        t.insert("HTTP", 3, 40u64);
+        assert_eq!(t.get("SSH", 3), Some(&30));
+        assert_eq!(t.get("SSH", 4), None);
+        assert!(t.contains("HTTP", 3));
+        assert!(!t.contains("HTTP", 4) && !t.contains("RDP", 3));
+        let mut all: Vec<(&str, u32, u64)> = t.connections().map(|(s, c, h)| (s, c, *h)).collect();
+        all.sort();
+        assert_eq!(all, [("HTTP", 3, 40), ("SSH", 3, 30)]);
     }
 
     #[test]

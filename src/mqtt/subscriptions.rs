@@ -305,6 +305,43 @@ mod tests {
         assert!(policy_statement("PLC-1").contains("topicfilter/$aws/things/PLC-1/tunnels/notify"));
     }
 
+    #[test]
+    fn the_refused_things_are_listed_sorted_until_granted() {
+        let down = vec!["PLC-2".to_owned(), "PLC-1".to_owned()];
+        let mut subs = Subscriptions::new("gw", "$aws/things/gw/tunnels/notify", &down);
+        assert!(subs.refused_things().is_empty());
+        subs.queued(subs.all());
+        subs.sent(1);
+        let no = SubscribeReasonCode::Failure;
+        let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+        subs.acked(1, &[ok, no, no]).unwrap();
+        assert_eq!(subs.refused_things(), ["PLC-1", "PLC-2"]);
+        subs.queued(vec!["$aws/things/PLC-1/tunnels/notify".into()]);
+        subs.sent(2);
+        subs.acked(2, &[ok]).unwrap();
+        assert_eq!(subs.refused_things(), ["PLC-2"]);
+    }
+
+    #[test]
+    fn a_new_connection_forgets_what_was_in_flight() {
+        let mut subs = Subscriptions::new("gw", "$aws/things/gw/tunnels/notify", &[]);
+        subs.queued(subs.all());
+        subs.queued(subs.all());
+        subs.sent(1);
+        subs.reset();
+        // Neither the batch sent nor the one still queued belongs to the new connection.
+        subs.sent(2);
+        let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+        assert_eq!(
+            subs.acked(1, &[ok]).err(),
+            Some(BadSubAck::UnknownPacket(1))
+        );
+        assert_eq!(
+            subs.acked(2, &[ok]).err(),
+            Some(BadSubAck::UnknownPacket(2))
+        );
+    }
+
     /// 49 things, then sets of 49 others swapped in until 147 were removed.
     fn worst_case_subscriptions() -> Subscriptions {
         let set = |n: usize| -> Vec<String> {
