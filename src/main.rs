@@ -56,7 +56,7 @@ fn main() -> ExitCode {
                 regions,
                 client_id,
                 json,
-            } => cli::doctor(&args.config, regions, client_id, json).await,
+            } => cli::doctor(&args.config, regions, client_id, json, cancel).await,
         }
     })
 }

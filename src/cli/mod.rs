@@ -144,13 +144,18 @@ pub async fn doctor(
     regions: Vec<String>,
     client_id: Option<String>,
     json: bool,
+    cancel: CancellationToken,
 ) -> ExitCode {
     let opts = crate::doctor::Options {
         regions,
         client_id,
         json,
     };
-    crate::doctor::run(path, &opts).await
+    // Ctrl-C stops it at once; the broker ends a half-done session by itself.
+    tokio::select! {
+        code = crate::doctor::run(path, &opts) => code,
+        _ = cancel.cancelled() => ExitCode::from(130),
+    }
 }
 
 /// `run`: the agent until SIGINT/SIGTERM.

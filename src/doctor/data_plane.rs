@@ -72,6 +72,20 @@ pub async fn check(
     }
     for (region, e) in endpoints {
         let target = format!("{region} {e}");
+        // Directly to a name: resolve it first, so a DNS failure is named as one.
+        if e.proxy.is_none() && e.connect_to.is_none() {
+            let key = if cfg.tunnel.endpoint.is_some() {
+                "tunnel.endpoint"
+            } else {
+                "--region"
+            };
+            if super::reach::resolve(report, &e.host, e.port, key)
+                .await
+                .is_none()
+            {
+                continue;
+            }
+        }
         match probe(&e, tls, STEP_TIMEOUT).await {
             Ok(answer) => answered(report, &target, &answer),
             Err(err) => {
@@ -83,26 +97,38 @@ pub async fn check(
 }
 
 fn answered(report: &mut Report, target: &str, answer: &Probe) {
-    if answer.status >= 500 {
-        let saw = format!(
-            "the service answered HTTP {} {:?}",
-            answer.status, answer.body
-        );
-        report.add(Check::fail(
+    report.add(path_verdict(target, answer));
+    if let Some(theirs) = answer.date.as_deref().and_then(http_date) {
+        report.add(clock(theirs, now()));
+    }
+}
+
+/// Rule (the path to the data plane): the service refuses an upgrade without a token with
+/// 400 or 401; another answer comes from something else (a portal, a filtering proxy) or
+/// from a service that cannot serve now.
+pub fn path_verdict(target: &str, answer: &Probe) -> Check {
+    let saw = format!(
+        "HTTP {} {:?} to an upgrade without a token",
+        answer.status, answer.body
+    );
+    match answer.status {
+        400 | 401 => Check::pass(
+            "data-plane",
+            target,
+            format!("{saw}: the path to the service is open"),
+        ),
+        500.. => Check::fail(
             "data-plane",
             target,
             saw,
-            "the service is unavailable: try again later",
-        ));
-    } else {
-        let saw = format!(
-            "HTTP {} {:?} to an upgrade without a token: the path to the service is open",
-            answer.status, answer.body
-        );
-        report.add(Check::pass("data-plane", target, saw));
-    }
-    if let Some(theirs) = answer.date.as_deref().and_then(http_date) {
-        report.add(clock(theirs, now()));
+            "the service cannot serve now: try again later",
+        ),
+        _ => Check::fail(
+            "data-plane",
+            target,
+            format!("{saw}: not the tunneling service's answer"),
+            "something between answers for the data plane (a captive portal, a filtering proxy named in tunnel.ca): let the gateway reach it, or check tunnel.endpoint and tunnel.resolve",
+        ),
     }
 }
 
@@ -128,14 +154,14 @@ fn refusal(err: &HandshakeError, cfg: &Config, e: &DataEndpoint) -> (String, Str
         HandshakeError::Connect { source, .. } => {
             let (saw, _) = tcp_failure(source, e.port);
             let fix = format!(
-                "allow outbound TCP {} to {} (or reach it through an HTTP proxy: [proxy] url)",
+                "allow outbound TCP {} to {} (or reach it through an HTTP proxy: proxy.url)",
                 e.port, e.host
             );
             (saw, fix)
         }
         HandshakeError::Proxy { source, .. } => match &e.proxy {
             Some(p) => proxy_failure(source, p),
-            None => (source.to_string(), "check the [proxy] settings".into()),
+            None => (source.to_string(), "check proxy.url and proxy.no_proxy".into()),
         },
         HandshakeError::Tls { source, .. } => {
             let side = Side::DataPlane {
@@ -160,6 +186,7 @@ fn refusal(err: &HandshakeError, cfg: &Config, e: &DataEndpoint) -> (String, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::doctor::report::Status;
 
     #[test]
     fn regions_come_from_the_command_then_the_sessions_then_the_mqtt_endpoint() {
@@ -175,17 +202,39 @@ mod tests {
     }
 
     #[test]
+    fn only_the_services_refusal_proves_the_path_open() {
+        let answer = |status: u16| Probe {
+            status,
+            body: "x".into(),
+            date: None,
+        };
+        assert_eq!(path_verdict("t", &answer(401)).status, Status::Pass);
+        assert_eq!(path_verdict("t", &answer(400)).status, Status::Pass);
+        let portal = path_verdict("t", &answer(302));
+        assert_eq!(portal.status, Status::Fail);
+        assert!(
+            portal.saw.ends_with("not the tunneling service's answer"),
+            "{}",
+            portal.saw
+        );
+        assert_eq!(path_verdict("t", &answer(403)).status, Status::Fail);
+        assert!(
+            path_verdict("t", &answer(503))
+                .fix
+                .unwrap()
+                .contains("try again later")
+        );
+    }
+
+    #[test]
     fn a_clock_more_than_5_minutes_off_fails() {
         assert_eq!(
             clock(1_000_000, 1_000_300).status,
             super::super::report::Status::Pass
         );
         let off = clock(1_000_000, 1_000_301);
-        assert_eq!(off.status, super::super::report::Status::Fail);
+        assert_eq!(off.status, Status::Fail);
         assert!(off.saw.contains("(+301 s)"), "{}", off.saw);
-        assert_eq!(
-            clock(1_000_301, 1_000_000).status,
-            super::super::report::Status::Fail
-        );
+        assert_eq!(clock(1_000_301, 1_000_000).status, Status::Fail);
     }
 }

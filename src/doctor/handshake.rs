@@ -65,16 +65,21 @@ pub async fn handshake(
     let version = conn
         .protocol_version()
         .map_or("TLS".into(), |v| format!("{v:?}").replace('_', "."));
-    if let Some(want) = alpn.filter(|w| got.as_deref() != Some(w)) {
+    if let Some(want) = alpn.filter(|w| !alpn_agreed(w, got.as_deref())) {
         let saw = format!("{version}, but the server did not agree to ALPN {want}");
-        let fix = "on port 443 AWS IoT takes MQTT only with ALPN x-amzn-mqtt-ca: remove mqtt.alpn, or use mqtt.port = 8883";
-        report.add(Check::fail("tls", target, saw, fix));
+        report.add(Check::fail("tls", target, saw, ALPN_FIX));
         return None;
     }
     let alpn_text = got.map(|p| format!(", ALPN {p}")).unwrap_or_default();
     let saw = format!("{version}, the server's certificate verified for {host}{alpn_text}");
     report.add(Check::pass("tls", target, saw));
     Some(tls)
+}
+
+/// Rule (ALPN): the server must name the protocol offered (AWS IoT on 443 closes or
+/// answers HTTPS otherwise).
+pub fn alpn_agreed(offered: &str, agreed: Option<&str>) -> bool {
+    agreed == Some(offered)
 }
 
 /// The rustls error inside an I/O error, if it is one.
@@ -86,7 +91,7 @@ pub fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
 pub fn failure(e: &io::Error, side: Side<'_>, host: &str) -> (String, String) {
     match rustls_error(e) {
         Some(rustls::Error::InvalidCertificate(c)) => server_certificate(c, side, host),
-        Some(rustls::Error::AlertReceived(alert)) => alert_received(*alert),
+        Some(rustls::Error::AlertReceived(alert)) => alert_received(*alert, side),
         Some(other) => (format!("TLS failed: {other}"), endpoint_fix(side)),
         None => (
             format!("the connection broke during the TLS handshake: {e}"),
@@ -155,8 +160,15 @@ fn trust_fix(side: Side<'_>) -> String {
     }
 }
 
-/// Rule (an alert from the server): the server refused the device certificate, or ALPN.
-pub fn alert_received(alert: AlertDescription) -> (String, String) {
+/// Rule (an alert from the server): the broker refused the device certificate, or ALPN;
+/// the data plane asks for no certificate, so an alert there comes from something between.
+pub fn alert_received(alert: AlertDescription, side: Side<'_>) -> (String, String) {
+    if let Side::DataPlane { .. } = side {
+        return (
+            format!("the server ended TLS with alert {alert:?}"),
+            "something between the gateway and the data plane refuses the connection (a TLS-inspecting firewall or proxy): let it pass, or check tunnel.endpoint".into(),
+        );
+    }
     match alert {
         AlertDescription::CertificateExpired => (
             "the server refused the device certificate: it has expired".into(),
@@ -164,7 +176,7 @@ pub fn alert_received(alert: AlertDescription) -> (String, String) {
         ),
         AlertDescription::NoApplicationProtocol => (
             "the server refused the ALPN protocol offered".into(),
-            "on port 443 AWS IoT takes MQTT only with ALPN x-amzn-mqtt-ca: remove mqtt.alpn, or use mqtt.port = 8883".into(),
+            ALPN_FIX.into(),
         ),
         AlertDescription::BadCertificate
         | AlertDescription::UnknownCA
@@ -184,6 +196,9 @@ pub fn alert_received(alert: AlertDescription) -> (String, String) {
         ),
     }
 }
+
+/// On port 443 AWS IoT tells MQTT from HTTPS by ALPN.
+const ALPN_FIX: &str = "on port 443 AWS IoT takes MQTT only with ALPN x-amzn-mqtt-ca, at its ATS endpoint (mqtt.endpoint from aws iot describe-endpoint --endpoint-type iot:Data-ATS): leave mqtt.alpn out, or use mqtt.port = 8883; a firewall that strips ALPN needs port 8883";
 
 #[cfg(test)]
 mod tests {
@@ -235,18 +250,36 @@ mod tests {
 
     #[test]
     fn alerts_tell_an_expired_device_certificate_from_an_unregistered_one() {
-        let (saw, fix) = alert_received(AlertDescription::CertificateExpired);
+        let broker = Side::Broker { ca: None };
+        let (saw, fix) = alert_received(AlertDescription::CertificateExpired, broker);
         assert!(
             saw.contains("expired") && fix.contains("renew"),
             "{saw} {fix}"
         );
-        let (saw, fix) = alert_received(AlertDescription::UnknownCA);
+        let (saw, fix) = alert_received(AlertDescription::UnknownCA, broker);
         assert!(saw.contains("refused the device certificate"), "{saw}");
         assert!(fix.contains("ACTIVE"), "{fix}");
         assert!(
-            alert_received(AlertDescription::NoApplicationProtocol)
+            alert_received(AlertDescription::NoApplicationProtocol, broker)
                 .1
                 .contains("ALPN")
+        );
+    }
+
+    #[test]
+    fn alpn_is_agreed_only_when_the_server_names_the_protocol_offered() {
+        assert!(alpn_agreed("x-amzn-mqtt-ca", Some("x-amzn-mqtt-ca")));
+        assert!(!alpn_agreed("x-amzn-mqtt-ca", None));
+        assert!(!alpn_agreed("x-amzn-mqtt-ca", Some("http/1.1")));
+    }
+
+    #[test]
+    fn an_alert_from_the_data_plane_points_at_what_is_between() {
+        let side = Side::DataPlane { ca: None };
+        let (_, fix) = alert_received(AlertDescription::HandshakeFailure, side);
+        assert!(
+            fix.contains("TLS-inspecting") && !fix.contains("mqtt.cert"),
+            "{fix}"
         );
     }
 

@@ -46,17 +46,23 @@ enum Agent {
 /// Runs every check and prints the checklist. Exit 0 when all pass, 1 when one failed, 2
 /// when the configuration (or a `--region`) is not usable.
 pub async fn run(path: &Path, opts: &Options) -> ExitCode {
-    let mut report = Report::default();
-    let loaded = configuration(&mut report, path, &opts.regions);
-    let Some((cfg, checked)) = loaded else {
+    // The files are read off the runtime thread.
+    let (path_owned, asked) = (path.to_owned(), opts.regions.clone());
+    let offline = tokio::task::spawn_blocking(move || offline(&path_owned, &asked)).await;
+    let (mut report, loaded) = match offline {
+        Ok(done) => done,
+        Err(e) => {
+            eprintln!("securetunnel-agent: doctor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some((cfg, checked, persisted)) = loaded else {
         print(&report, opts.json);
         return ExitCode::from(2);
     };
-    certificate(&mut report, &cfg);
-    let agent = agent(&cfg).await;
-    broker(&mut report, &cfg, &checked, &agent, opts).await;
-    let mut sessions = crate::persist::SessionStore::regions(&cfg.state_dir);
-    if let Agent::Running(s) = &agent {
+    let agent = broker(&mut report, &cfg, &checked, opts).await;
+    let mut sessions = persisted;
+    if let Some(Agent::Running(s)) = &agent {
         sessions.extend(s.tunnels.iter().map(|t| t.region.clone()));
         sessions.sort();
         sessions.dedup();
@@ -65,6 +71,18 @@ pub async fn run(path: &Path, opts: &Options) -> ExitCode {
     data_plane::check(&mut report, &cfg, &checked.tunnel_tls, &regions).await;
     print(&report, opts.json);
     ExitCode::from(report.exit_code())
+}
+
+/// What needs no network: the configuration, the certificate's dates, the persisted
+/// sessions' regions.
+fn offline(path: &Path, regions: &[String]) -> (Report, Option<(Config, Checked, Vec<String>)>) {
+    let mut report = Report::default();
+    let Some((cfg, checked)) = configuration(&mut report, path, regions) else {
+        return (report, None);
+    };
+    certificate(&mut report, &cfg);
+    let persisted = crate::persist::SessionStore::regions(&cfg.state_dir);
+    (report, Some((cfg, checked, persisted)))
 }
 
 fn print(report: &Report, json: bool) {
@@ -102,15 +120,18 @@ fn configuration(
         Ok((cfg, checked))
     });
     match loaded {
-        Ok((cfg, checked)) if report.ok || report.checks.is_empty() => {
+        Ok(_) if !report.ok && !report.checks.is_empty() => None,
+        Ok((cfg, checked)) => {
             let saw = format!(
                 "thing {}, MQTT {}:{}",
                 cfg.thing_name, cfg.mqtt.host, cfg.mqtt.port
             );
             report.add(Check::pass("config", target, saw));
+            for w in &checked.warnings {
+                report.add(Check::warn("config", path.display().to_string(), w));
+            }
             Some((cfg, checked))
         }
-        Ok(_) => None,
         Err(errors) => {
             for e in errors.0 {
                 let fix = if e.fix.is_empty() {
@@ -139,15 +160,15 @@ fn certificate(report: &mut Report, cfg: &Config) {
         ));
         return;
     };
-    match times::period_problem(v, times::now()) {
-        None => report.add(Check::pass("certificate", target, format!("valid until {}", times::utc(v.not_after)))),
-        Some(problem) => report.add(Check::fail(
-            "certificate",
-            target,
-            problem,
-            "renew the certificate in mqtt.cert and register the new one in AWS IoT; if the gateway's clock is wrong, set it (NTP)",
-        )),
+    let now = times::now();
+    let check = match times::period_problem(v, now) {
+        None => {
+            let saw = format!("valid until {}", times::utc(v.not_after));
+            Check::pass("certificate", target, saw)
+        }
+        Some(problem) => Check::fail("certificate", target, problem, times::period_fix(v, now)),
     };
+    report.add(check);
 }
 
 async fn agent(cfg: &Config) -> Agent {
@@ -173,63 +194,71 @@ fn topics(cfg: &Config) -> Vec<mqtt::Topic> {
     std::iter::once(own).chain(downstream).collect()
 }
 
-/// Steps 2 to 5: the broker through name, TCP (or proxy), TLS and MQTT.
+/// Steps 2 to 5: the broker through name, TCP (or proxy), TLS and MQTT. Returns whether
+/// the agent runs, as asked right before MQTT (a service manager may have started it).
 async fn broker(
     report: &mut Report,
     cfg: &Config,
     checked: &Checked,
-    agent: &Agent,
     opts: &Options,
-) {
+) -> Option<Agent> {
     let (host, port) = (cfg.mqtt.host.as_str(), cfg.mqtt.port);
     let proxy = cfg.proxy.as_ref().and_then(|p| p.for_host(host));
     let target = crate::proxy::authority(host, port);
+    let own = cfg.mqtt.client_id.as_str();
     let Some(tcp) = reach::connect(report, host, port, proxy, "mqtt.endpoint").await else {
         report.add(Check::skip(
             "mqtt-connect",
-            &cfg.mqtt.client_id,
+            own,
             "not checked: no connection",
         ));
-        return;
+        return None;
     };
     let side = handshake::Side::Broker {
         ca: cfg.mqtt.ca.as_deref(),
     };
     let alpn = cfg.mqtt.alpn.as_deref();
-    let tls = handshake::handshake(
-        report,
-        tcp,
-        checked.mqtt_tls.clone(),
-        host,
-        &target,
-        side,
-        alpn,
-    )
-    .await;
-    let Some(mut tls) = tls else {
+    let config = checked.mqtt_tls.clone();
+    let Some(tls) = handshake::handshake(report, tcp, config, host, &target, side, alpn).await
+    else {
         report.add(Check::skip(
             "mqtt-connect",
-            &cfg.mqtt.client_id,
+            own,
             "not checked: no TLS connection",
         ));
-        return;
+        return None;
     };
+    let agent = agent(cfg).await;
+    mqtt_steps(report, cfg, tls, &target, &agent, opts.client_id.as_deref()).await;
+    Some(agent)
+}
+
+/// Steps 4 and 5: connect with the operator's id; with the agent's own id only while the
+/// agent does not run; else ask the agent.
+async fn mqtt_steps(
+    report: &mut Report,
+    cfg: &Config,
+    mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    target: &str,
+    agent: &Agent,
+    client_id: Option<&str>,
+) {
     let topics = topics(cfg);
-    let own = &cfg.mqtt.client_id;
-    match (agent, opts.client_id.as_deref()) {
+    let own = cfg.mqtt.client_id.as_str();
+    match (agent, client_id.filter(|id| *id != own)) {
         (_, Some(id)) => {
             let id = mqtt::Identity {
                 client_id: id,
                 agents_own: false,
             };
-            mqtt::check(report, tls, &target, &id, &topics).await;
+            mqtt::check(report, tls, target, &id, &topics).await;
         }
         (Agent::NotRunning, None) => {
             let id = mqtt::Identity {
                 client_id: own,
                 agents_own: true,
             };
-            mqtt::check(report, tls, &target, &id, &topics).await;
+            mqtt::check(report, tls, target, &id, &topics).await;
         }
         (Agent::Running(snapshot), None) => {
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
@@ -240,7 +269,7 @@ async fn broker(
             let saw = format!(
                 "cannot tell whether the agent runs ({why}); connecting as {own} would disconnect it"
             );
-            let fix = "run doctor as root or as the agent's user, or give --client-id ID (an id the policy allows)";
+            let fix = "run doctor as root or as the agent's user, or give --client-id ID (another id the policy allows)";
             report.add(Check::fail("mqtt-connect", own, saw, fix));
         }
     }

@@ -13,8 +13,8 @@ use tokio_util::codec::Framed;
 
 use super::handshake::{Side, failure};
 use super::reach::STEP_TIMEOUT;
-use super::report::{Check, Report};
-use crate::mqtt::policy_statement;
+use super::report::{Check, Report, Status};
+use crate::mqtt::{OWN_TOPIC_REFUSED, topic_statement};
 use crate::status::Snapshot;
 
 /// A notify topic to check and the thing it belongs to.
@@ -175,53 +175,94 @@ async fn subscribe_each(
 ) -> Vec<String> {
     let mut granted = Vec::new();
     for (i, t) in topics.iter().enumerate() {
-        let mut sub = Subscribe::new(t.topic.clone(), QoS::AtLeastOnce);
-        sub.pkid = u16::try_from(i + 1).unwrap_or(u16::MAX);
-        let pkid = sub.pkid;
-        let answer = match link.send(Packet::Subscribe(sub)).await {
-            Ok(()) => {
-                await_packet(link, |p| matches!(p, Packet::SubAck(a) if a.pkid == pkid)).await
+        let pkid = u16::try_from(i + 1).unwrap_or(u16::MAX);
+        let (check, connected) =
+            subscribe_verdict(t, subscribe_one(link, t, pkid).await, client_id);
+        if check.status == Status::Pass {
+            granted.push(t.topic.clone());
+        }
+        report.add(check);
+        if !connected {
+            for rest in &topics[i + 1..] {
+                let why = "not checked: the broker closed the connection";
+                report.add(Check::skip("mqtt-subscribe", &rest.thing, why));
             }
-            Err(e) => Err(Ended::Io(to_io(e))),
-        };
-        let statement = format!(
-            "add to the certificate's IoT policy: {}",
-            policy_statement(&t.thing)
-        );
-        match answer {
-            Ok(Packet::SubAck(ack)) => match ack.return_codes.first() {
-                Some(SubscribeReasonCode::Success(qos)) => {
-                    report.add(Check::pass(
-                        "mqtt-subscribe",
-                        &t.thing,
-                        format!("{} granted ({qos:?})", t.topic),
-                    ));
-                    granted.push(t.topic.clone());
-                }
-                _ => {
-                    let saw = format!("the broker refused SUBSCRIBE {} (0x80)", t.topic);
-                    report.add(Check::fail("mqtt-subscribe", &t.thing, saw, statement));
-                }
-            },
-            Ok(_) => {}
-            Err(e) => {
-                let closed = matches!(e, Ended::Closed | Ended::Io(_));
-                let (saw, _) = ended(e, &format!("SUBSCRIBE {}", t.topic), client_id, "");
-                report.add(Check::fail("mqtt-subscribe", &t.thing, saw, statement));
-                if closed {
-                    for rest in &topics[i + 1..] {
-                        report.add(Check::skip(
-                            "mqtt-subscribe",
-                            &rest.thing,
-                            "not checked: the broker closed the connection",
-                        ));
-                    }
-                    break;
-                }
-            }
+            break;
         }
     }
     granted
+}
+
+/// What came of one SUBSCRIBE.
+enum Subscribed {
+    Granted(QoS),
+    /// 0x80; `closed`: the broker then closed the connection.
+    Refused {
+        closed: bool,
+    },
+    Ended(Ended),
+}
+
+async fn subscribe_one(link: &mut Link, t: &Topic, pkid: u16) -> Subscribed {
+    let mut sub = Subscribe::new(t.topic.clone(), QoS::AtLeastOnce);
+    sub.pkid = pkid;
+    if let Err(e) = link.send(Packet::Subscribe(sub)).await {
+        return Subscribed::Ended(Ended::Io(to_io(e)));
+    }
+    match await_packet(link, |p| matches!(p, Packet::SubAck(a) if a.pkid == pkid)).await {
+        Ok(Packet::SubAck(ack)) => match ack.return_codes.first() {
+            Some(SubscribeReasonCode::Success(qos)) => Subscribed::Granted(*qos),
+            _ => Subscribed::Refused {
+                closed: closed_after(link).await,
+            },
+        },
+        Ok(_) => Subscribed::Ended(Ended::Garbled("an unexpected packet".into())),
+        Err(e) => Subscribed::Ended(e),
+    }
+}
+
+/// After a refusal, a PINGREQ: its answer says whether the broker kept the connection (AWS
+/// IoT closes it on a policy failure), so the next topic is not blamed for it.
+async fn closed_after(link: &mut Link) -> bool {
+    if link.send(Packet::PingReq).await.is_err() {
+        return true;
+    }
+    let answer = await_packet(link, |p| matches!(p, Packet::PingResp)).await;
+    matches!(answer, Err(Ended::Closed | Ended::Io(_)))
+}
+
+/// Rule (a SUBSCRIBE's answer): the check, and whether the connection is still there.
+fn subscribe_verdict(t: &Topic, outcome: Subscribed, client_id: &str) -> (Check, bool) {
+    let statement = format!(
+        "add to the certificate's IoT policy: {}",
+        topic_statement(&t.topic)
+    );
+    let fail = |saw: String, fix: String| Check::fail("mqtt-subscribe", &t.thing, saw, fix);
+    match outcome {
+        Subscribed::Granted(qos) => {
+            let saw = format!("{} granted ({qos:?})", t.topic);
+            (Check::pass("mqtt-subscribe", &t.thing, saw), true)
+        }
+        Subscribed::Refused { closed: false } => {
+            let saw = format!("the broker refused SUBSCRIBE {} (0x80)", t.topic);
+            (fail(saw, statement), true)
+        }
+        Subscribed::Refused { closed: true } => {
+            let saw = format!(
+                "the broker refused SUBSCRIBE {} (0x80) and closed the connection, as AWS IoT does on a policy failure",
+                t.topic
+            );
+            (fail(saw, statement), false)
+        }
+        Subscribed::Ended(e @ (Ended::Closed | Ended::Io(_))) => {
+            let (saw, _) = ended(e, &format!("SUBSCRIBE {}", t.topic), client_id, "");
+            (fail(saw, statement), false)
+        }
+        Subscribed::Ended(e) => {
+            let (saw, fix) = ended(e, &format!("SUBSCRIBE {}", t.topic), client_id, "");
+            (fail(saw, fix), false)
+        }
+    }
 }
 
 /// The next packet `wanted` accepts; anything else (a queued notify for the agent's
@@ -271,46 +312,78 @@ fn ended(e: Ended, after: &str, client_id: &str, host: &str) -> (String, String)
 }
 
 /// Steps 4 and 5 from the running agent's status, instead of a second connection that
-/// would disconnect it (AWS IoT keeps one connection per client id).
+/// would disconnect it (AWS IoT keeps one connection per client id). `topics[0]` is the
+/// agent's own.
 pub fn from_agent(report: &mut Report, snapshot: &Snapshot, client_id: &str, topics: &[Topic]) {
-    let since = super::times::utc(i64::try_from(snapshot.mqtt_since).unwrap_or(0));
-    if snapshot.mqtt == "connecting" {
-        let why = snapshot
-            .mqtt_last_error
-            .as_deref()
-            .unwrap_or("no error recorded yet");
-        let saw = format!("the running agent is not connected (since {since}): {why}");
-        let fix = "see the checks above; to check the policy without stopping the agent, run doctor --client-id ID with an id the policy allows";
-        report.add(Check::fail("mqtt-connect", client_id, saw, fix));
-    } else {
-        let saw = format!("the running agent is {} since {since}", snapshot.mqtt);
-        report.add(Check::pass("mqtt-connect", client_id, saw));
+    report.add(agent_connect_verdict(snapshot, client_id));
+    for (i, t) in topics.iter().enumerate() {
+        report.add(agent_subscribe_verdict(snapshot, i == 0, t));
     }
-    for t in topics {
-        let refused = snapshot
+}
+
+fn own_topic_refused(snapshot: &Snapshot) -> bool {
+    snapshot
+        .mqtt_last_error
+        .as_deref()
+        .is_some_and(|e| e.starts_with(OWN_TOPIC_REFUSED))
+}
+
+/// Rule (the running agent's connection): connected or subscribed passes; connecting fails
+/// with its last error, unless that error is its own topic refused (a subscription problem).
+fn agent_connect_verdict(snapshot: &Snapshot, client_id: &str) -> Check {
+    let since = super::times::utc(i64::try_from(snapshot.mqtt_since).unwrap_or(0));
+    if snapshot.mqtt != "connecting" || own_topic_refused(snapshot) {
+        let saw = format!("the running agent is {} since {since}", snapshot.mqtt);
+        return Check::pass("mqtt-connect", client_id, saw);
+    }
+    let why = snapshot
+        .mqtt_last_error
+        .as_deref()
+        .unwrap_or("no error recorded yet");
+    let saw = format!("the running agent is not connected (since {since}): {why}");
+    let fix = "see the checks above; to check the policy without stopping the agent, run doctor --client-id ID with another id the policy allows";
+    Check::fail("mqtt-connect", client_id, saw, fix)
+}
+
+/// Rule (the running agent's subscriptions): a refusal fails with the statement; a
+/// downstream thing the agent does not follow (the file changed since it started) fails
+/// with the reload.
+fn agent_subscribe_verdict(snapshot: &Snapshot, own: bool, t: &Topic) -> Check {
+    let refused = if own {
+        Some(own_topic_refused(snapshot))
+    } else {
+        snapshot
             .things
             .iter()
-            .any(|s| s.name == t.thing && s.refused);
-        if refused {
+            .find(|s| s.name == t.thing)
+            .map(|s| s.refused)
+    };
+    let statement = || {
+        format!(
+            "add to the certificate's IoT policy: {}",
+            topic_statement(&t.topic)
+        )
+    };
+    match refused {
+        Some(true) => {
             let saw = format!("the running agent's SUBSCRIBE {} was refused", t.topic);
-            let fix = format!(
-                "add to the certificate's IoT policy: {}",
-                policy_statement(&t.thing)
-            );
-            report.add(Check::fail("mqtt-subscribe", &t.thing, saw, fix));
-        } else if snapshot.mqtt == "subscribed" {
-            report.add(Check::pass(
-                "mqtt-subscribe",
-                &t.thing,
-                format!("the running agent follows {}", t.topic),
-            ));
-        } else {
-            report.add(Check::skip(
-                "mqtt-subscribe",
-                &t.thing,
-                "the running agent is not subscribed yet",
-            ));
+            Check::fail("mqtt-subscribe", &t.thing, saw, statement())
         }
+        None => Check::fail(
+            "mqtt-subscribe",
+            &t.thing,
+            "the running agent does not follow this thing: the configuration changed since it started",
+            "reload it: systemctl reload securetunnel-agent (OpenWrt: /etc/init.d/securetunnel-agent reload)",
+        ),
+        Some(false) if snapshot.mqtt == "subscribed" => {
+            let saw = format!("the running agent follows {}", t.topic);
+            Check::pass("mqtt-subscribe", &t.thing, saw)
+        }
+        Some(false) => Check::skip(
+            "mqtt-subscribe",
+            &t.thing,
+            "the running agent is not subscribed yet",
+        ),
     }
 }
 
@@ -336,6 +409,100 @@ mod tests {
         assert!(fix.contains("ACTIVE"), "{fix}");
         let (saw, _) = ended(Ended::Timeout, "the CONNECT", "gw", "h");
         assert!(saw.starts_with("no answer to the CONNECT"), "{saw}");
+    }
+
+    fn topic(thing: &str) -> Topic {
+        Topic {
+            thing: thing.into(),
+            topic: crate::protocol::notify::notify_topic(thing),
+        }
+    }
+
+    #[test]
+    fn a_refusal_then_a_closed_connection_is_blamed_on_the_refused_topic_only() {
+        let t = topic("plc-9");
+        let (check, connected) = subscribe_verdict(&t, Subscribed::Refused { closed: true }, "gw");
+        assert!(!connected);
+        assert!(
+            check.saw.contains("(0x80) and closed the connection"),
+            "{}",
+            check.saw
+        );
+        assert!(
+            check
+                .fix
+                .unwrap()
+                .contains("topicfilter/$aws/things/plc-9/tunnels/notify")
+        );
+        let (check, connected) = subscribe_verdict(&t, Subscribed::Refused { closed: false }, "gw");
+        assert!(connected);
+        assert_eq!(
+            check.saw,
+            "the broker refused SUBSCRIBE $aws/things/plc-9/tunnels/notify (0x80)"
+        );
+        // A timeout is no policy answer: no statement.
+        let (check, connected) = subscribe_verdict(&t, Subscribed::Ended(Ended::Timeout), "gw");
+        assert!(!connected);
+        assert!(!check.fix.unwrap().contains("iot:Subscribe"));
+    }
+
+    #[test]
+    fn a_remapped_notify_topic_gets_the_statement_for_that_topic() {
+        let t = Topic {
+            thing: "gw".into(),
+            topic: "bridge/gw/notify".into(),
+        };
+        let (check, _) = subscribe_verdict(&t, Subscribed::Refused { closed: false }, "gw");
+        assert!(check.fix.unwrap().contains("topicfilter/bridge/gw/notify"));
+    }
+
+    fn snapshot(mqtt: &str, last_error: Option<&str>, things: &[(&str, bool)]) -> Snapshot {
+        let things: Vec<serde_json::Value> = things
+            .iter()
+            .map(|(name, refused)| serde_json::json!({"name": name, "refused": refused}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "mqtt": mqtt, "mqtt_since": 0, "mqtt_last_error": last_error,
+            "things": things, "tunnels": [],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_running_agents_state_answers_for_connect_and_each_subscription() {
+        let s = snapshot("subscribed", None, &[("plc-1", false), ("plc-9", true)]);
+        assert_eq!(agent_connect_verdict(&s, "gw").status, Status::Pass);
+        assert_eq!(
+            agent_subscribe_verdict(&s, true, &topic("gw")).status,
+            Status::Pass
+        );
+        assert_eq!(
+            agent_subscribe_verdict(&s, false, &topic("plc-1")).status,
+            Status::Pass
+        );
+        let refused = agent_subscribe_verdict(&s, false, &topic("plc-9"));
+        assert!(refused.fix.unwrap().contains("plc-9/tunnels/notify"));
+        let unknown = agent_subscribe_verdict(&s, false, &topic("plc-new"));
+        assert_eq!(unknown.status, Status::Fail);
+        assert!(unknown.fix.unwrap().starts_with("reload it"));
+    }
+
+    #[test]
+    fn the_running_agents_own_topic_refused_is_a_subscription_failure() {
+        let err = format!("{OWN_TOPIC_REFUSED} $aws/things/gw/tunnels/notify: check ...");
+        let s = snapshot("connecting", Some(&err), &[]);
+        assert_eq!(agent_connect_verdict(&s, "gw").status, Status::Pass);
+        let own = agent_subscribe_verdict(&s, true, &topic("gw"));
+        assert_eq!(own.status, Status::Fail);
+        assert!(
+            own.fix
+                .unwrap()
+                .contains("topicfilter/$aws/things/gw/tunnels/notify")
+        );
+        let down = snapshot("connecting", Some("connection refused"), &[]);
+        let c = agent_connect_verdict(&down, "gw");
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.saw.ends_with("connection refused"), "{}", c.saw);
     }
 
     #[test]

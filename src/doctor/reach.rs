@@ -47,7 +47,12 @@ pub async fn connect(
     }
 }
 
-async fn resolve(report: &mut Report, host: &str, port: u16, key: &str) -> Option<Vec<SocketAddr>> {
+pub async fn resolve(
+    report: &mut Report,
+    host: &str,
+    port: u16,
+    key: &str,
+) -> Option<Vec<SocketAddr>> {
     let found = tokio::time::timeout(STEP_TIMEOUT, tokio::net::lookup_host((host, port))).await;
     let result = match found {
         Ok(Ok(addrs)) => Ok(addrs.collect::<Vec<_>>()),
@@ -126,7 +131,7 @@ pub fn tcp_failure(e: &std::io::Error, port: u16) -> (String, String) {
         std::io::ErrorKind::TimedOut => (
             format!("no answer within {}s", STEP_TIMEOUT.as_secs()),
             format!(
-                "a firewall drops outbound TCP {port}: open it, or use mqtt.port = 443, or an HTTP proxy ([proxy] url)"
+                "a firewall drops outbound TCP {port}: open it, or use mqtt.port = 443, or an HTTP proxy (proxy.url)"
             ),
         ),
         _ => (

@@ -9,6 +9,8 @@ use serde::Serialize;
 pub enum Status {
     Pass,
     Fail,
+    /// Works, but something deserves attention (check-config's warnings); not a failure.
+    Warn,
     /// Not run: an earlier check failed, or the running agent answered for it.
     Skip,
 }
@@ -54,6 +56,16 @@ impl Check {
             status: Status::Fail,
             saw: saw.into(),
             fix: Some(fix),
+        }
+    }
+
+    pub fn warn(name: &'static str, target: impl Into<String>, saw: impl Into<String>) -> Check {
+        Check {
+            name,
+            target: target.into(),
+            status: Status::Warn,
+            saw: saw.into(),
+            fix: None,
         }
     }
 
@@ -104,6 +116,7 @@ impl Report {
             let mark = match c.status {
                 Status::Pass => " ok ",
                 Status::Fail => "FAIL",
+                Status::Warn => "warn",
                 Status::Skip => "skip",
             };
             out.push_str(&format!("[{mark}] {} {}: {}\n", c.name, c.target, c.saw));
@@ -131,6 +144,7 @@ mod tests {
         let mut r = Report::default();
         assert!(r.add(Check::pass("dns", "h", "resolves")));
         assert!(r.add(Check::skip("mqtt-connect", "h", "the agent answered")));
+        assert!(r.add(Check::warn("config", "f", "mqtt.key is readable by others")));
         assert_eq!(r.exit_code(), 0);
         assert!(r.ok);
         assert!(!r.add(Check::fail("tls", "h:8883", "unknown CA", "set mqtt.ca")));

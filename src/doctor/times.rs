@@ -67,6 +67,9 @@ pub fn validity(der: &[u8]) -> Option<Validity> {
 /// GeneralizedTime `YYYYMMDDHHMMSSZ`.
 fn time(tag: u8, text: &[u8]) -> Option<i64> {
     let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
+    if !text.is_ascii() {
+        return None;
+    }
     let (year, rest) = match tag {
         UTC_TIME if text.len() == 12 => {
             let yy: i64 = text[..2].parse().ok()?;
@@ -159,6 +162,17 @@ pub fn period_problem(v: Validity, now: i64) -> Option<String> {
     }
 }
 
+/// Rule (what to do about a certificate's period): before it starts, the clock is the
+/// likely culprit (a gateway without a battery-backed clock, before NTP); after it ends,
+/// the certificate.
+pub fn period_fix(v: Validity, now: i64) -> &'static str {
+    if now < v.not_before {
+        "set the gateway's clock (timedatectl set-ntp true; on OpenWrt, enable the NTP client); if it is right, the certificate in mqtt.cert is not valid yet"
+    } else {
+        "renew the certificate in mqtt.cert and register the new one in AWS IoT; if the gateway's clock is wrong, set it (NTP)"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +201,7 @@ mod tests {
         );
         assert_eq!(time(UTC_TIME, b"701301000000Z"), None);
         assert_eq!(time(UTC_TIME, b"700101000000"), None);
+        assert_eq!(time(UTC_TIME, "7é010100000Z".as_bytes()), None);
         assert_eq!(utc(951_868_800 - 1), "2000-02-29 23:59:59 UTC");
     }
 

@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 use super::subscriptions::Subscriptions;
 use super::{
     Ack, DISCONNECT_GRACE, MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET, MQTT_CONNECT_TIMEOUT,
-    MqttPhase, MqttState, Notice, NotifyClient, RECONNECT_BASE, RECONNECT_CAP, REQUEST_QUEUE,
-    describe, policy_statement, silence_limit,
+    MqttPhase, MqttState, Notice, NotifyClient, OWN_TOPIC_REFUSED, RECONNECT_BASE, RECONNECT_CAP,
+    REQUEST_QUEUE, describe, policy_statement, silence_limit, topic_statement,
 };
 use crate::backoff::MqttReconnect;
 use crate::protocol::notify::{notify_topic, parse};
@@ -232,9 +232,9 @@ impl Connection {
         }
         match outcome.own {
             Some(false) => Err(format!(
-                "the broker refused the subscription to {}: check that the device policy allows iot:Subscribe and iot:Receive on it ({})",
+                "{OWN_TOPIC_REFUSED} {}: check that the device policy allows iot:Subscribe and iot:Receive on it ({})",
                 self.cfg.topic,
-                policy_statement(&self.cfg.thing)
+                topic_statement(&self.cfg.topic)
             )),
             Some(true) => {
                 self.on_subscribed();

@@ -107,10 +107,19 @@ pub const REQUEST_QUEUE: usize = MAX_UNSUBSCRIBE
 /// Rule (policy hint): the IoT policy statements that let the gateway's certificate follow a
 /// thing's notify topic.
 pub fn policy_statement(thing: &str) -> String {
+    topic_statement(&crate::protocol::notify::notify_topic(thing))
+}
+
+/// The same for any topic (a remapped `mqtt.notify_topic`).
+pub fn topic_statement(topic: &str) -> String {
     format!(
-        r#"{{"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:REGION:ACCOUNT:topicfilter/$aws/things/{thing}/tunnels/notify"}}, {{"Effect":"Allow","Action":"iot:Receive","Resource":"arn:aws:iot:REGION:ACCOUNT:topic/$aws/things/{thing}/tunnels/notify"}}"#
+        r#"{{"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:REGION:ACCOUNT:topicfilter/{topic}"}}, {{"Effect":"Allow","Action":"iot:Receive","Resource":"arn:aws:iot:REGION:ACCOUNT:topic/{topic}"}}"#
     )
 }
+
+/// How the agent's error for a refused subscription of its own topic begins (`status`
+/// shows it; `doctor` recognises it).
+pub const OWN_TOPIC_REFUSED: &str = "the broker refused the subscription to";
 
 /// Rule: a broker that sends nothing (not even the PINGRESP due every keep-alive) for 1.5
 /// keep-alives is gone.

@@ -158,6 +158,7 @@ async fn every_check_passes_when_the_policy_allows_each_topic_and_the_data_plane
         ("mqtt-connect", "pass"),
         ("mqtt-subscribe", "pass"),
         ("mqtt-subscribe", "pass"),
+        ("dns", "pass"),
         ("data-plane", "pass"),
     ];
     let got = names(&report);
@@ -340,9 +341,9 @@ async fn an_expired_device_certificate_is_named_with_its_date() {
         .find(|c| c["status"] == "fail" && c["name"] != "certificate" && c["name"] != "data-plane")
         .unwrap_or_else(|| panic!("the broker's refusal is not reported: {printed}"));
     let saw = text(refused, "saw");
-    assert!(
-        saw.starts_with("the server refused the device certificate"),
-        "{saw}"
+    assert_eq!(
+        saw,
+        "the server refused the device certificate: it has expired"
     );
 }
 
@@ -422,18 +423,29 @@ async fn while_the_agent_runs_doctor_asks_it_instead_of_disconnecting_it() {
     );
     let saw = text(check(&report, "mqtt-subscribe", THING), "saw");
     assert_eq!(saw, format!("the running agent follows {}", notify(THING)));
-    // With its own id, doctor connects beside the agent.
+    // The agent's own id given explicitly is still the agent's: asked, not used.
+    let (code, report, printed) = doctor(&config, &["--client-id", THING]).await;
+    assert_eq!(code, 0, "{printed}");
+    let saw = text(check(&report, "mqtt-connect", THING), "saw");
+    assert!(
+        saw.starts_with("the running agent is subscribed since"),
+        "{saw}"
+    );
+    // With another id, doctor connects beside the agent.
     let (code, report, printed) = doctor(&config, &["--client-id", "gw-doc-2"]).await;
     assert_eq!(code, 0, "{printed}");
-    assert!(
-        text(check(&report, "mqtt-connect", "gw-doc-2"), "saw").starts_with("CONNACK accepted")
-    );
-    assert_eq!(
-        site.mosquitto.log.count(connected),
-        1,
-        "{}",
-        site.mosquitto.log.text()
-    );
+    let saw = text(check(&report, "mqtt-connect", "gw-doc-2"), "saw");
+    assert!(saw.starts_with("CONNACK accepted"), "{saw}");
+    // Once the broker has logged the last doctor's goodbye, it has logged every connection
+    // before it: still the agent's one, and the agent never lost it.
+    let log_m = &site.mosquitto.log;
+    let bye = tokio::time::timeout(
+        DEADLINE,
+        log_m.wait(0, |l| l.contains("Received DISCONNECT from gw-doc-2")),
+    )
+    .await;
+    assert!(matches!(bye, Ok(Some(_))), "{}", log_m.text());
+    assert_eq!(log_m.count(connected), 1, "{}", log_m.text());
     assert_eq!(
         log.count(|l| l.contains("MQTT connection")),
         0,
