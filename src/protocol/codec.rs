@@ -354,6 +354,34 @@ mod tests {
     }
 
     #[test]
+    fn a_message_of_exactly_65535_bytes_encodes_and_one_more_is_refused() {
+        // The longest service id that, with the largest payload, still fits the prefix.
+        let sized = |n: usize| Message::data(1, &"s".repeat(n), 1, vec![0u8; MAX_PAYLOAD].into());
+        let n = (0..2000)
+            .find(|n| sized(*n).encoded_len() == MAX_MESSAGE)
+            .unwrap();
+        let mut out = BytesMut::new();
+        FrameCodec.encode(&sized(n), &mut out).unwrap();
+        assert_eq!(out.len(), LENGTH_PREFIX + MAX_MESSAGE);
+        assert_eq!(sized(n + 1).encoded_len(), MAX_MESSAGE + 1);
+        assert!(matches!(
+            FrameCodec.encode(&sized(n + 1), &mut BytesMut::new()),
+            Err(ProtocolError::PayloadTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn the_raw_codec_decodes_the_front_frame_and_leaves_the_rest() {
+        let m = Message::stream_start(1, "SSH", 1);
+        let wire = encode_all(&[m.clone(), m]);
+        let mut src = BytesMut::from(&wire[..wire.len() - 1]);
+        let first = RawFrameCodec.decode(&mut src).unwrap().unwrap();
+        assert_eq!(first, wire[..wire.len() / 2]);
+        assert_eq!(RawFrameCodec.decode(&mut src).unwrap(), None, "incomplete");
+        assert_eq!(src.len(), wire.len() / 2 - 1);
+    }
+
+    #[test]
     fn raw_codec_returns_whole_frames() {
         let m = Message::stream_start(1, "SSH", 1);
         let wire = encode_all(&[m.clone(), m]).freeze();
