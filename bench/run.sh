@@ -12,6 +12,8 @@ cargo build --locked --release --workspace --bins >&2
 # one unified with the emulator's.
 cargo build --locked --release -p securetunnel-agent >&2
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl >&2
+# cross/build.sh builds std from source for musl targets.
+rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src >&2
 # Built as the ARM musl binaries are (cross/build.sh).
 cross/build.sh x86_64-unknown-linux-musl >/dev/null
 demo=target/release/securetunnel-demo

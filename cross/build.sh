@@ -23,9 +23,9 @@ for t in "${targets[@]}"; do
     extra=()
     envs=("CC_${t//-/_}=$gcc" "CARGO_TARGET_${var}_LINKER=$linker")
     # Identical code folding: generic code instantiated alike many times is kept once
-    # (28 KiB off the aarch64 binary, which must stay within 2.5 MiB). No unwind tables for
-    # the crates we compile (std keeps its own; 62 KiB more): the release profile aborts on
-    # panic, so nothing unwinds and only backtraces lose them (drop this with panic=unwind).
+    # (28 KiB off the aarch64 binary, which must stay within 2.5 MiB). No unwind tables
+    # (std's too, built below): the release profile aborts on panic, so nothing unwinds and
+    # only backtraces lose them (drop this with panic=unwind).
     # Panic messages without file:line (-Z location-detail=none, through RUSTC_BOOTSTRAP as
     # the armv7 build's std already is): 60 KiB; the message itself stays, and a panic
     # aborts either way.
