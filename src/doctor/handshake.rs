@@ -38,7 +38,7 @@ pub async fn handshake(
                 "tls",
                 target,
                 e.to_string(),
-                "check the host name",
+                endpoint_fix(side),
             ));
             return None;
         }
@@ -53,7 +53,10 @@ pub async fn handshake(
         }
         Err(_) => {
             let saw = format!("no TLS handshake within {}s", STEP_TIMEOUT.as_secs());
-            let fix = "the port answers but does not speak TLS: check the port and any firewall that inspects traffic";
+            let fix = format!(
+                "the port answers but does not speak TLS: {}",
+                endpoint_fix(side)
+            );
             report.add(Check::fail("tls", target, saw, fix));
             return None;
         }

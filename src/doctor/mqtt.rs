@@ -66,6 +66,10 @@ pub fn connack_refusal(code: ConnectReturnCode, client_id: &str) -> (String, Str
             "the broker is unavailable (CONNACK 3)".into(),
             "try again later; AWS IoT's service health: https://health.aws.amazon.com".into(),
         ),
+        ConnectReturnCode::RefusedProtocolVersion => (
+            "the broker refused MQTT 3.1.1".into(),
+            "check mqtt.endpoint and mqtt.port: AWS IoT speaks MQTT 3.1.1 there".into(),
+        ),
         other => (format!("the broker refused the CONNECT: {other:?}"), policy),
     }
 }
