@@ -6,12 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use securetunnel_emulator::Emulator;
-use securetunnel_emulator::pki::TestPki;
+use securetunnel_emulator::pki::{TestPki, mutual_tls_client};
 use securetunnel_emulator::testkit::free_port;
 use serde_json::Value;
 
 use crate::common::http_proxy::Tinyproxy;
-use crate::common::rig::{Files, Mosquitto};
+use crate::common::rig::{ADMIN, Files, Mosquitto};
 use crate::common::{DEADLINE, emulator, spawn_logged, within};
 
 const THING: &str = "gw-doc";
@@ -27,7 +27,8 @@ struct Site {
     _dir: tempfile::TempDir,
 }
 
-/// The dynamic-security policy: `THING` may subscribe to `topics`; nothing else is allowed.
+/// The dynamic-security policy: `THING` may subscribe to `topics`, the admin publish
+/// notifies; nothing else is allowed.
 fn dynsec(topics: &[&str]) -> String {
     let acls: Vec<Value> = topics
         .iter()
@@ -35,9 +36,15 @@ fn dynsec(topics: &[&str]) -> String {
         .collect();
     serde_json::json!({
         "defaultACLAccess": {"publishClientSend": false, "publishClientReceive": true, "subscribe": false, "unsubscribe": true},
-        "clients": [{"username": THING, "roles": [{"rolename": "gateway"}]}],
+        "clients": [
+            {"username": THING, "roles": [{"rolename": "gateway"}]},
+            {"username": ADMIN, "roles": [{"rolename": "admin"}]},
+        ],
         "groups": [],
-        "roles": [{"rolename": "gateway", "acls": acls}],
+        "roles": [
+            {"rolename": "gateway", "acls": acls},
+            {"rolename": "admin", "acls": [{"acltype": "publishClientSend", "topic": "$aws/things/+/tunnels/notify", "priority": 0, "allow": true}]},
+        ],
     })
     .to_string()
 }
@@ -450,6 +457,84 @@ async fn while_the_agent_runs_doctor_asks_it_instead_of_disconnecting_it() {
         log.count(|l| l.contains("MQTT connection")),
         0,
         "{}",
+        log.text()
+    );
+}
+
+/// Publishes `payload` to `THING`'s notify topic as the admin, QoS 1, until the broker
+/// acknowledges it.
+async fn publish_notify(site: &Site, payload: &str) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+    let mut opts = MqttOptions::new(ADMIN, "127.0.0.1", site.mosquitto.port);
+    let tls = mutual_tls_client(&site.files.ca_pem, &site.files.admin).unwrap();
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    let (client, mut events) = AsyncClient::new(opts, 10);
+    client
+        .publish(
+            notify(THING),
+            QoS::AtLeastOnce,
+            false,
+            payload.as_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
+    within("the broker acknowledges the notify", async {
+        loop {
+            if let Event::Incoming(Packet::PubAck(_)) = events.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_notify_queued_for_the_stopped_agent_is_neither_shown_nor_taken() {
+    let site = Site::start(&[THING], "").await;
+    let config = site.good_config("");
+    let run = |config: &Path| {
+        let mut cmd = tokio::process::Command::new(AGENT);
+        cmd.arg("--config").arg(config).arg("run");
+        spawn_logged(&mut cmd, "agent")
+    };
+    let subscribed = |l: &str| l.contains("subscribed to tunnel notifications");
+    // The agent's persistent session follows its topic; then the agent stops.
+    let (mut agent, log) = run(&config);
+    assert!(
+        matches!(
+            tokio::time::timeout(DEADLINE, log.wait(0, subscribed)).await,
+            Ok(Some(_))
+        ),
+        "{}",
+        log.text()
+    );
+    // SAFETY: kill(2) with a live child's pid and a valid signal number.
+    assert_eq!(
+        unsafe { libc::kill(agent.id().unwrap() as i32, libc::SIGTERM) },
+        0
+    );
+    within("the agent stops", agent.wait()).await.unwrap();
+    // OpenTunnel while it is down: the broker queues the notify in its session.
+    let token = "AQGAdoctor-queued-token-1";
+    let payload = format!(
+        r#"{{"clientAccessToken":"{token}","clientMode":"destination","region":"us-east-1","services":["SSH"]}}"#
+    );
+    publish_notify(&site, &payload).await;
+    let (code, report, printed) = doctor(&config, &[]).await;
+    assert_eq!(code, 0, "{printed}");
+    let saw = text(check(&report, "mqtt-connect", THING), "saw");
+    assert_eq!(saw, "CONNACK accepted (session present: yes)");
+    assert!(
+        !printed.contains(token),
+        "the queued notify's token was printed: {printed}"
+    );
+    // The agent, started again, still gets it: doctor neither acknowledged nor unsubscribed.
+    let (_agent, log) = run(&config);
+    let started =
+        tokio::time::timeout(DEADLINE, log.wait(0, |l| l.contains("session started"))).await;
+    assert!(
+        matches!(started, Ok(Some(_))),
+        "the queued notify was lost:\n{}",
         log.text()
     );
 }
