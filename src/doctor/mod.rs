@@ -120,7 +120,8 @@ fn configuration(
         Ok((cfg, checked))
     });
     match loaded {
-        Ok(_) if !report.ok && !report.checks.is_empty() => None,
+        // A bad --region: the configuration is fine, the command line is not.
+        Ok(_) if report.failed() > 0 => None,
         Ok((cfg, checked)) => {
             let saw = format!(
                 "thing {}, MQTT {}:{}",
