@@ -106,6 +106,9 @@ pub(crate) async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<
         let channel_id = uuid::Uuid::new_v4().to_string();
         let verdict = handshake::decide(&mut shared.lock(), req);
         let channel = HeaderValue::from_str(&channel_id).unwrap_or(HeaderValue::from_static("-"));
+        // The service dates its answers; `doctor` compares the gateway's clock with it.
+        let date = HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
+            .unwrap_or(HeaderValue::from_static("-"));
         match verdict {
             Ok(accepted) => {
                 let h = resp.headers_mut();
@@ -114,6 +117,7 @@ pub(crate) async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<
                     HeaderValue::from_static(accepted.subprotocol),
                 );
                 h.insert("channel-id", channel);
+                h.insert("date", date);
                 decision = Some(accepted);
                 Ok(resp)
             }
@@ -123,6 +127,7 @@ pub(crate) async fn serve(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<
                 *err.status_mut() =
                     StatusCode::from_u16(rejected.status).unwrap_or(StatusCode::BAD_REQUEST);
                 err.headers_mut().insert("channel-id", channel);
+                err.headers_mut().insert("date", date);
                 Err(err)
             }
         }

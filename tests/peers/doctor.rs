@@ -167,6 +167,7 @@ async fn every_check_passes_when_the_policy_allows_each_topic_and_the_data_plane
         ("mqtt-subscribe", "pass"),
         ("dns", "pass"),
         ("data-plane", "pass"),
+        ("clock", "pass"),
     ];
     let got = names(&report);
     let got: Vec<(&str, &str)> = got.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect();
@@ -194,8 +195,11 @@ async fn every_check_passes_when_the_policy_allows_each_topic_and_the_data_plane
         let saw = text(check(&report, "mqtt-subscribe", thing), "saw");
         assert_eq!(saw, format!("{} granted (AtLeastOnce)", notify(thing)));
     }
-    let dp = report["checks"].as_array().unwrap().last().unwrap();
-    assert!(text(dp, "target").ends_with(&site.emu.endpoint()), "{dp:#}");
+    let dp = check(
+        &report,
+        "data-plane",
+        &format!("- wss://{}", site.emu.endpoint()),
+    );
     let saw = text(dp, "saw");
     assert!(
         saw.starts_with("HTTP 401 \"Missing access token\""),
@@ -211,6 +215,9 @@ async fn every_check_passes_when_the_policy_allows_each_topic_and_the_data_plane
             log.text()
         );
     };
+    // The service's Date against the local clock (the emulator's is this machine's).
+    let clock = text(check(&report, "clock", "service Date"), "saw");
+    assert!(clock.starts_with("the local clock reads 20"), "{clock}");
     said(format!("Received UNSUBSCRIBE from {THING}")).await;
     said(format!("Received DISCONNECT from {THING}")).await;
     assert!(!site.files.dir.join("state").exists());
