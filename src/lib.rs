@@ -7,6 +7,8 @@
 //! - [`backoff`]: reconnect policies (websocket and MQTT), pure state.
 //! - [`tls`], [`secret`], [`proxy`]: TLS client configuration; tokens that never leak;
 //!   HTTP CONNECT proxies.
+//! - [`pkcs11`]: device keys in a token (TPM, secure element, HSM): the URI, and with the
+//!   `pkcs11` feature the token's key as a rustls signing key.
 //! - [`cli`], [`signals`]: the command line (`run`, `check-config`, `local-proxy` with the
 //!   reference localproxy's options) and SIGINT/SIGTERM as cancellation.
 //! - [`lookup`]: bounded name lookups of host-name services.
@@ -36,6 +38,7 @@ mod mqtt;
 mod net;
 mod persist;
 mod persist_writer;
+pub mod pkcs11;
 pub mod protocol;
 pub mod proxy;
 mod proxy_front;

@@ -1,5 +1,5 @@
-//! Secrets (access and client tokens) in a newtype that never prints its value and is wiped
-//! from memory when dropped.
+//! Secrets (access and client tokens, a token's PIN) in newtypes that never print their
+//! value and are wiped from memory when dropped.
 
 use std::fmt;
 
@@ -73,6 +73,28 @@ impl fmt::Display for Secret {
     }
 }
 
+/// A token's PIN (`mqtt.pkcs11_pin_file`): shown as `PIN(redacted)`, never even as a
+/// hash (a short PIN's hash gives it away), wiped from memory when dropped.
+pub struct Pin(Zeroizing<String>);
+
+impl Pin {
+    /// Wraps a value read from the PIN file.
+    pub fn new(value: impl Into<String>) -> Self {
+        Pin(Zeroizing::new(value.into()))
+    }
+
+    /// The raw value, for the one place that must send it (the token's login).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PIN(redacted)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +109,14 @@ mod tests {
         assert_eq!(s.fingerprint().len(), 8);
         assert_ne!(s.fingerprint(), Secret::new("other").fingerprint());
         assert_eq!(s.hash().to_string(), s.to_string());
+    }
+
+    #[test]
+    fn a_pin_shows_neither_its_value_nor_a_hash_of_it() {
+        let p = Pin::new("1234");
+        assert_eq!(format!("{p:?}"), "PIN(redacted)");
+        assert_eq!(format!("{:?}", Some(&p)), "Some(PIN(redacted))");
+        assert_eq!(p.expose(), "1234");
     }
 
     #[test]

@@ -149,11 +149,17 @@ impl Agent {
         let cfg = &self.cfg;
         let client = NotifyClient::new(cfg, checked.mqtt_tls.clone(), downstream);
         let spread = cfg.mqtt.reconnect_spread;
-        let task = tokio::spawn(
-            client
-                .run(tx, state, cancel.clone(), spread)
-                .instrument(info_span!("mqtt")),
-        );
+        let run = client
+            .run(tx, state, cancel.clone(), spread)
+            .instrument(info_span!("mqtt"));
+        let task = if checked.identity.in_token {
+            // The token signs each handshake synchronously, and a TPM takes tens to hundreds
+            // of ms: the client runs on a thread of its own, so no bridge waits for it.
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || runtime.block_on(run))
+        } else {
+            tokio::spawn(run)
+        };
         (notifications, task)
     }
 

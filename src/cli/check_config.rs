@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::{Config, UNIT_LIMIT_NOFILE, UNIT_MEMORY_MAX, resource_needs};
+use crate::config::{Config, Identity, UNIT_LIMIT_NOFILE, UNIT_MEMORY_MAX, resource_needs};
 use crate::services::ServiceMap;
 
 /// Exit 0 and a redacted summary, or every problem and exit 2.
@@ -33,7 +33,7 @@ pub fn check_config(path: &Path, user: Option<&str>) -> ExitCode {
         sockets.extend(thing.into_iter().map(|w| format!("thing {name}: {w}")));
     }
     println!("{}: OK", path.display());
-    for (k, v) in summary(&cfg) {
+    for (k, v) in summary(&cfg, &checked.identity) {
         println!("  {k:<16} {v}");
     }
     for w in checked.warnings.iter().chain(&sockets) {
@@ -43,17 +43,14 @@ pub fn check_config(path: &Path, user: Option<&str>) -> ExitCode {
 }
 
 /// The summary's lines, as (label, value).
-pub fn summary(cfg: &Config) -> Vec<(&'static str, String)> {
+pub fn summary(cfg: &Config, id: &Identity) -> Vec<(&'static str, String)> {
     vec![
         ("thing name", cfg.thing_name.clone()),
         ("downstream things", downstream(cfg)),
         ("notify topic", cfg.notify_topic()),
         ("MQTT", mqtt(cfg)),
-        ("certificate", cfg.mqtt.cert.display().to_string()),
-        (
-            "private key",
-            format!("{} (matches the certificate)", cfg.mqtt.key.display()),
-        ),
+        ("certificate", id.cert_source.clone()),
+        ("private key", id.key.clone()),
         (
             "MQTT CA",
             cfg.mqtt

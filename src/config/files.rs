@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::{Config, ConfigError, ConfigErrors, err};
+use super::{Config, ConfigError, ConfigErrors, DeviceKey, err};
 use crate::tls::{TlsError, TlsOptions, client_config, provider, root_store};
 
 /// What the files named by a config turned into.
@@ -16,7 +16,29 @@ use crate::tls::{TlsError, TlsOptions, client_config, provider, root_store};
 pub struct Checked {
     pub mqtt_tls: Arc<rustls::ClientConfig>,
     pub tunnel_tls: Arc<rustls::ClientConfig>,
+    pub identity: Identity,
     pub warnings: Vec<String>,
+}
+
+/// What the device presents to the broker.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// The device certificate (from `mqtt.cert` or the token).
+    pub cert: CertificateDer<'static>,
+    /// Where the certificate is, for messages: the file, or "the token".
+    pub cert_source: String,
+    /// The key, for `check-config` and `doctor`: "matches the certificate", or its type in
+    /// its token.
+    pub key: String,
+    /// The key is in a token: the handshake's signature blocks on it.
+    pub in_token: bool,
+}
+
+/// How the MQTT client authenticates: a key from a file, or a token's resolver.
+enum ClientAuth {
+    Pem(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    #[cfg_attr(not(feature = "pkcs11"), allow(dead_code))]
+    Token(Arc<dyn rustls::client::ResolvesClientCert>),
 }
 
 fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
@@ -47,31 +69,23 @@ fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
 }
 
 /// Opens every file the config names: certificates parse, the key loads (PKCS#8, SEC1 or
-/// PKCS#1) and belongs to the certificate, and the TLS configurations build.
+/// PKCS#1, or from its token) and belongs to the certificate, and the TLS configurations
+/// build. A token key opens the token: call it off the async runtime.
 pub fn check_files(cfg: &Config) -> Result<Checked, ConfigErrors> {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    let cert = read_certs("mqtt.cert", &cfg.mqtt.cert)
-        .map_err(|e| errors.push(e))
-        .ok();
-    let key = PrivateKeyDer::from_pem_file(&cfg.mqtt.key)
-        .map_err(|e| {
-            errors.push(err(
-                "mqtt.key",
-                format!("{}: {}", cfg.mqtt.key.display(), pem_problem(&e)),
-                "give the device's private key in PEM (PKCS#8, SEC1 or PKCS#1)",
-            ))
-        })
-        .ok();
-    if let Ok(meta) = std::fs::metadata(&cfg.mqtt.key) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o044 != 0 {
-            warnings.push(format!(
-                "mqtt.key: {} is readable by group or others (mode {mode:04o}); run chmod 600 on it",
-                cfg.mqtt.key.display()
-            ));
-        }
+    let cert = match &cfg.mqtt.cert {
+        Some(path) => read_certs("mqtt.cert", path)
+            .map_err(|e| errors.push(e))
+            .ok(),
+        None => None,
+    };
+    let auth = match &cfg.mqtt.key {
+        DeviceKey::File(path) => pem_identity(cfg, path, cert, &mut warnings),
+        DeviceKey::Token(key) => token_identity(cfg, key, cert, &mut warnings),
     }
+    .map_err(|e| errors.push(e))
+    .ok();
     // mqtt.ca pins the broker: only those roots.
     let mut mqtt_trust = if cfg.mqtt.ca.is_some() {
         TlsOptions::default()
@@ -104,19 +118,21 @@ pub fn check_files(cfg: &Config) -> Result<Checked, ConfigErrors> {
         }
     }
     let mut mqtt_tls = None;
-    if let (Some(cert), Some(key)) = (cert, key) {
-        match mqtt_client_config(cfg, &mqtt_trust, cert, key) {
-            Ok(c) => mqtt_tls = Some(c),
+    let mut identity = None;
+    if let Some((auth, about)) = auth {
+        match mqtt_client_config(cfg, &mqtt_trust, auth) {
+            Ok(c) => (mqtt_tls, identity) = (Some(c), Some(about)),
             Err(e) => errors.push(e),
         }
     }
     let tunnel_tls = client_config(&tunnel_trust)
         .map_err(|e| errors.push(err("tunnel.ca", e.to_string(), "")))
         .ok();
-    match (errors.is_empty(), mqtt_tls, tunnel_tls) {
-        (true, Some(mqtt_tls), Some(tunnel_tls)) => Ok(Checked {
+    match (errors.is_empty(), mqtt_tls, tunnel_tls, identity) {
+        (true, Some(mqtt_tls), Some(tunnel_tls), Some(identity)) => Ok(Checked {
             mqtt_tls,
             tunnel_tls,
+            identity,
             warnings,
         }),
         _ => Err(ConfigErrors(errors)),
@@ -126,8 +142,7 @@ pub fn check_files(cfg: &Config) -> Result<Checked, ConfigErrors> {
 fn mqtt_client_config(
     cfg: &Config,
     trust: &TlsOptions,
-    cert: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    auth: ClientAuth,
 ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
     let roots = root_store(trust).map_err(|e| match e {
         TlsError::NoRoots => err(
@@ -137,29 +152,115 @@ fn mqtt_client_config(
         ),
         other => err("mqtt.ca", other.to_string(), "give a valid CA certificate"),
     })?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| err("mqtt", e.to_string(), ""))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(cert, key)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => err(
-                "mqtt.key",
-                format!(
-                    "{} does not belong to the certificate {}",
-                    cfg.mqtt.key.display(),
-                    cfg.mqtt.cert.display()
-                ),
-                "use the private key that was created with this certificate",
-            ),
-            other => err(
-                "mqtt.key",
-                other.to_string(),
-                "give the device's private key in PEM",
-            ),
-        })?;
+        .with_root_certificates(roots);
+    let mut config = match auth {
+        ClientAuth::Token(resolver) => builder.with_client_cert_resolver(resolver),
+        ClientAuth::Pem(cert, key) => builder
+            .with_client_auth_cert(cert, key)
+            .map_err(|e| key_refused(cfg, e))?,
+    };
     if let Some(p) = &cfg.mqtt.alpn {
         config.alpn_protocols = vec![p.as_bytes().to_vec()];
     }
     Ok(Arc::new(config))
+}
+
+fn key_refused(cfg: &Config, e: rustls::Error) -> ConfigError {
+    match e {
+        rustls::Error::InconsistentKeys(_) => err(
+            "mqtt.key",
+            format!(
+                "{} does not belong to the certificate {}",
+                cfg.mqtt.key,
+                cfg.mqtt.cert.as_deref().unwrap_or(Path::new("")).display()
+            ),
+            "use the private key that was created with this certificate",
+        ),
+        other => err(
+            "mqtt.key",
+            other.to_string(),
+            "give the device's private key in PEM",
+        ),
+    }
+}
+
+/// Where the certificate comes from, for messages.
+fn cert_source(cfg: &Config) -> String {
+    match &cfg.mqtt.cert {
+        Some(path) => path.display().to_string(),
+        None => "the token's certificate object".to_owned(),
+    }
+}
+
+/// Rule: a key or PIN file readable by group or others is worth a warning.
+fn exposed(what: &str, path: &Path) -> Option<String> {
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o044 != 0).then(|| {
+        format!(
+            "{what}: {} is readable by group or others (mode {mode:04o}); run chmod 600 on it",
+            path.display()
+        )
+    })
+}
+
+/// A PEM key file and the certificate it goes with.
+fn pem_identity(
+    cfg: &Config,
+    path: &Path,
+    cert: Option<Vec<CertificateDer<'static>>>,
+    warnings: &mut Vec<String>,
+) -> Result<(ClientAuth, Identity), ConfigError> {
+    let key = PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        err(
+            "mqtt.key",
+            format!("{}: {}", path.display(), pem_problem(&e)),
+            "give the device's private key in PEM (PKCS#8, SEC1 or PKCS#1)",
+        )
+    })?;
+    warnings.extend(exposed("mqtt.key", path));
+    // An unreadable certificate is already an error of its own.
+    let chain = cert.ok_or_else(|| err("mqtt.cert", "could not be read", ""))?;
+    let identity = Identity {
+        cert: chain[0].clone(),
+        cert_source: cert_source(cfg),
+        key: format!("{path} (matches the certificate)", path = path.display()),
+        in_token: false,
+    };
+    Ok((ClientAuth::Pem(chain, key), identity))
+}
+
+/// A key in a token: opened, found, and checked against the certificate by a signature.
+#[cfg(feature = "pkcs11")]
+fn token_identity(
+    cfg: &Config,
+    key: &crate::pkcs11::KeyRef,
+    cert: Option<Vec<CertificateDer<'static>>>,
+    warnings: &mut Vec<String>,
+) -> Result<(ClientAuth, Identity), ConfigError> {
+    warnings.extend(exposed("mqtt.pkcs11_pin_file", &key.pin_file));
+    let token = crate::pkcs11::identity(key, cert).map_err(|e| err(e.setting, e.problem, e.fix))?;
+    let identity = Identity {
+        cert_source: cert_source(cfg),
+        cert: token.cert,
+        key: format!(
+            "{} ({}, matches the certificate)",
+            key.text, token.description
+        ),
+        in_token: true,
+    };
+    Ok((ClientAuth::Token(token.resolver), identity))
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn token_identity(
+    _cfg: &Config,
+    _key: &crate::pkcs11::KeyRef,
+    _cert: Option<Vec<CertificateDer<'static>>>,
+    _warnings: &mut Vec<String>,
+) -> Result<(ClientAuth, Identity), ConfigError> {
+    let e = crate::pkcs11::not_built();
+    Err(err(e.setting, e.problem, e.fix))
 }

@@ -56,8 +56,9 @@ pub struct MqttConfig {
     pub host: String,
     pub port: u16,
     pub client_id: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// `None` only with a token key: the token holds the certificate.
+    pub cert: Option<PathBuf>,
+    pub key: DeviceKey,
     pub ca: Option<PathBuf>,
     pub keep_alive: Duration,
     /// Set when a local bridge remaps `$aws/things/<thing>/tunnels/notify`.
@@ -233,12 +234,14 @@ pub fn default_runtime_dir(run_exists: bool) -> PathBuf {
     }
 }
 
+mod device_key;
 mod files;
 mod resources;
 mod schema;
 mod validate;
 
-pub use files::{Checked, check_files};
+pub use device_key::DeviceKey;
+pub use files::{Checked, Identity, check_files};
 pub use resources::{UNIT_LIMIT_NOFILE, UNIT_MEMORY_MAX, resource_needs};
 
 #[cfg(test)]

@@ -65,8 +65,12 @@ pub(super) struct RawMqtt {
     #[serde(default = "default_mqtt_port")]
     pub(super) port: u16,
     pub(super) client_id: Option<String>,
-    pub(super) cert: PathBuf,
-    pub(super) key: PathBuf,
+    /// Optional only with a token key, whose token may hold the certificate.
+    pub(super) cert: Option<PathBuf>,
+    /// A PEM file's path, or a `pkcs11:` URI.
+    pub(super) key: String,
+    pub(super) pkcs11_module: Option<PathBuf>,
+    pub(super) pkcs11_pin_file: Option<PathBuf>,
     pub(super) ca: Option<PathBuf>,
     #[serde(default = "default_keep_alive")]
     pub(super) keep_alive_secs: u64,

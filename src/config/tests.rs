@@ -270,3 +270,65 @@ fn the_runtime_directory_is_under_run_or_var_run() {
         Path::new("/var/run/securetunnel-agent")
     );
 }
+
+/// `MIN` with `[mqtt]`'s cert and key lines replaced by `mqtt`.
+fn with_key(mqtt: &str) -> Result<Config, ConfigErrors> {
+    let text = MIN.replace(
+        "    cert = \"/etc/x/cert.pem\"\n    key = \"/etc/x/key.pem\"\n",
+        &format!("{mqtt}\n"),
+    );
+    parse_str(&text)
+}
+
+fn keys_of(e: ConfigErrors) -> Vec<String> {
+    e.0.into_iter().map(|e| e.key).collect()
+}
+
+#[test]
+fn a_key_file_needs_its_certificate_and_no_token_settings() {
+    let e = with_key("key = \"/k.pem\"\npkcs11_module = \"/m.so\"").unwrap_err();
+    assert_eq!(keys_of(e), ["mqtt.cert", "mqtt.pkcs11_module"]);
+    let c = with_key("key = \"/k.pem\"\ncert = \"/c.pem\"").unwrap();
+    assert_eq!(c.mqtt.key, DeviceKey::File("/k.pem".into()));
+}
+
+#[cfg(feature = "pkcs11")]
+#[test]
+fn a_token_key_takes_its_module_and_pin_file_from_the_settings_or_the_uri() {
+    let c = with_key("key = \"pkcs11:token=gw;object=dev?module-path=/m.so&pin-source=file:/pin\"")
+        .unwrap();
+    let DeviceKey::Token(k) = &c.mqtt.key else {
+        panic!("{:?}", c.mqtt.key)
+    };
+    assert_eq!(
+        (k.module.to_str(), k.pin_file.to_str()),
+        (Some("/m.so"), Some("/pin"))
+    );
+    assert_eq!(c.mqtt.cert, None);
+    let c = with_key(
+        "key = \"pkcs11:object=dev\"\npkcs11_module = \"/m.so\"\npkcs11_pin_file = \"/pin\"",
+    )
+    .unwrap();
+    assert!(matches!(c.mqtt.key, DeviceKey::Token(_)));
+}
+
+#[cfg(feature = "pkcs11")]
+#[test]
+fn a_token_key_without_a_module_or_pin_file_or_with_two_is_refused() {
+    let e = with_key("key = \"pkcs11:object=dev\"").unwrap_err();
+    assert_eq!(keys_of(e), ["mqtt.pkcs11_module", "mqtt.pkcs11_pin_file"]);
+    let e = with_key(
+        "key = \"pkcs11:object=dev?module-path=/a.so\"\npkcs11_module = \"/b.so\"\npkcs11_pin_file = \"pin\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("differ"), "{e}");
+    assert!(
+        e.contains("pkcs11_pin_file: pin is not an absolute path"),
+        "{e}"
+    );
+    let e = with_key("key = \"pkcs11:token=gw\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("names no key"), "{e}");
+}

@@ -30,6 +30,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
     let mut errors = Vec::new();
     check_thing_name(&raw.thing_name, &mut errors);
     let client_id = check_mqtt(&raw.mqtt, &raw.thing_name, &mut errors);
+    let key = super::device_key::check_device_key(&raw.mqtt, &mut errors);
     let (endpoint, resolve) = check_tunnel(&raw.tunnel, &mut errors);
     if raw.services.is_empty() {
         errors.push(err(
@@ -42,10 +43,12 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
     let proxy = check_proxy(raw.proxy.as_ref(), &mut errors);
     errors.extend(validate_things(&raw));
     check_paths(&raw, &mut errors);
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
+    match key {
+        Some(key) if errors.is_empty() => {
+            Ok(build(raw, path, client_id, key, endpoint, resolve, proxy))
+        }
+        _ => Err(ConfigErrors(errors)),
     }
-    Ok(build(raw, path, client_id, endpoint, resolve, proxy))
 }
 
 fn check_thing_name(name: &str, errors: &mut Vec<ConfigError>) {
@@ -283,6 +286,7 @@ fn build(
     raw: RawConfig,
     path: &Path,
     client_id: String,
+    key: super::DeviceKey,
     endpoint: Option<DataEndpoint>,
     resolve: Resolve,
     proxy: Option<crate::proxy::ProxySettings>,
@@ -294,7 +298,7 @@ fn build(
             port: raw.mqtt.port,
             client_id,
             cert: raw.mqtt.cert,
-            key: raw.mqtt.key,
+            key,
             ca: raw.mqtt.ca,
             keep_alive: Duration::from_secs(raw.mqtt.keep_alive_secs),
             notify_topic: raw.mqtt.notify_topic,

@@ -11,9 +11,6 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
-
 use crate::config::{Checked, Config};
 use crate::status::{QueryError, Snapshot};
 use report::{Check, Report};
@@ -80,7 +77,9 @@ fn offline(path: &Path, regions: &[String]) -> (Report, Option<(Config, Checked,
     let Some((cfg, checked)) = configuration(&mut report, path, regions) else {
         return (report, None);
     };
-    certificate(&mut report, &cfg);
+    let id = &checked.identity;
+    report.add(Check::pass("key", cfg.mqtt.key.to_string(), &id.key));
+    certificate(&mut report, id);
     let persisted = crate::persist::SessionStore::regions(&cfg.state_dir);
     (report, Some((cfg, checked, persisted)))
 }
@@ -148,11 +147,9 @@ fn configuration(
 }
 
 /// The device certificate's validity period against the local clock.
-fn certificate(report: &mut Report, cfg: &Config) {
-    let target = cfg.mqtt.cert.display().to_string();
-    let validity = CertificateDer::from_pem_file(&cfg.mqtt.cert)
-        .ok()
-        .and_then(|der| times::validity(&der));
+fn certificate(report: &mut Report, id: &crate::config::Identity) {
+    let target = id.cert_source.clone();
+    let validity = times::validity(&id.cert);
     let Some(v) = validity else {
         report.add(Check::skip(
             "certificate",
