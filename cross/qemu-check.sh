@@ -20,5 +20,11 @@ chmod +x "$work/agent"
 sed 's/^# thing_name =/thing_name =/' config/agent.toml > "$work/agent.toml"
 out="$("$work/agent" check-config --config "$work/agent.toml" 2>&1)" && { echo "qemu-check: check-config accepted missing files" >&2; exit 1; }
 grep -q "mqtt.cert" <<< "$out" || { echo "qemu-check: check-config output: $out" >&2; exit 1; }
+# The static builds cannot load a PKCS#11 module: a token key is refused, naming the .debs.
+sed 's|^key = .*|key = "pkcs11:token=gw;object=device?module-path=/usr/lib/x.so\&pin-source=file:/etc/pin"|' \
+    "$work/agent.toml" > "$work/token.toml"
+out="$("$work/agent" check-config --config "$work/token.toml" 2>&1)" && { echo "qemu-check: a PKCS#11 key was accepted" >&2; exit 1; }
+{ grep -q "built without PKCS#11 support" <<< "$out" && grep -q "install the glibc .deb" <<< "$out"; } \
+    || { echo "qemu-check: the PKCS#11 refusal: $out" >&2; exit 1; }
 SECURETUNNEL_DEMO_AGENT="$work/agent" "$demo" local-proxy 8
 echo "qemu-check: $target passed"

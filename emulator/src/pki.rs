@@ -77,6 +77,18 @@ impl TestPki {
         self.issue(params)
     }
 
+    /// A client certificate for `cn` over a public key held elsewhere (a token's), in PEM.
+    pub fn client_for_key(
+        &self,
+        cn: &str,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Result<String, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        Ok(params.signed_by(key, &self.ca)?.pem())
+    }
+
     fn issue(&self, params: CertificateParams) -> Result<Issued, rcgen::Error> {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.ca)?;

@@ -8,6 +8,7 @@ pub mod e2e;
 pub mod http_proxy;
 pub mod raw_source;
 pub mod rig;
+pub mod softhsm;
 pub mod system;
 
 pub use system::require_system_peers;

@@ -71,6 +71,13 @@ impl Files {
         self.identity(thing, &self.pki.expired_client(thing).unwrap())
     }
 
+    /// A certificate for `thing` over a token's public key (SubjectPublicKeyInfo, DER),
+    /// written as `<thing>.crt`.
+    pub fn thing_for_key(&self, thing: &str, spki: &super::softhsm::PublicKey) -> PathBuf {
+        let pem = self.pki.client_for_key(thing, spki).unwrap();
+        Self::write(&self.dir, &format!("{thing}.crt"), &pem)
+    }
+
     fn identity(&self, thing: &str, id: &Issued) -> (PathBuf, PathBuf) {
         use std::os::unix::fs::PermissionsExt;
         let cert = Self::write(&self.dir, &format!("{thing}.crt"), &id.cert_pem);

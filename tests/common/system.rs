@@ -27,8 +27,8 @@ pub fn require_system_peers() {
                 panic!("the in_process tier runs with Rust alone: it must not need system peers")
             }
             _ => (
-                "agent-process tests need mosquitto, tinyproxy, openssl and .venv (boto3, \
-                 aws-cli): run ./test.sh, which installs them",
+                "agent-process tests need mosquitto, tinyproxy, openssl, softhsm2, opensc \
+                 (pkcs11-tool) and .venv (boto3, aws-cli): run ./test.sh, which installs them",
                 peers_missing(),
             ),
         };
@@ -46,7 +46,13 @@ pub fn require_system_peers() {
 /// mosquitto), and the venv with boto3 and aws-cli.
 fn peers_missing() -> Vec<String> {
     let mut missing = Vec::new();
-    for program in ["mosquitto", "tinyproxy", "openssl"] {
+    for program in [
+        "mosquitto",
+        "tinyproxy",
+        "openssl",
+        "softhsm2-util",
+        "pkcs11-tool",
+    ] {
         if on_path(program).is_none() {
             let sbin = Path::new("/usr/sbin").join(program);
             missing.push(if executable(&sbin) {
@@ -58,6 +64,12 @@ fn peers_missing() -> Vec<String> {
     }
     if find_dynsec_plugin().is_none() {
         missing.push("mosquitto's dynamic-security plugin (apt-get install mosquitto)".to_owned());
+    }
+    if !Path::new(super::softhsm::MODULE).is_file() {
+        missing.push(format!(
+            "SoftHSM2's module {} (apt-get install softhsm2)",
+            super::softhsm::MODULE
+        ));
     }
     let venv = securetunnel_emulator::testkit::venv_dir();
     let boto3 = Command::new(venv.join("bin/python"))

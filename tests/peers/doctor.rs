@@ -158,6 +158,7 @@ async fn every_check_passes_when_the_policy_allows_each_topic_and_the_data_plane
     assert_eq!(report["ok"], true);
     let order: Vec<(&str, &str)> = vec![
         ("config", "pass"),
+        ("key", "pass"),
         ("certificate", "pass"),
         ("dns", "pass"),
         ("tcp", "pass"),

@@ -17,6 +17,8 @@ mod gateway;
 mod lifetime;
 mod local_proxy;
 mod mqtt;
+#[cfg(feature = "pkcs11")]
+mod pkcs11;
 mod proxy;
 mod resilience;
 mod restarts;
