@@ -31,6 +31,14 @@ securetunnel-agent --version | grep -q "^securetunnel-agent " || fail "--version
 # As shipped the thing name is commented out: check-config must say so and fail.
 out="$(securetunnel-agent check-config 2>&1)" && fail "check-config accepted the unedited example"
 echo "$out" | grep -q "thing_name" || fail "check-config did not name thing_name: $out"
+# The .deb is the build with PKCS#11 (cargo-deb's features): a token key is looked for, not refused.
+tok="$(mktemp)"
+sed -e 's/^# thing_name =/thing_name =/' \
+    -e 's|^key = .*|key = "pkcs11:token=gw;object=device?module-path=/usr/lib/nowhere/libtoken.so\&pin-source=file:/etc/pin"|' \
+    /etc/securetunnel-agent/agent.toml > "$tok"
+out="$(securetunnel-agent check-config --config "$tok" 2>&1)" && fail "check-config accepted a missing module"
+rm -f "$tok"
+echo "$out" | grep -q "/usr/lib/nowhere/libtoken.so does not exist" || fail "the .deb is built without PKCS#11: $out"
 
 command -v systemd-analyze >/dev/null || fail "systemd-analyze is missing: apt-get install systemd"
 systemd-analyze verify /usr/lib/systemd/system/securetunnel-agent.service || fail "systemd-analyze verify"
