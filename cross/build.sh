@@ -21,6 +21,9 @@ for t in "${targets[@]}"; do
         *) linker="$gcc" ;;
     esac
     extra=()
+    # The glibc builds (the .debs) can load a PKCS#11 module: keys in a TPM or HSM. A static
+    # musl binary has no dynamic loader, so it leaves the feature out (and refuses such keys).
+    case "$t" in *-gnu*) extra+=(--features pkcs11) ;; esac
     envs=("CC_${t//-/_}=$gcc" "CARGO_TARGET_${var}_LINKER=$linker")
     # Identical code folding: generic code instantiated alike many times is kept once
     # (28 KiB off the aarch64 binary, which must stay within 2.5 MiB). No unwind tables

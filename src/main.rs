@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         // An idle gateway gives the static build's cached message buffers back.
         #[cfg(target_env = "musl")]
         tokio::spawn(ALLOCATOR.trim_when_idle());
@@ -58,5 +58,9 @@ fn main() -> ExitCode {
                 json,
             } => cli::doctor(&args.config, regions, client_id, json, cancel).await,
         }
-    })
+    });
+    // Blocking work still running (a name lookup, a token stuck in its module) is not waited
+    // for: the process is ending.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }

@@ -103,6 +103,9 @@ struct NotStarted {
     file: Option<String>,
 }
 
+/// How long the stop waits for the MQTT client (its DISCONNECT takes at most 1 s).
+const MQTT_STOP: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl Agent {
     /// Runs until `cancel` (or an upgrade); then stops every bridge (sockets closed) within
     /// `DRAIN`. Persisted sessions stay on disk for the next start.
@@ -145,7 +148,8 @@ impl Agent {
         // Notices not acted on stay unacknowledged: the broker delivers them again.
         drop(inputs);
         mqtt_cancel.cancel();
-        let _ = mqtt_task.await;
+        // Bounded: with a key in a token the client's thread may be stuck in the module.
+        let _ = tokio::time::timeout(MQTT_STOP, mqtt_task).await;
         agent.shutdown().await;
         exit
     }

@@ -100,6 +100,17 @@ pub(crate) fn load_checked(
     }
 }
 
+/// `load_checked` on the blocking pool: a key in a token logs in and signs.
+async fn load_checked_off_runtime(
+    path: &std::path::Path,
+) -> Option<(crate::config::Config, crate::config::Checked)> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || load_checked(&path))
+        .await
+        .ok()
+        .flatten()
+}
+
 /// `status`: the running agent's live snapshot; exit 3 when it is not running, 1 when it
 /// cannot be asked (permission, busy).
 pub fn status(path: &std::path::Path, json: bool) -> ExitCode {
@@ -160,7 +171,7 @@ pub async fn doctor(
 
 /// `run`: the agent until SIGINT/SIGTERM.
 pub async fn run_agent(path: &std::path::Path, cancel: CancellationToken) -> ExitCode {
-    let Some(mut loaded) = load_checked(path) else {
+    let Some(mut loaded) = load_checked_off_runtime(path).await else {
         return ExitCode::from(2);
     };
     loop {
@@ -193,7 +204,7 @@ pub async fn run_agent(path: &std::path::Path, cancel: CancellationToken) -> Exi
         }
         // The configuration as it is now, or, if the new package changed it into one this
         // version refuses, the one it ran with: the running version must come back.
-        match load_checked(path) {
+        match load_checked_off_runtime(path).await {
             Some(now) => loaded = now,
             None => tracing::warn!(
                 "the configuration is not usable by the running version; it goes on with the one it started with"

@@ -74,19 +74,52 @@ fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
 pub fn check_files(cfg: &Config) -> Result<Checked, ConfigErrors> {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
+    // An unreadable mqtt.cert is its own error: a key file is still read (every missing file
+    // is named at once), a token is not opened to be checked against nothing.
     let cert = match &cfg.mqtt.cert {
         Some(path) => read_certs("mqtt.cert", path)
-            .map_err(|e| errors.push(e))
-            .ok(),
-        None => None,
+            .map(Some)
+            .map_err(|e| errors.push(e)),
+        None => Ok(None),
     };
-    let auth = match &cfg.mqtt.key {
-        DeviceKey::File(path) => pem_identity(cfg, path, cert, &mut warnings),
-        DeviceKey::Token(key) => token_identity(cfg, key, cert, &mut warnings),
+    let auth = match (&cfg.mqtt.key, cert) {
+        (DeviceKey::File(path), cert) => {
+            pem_identity(cfg, path, cert.ok().flatten(), &mut warnings)
+        }
+        (DeviceKey::Token(key), Ok(cert)) => {
+            token_identity(cfg, key, cert, &mut warnings).map(Some)
+        }
+        (DeviceKey::Token(_), Err(())) => Ok(None),
     }
     .map_err(|e| errors.push(e))
-    .ok();
-    // mqtt.ca pins the broker: only those roots.
+    .ok()
+    .flatten();
+    let (mqtt_trust, tunnel_trust) = trust(cfg, &mut errors);
+    let mut mqtt_tls = None;
+    let mut identity = None;
+    if let Some((auth, about)) = auth {
+        match mqtt_client_config(cfg, &mqtt_trust, auth) {
+            Ok(c) => (mqtt_tls, identity) = (Some(c), Some(about)),
+            Err(e) => errors.push(e),
+        }
+    }
+    let tunnel_tls = client_config(&tunnel_trust)
+        .map_err(|e| errors.push(err("tunnel.ca", e.to_string(), "")))
+        .ok();
+    match (errors.is_empty(), mqtt_tls, tunnel_tls, identity) {
+        (true, Some(mqtt_tls), Some(tunnel_tls), Some(identity)) => Ok(Checked {
+            mqtt_tls,
+            tunnel_tls,
+            identity,
+            warnings,
+        }),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+/// Whom MQTT and the data plane trust: `mqtt.ca` pins the broker (only those roots);
+/// `tunnel.ca` adds to the platform's roots, or replaces them with `tunnel.ca_only`.
+fn trust(cfg: &Config, errors: &mut Vec<ConfigError>) -> (TlsOptions, TlsOptions) {
     let mut mqtt_trust = if cfg.mqtt.ca.is_some() {
         TlsOptions::default()
     } else {
@@ -117,26 +150,7 @@ pub fn check_files(cfg: &Config) -> Result<Checked, ConfigErrors> {
             ));
         }
     }
-    let mut mqtt_tls = None;
-    let mut identity = None;
-    if let Some((auth, about)) = auth {
-        match mqtt_client_config(cfg, &mqtt_trust, auth) {
-            Ok(c) => (mqtt_tls, identity) = (Some(c), Some(about)),
-            Err(e) => errors.push(e),
-        }
-    }
-    let tunnel_tls = client_config(&tunnel_trust)
-        .map_err(|e| errors.push(err("tunnel.ca", e.to_string(), "")))
-        .ok();
-    match (errors.is_empty(), mqtt_tls, tunnel_tls, identity) {
-        (true, Some(mqtt_tls), Some(tunnel_tls), Some(identity)) => Ok(Checked {
-            mqtt_tls,
-            tunnel_tls,
-            identity,
-            warnings,
-        }),
-        _ => Err(ConfigErrors(errors)),
-    }
+    (mqtt_trust, tunnel_trust)
 }
 
 fn mqtt_client_config(
@@ -206,13 +220,13 @@ fn exposed(what: &str, path: &Path) -> Option<String> {
     })
 }
 
-/// A PEM key file and the certificate it goes with.
+/// A PEM key file and the certificate it goes with (`None`: the certificate could not be read).
 fn pem_identity(
     cfg: &Config,
     path: &Path,
     cert: Option<Vec<CertificateDer<'static>>>,
     warnings: &mut Vec<String>,
-) -> Result<(ClientAuth, Identity), ConfigError> {
+) -> Result<Option<(ClientAuth, Identity)>, ConfigError> {
     let key = PrivateKeyDer::from_pem_file(path).map_err(|e| {
         err(
             "mqtt.key",
@@ -221,15 +235,16 @@ fn pem_identity(
         )
     })?;
     warnings.extend(exposed("mqtt.key", path));
-    // An unreadable certificate is already an error of its own.
-    let chain = cert.ok_or_else(|| err("mqtt.cert", "could not be read", ""))?;
+    // Validation requires mqtt.cert with a key file.
+    let chain =
+        cert.ok_or_else(|| err("mqtt.cert", "is not set", "give the device certificate"))?;
     let identity = Identity {
         cert: chain[0].clone(),
         cert_source: cert_source(cfg),
         key: format!("{path} (matches the certificate)", path = path.display()),
         in_token: false,
     };
-    Ok((ClientAuth::Pem(chain, key), identity))
+    Ok(Some((ClientAuth::Pem(chain, key), identity)))
 }
 
 /// A key in a token: opened, found, and checked against the certificate by a signature.

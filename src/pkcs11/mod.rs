@@ -183,16 +183,31 @@ fn describe_key(uri: &Pkcs11Uri) -> String {
         .join(" with ")
 }
 
-/// Rule: the PIN is the file's content without one trailing newline; an empty one is
-/// refused. Errors name the file, never its content.
+/// The longest PIN file read (PKCS#11 PINs are short; a device or FIFO is not read on).
+const MAX_PIN_FILE: u64 = 256;
+
+/// Rule: the PIN is the content of a regular file of at most `MAX_PIN_FILE` bytes, without
+/// one trailing newline; an empty one is refused. Errors name the file, never its content.
 pub fn read_pin(path: &Path) -> Result<Pin, Error> {
-    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| {
+    use std::io::Read;
+    let unusable = |why: String| {
         refuse(
             "mqtt.pkcs11_pin_file",
-            format!("{}: {e}", path.display()),
+            format!("{}: {why}", path.display()),
             "create the file with the token's user PIN, readable by the agent only (chmod 600)",
         )
-    })?);
+    };
+    let file = std::fs::File::open(path).map_err(|e| unusable(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| unusable(e.to_string()))?;
+    if !meta.is_file() || meta.len() > MAX_PIN_FILE {
+        return Err(unusable(format!(
+            "not a regular file of at most {MAX_PIN_FILE} bytes"
+        )));
+    }
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    file.take(MAX_PIN_FILE)
+        .read_to_end(&mut bytes)
+        .map_err(|e| unusable(e.to_string()))?;
     let text = std::str::from_utf8(&bytes).map_err(|_| {
         refuse(
             "mqtt.pkcs11_pin_file",
@@ -212,6 +227,37 @@ pub fn read_pin(path: &Path) -> Result<Pin, Error> {
         ));
     }
     Ok(Pin::new(pin))
+}
+
+/// A file's identity and version: inode, size, modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of `path` now; `None` if it cannot be read.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+/// Rule: a PIN the token refused is not tried again while its file is unchanged (each try
+/// spends one of the token's few before it locks the PIN).
+pub fn try_pin(refused: Option<&FileStamp>, now: Option<&FileStamp>) -> bool {
+    match (refused, now) {
+        (Some(r), Some(n)) => r != n,
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
 }
 
 #[cfg(test)]

@@ -22,8 +22,6 @@ pub struct Identity {
     pub resolver: Arc<dyn ResolvesClientCert>,
     /// "EC P-256 key in token \"gw\"", for `check-config` and `doctor`.
     pub description: String,
-    /// The certificate came from the token (no `mqtt.cert`).
-    pub cert_from_token: bool,
 }
 
 /// Opens the token, finds the key and its certificate (`cert`, else the token's), checks
@@ -39,15 +37,14 @@ pub fn identity(
         return Err(refuse(
             "mqtt.key",
             format!(
-                "token {:?} cannot sign a TLS handshake with its {} key: it supports neither {}",
+                "token {:?} cannot sign a TLS handshake with its {} key: {}",
                 found.label,
                 found.kind,
-                needed(found.kind)
+                no_scheme(found.kind)
             ),
-            "use a token (or key type) that supports them",
+            "use an EC P-256 key, or an RSA key of 2048 bits or more on a token with RSA-PSS",
         ));
     }
-    let cert_from_token = cert.is_none();
     let chain = certificate(cert, &found)?;
     check_pair(&token, &schemes, &chain[0], key)?;
     let signing = Arc::new(TokenKey {
@@ -59,7 +56,6 @@ pub fn identity(
         cert: chain[0].clone(),
         resolver: Arc::new(Resolver(Arc::new(CertifiedKey::new(chain, signing)))),
         description: format!("{} key in token {:?}", found.kind, found.label),
-        cert_from_token,
     })
 }
 
@@ -90,7 +86,9 @@ fn check_pair(
     key: &KeyRef,
 ) -> Result<(), Error> {
     let scheme = schemes[0];
-    let challenge: [u8; 32] = std::array::from_fn(|_| fastrand::u8(..));
+    let mut challenge = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut challenge)
+        .map_err(|_| refuse("mqtt.key", "no random bytes for the key check", "retry"))?;
     let sig = sign(token, scheme, &challenge)?;
     if verifies(cert, scheme, &challenge, &sig) {
         return Ok(());
@@ -125,7 +123,8 @@ pub(super) fn verifies(
 }
 
 /// Rule: the TLS schemes a key offers, best first, given the token's mechanisms: ECDSA over
-/// our SHA digest (`CKM_ECDSA`); RSA-PSS (TLS 1.3 needs it) and PKCS#1 v1.5 with SHA-256.
+/// our SHA digest (`CKM_ECDSA`); for RSA, PSS (without it a TLS 1.3 handshake has no scheme
+/// to sign with, so the key is refused), then PKCS#1 v1.5, with SHA-256.
 pub(super) fn schemes(kind: KeyKind, mechanisms: &[MechanismType]) -> Vec<SignatureScheme> {
     let has = |m: MechanismType| mechanisms.contains(&m);
     let mut out = Vec::new();
@@ -136,10 +135,8 @@ pub(super) fn schemes(kind: KeyKind, mechanisms: &[MechanismType]) -> Vec<Signat
         KeyKind::EcP384 if has(MechanismType::ECDSA) => {
             out.push(SignatureScheme::ECDSA_NISTP384_SHA384)
         }
-        KeyKind::Rsa { bits } if bits >= 2048 => {
-            if has(MechanismType::RSA_PKCS_PSS) {
-                out.push(SignatureScheme::RSA_PSS_SHA256);
-            }
+        KeyKind::Rsa { bits } if bits >= 2048 && has(MechanismType::RSA_PKCS_PSS) => {
+            out.push(SignatureScheme::RSA_PSS_SHA256);
             if has(MechanismType::RSA_PKCS) {
                 out.push(SignatureScheme::RSA_PKCS1_SHA256);
             }
@@ -149,12 +146,14 @@ pub(super) fn schemes(kind: KeyKind, mechanisms: &[MechanismType]) -> Vec<Signat
     out
 }
 
-/// What an error says the key type needs.
-fn needed(kind: KeyKind) -> &'static str {
+/// Why a key has no scheme, for the error.
+fn no_scheme(kind: KeyKind) -> &'static str {
     match kind {
-        KeyKind::EcP256 | KeyKind::EcP384 => "CKM_ECDSA",
-        KeyKind::Rsa { bits } if bits < 2048 => "RSA keys under 2048 bits (refused)",
-        KeyKind::Rsa { .. } => "CKM_RSA_PKCS_PSS nor CKM_RSA_PKCS",
+        KeyKind::EcP256 | KeyKind::EcP384 => "the token does not offer CKM_ECDSA",
+        KeyKind::Rsa { bits } if bits < 2048 => "RSA keys need at least 2048 bits",
+        KeyKind::Rsa { .. } => {
+            "the token does not offer CKM_RSA_PKCS_PSS, which TLS 1.3 needs for an RSA key"
+        }
     }
 }
 

@@ -78,6 +78,29 @@ fn the_pin_file_loses_one_trailing_newline_and_an_empty_one_is_refused() {
     assert_eq!(e.setting, "mqtt.pkcs11_pin_file");
 }
 
+#[test]
+fn a_refused_pin_is_tried_again_only_once_its_file_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pin");
+    std::fs::write(&path, "1111\n").unwrap();
+    let refused = FileStamp::of(&path);
+    assert!(try_pin(None, refused.as_ref()));
+    assert!(!try_pin(refused.as_ref(), FileStamp::of(&path).as_ref()));
+    std::fs::write(&path, "22222\n").unwrap();
+    assert!(try_pin(refused.as_ref(), FileStamp::of(&path).as_ref()));
+    assert!(!try_pin(refused.as_ref(), None));
+}
+
+#[test]
+fn a_pin_file_that_is_not_a_small_regular_file_is_not_read() {
+    let e = read_pin(Path::new("/dev/zero")).unwrap_err();
+    assert!(e.problem.contains("not a regular file"), "{e:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pin");
+    std::fs::write(&path, vec![b'1'; 257]).unwrap();
+    assert!(read_pin(&path).is_err());
+}
+
 #[cfg(feature = "pkcs11")]
 mod signing {
     use cryptoki::mechanism::{Mechanism, MechanismType};
@@ -87,7 +110,7 @@ mod signing {
     use cryptoki::error::{Error, RvError};
 
     use super::super::signer::{finish, request, schemes, verifies};
-    use super::super::token::reopens;
+    use super::super::token::{reopens, wrong_pin};
     use super::KeyKind;
 
     #[test]
@@ -109,6 +132,15 @@ mod signing {
     }
 
     #[test]
+    fn a_wrong_pin_is_told_from_a_locked_pin_and_other_login_errors() {
+        let login = |rv| Error::Pkcs11(rv, Function::Login);
+        assert!(wrong_pin(&login(RvError::PinIncorrect)));
+        assert!(wrong_pin(&login(RvError::PinLenRange)));
+        assert!(!wrong_pin(&login(RvError::PinLocked)));
+        assert!(!wrong_pin(&login(RvError::DeviceError)));
+    }
+
+    #[test]
     fn a_key_offers_the_schemes_its_token_can_sign() {
         let all = [
             MechanismType::ECDSA,
@@ -120,9 +152,11 @@ mod signing {
         let rsa = KeyKind::Rsa { bits: 2048 };
         assert_eq!(schemes(rsa, &all), [S::RSA_PSS_SHA256, S::RSA_PKCS1_SHA256]);
         assert_eq!(
-            schemes(rsa, &[MechanismType::RSA_PKCS]),
-            [S::RSA_PKCS1_SHA256]
+            schemes(rsa, &[MechanismType::RSA_PKCS_PSS]),
+            [S::RSA_PSS_SHA256]
         );
+        // Without PSS a TLS 1.3 handshake would find no scheme: the key is refused.
+        assert!(schemes(rsa, &[MechanismType::RSA_PKCS]).is_empty());
         assert!(schemes(KeyKind::EcP256, &[MechanismType::RSA_PKCS]).is_empty());
         assert!(schemes(KeyKind::Rsa { bits: 1024 }, &all).is_empty());
     }

@@ -30,6 +30,9 @@ pub(super) struct Token {
     module: Pkcs11,
     key: KeyRef,
     open: Mutex<Option<Open>>,
+    /// The PIN file as it was when the token refused its PIN: not tried again until it
+    /// changes, so reconnects do not spend the token's PIN tries.
+    refused: Mutex<Option<super::FileStamp>>,
 }
 
 struct Open {
@@ -84,6 +87,7 @@ impl Token {
             module,
             key: key.clone(),
             open: Mutex::new(None),
+            refused: Mutex::new(None),
         };
         let (open, found) = token.open_session()?;
         *token.open.lock().unwrap_or_else(PoisonError::into_inner) = Some(open);
@@ -111,7 +115,7 @@ impl Token {
                     return Err(refuse(
                         "mqtt.key",
                         format!("the token could not sign: {}", short(&e)),
-                        "check the token (securetunnel-agent check-config)",
+                        "check the token and its module's log",
                     ));
                 }
             }
@@ -133,15 +137,42 @@ impl Token {
                 "check the token",
             )
         })?;
-        login(&session, &self.key, &label)?;
+        self.login(&session, &label)?;
         let key = find_key(&session, &self.key, &label)?;
+        let mechanisms = self.module.get_mechanism_list(slot).map_err(|e| {
+            let problem = format!("token {label:?}: cannot list its mechanisms: {}", short(&e));
+            refuse("mqtt.key", problem, "check the token")
+        })?;
         let found = Found {
             kind: key_kind(&session, key, &label)?,
             cert: find_cert(&session, key),
-            mechanisms: self.module.get_mechanism_list(slot).unwrap_or_default(),
+            mechanisms,
             label,
         };
         Ok((Open { session, key }, found))
+    }
+
+    /// Logs in with the PIN file as it is now, unless the token refused it as it is now.
+    fn login(&self, session: &Session, label: &str) -> Result<(), Error> {
+        let file = &self.key.pin_file;
+        let now = super::FileStamp::of(file);
+        let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        if !super::try_pin(refused.as_ref(), now.as_ref()) {
+            return Err(refuse(
+                "mqtt.pkcs11_pin_file",
+                format!(
+                    "token {label:?} refused the PIN in {}; not tried again until the file changes",
+                    file.display()
+                ),
+                "put the token's user PIN in that file",
+            ));
+        }
+        login(session, &self.key, label).map_err(|(e, wrong)| {
+            if wrong {
+                *refused = now;
+            }
+            e
+        })
     }
 }
 
@@ -209,32 +240,47 @@ fn find_slot(module: &Pkcs11, key: &KeyRef) -> Result<(Slot, String), Error> {
     ))
 }
 
-fn login(session: &Session, key: &KeyRef, label: &str) -> Result<(), Error> {
-    let pin = super::read_pin(&key.pin_file)?;
+/// Rule: the login errors that say the PIN in the file is wrong.
+pub(super) fn wrong_pin(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::PinIncorrect
+                | RvError::PinLenRange
+                | RvError::PinInvalid
+                | RvError::PinExpired,
+            _
+        )
+    )
+}
+
+/// Logs in with the PIN read from its file now; a refusal of the PIN is `Err((_, true))`.
+fn login(session: &Session, key: &KeyRef, label: &str) -> Result<(), (Error, bool)> {
+    let pin = super::read_pin(&key.pin_file).map_err(|e| (e, false))?;
     let auth = AuthPin::from(pin.expose());
-    match session.login(UserType::User, Some(&auth)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(CkError::Pkcs11(rv @ (RvError::PinIncorrect | RvError::PinLenRange), _)) => {
-            Err(refuse(
-                "mqtt.pkcs11_pin_file",
-                format!(
-                    "token {label:?} refused the PIN in {} ({rv:?})",
-                    key.pin_file.display()
-                ),
-                "put the token's user PIN in that file (after a few wrong PINs the token locks it)",
-            ))
-        }
-        Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(refuse(
+    let e = match session.login(UserType::User, Some(&auth)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => return Ok(()),
+        Err(e) => e,
+    };
+    let file = key.pin_file.display();
+    let refused = match &e {
+        e if wrong_pin(e) => refuse(
+            "mqtt.pkcs11_pin_file",
+            format!("token {label:?} refused the PIN in {file} ({})", short(e)),
+            "put the token's user PIN in that file (after a few wrong PINs the token locks it)",
+        ),
+        CkError::Pkcs11(RvError::PinLocked, _) => refuse(
             "mqtt.pkcs11_pin_file",
             format!("token {label:?} has locked its user PIN"),
             "unlock it with the security officer PIN (e.g. pkcs11-tool --init-pin --login --login-type so)",
-        )),
-        Err(e) => Err(refuse(
+        ),
+        e => refuse(
             "mqtt.key",
-            format!("token {label:?}: login failed: {}", short(&e)),
+            format!("token {label:?}: login failed: {}", short(e)),
             "check the token",
-        )),
-    }
+        ),
+    };
+    Err((refused, wrong_pin(&e)))
 }
 
 /// The private key the URI names (by label and/or id); the keys present when none matches.

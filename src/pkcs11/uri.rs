@@ -68,9 +68,10 @@ pub fn parse(text: &str) -> Result<Pkcs11Uri, UriError> {
         .map(|a| (a, false))
         .chain(query_attrs.filter(|a| !a.is_empty()).map(|a| (a, true)))
     {
+        // Not quoted: it may be a PIN written in the wrong place.
         let (name, raw) = attr.split_once('=').ok_or_else(|| {
             refuse(
-                format!("attribute {attr:?} has no value"),
+                "has an attribute without a value",
                 "write each attribute as name=value",
             )
         })?;
@@ -167,8 +168,9 @@ fn absolute(name: &str, path: &str) -> Result<PathBuf, UriError> {
     if p.is_absolute() {
         Ok(p)
     } else {
+        // Not quoted: a pin-source may hold a PIN written in the wrong place.
         Err(refuse(
-            format!("{name} {path:?} is not an absolute path"),
+            format!("{name} is not an absolute path"),
             "give the whole path, starting with /",
         ))
     }
@@ -230,6 +232,14 @@ mod tests {
         let e = parse("pkcs11:object=k?pin-value=27182818").unwrap_err();
         assert!(!format!("{e:?}").contains("27182818"), "{e:?}");
         assert!(e.fix.contains("pin-source"), "{e:?}");
+        // A PIN where a path or an attribute goes is not echoed either.
+        for uri in [
+            "pkcs11:object=k?27182818",
+            "pkcs11:object=k?pin-source=file:27182818",
+        ] {
+            let e = parse(uri).unwrap_err();
+            assert!(!format!("{e:?}").contains("27182818"), "{e:?}");
+        }
     }
 
     #[test]

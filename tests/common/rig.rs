@@ -329,6 +329,17 @@ impl Rig {
         )
     }
 
+    /// The agent with both an environment and global arguments.
+    pub fn spawn_agent_with_env_and_args(
+        &self,
+        config: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> AgentProc {
+        let program = Path::new(env!("CARGO_BIN_EXE_securetunnel-agent"));
+        self.spawn(program, config, env, args)
+    }
+
     /// The agent from `program` (a copy, for upgrade tests).
     pub fn spawn_agent_program(
         &self,

@@ -67,11 +67,11 @@ fn token_setup(
     (hsm, cfg, cert)
 }
 
-/// The agent with `cfg` and the token: subscribed, then a tunnel opened to `thing` carries
-/// 1 MiB both ways; no output holds the PIN.
+/// The agent with `cfg` and the token, at trace level: subscribed, then a tunnel opened to
+/// `thing` carries 1 MiB both ways; its log never holds the PIN.
 async fn serves_a_tunnel(rig: &Rig, thing: &str, cfg: &Path, hsm: &SoftHsm) {
-    let conf = hsm.conf.to_str().unwrap();
-    let mut agent = rig.spawn_agent_with_env(cfg, &[("SOFTHSM2_CONF", conf)]);
+    let env = [("SOFTHSM2_CONF", hsm.conf.to_str().unwrap())];
+    let mut agent = rig.spawn_agent_with_env_and_args(cfg, &env, &["-v", "6"]);
     agent.expect("subscribed to tunnel notifications").await;
     let (t, _) = open_connected(rig, thing, &["SSH"]).await;
     let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;

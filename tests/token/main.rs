@@ -25,8 +25,17 @@ fn sign(id: &pkcs11::Identity, message: &[u8]) -> Result<Vec<u8>, rustls::Error>
     signer.sign(message)
 }
 
+/// Another session of this process logs the token out: every session loses its login, as
+/// after a token reset.
+fn log_out() {
+    let module = pkcs11::module(Path::new(MODULE)).unwrap();
+    let slot = module.get_slots_with_token().unwrap()[0];
+    module.open_ro_session(slot).unwrap().logout().unwrap();
+}
+
+// One test: SoftHSM2 reads SOFTHSM2_CONF once per process.
 #[test]
-fn a_session_that_lost_its_login_is_opened_again_and_the_key_signs() {
+fn a_lost_login_is_opened_again_and_a_refused_pin_is_not_retried_until_its_file_changes() {
     let hsm = SoftHsm::new("gw");
     // SAFETY: the only test of this binary, before anything reads the environment.
     unsafe { std::env::set_var("SOFTHSM2_CONF", &hsm.conf) };
@@ -44,14 +53,24 @@ fn a_session_that_lost_its_login_is_opened_again_and_the_key_signs() {
     let id = pkcs11::identity(&key, Some(vec![cert.clone()])).unwrap();
     assert!(sign(&id, b"before").is_ok());
 
-    // Another session of this process logs the token out: every session loses its login,
-    // as after a token reset.
-    let module = pkcs11::module(Path::new(MODULE)).unwrap();
-    let slot = module.get_slots_with_token().unwrap()[0];
-    module.open_ro_session(slot).unwrap().logout().unwrap();
-
+    log_out();
     let sig = sign(&id, b"after").expect("a new session signs");
     let ee = webpki::EndEntityCert::try_from(&cert).unwrap();
     let alg = webpki::ring::ECDSA_P256_SHA256;
     assert!(ee.verify_signature(alg, b"after", &sig).is_ok());
+
+    // The PIN file now holds a wrong PIN: the token refuses it once, and it is not offered
+    // again (each try counts towards the token's lock) until the file changes.
+    std::fs::write(&hsm.pin_file, "00000000\n").unwrap();
+    log_out();
+    let first = sign(&id, b"x").unwrap_err().to_string();
+    assert!(first.contains("refused the PIN"), "{first}");
+    let again = sign(&id, b"x").unwrap_err().to_string();
+    assert!(
+        again.contains("not tried again until the file changes"),
+        "{again}"
+    );
+    assert!(!again.contains(hsm.pin()) && !first.contains(hsm.pin()));
+    std::fs::write(&hsm.pin_file, format!("{}\n", hsm.pin())).unwrap();
+    assert!(sign(&id, b"fixed").is_ok());
 }
