@@ -45,6 +45,7 @@ mod proxy_front;
 mod sandbox;
 pub mod secret;
 pub mod services;
+mod shadow;
 pub mod signals;
 mod status;
 mod systemd;

@@ -84,6 +84,8 @@ pub struct Agent {
     status: StatusFile,
     mqtt: watch::Receiver<MqttState>,
     upgrade: Option<Upgrader>,
+    /// The report the MQTT client publishes to the thing's shadow (`[shadow] enabled`).
+    shadow: Option<watch::Sender<crate::shadow::Report>>,
 }
 
 /// What the loop waits on besides the agent's own state.
@@ -96,6 +98,8 @@ struct Inputs {
     watchdog: Option<Interval>,
     binary_check: Interval,
     housekeeping: Interval,
+    /// With `[shadow] enabled`: the shadow report is refreshed (connection counts, phases).
+    shadow_refresh: Option<Interval>,
 }
 
 /// A session's bridge could not start; `file` is its session file, to forget.
@@ -136,6 +140,10 @@ impl Agent {
             watchdog: systemd::watchdog_interval().map(tokio::time::interval),
             binary_check: tokio::time::interval(BINARY_CHECK),
             housekeeping,
+            shadow_refresh: agent
+                .shadow
+                .is_some()
+                .then(|| tokio::time::interval(crate::shadow::MIN_INTERVAL)),
         };
         let exit = agent.serve(&mut inputs, &cancel).await;
         // No stream may start from here on: the bridges stop in this same turn of the loop.
@@ -179,6 +187,7 @@ impl Agent {
                     }
                 }
                 _ = i.housekeeping.tick() => self.housekeeping().await,
+                _ = tick(&mut i.shadow_refresh) => self.update_shadow(),
                 done = upgrade_checked(self.upgrade.as_mut()) => {
                     if let Some(u) = self.upgrade.as_mut() {
                         u.done(done);

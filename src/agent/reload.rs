@@ -29,6 +29,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         upgrade_deadline,
         proxy,
         things: _,
+        shadow,
     } = new;
     [
         ("thing_name", *thing_name != old.thing_name),
@@ -43,6 +44,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             *upgrade_deadline != old.upgrade_deadline,
         ),
         ("proxy", *proxy != old.proxy),
+        ("shadow", *shadow != old.shadow),
     ]
     .into_iter()
     .filter_map(|(k, changed)| changed.then_some(k))

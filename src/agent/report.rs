@@ -7,6 +7,7 @@ use tracing::{debug, warn};
 use super::Agent;
 use crate::config::Config;
 use crate::mqtt::{MqttPhase, MqttState};
+use crate::shadow;
 use crate::status::{Snapshot, StatusSocket, TunnelStatus};
 use crate::systemd;
 use crate::upgrade::Upgrader;
@@ -45,15 +46,57 @@ impl Agent {
         snapshot
     }
 
-    /// Writes status.json and systemd's STATUS=; returns the latter.
+    /// With `[shadow] enabled`: the report the MQTT client publishes, now.
+    pub(super) fn update_shadow(&self) {
+        if self.shadow.is_some() {
+            self.refresh_shadow(&self.snapshot());
+        }
+    }
+
+    /// The shadow report from `snapshot`, handed over only if it changed.
+    fn refresh_shadow(&self, snapshot: &Snapshot) {
+        if let Some(tx) = &self.shadow {
+            let report = shadow_report(snapshot);
+            tx.send_if_modified(|current| {
+                let changed = *current != report;
+                *current = report;
+                changed
+            });
+        }
+    }
+
+    /// Writes status.json and systemd's STATUS= (and refreshes the shadow report); returns
+    /// the STATUS= line.
     pub(super) fn write_status(&self) -> String {
         let snapshot = self.snapshot();
+        self.refresh_shadow(&snapshot);
         let line = status_line(snapshot.tunnels.len(), &self.mqtt.borrow());
         systemd::status(&line);
         if let Err(e) = self.status.write(&snapshot) {
             debug!(path = %self.status.path().display(), "status not written: {e}");
         }
         line
+    }
+}
+
+/// Rule: what the fleet sees of the agent's table: per tunnel its thing, services, phase,
+/// since when connected, open connections and last error; never a token.
+pub fn shadow_report(snapshot: &Snapshot) -> shadow::Report {
+    let tunnels = snapshot
+        .tunnels
+        .iter()
+        .map(|t| shadow::Tunnel {
+            thing: t.thing.clone(),
+            services: t.services.clone(),
+            phase: t.phase.clone(),
+            since: t.connected_since,
+            open_connections: t.open_connections.values().sum(),
+            last_error: t.last_error.clone(),
+        })
+        .collect();
+    shadow::Report {
+        consent: "always".to_owned(),
+        tunnels,
     }
 }
 

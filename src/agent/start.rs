@@ -125,6 +125,9 @@ impl Agent {
             live: HashMap::new(),
             mqtt,
             upgrade: Upgrader::new(&cfg.path, cfg.upgrade_deadline),
+            shadow: cfg
+                .shadow
+                .then(|| watch::channel(crate::shadow::Report::default()).0),
             cfg,
         };
         info!(thing = %agent.cfg.thing_name, downstream = ?agent.cfg.things.keys().collect::<Vec<_>>(), version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), "agent started");
@@ -147,7 +150,8 @@ impl Agent {
     ) -> (mpsc::Receiver<Notice>, JoinHandle<()>) {
         let (tx, notifications) = mpsc::channel(mqtt::QUEUE);
         let cfg = &self.cfg;
-        let client = NotifyClient::new(cfg, checked.mqtt_tls.clone(), downstream);
+        let shadow = self.shadow.as_ref().map(watch::Sender::subscribe);
+        let client = NotifyClient::new(cfg, checked.mqtt_tls.clone(), downstream, shadow);
         let spread = cfg.mqtt.reconnect_spread;
         let run = client
             .run(tx, state, cancel.clone(), spread)

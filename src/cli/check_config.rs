@@ -42,6 +42,20 @@ pub fn check_config(path: &Path, user: Option<&str>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `[shadow]`: off, or where the documents go and the policy statement they need.
+fn shadow(cfg: &Config) -> String {
+    if !cfg.shadow {
+        return "off".to_owned();
+    }
+    let thing = &cfg.thing_name;
+    format!(
+        "on: tunnel state to {}, at most every {} s; the policy needs {}",
+        crate::shadow::topic(thing),
+        crate::shadow::MIN_INTERVAL.as_secs(),
+        crate::shadow::policy_statement(thing)
+    )
+}
+
 /// The summary's lines, as (label, value).
 pub fn summary(cfg: &Config, id: &Identity) -> Vec<(&'static str, String)> {
     vec![
@@ -68,6 +82,7 @@ pub fn summary(cfg: &Config, id: &Identity) -> Vec<(&'static str, String)> {
         ("dead links", dead_links(cfg)),
         ("restarts", restarts(cfg)),
         ("rotation", format!("{:?}", cfg.rotation).to_lowercase()),
+        ("shadow", shadow(cfg)),
         ("state dir", cfg.state_dir.display().to_string()),
         (
             "upgrades",

@@ -125,6 +125,8 @@ pub struct Config {
     pub proxy: Option<crate::proxy::ProxySettings>,
     /// Downstream things, by name (the gateway's own thing is not among them).
     pub things: std::collections::BTreeMap<String, ThingConfig>,
+    /// `[shadow] enabled`: the tunnels' state in the thing's named shadow `securetunnel`.
+    pub shadow: bool,
 }
 
 impl Config {

@@ -28,6 +28,8 @@ pub(super) struct RawConfig {
     #[serde(default = "default_upgrade_deadline")]
     pub(super) upgrade_deadline_minutes: f64,
     pub(super) proxy: Option<RawProxy>,
+    #[serde(default)]
+    pub(super) shadow: RawShadow,
     /// Downstream things the gateway serves tunnels for: `[things.<name>.services]`.
     #[serde(default)]
     pub(super) things: BTreeMap<String, RawThing>,
@@ -39,6 +41,15 @@ pub(super) struct RawThing {
     #[serde(default)]
     pub(super) services: ServiceMap,
     pub(super) max_tunnels: Option<usize>,
+}
+
+/// `[shadow]`: off unless asked for (AWS IoT closes the connection of a client that
+/// publishes where its policy does not allow).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShadow {
+    #[serde(default)]
+    pub(super) enabled: bool,
 }
 
 /// `[proxy]`: the URL may carry a password, so it is read as a secret.

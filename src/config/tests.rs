@@ -332,3 +332,15 @@ fn a_token_key_without_a_module_or_pin_file_or_with_two_is_refused() {
         .to_string();
     assert!(e.contains("names no key"), "{e}");
 }
+
+#[test]
+fn the_shadow_is_off_unless_enabled_and_its_table_takes_no_other_key() {
+    assert!(!parse_str(MIN).unwrap().shadow);
+    assert!(
+        parse_str(&format!("{MIN}\n[shadow]\nenabled = true\n"))
+            .unwrap()
+            .shadow
+    );
+    let e = parse_str(&format!("{MIN}\n[shadow]\nenable = true\n")).unwrap_err();
+    assert!(e.to_string().contains("enable"), "{e}");
+}

@@ -329,6 +329,7 @@ fn build(
             raw.upgrade_deadline_minutes.clamp(0.0, 1e9) * 60.0,
         ),
         proxy,
+        shadow: raw.shadow.enabled,
         things: raw
             .things
             .into_iter()

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::shadow_out::{self, ShadowOut};
 use super::subscriptions::Subscriptions;
 use super::{
     Ack, DISCONNECT_GRACE, MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET, MQTT_CONNECT_TIMEOUT,
@@ -45,6 +46,8 @@ pub(super) struct Connection {
     cancel: CancellationToken,
     broker: String,
     silence: Duration,
+    /// The shadow document's pacing and source, when `[shadow] enabled`.
+    shadow: Option<ShadowOut>,
 }
 
 impl Connection {
@@ -82,7 +85,12 @@ impl Connection {
         events.set_network_options(net);
         let mut downstream = cfg.downstream.clone();
         let subs = Subscriptions::new(&cfg.thing, &cfg.topic, &downstream.borrow_and_update());
+        let shadow = cfg
+            .shadow
+            .clone()
+            .map(|reports| ShadowOut::new(&cfg.thing, reports));
         Some(Connection {
+            shadow,
             broker: format!("{}:{}", cfg.config.host, cfg.config.port),
             silence: silence_limit(cfg.config.keep_alive),
             policy: MqttReconnect::new(RECONNECT_BASE, RECONNECT_CAP, spread),
@@ -119,6 +127,12 @@ impl Connection {
                 Ok(()) => return true,
                 Err(why) => Err(why),
             },
+            () = shadow_out::due(&mut self.shadow, connected) => {
+                if let Some(s) = &mut self.shadow {
+                    s.publish(&self.client);
+                }
+                return true;
+            }
             _ = tokio::time::sleep_until(self.last_rx + self.silence), if connected => {
                 // Drop the dead connection; the next poll reconnects.
                 self.events.clean();
@@ -191,10 +205,14 @@ impl Connection {
             return self.pause(None).await;
         }
         debug!(broker = %self.broker, session_present = ack.session_present, "MQTT connected");
+        let now = SystemTime::now();
         self.state.send_modify(|s| {
             s.phase = MqttPhase::Connected;
-            s.since = SystemTime::now();
+            s.since = now;
         });
+        if let Some(s) = &mut self.shadow {
+            s.connected(now);
+        }
         // Always resubscribe: a broker may have lost the persistent session. Requests of the
         // last connection still queued would be replayed ahead of these and break the
         // packet-id bookkeeping: drop them; the sets below are complete.

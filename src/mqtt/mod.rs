@@ -17,6 +17,7 @@ use crate::proxy_front::ProxyFront;
 use subscriptions::{FILTERS_PER_SUBSCRIBE, MAX_UNSUBSCRIBE};
 
 mod connection;
+mod shadow_out;
 mod subscriptions;
 
 /// Acknowledges one notify to the broker, once the agent has acted on it (the session is
@@ -82,6 +83,8 @@ pub struct NotifyClient {
     downstream: watch::Receiver<Vec<String>>,
     /// HTTP proxy to the broker (`[proxy]`, unless `no_proxy` names it).
     proxy: Option<crate::proxy::HttpProxy>,
+    /// The agent's shadow report, when `[shadow] enabled`.
+    shadow: Option<watch::Receiver<crate::shadow::Report>>,
 }
 
 /// Notifications waiting for the agent.
@@ -97,12 +100,14 @@ const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 /// Time one MQTT connection attempt may take, to its CONNACK.
 const MQTT_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Requests waiting for rumqttc's event loop (subscribes, unsubscribes, acks), sized for the
-/// worst case after a CONNACK: every SUBSCRIBE batch, every remembered unsubscribe, and an
-/// ack for each notify the agent may hold. A request that still finds no room ends the
-/// connection (`connection::Connection::drop_and_retry`): the next CONNACK queues everything again.
+/// worst case after a CONNACK: every SUBSCRIBE batch, every remembered unsubscribe, an ack
+/// for each notify the agent may hold, and one shadow document (paced: one at a time). A
+/// request that still finds no room ends the connection
+/// (`connection::Connection::drop_and_retry`): the next CONNACK queues everything again.
 pub const REQUEST_QUEUE: usize = MAX_UNSUBSCRIBE
     + (crate::config::MAX_DOWNSTREAM_THINGS + 1).div_ceil(FILTERS_PER_SUBSCRIBE)
     + QUEUE
+    + 1
     + 2;
 /// Rule (policy hint): the IoT policy statements that let the gateway's certificate follow a
 /// thing's notify topic.
@@ -144,11 +149,12 @@ fn describe(e: &ConnectionError, front: Option<&ProxyFront>) -> String {
 
 impl NotifyClient {
     /// The client of `cfg`'s thing, its broker reached with `tls`; `downstream` names the
-    /// downstream things to follow as they change.
+    /// downstream things to follow as they change; `shadow`, the report to publish.
     pub fn new(
         cfg: &crate::config::Config,
         tls: Arc<rustls::ClientConfig>,
         downstream: watch::Receiver<Vec<String>>,
+        shadow: Option<watch::Receiver<crate::shadow::Report>>,
     ) -> Self {
         let proxy = cfg.proxy.as_ref();
         NotifyClient {
@@ -158,6 +164,7 @@ impl NotifyClient {
             topic: cfg.notify_topic(),
             downstream,
             proxy: proxy.and_then(|p| p.for_host(&cfg.mqtt.host)).cloned(),
+            shadow,
         }
     }
 

@@ -384,6 +384,58 @@ impl Rig {
     }
 }
 
+/// Messages the broker delivers to the admin's subscription, with when they arrived.
+pub struct Subscriber {
+    pub client: rumqttc::AsyncClient,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(tokio::time::Instant, String, String)>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl Subscriber {
+    /// The admin subscribed to `filter` (QoS 1), once the broker granted it.
+    pub async fn start(rig: &Rig, filter: &str) -> Subscriber {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+        let id = format!("{ADMIN}-sub-{}", uuid::Uuid::new_v4().simple());
+        let mut opts = MqttOptions::new(id, "127.0.0.1", rig.mosquitto.port);
+        let tls = mutual_tls_client(&rig.files.ca_pem, &rig.files.admin).unwrap();
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        let (client, mut events) = AsyncClient::new(opts, 10);
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (granted_tx, granted) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut granted_tx = Some(granted_tx);
+            while let Ok(event) = events.poll().await {
+                match event {
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        granted_tx.take().map(|g| g.send(()));
+                    }
+                    Event::Incoming(Packet::Publish(p)) => {
+                        let text = String::from_utf8_lossy(&p.payload).into_owned();
+                        let _ = tx.send((tokio::time::Instant::now(), p.topic.clone(), text));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        within("the broker grants the subscription", granted)
+            .await
+            .unwrap();
+        Subscriber {
+            client,
+            rx,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// The next message: (arrival, topic, payload).
+    pub async fn next(&mut self) -> (tokio::time::Instant, String, String) {
+        within("the next message on the subscription", self.rx.recv())
+            .await
+            .expect("the subscriber's connection ended")
+    }
+}
+
 /// One iotsecuretunneling call through boto3 against the emulator's control plane;
 /// `Err((code, message))` for a service error.
 pub async fn boto3(emu: &Emulator, op: &str, params: Value) -> Result<Value, (String, String)> {

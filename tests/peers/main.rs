@@ -24,6 +24,7 @@ mod resilience;
 mod restarts;
 mod rotation;
 mod secrets;
+mod shadow;
 mod signals;
 mod status;
 mod tls;
