@@ -16,6 +16,11 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(5);
 /// AWS IoT's largest shadow state document (8 KiB, without metadata): the encoded document
 /// stays below it, tunnels beyond it are counted, not listed.
 pub const MAX_DOCUMENT: usize = 8 * 1024;
+/// A tunnel's last error is cut to this many characters.
+pub const MAX_ERROR_CHARS: usize = 160;
+/// Connections lost in a row with a document unacknowledged before the shadow stops: AWS IoT
+/// closes the connection of a client that publishes where its policy does not allow.
+pub const REFUSALS: u32 = 3;
 
 /// The topic a thing's shadow update is published to.
 pub fn topic(thing: &str) -> String {
@@ -30,7 +35,7 @@ pub fn policy_statement(thing: &str) -> String {
     )
 }
 
-/// What the agent reports; no token, no address.
+/// What the agent reports; no token.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Report {
     /// Whether tunnels may be served now ("always" until site consent exists).
@@ -45,9 +50,13 @@ pub struct Tunnel {
     pub services: Vec<String>,
     /// connecting, connected, reconnecting, draining.
     pub phase: String,
-    /// Unix time the current websocket came up (none while connecting).
+    /// Unix time the current websocket came up (left out while connecting: AWS IoT takes
+    /// no null inside an array).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<u64>,
     pub open_connections: usize,
+    /// At most `MAX_ERROR_CHARS`; it may name the data-plane endpoint or the proxy's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
 
@@ -57,31 +66,64 @@ struct Reported<'a> {
     mqtt_connected_since: u64,
     consent: &'a str,
     tunnels: &'a [Tunnel],
-    #[serde(skip_serializing_if = "is_zero")]
+    /// Always sent: AWS IoT merges reported state, so a field left out would keep its
+    /// last value.
     tunnels_not_listed: usize,
 }
 
-fn is_zero(n: &usize) -> bool {
-    *n == 0
+fn encode(report: &Report, mqtt_connected_since: u64, listed: usize) -> String {
+    let reported = Reported {
+        version: env!("CARGO_PKG_VERSION"),
+        mqtt_connected_since,
+        consent: &report.consent,
+        tunnels: &report.tunnels[..listed],
+        tunnels_not_listed: report.tunnels.len() - listed,
+    };
+    serde_json::json!({ "state": { "reported": reported } }).to_string()
 }
 
 /// Rule: the update document `{"state":{"reported":{...}}}`, at most `MAX_DOCUMENT` bytes:
 /// the tunnels that do not fit are counted in `tunnels_not_listed`.
 pub fn document(report: &Report, mqtt_connected_since: u64) -> String {
-    let mut listed = report.tunnels.len();
-    loop {
-        let reported = Reported {
-            version: env!("CARGO_PKG_VERSION"),
-            mqtt_connected_since,
-            consent: &report.consent,
-            tunnels: &report.tunnels[..listed],
-            tunnels_not_listed: report.tunnels.len() - listed,
-        };
-        let doc = serde_json::json!({ "state": { "reported": reported } }).to_string();
-        if doc.len() <= MAX_DOCUMENT || listed == 0 {
-            return doc;
+    // The frame (no tunnel) plus each tunnel's own size and a comma: one pass.
+    let mut size = encode(report, mqtt_connected_since, 0).len() + 8;
+    let mut listed = 0;
+    for t in &report.tunnels {
+        size += serde_json::to_string(t).map_or(MAX_DOCUMENT, |s| s.len() + 1);
+        if size > MAX_DOCUMENT {
+            break;
         }
-        listed -= 1;
+        listed += 1;
+    }
+    encode(report, mqtt_connected_since, listed)
+}
+
+/// Rule: a tunnel's last error as reported, cut to `MAX_ERROR_CHARS` characters.
+pub fn error_text(e: &str) -> String {
+    e.chars().take(MAX_ERROR_CHARS).collect()
+}
+
+/// Whether the policy refuses the documents: connections lost while one was unacknowledged,
+/// with none acknowledged since.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    in_a_row: u32,
+}
+
+impl Refusals {
+    /// A document was acknowledged: the policy allows them.
+    pub fn acked(&mut self) {
+        self.in_a_row = 0;
+    }
+
+    /// Rule: the connection ended (`unacked`: with a document unacknowledged); true once
+    /// `REFUSALS` such ends came with no document acknowledged between: the shadow stops,
+    /// or the agent would never stay connected to hear a notify.
+    pub fn connection_ended(&mut self, unacked: bool) -> bool {
+        if unacked {
+            self.in_a_row += 1;
+        }
+        self.in_a_row >= REFUSALS
     }
 }
 
@@ -139,7 +181,41 @@ mod tests {
         assert_eq!(r["consent"], "always");
         assert_eq!(r["tunnels"][0]["thing"], "thing-1");
         assert_eq!(r["tunnels"][0]["open_connections"], 1);
-        assert!(r.get("tunnels_not_listed").is_none());
+        assert_eq!(r["tunnels_not_listed"], 0);
+    }
+
+    #[test]
+    fn absent_values_are_left_out_of_a_tunnel_not_sent_as_null() {
+        let mut t = tunnel(1);
+        (t.since, t.last_error) = (None, None);
+        let report = Report {
+            consent: "always".into(),
+            tunnels: vec![t],
+        };
+        let text = document(&report, 1);
+        assert!(!text.contains("null"), "{text}");
+    }
+
+    #[test]
+    fn an_error_is_cut_to_160_characters() {
+        assert_eq!(
+            error_text(&"é".repeat(200)).chars().count(),
+            MAX_ERROR_CHARS
+        );
+        assert_eq!(error_text("short"), "short");
+    }
+
+    #[test]
+    fn the_shadow_stops_after_3_connections_lost_with_a_document_unacknowledged_and_none_acknowledged()
+     {
+        let mut r = Refusals::default();
+        assert!(!r.connection_ended(true));
+        assert!(!r.connection_ended(false));
+        assert!(!r.connection_ended(true));
+        r.acked();
+        assert!(!r.connection_ended(true));
+        assert!(!r.connection_ended(true));
+        assert!(r.connection_ended(true));
     }
 
     #[test]
@@ -150,6 +226,8 @@ mod tests {
         };
         let text = document(&report, 1);
         assert!(text.len() <= MAX_DOCUMENT, "{}", text.len());
+        // Not far below it either: the tunnels fill the room.
+        assert!(text.len() > MAX_DOCUMENT - 400, "{}", text.len());
         let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
         let r = &doc["state"]["reported"];
         let listed = r["tunnels"].as_array().unwrap().len();

@@ -98,7 +98,8 @@ struct Inputs {
     watchdog: Option<Interval>,
     binary_check: Interval,
     housekeeping: Interval,
-    /// With `[shadow] enabled`: the shadow report is refreshed (connection counts, phases).
+    /// With `[shadow] enabled` and tunnels live: the shadow report is refreshed (connection
+    /// counts, phases).
     shadow_refresh: Option<Interval>,
 }
 
@@ -140,10 +141,11 @@ impl Agent {
             watchdog: systemd::watchdog_interval().map(tokio::time::interval),
             binary_check: tokio::time::interval(BINARY_CHECK),
             housekeeping,
-            shadow_refresh: agent
-                .shadow
-                .is_some()
-                .then(|| tokio::time::interval(crate::shadow::MIN_INTERVAL)),
+            shadow_refresh: agent.shadow.is_some().then(|| {
+                let mut i = tokio::time::interval(crate::shadow::MIN_INTERVAL);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i
+            }),
         };
         let exit = agent.serve(&mut inputs, &cancel).await;
         // No stream may start from here on: the bridges stop in this same turn of the loop.
@@ -187,7 +189,9 @@ impl Agent {
                     }
                 }
                 _ = i.housekeeping.tick() => self.housekeeping().await,
-                _ = tick(&mut i.shadow_refresh) => self.update_shadow(),
+                // Only with tunnels: an idle agent does not wake for it, and the table's
+                // changes (the last tunnel gone) refresh it through `write_status`.
+                _ = tick(&mut i.shadow_refresh), if !self.live.is_empty() => self.update_shadow(),
                 done = upgrade_checked(self.upgrade.as_mut()) => {
                     if let Some(u) = self.upgrade.as_mut() {
                         u.done(done);

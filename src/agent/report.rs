@@ -91,7 +91,7 @@ pub fn shadow_report(snapshot: &Snapshot) -> shadow::Report {
             phase: t.phase.clone(),
             since: t.connected_since,
             open_connections: t.open_connections.values().sum(),
-            last_error: t.last_error.clone(),
+            last_error: t.last_error.as_deref().map(shadow::error_text),
         })
         .collect();
     shadow::Report {
@@ -162,5 +162,31 @@ mod tests {
         assert!(status_line(0, &m).len() < 250);
         m.phase = MqttPhase::Subscribed;
         assert_eq!(status_line(1, &m), "1 tunnel(s) live; MQTT subscribed");
+    }
+
+    #[test]
+    fn the_shadow_reports_each_tunnel_without_its_token_and_sums_its_connections() {
+        let tunnel: TunnelStatus = serde_json::from_value(serde_json::json!({
+            "id": 7, "thing": "plc-1", "region": "eu-west-1", "services": ["HTTP", "SSH"],
+            "token": "token:0badf00d", "rotations": 1, "age_secs": 30,
+            "expires_in_secs": 600, "phase": "connected", "next_attempt_in_secs": null,
+            "connected_since": 1796000000, "channel_id": "ch-1",
+            "open_connections": {"HTTP": 2, "SSH": 1}, "bytes_from_tunnel": 5,
+            "bytes_to_tunnel": 6, "reconnects": 0, "last_error": "e".repeat(500)
+        }))
+        .unwrap();
+        let snapshot = Snapshot::new(&MqttState::connecting(), &[], vec![tunnel]);
+        let report = shadow_report(&snapshot);
+        assert_eq!(report.consent, "always");
+        let t = &report.tunnels[0];
+        assert_eq!((t.thing.as_str(), t.phase.as_str()), ("plc-1", "connected"));
+        assert_eq!(t.services, ["HTTP", "SSH"]);
+        assert_eq!((t.since, t.open_connections), (Some(1796000000), 3));
+        assert_eq!(
+            t.last_error.as_ref().map(|e| e.len()),
+            Some(shadow::MAX_ERROR_CHARS)
+        );
+        let doc = shadow::document(&report, 1);
+        assert!(!doc.contains("0badf00d") && !doc.contains("ch-1"), "{doc}");
     }
 }

@@ -208,3 +208,24 @@ fn proxy(cfg: &Config) -> String {
     }
     via
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    const MIN: &str = "thing_name = \"gw-1\"\n[mqtt]\nendpoint = \"a.example\"\ncert = \"/c\"\nkey = \"/k\"\n[services]\nSSH = 22\n";
+
+    #[test]
+    fn the_summary_says_whether_the_shadow_is_on_and_the_statement_it_needs() {
+        let off = crate::config::parse(MIN, Path::new("a.toml")).unwrap();
+        assert_eq!(super::shadow(&off), "off");
+        let text = format!("{MIN}[shadow]\nenabled = true\n");
+        let on = crate::config::parse(&text, Path::new("a.toml")).unwrap();
+        let line = super::shadow(&on);
+        assert!(
+            line.contains("$aws/things/gw-1/shadow/name/securetunnel/update"),
+            "{line}"
+        );
+        assert!(line.contains("\"Action\":\"iot:Publish\""), "{line}");
+    }
+}

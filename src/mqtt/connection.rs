@@ -154,6 +154,18 @@ impl Connection {
                 Err(why) => self.drop_and_retry(why).await,
             },
             Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(p).await,
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if let Some(s) = &mut self.shadow {
+                    s.sent(pkid);
+                }
+                true
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(s) = &mut self.shadow {
+                    s.acked(ack.pkid);
+                }
+                true
+            }
             Ok(_) => true,
             Err(why) => self.on_error(why).await,
         }
@@ -216,11 +228,12 @@ impl Connection {
         // Always resubscribe: a broker may have lost the persistent session. Requests of the
         // last connection still queued would be replayed ahead of these and break the
         // packet-id bookkeeping: drop them; the sets below are complete.
-        self.events.pending.retain(|r| {
-            !matches!(
-                r,
-                rumqttc::Request::Subscribe(_) | rumqttc::Request::Unsubscribe(_)
-            )
+        // A shadow document of the last connection is stale: this one owes a fresh one.
+        let shadow = self.shadow.as_ref();
+        self.events.pending.retain(|r| match r {
+            rumqttc::Request::Subscribe(_) | rumqttc::Request::Unsubscribe(_) => false,
+            rumqttc::Request::Publish(p) => !shadow.is_some_and(|s| s.is_ours(&p.topic)),
+            _ => true,
         });
         match self.subs.after_connack(&self.client) {
             Ok(()) => true,
@@ -304,6 +317,9 @@ impl Connection {
     /// policy says; `false` if cancelled meanwhile.
     async fn on_error(&mut self, why: String) -> Go {
         let up_for = self.connected_at.take().map(|t| t.elapsed());
+        if self.shadow.as_mut().is_some_and(|s| !s.connection_ended()) {
+            self.shadow = None;
+        }
         if self.purging {
             self.events.mqtt_options.set_clean_session(true);
             warn!(broker = %self.broker, "{why}: it cannot be read, and with a persistent session the broker would redeliver it on every reconnect; wiping the MQTT session to drop it (notifies queued behind it are lost)");

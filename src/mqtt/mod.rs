@@ -92,7 +92,8 @@ pub const QUEUE: usize = 16;
 /// Largest incoming MQTT packet: AWS IoT's 128 KiB message limit plus topic and header.
 /// A larger one cannot be read; `connection::Connection::poll_error` and `on_error` drop it by wiping the session.
 pub const MAX_INCOMING_PACKET: usize = 128 * 1024 + 1024;
-/// The agent only sends small packets (CONNECT, SUBSCRIBE, acks).
+/// The agent only sends small packets (CONNECT, SUBSCRIBE, acks) and shadow documents
+/// (`shadow::MAX_DOCUMENT`, 8 KiB).
 const MAX_OUTGOING_PACKET: usize = 16 * 1024;
 const RECONNECT_BASE: Duration = Duration::from_millis(500);
 const RECONNECT_CAP: Duration = Duration::from_secs(60);

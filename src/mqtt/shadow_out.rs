@@ -6,26 +6,72 @@ use std::time::SystemTime;
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::shadow::{Pacer, Report, document, topic};
+use crate::shadow::{Pacer, Refusals, Report, document, policy_statement, topic};
 
 pub(super) struct ShadowOut {
+    thing: String,
     topic: String,
     reports: watch::Receiver<Report>,
     pacer: Pacer,
     /// Unix time of the last CONNACK.
     connected_since: u64,
+    /// The packet id of the document sent and not yet acknowledged: one at a time.
+    in_flight: Option<u16>,
+    /// Queued and not yet sent (its packet id comes with the outgoing event).
+    queued: bool,
+    refusals: Refusals,
 }
 
 impl ShadowOut {
     pub(super) fn new(thing: &str, reports: watch::Receiver<Report>) -> Self {
         ShadowOut {
+            thing: thing.to_owned(),
             topic: topic(thing),
             reports,
             pacer: Pacer::default(),
             connected_since: 0,
+            in_flight: None,
+            queued: false,
+            refusals: Refusals::default(),
         }
+    }
+
+    /// Whether `topic` is the shadow's (the client publishes nothing else).
+    pub(super) fn is_ours(&self, topic: &str) -> bool {
+        topic == self.topic
+    }
+
+    /// The queued document went out as packet `pkid`.
+    pub(super) fn sent(&mut self, pkid: u16) {
+        if std::mem::take(&mut self.queued) {
+            self.in_flight = Some(pkid);
+        }
+    }
+
+    /// A PUBACK: the broker took the document.
+    pub(super) fn acked(&mut self, pkid: u16) {
+        if self.in_flight == Some(pkid) {
+            self.in_flight = None;
+            self.refusals.acked();
+        }
+    }
+
+    /// The connection ended. A document still unacknowledged is not sent again (the next
+    /// connection owes a fresh one); `false` once the policy plainly refuses the documents:
+    /// the caller drops the shadow.
+    pub(super) fn connection_ended(&mut self) -> bool {
+        let unacked = self.in_flight.take().is_some() || std::mem::take(&mut self.queued);
+        if !self.refusals.connection_ended(unacked) {
+            return true;
+        }
+        warn!(
+            topic = %self.topic,
+            "the broker closed the connection after each shadow document: the shadow is off until a restart; allow it in the device policy with {} or set [shadow] enabled = false",
+            policy_statement(&self.thing)
+        );
+        false
     }
 
     /// A CONNACK: the next document says since when, and one is owed.
@@ -36,11 +82,13 @@ impl ShadowOut {
         self.pacer.owe();
     }
 
-    /// Returns once a document is due and the client is `connected`; takes the agent's
-    /// changes meanwhile. Pending forever once the agent is gone.
+    /// Returns once a document is due, the client is `connected` and the last document was
+    /// acknowledged; takes the agent's changes meanwhile. Pending forever once the agent is
+    /// gone.
     pub(super) async fn due(&mut self, connected: bool) {
         loop {
-            let due = self.pacer.due(Instant::now()).filter(|_| connected);
+            let idle = self.in_flight.is_none() && !self.queued;
+            let due = self.pacer.due(Instant::now()).filter(|_| connected && idle);
             tokio::select! {
                 changed = self.reports.changed() => match changed {
                     Ok(()) => self.pacer.owe(),
@@ -59,7 +107,10 @@ impl ShadowOut {
         let doc = document(&self.reports.borrow_and_update(), self.connected_since);
         self.pacer.sent(Instant::now());
         match client.try_publish(&self.topic, QoS::AtLeastOnce, false, doc) {
-            Ok(()) => debug!(topic = %self.topic, "shadow document queued"),
+            Ok(()) => {
+                self.queued = true;
+                debug!(topic = %self.topic, "shadow document queued");
+            }
             Err(e) => {
                 debug!(topic = %self.topic, "shadow document not queued: {e}");
                 self.pacer.owe();

@@ -358,7 +358,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn after_a_connack_every_subscription_and_unsubscribe_fits_with_room_for_acks() {
+    async fn after_a_connack_every_subscription_and_unsubscribe_fits_with_room_for_acks_and_a_shadow_document()
+     {
         let mut subs = worst_case_subscriptions();
         let opts = MqttOptions::new("gw", "127.0.0.1", 1);
         let (client, _events) = AsyncClient::new(opts, REQUEST_QUEUE);
@@ -368,6 +369,10 @@ mod tests {
         for _ in 0..QUEUE {
             client.try_unsubscribe("ack stand-in").unwrap();
         }
+        let doc = crate::shadow::topic("gw");
+        client
+            .try_publish(doc, rumqttc::QoS::AtLeastOnce, false, "{}")
+            .unwrap();
     }
 
     #[tokio::test]

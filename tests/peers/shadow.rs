@@ -73,13 +73,13 @@ async fn the_shadow_follows_a_tunnel_from_open_through_a_connection_to_close() {
     assert!(tunnels(&first).is_empty(), "{first}");
 
     let (t, _) = open_connected(&rig, thing, &["SSH"]).await;
-    let docs = docs_until(&mut sub, &topic(thing), |r| {
+    let mut all = docs_until(&mut sub, &topic(thing), |r| {
         tunnels(r)
             .first()
             .is_some_and(|t| t["phase"] == "connected")
     })
     .await;
-    let open = &tunnels(&docs.last().unwrap().1)[0];
+    let open = tunnels(&all.last().unwrap().1)[0].clone();
     assert_eq!(open["thing"], thing);
     assert_eq!(open["services"], json!(["SSH"]));
     assert!(open["since"].as_u64().is_some(), "{open}");
@@ -90,20 +90,23 @@ async fn the_shadow_follows_a_tunnel_from_open_through_a_connection_to_close() {
     let held = tokio::net::TcpStream::connect(addrs.get("SSH"))
         .await
         .unwrap();
-    docs_until(&mut sub, &topic(thing), |r| {
-        tunnels(r)
-            .first()
-            .is_some_and(|t| t["open_connections"] == 1)
-    })
-    .await;
+    all.extend(
+        docs_until(&mut sub, &topic(thing), |r| {
+            tunnels(r)
+                .first()
+                .is_some_and(|t| t["open_connections"] == 1)
+        })
+        .await,
+    );
     drop(held);
 
     rig.api("close_tunnel", json!({"tunnelId": t.tunnel_id}))
         .await
         .unwrap();
-    let docs = docs_until(&mut sub, &topic(thing), |r| tunnels(r).is_empty()).await;
+    all.extend(docs_until(&mut sub, &topic(thing), |r| tunnels(r).is_empty()).await);
+    assert_eq!(all.last().unwrap().1["tunnels_not_listed"], 0);
     // Never a token, in any document.
-    for (_, r) in &docs {
+    for (_, r) in &all {
         let text = r.to_string();
         assert!(!text.contains(&t.destination_access_token), "{text}");
         assert!(!text.contains(&t.source_access_token), "{text}");
@@ -171,10 +174,13 @@ async fn a_burst_of_changes_yields_at_most_one_document_per_5_seconds() {
         })
         .await,
     );
+    // 3 opens and 3 connects, and more changes of phase: fewer documents than changes.
+    assert!(docs.len() <= 4, "{} documents: {docs:?}", docs.len());
     for pair in docs.windows(2) {
         let gap = pair[1].0 - pair[0].0;
-        // The broker's delivery adds jitter of its own: a margin of 0.3 s.
-        assert!(gap.as_millis() >= 4700, "documents {gap:?} apart: {docs:?}");
+        // Timed at the subscriber: a delivery delayed on a loaded machine shortens the next
+        // gap, so the margin is generous; unpaced documents come milliseconds apart.
+        assert!(gap.as_millis() >= 3500, "documents {gap:?} apart: {docs:?}");
     }
 }
 
