@@ -243,22 +243,12 @@ pub fn socket_problem(path: &Path, who: &Identity, unit: Option<&UnitSettings>) 
     if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
         return Some(format!("{} is not a Unix socket", path.display()));
     }
-    for dir in path.ancestors().skip(1) {
-        let Ok(d) = std::fs::metadata(dir) else {
-            continue;
-        };
-        let mode = d.permissions().mode() & 0o7777;
-        if !permits(mode, d.uid(), d.gid(), who, 1) {
-            return Some(format!(
-                "{} cannot reach {}: directory {} is {mode:04o} {}:{}; {}",
-                who.name,
-                path.display(),
-                dir.display(),
-                d.uid(),
-                d.gid(),
-                grant(who, d.uid(), d.gid(), mode, 0o010)
-            ));
-        }
+    if let Some(why) = blocked_dir(path, who) {
+        return Some(format!(
+            "{} cannot reach {}: {why}",
+            who.name,
+            path.display()
+        ));
     }
     let mode = meta.permissions().mode() & 0o7777;
     if !permits(mode, meta.uid(), meta.gid(), who, 2) {
@@ -272,6 +262,59 @@ pub fn socket_problem(path: &Path, who: &Identity, unit: Option<&UnitSettings>) 
         ));
     }
     None
+}
+
+/// The first directory above `path` that `who` cannot pass through, and the fix.
+fn blocked_dir(path: &Path, who: &Identity) -> Option<String> {
+    path.ancestors().skip(1).find_map(|dir| {
+        let d = std::fs::metadata(dir).ok()?;
+        let mode = d.permissions().mode() & 0o7777;
+        (!permits(mode, d.uid(), d.gid(), who, 1)).then(|| {
+            format!(
+                "directory {} is {mode:04o} {}:{}; {}",
+                dir.display(),
+                d.uid(),
+                d.gid(),
+                grant(who, d.uid(), d.gid(), mode, 0o010)
+            )
+        })
+    })
+}
+
+/// What stands between `who` and reading the file at `path` (a certificate, a key, a PIN)
+/// as the service runs it, as one sentence naming the fix; `None` when it can read it (or
+/// the file is missing: that is an error of its own).
+pub fn file_problem(path: &Path, who: &Identity, unit: Option<&UnitSettings>) -> Option<String> {
+    if let Some(setting) = unit.and_then(|u| hidden_by(path, u)) {
+        return Some(format!(
+            "{} is hidden by the unit's {setting}: keep it under /etc/securetunnel-agent",
+            path.display()
+        ));
+    }
+    let meta = std::fs::metadata(path).ok()?;
+    if let Some(why) = blocked_dir(path, who) {
+        return Some(format!(
+            "{} cannot reach {}: {why}",
+            who.name,
+            path.display()
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if permits(mode, meta.uid(), meta.gid(), who, 4) {
+        return None;
+    }
+    let fix = if mode & 0o040 != 0 && who.uid != meta.uid() {
+        grant(who, meta.uid(), meta.gid(), mode, 0o040)
+    } else {
+        format!("chown {} it and keep it mode 0600", who.name)
+    };
+    Some(format!(
+        "{} cannot read {}: it is {mode:04o} {}:{}; {fix}",
+        who.name,
+        path.display(),
+        meta.uid(),
+        meta.gid()
+    ))
 }
 
 /// The fix for a permission problem: the group when the group class would do.
@@ -390,6 +433,47 @@ mod tests {
         assert!(permits(0o0666, 1, 9, &user(7, &[]), 2));
         assert!(permits(0o0600, 1, 9, &user(0, &[]), 2));
         assert!(!permits(0o0750, 1, 9, &user(7, &[]), 1));
+    }
+
+    #[test]
+    fn a_file_the_agents_user_cannot_read_is_named_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token.pin");
+        std::fs::write(&file, "1234\n").unwrap();
+        let set =
+            |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode));
+        let meta = std::fs::metadata(&file).unwrap();
+        // Another user, in no group of the file's.
+        let agent = user(meta.uid() + 4242, &[]);
+        set(dir.path(), 0o700).unwrap();
+        let why = file_problem(&file, &agent, None).unwrap();
+        assert!(
+            why.contains("cannot reach") && why.contains("is 0700"),
+            "{why}"
+        );
+        set(dir.path(), 0o755).unwrap();
+        set(&file, 0o600).unwrap();
+        let why = file_problem(&file, &agent, None).unwrap();
+        assert!(
+            why.contains("cannot read") && why.contains("chown agent"),
+            "{why}"
+        );
+        set(&file, 0o640).unwrap();
+        let in_group = user(meta.uid() + 4242, &[meta.gid()]);
+        assert_eq!(file_problem(&file, &in_group, None), None);
+        assert!(
+            file_problem(&file, &agent, None)
+                .unwrap()
+                .contains("SupplementaryGroups=")
+        );
+        assert_eq!(
+            file_problem(&dir.path().join("missing"), &agent, None),
+            None
+        );
+        let unit = UnitSettings::parse(UNIT);
+        let hidden = file_problem(Path::new("/home/u/key.pem"), &agent, Some(&unit)).unwrap();
+        assert!(hidden.contains("ProtectHome=yes"), "{hidden}");
     }
 
     #[test]

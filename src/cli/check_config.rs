@@ -28,6 +28,11 @@ pub fn check_config(path: &Path, user: Option<&str>) -> ExitCode {
         None => who,
     };
     let mut sockets = crate::sandbox::unix_socket_warnings(&cfg.services, &who, unit.as_ref());
+    // Run as root, check-config reads what the service's user may not.
+    for (key, path) in files_the_agent_reads(&cfg) {
+        let problem = crate::sandbox::file_problem(&path, &who, unit.as_ref());
+        sockets.extend(problem.map(|p| format!("{key}: {p}")));
+    }
     for (name, t) in &cfg.things {
         let thing = crate::sandbox::unix_socket_warnings(&t.services, &who, unit.as_ref());
         sockets.extend(thing.into_iter().map(|w| format!("thing {name}: {w}")));
@@ -40,6 +45,27 @@ pub fn check_config(path: &Path, user: Option<&str>) -> ExitCode {
         println!("warning: {w}");
     }
     ExitCode::SUCCESS
+}
+
+/// The files the service opens at its start, by key (a CA directory is read file by file).
+fn files_the_agent_reads(cfg: &Config) -> Vec<(&'static str, std::path::PathBuf)> {
+    let mut files = Vec::new();
+    files.extend(cfg.mqtt.cert.clone().map(|p| ("mqtt.cert", p)));
+    match &cfg.mqtt.key {
+        crate::config::DeviceKey::File(p) => files.push(("mqtt.key", p.clone())),
+        crate::config::DeviceKey::Token(k) => {
+            files.push(("mqtt.pkcs11_pin_file", k.pin_file.clone()))
+        }
+    }
+    files.extend(cfg.mqtt.ca.clone().map(|p| ("mqtt.ca", p)));
+    files.extend(
+        cfg.tunnel
+            .ca
+            .clone()
+            .filter(|p| p.is_file())
+            .map(|p| ("tunnel.ca", p)),
+    );
+    files
 }
 
 /// `[shadow]`: off, or where the documents go and the policy statement they need.

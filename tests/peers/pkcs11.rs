@@ -2,7 +2,8 @@
 //! EC P-256 and RSA 2048 keys were generated inside them, certificates from the rig's CA;
 //! the agent connects to mosquitto with mutual TLS through each key, takes a notify and
 //! serves a tunnel through the emulator. A wrong PIN, a missing object, a missing module and
-//! a key that is not the certificate's are each named, and the PIN is in no output.
+//! a key that is not the certificate's are each named, a PIN file the service's user cannot
+//! read is warned about, and the PIN is in no output.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -158,6 +159,13 @@ async fn a_wrong_pin_a_missing_object_a_missing_module_and_a_foreign_key_are_nam
     let (hsm, cfg, cert) = token_setup(&rig, "gw-bad", KeyType::EcP256, "SSH = 22", uri, true);
     let (ok, out) = check_config(&cfg, &hsm);
     assert!(ok, "{out}");
+    // Checked as root for a service user who cannot read the PIN file: a warning says so.
+    let (ok, out, _) = agent_command(&["check-config", "--user", "nobody"], &cfg, &hsm);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: mqtt.pkcs11_pin_file: nobody cannot"),
+        "{out}"
+    );
     let text = std::fs::read_to_string(&cfg).unwrap();
     let run = |from: &str, to: &str| {
         std::fs::write(&cfg, text.replace(from, to)).unwrap();
