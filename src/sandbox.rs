@@ -243,12 +243,8 @@ pub fn socket_problem(path: &Path, who: &Identity, unit: Option<&UnitSettings>) 
     if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
         return Some(format!("{} is not a Unix socket", path.display()));
     }
-    if let Some(why) = blocked_dir(path, who) {
-        return Some(format!(
-            "{} cannot reach {}: {why}",
-            who.name,
-            path.display()
-        ));
+    if let Some(why) = unreachable(path, who) {
+        return Some(why);
     }
     let mode = meta.permissions().mode() & 0o7777;
     if !permits(mode, meta.uid(), meta.gid(), who, 2) {
@@ -264,14 +260,17 @@ pub fn socket_problem(path: &Path, who: &Identity, unit: Option<&UnitSettings>) 
     None
 }
 
-/// The first directory above `path` that `who` cannot pass through, and the fix.
-fn blocked_dir(path: &Path, who: &Identity) -> Option<String> {
+/// "`who` cannot reach `path`", naming the first directory above it that `who` cannot pass
+/// through, and the fix; `None` when every directory lets it through.
+fn unreachable(path: &Path, who: &Identity) -> Option<String> {
     path.ancestors().skip(1).find_map(|dir| {
         let d = std::fs::metadata(dir).ok()?;
         let mode = d.permissions().mode() & 0o7777;
         (!permits(mode, d.uid(), d.gid(), who, 1)).then(|| {
             format!(
-                "directory {} is {mode:04o} {}:{}; {}",
+                "{} cannot reach {}: directory {} is {mode:04o} {}:{}; {}",
+                who.name,
+                path.display(),
                 dir.display(),
                 d.uid(),
                 d.gid(),
@@ -292,12 +291,8 @@ pub fn file_problem(path: &Path, who: &Identity, unit: Option<&UnitSettings>) ->
         ));
     }
     let meta = std::fs::metadata(path).ok()?;
-    if let Some(why) = blocked_dir(path, who) {
-        return Some(format!(
-            "{} cannot reach {}: {why}",
-            who.name,
-            path.display()
-        ));
+    if let Some(why) = unreachable(path, who) {
+        return Some(why);
     }
     let mode = meta.permissions().mode() & 0o7777;
     if permits(mode, meta.uid(), meta.gid(), who, 4) {
