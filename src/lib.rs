@@ -29,6 +29,7 @@ pub mod backoff;
 pub mod bridge;
 pub mod cli;
 mod config;
+pub mod consent;
 mod doctor;
 #[cfg(fuzzing)]
 #[allow(missing_docs)]

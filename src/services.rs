@@ -298,16 +298,31 @@ impl Scope {
         let Scope::Opened(opened) = self else {
             return true;
         };
-        let named = if service_id.is_empty() {
-            match (announced, opened.as_slice()) {
-                ([one], _) | ([], [one]) => one.as_str(),
-                _ => return false,
-            }
-        } else {
-            service_id
+        let Some(named) = self.named(service_id, announced) else {
+            return false;
         };
         let listed = |list: &[String]| list.iter().any(|s| s == named);
         listed(opened) && (announced.is_empty() || listed(announced))
+    }
+
+    /// The service a stream is for: its id, or for a V1 stream (empty id) the tunnel's only
+    /// service, announced or opened; `None` when that is not one service.
+    pub fn named<'a>(&'a self, service_id: &'a str, announced: &'a [String]) -> Option<&'a str> {
+        if !service_id.is_empty() {
+            return Some(service_id);
+        }
+        match (announced, self.opened()) {
+            ([one], _) | ([], [one]) => Some(one.as_str()),
+            _ => None,
+        }
+    }
+
+    /// The services the tunnel was opened for; none for `WholeMap`.
+    pub fn opened(&self) -> &[String] {
+        match self {
+            Scope::WholeMap => &[],
+            Scope::Opened(services) => services,
+        }
     }
 }
 

@@ -68,6 +68,9 @@ pub struct Snapshot {
     /// The last upgrade this process rolled back: the file's SHA-256 and why.
     #[serde(default)]
     pub upgrade_rolled_back: Option<RolledBack>,
+    /// Site consent: "always", "granted" or "withheld" (with the services it covers).
+    #[serde(default)]
+    pub consent: String,
 }
 
 /// An upgrade that failed its trial run.
@@ -89,6 +92,7 @@ pub struct ThingStatus {
 /// connected covers the websocket up, with or without the service's SERVICE_IDS yet.
 pub fn phase_name(phase: Phase, sessions: u64) -> &'static str {
     match phase {
+        Phase::AwaitingConsent => "awaiting consent",
         Phase::Connecting if sessions > 0 => "reconnecting",
         Phase::Connecting => "connecting",
         Phase::Connected | Phase::Ready => "connected",
@@ -103,7 +107,7 @@ pub fn connected_since(phase: Phase, since: Option<SystemTime>) -> Option<u64> {
     match phase {
         Phase::Connected | Phase::Ready => since.map(unix),
         // Draining: the websocket session has ended; its local connections flush.
-        Phase::Connecting | Phase::Draining | Phase::Ended => None,
+        Phase::AwaitingConsent | Phase::Connecting | Phase::Draining | Phase::Ended => None,
     }
 }
 
@@ -175,6 +179,7 @@ impl Snapshot {
             upgrade_pending_since: None,
             upgrade_rolled_back: crate::upgrade_trial::rolled_back()
                 .map(|(sha256, why)| RolledBack { sha256, why }),
+            consent: "always".to_owned(),
         }
     }
 
@@ -186,6 +191,9 @@ impl Snapshot {
             out.push_str(&format!(" (last error: {e})"));
         }
         out.push('\n');
+        if !self.consent.is_empty() && self.consent != "always" {
+            out.push_str(&format!("Site consent: {}\n", self.consent));
+        }
         if let Some(r) = &self.upgrade_rolled_back {
             out.push_str(&format!(
                 "Upgrade rolled back: the new binary (sha256 {}) failed its trial run: {}; the running version goes on\n",
@@ -449,6 +457,7 @@ mod tests {
         assert_eq!(phase_name(Phase::Connected, 1), "connected");
         assert_eq!(phase_name(Phase::Ready, 1), "connected");
         assert_eq!(phase_name(Phase::Draining, 1), "draining");
+        assert_eq!(phase_name(Phase::AwaitingConsent, 1), "awaiting consent");
     }
 
     #[test]
@@ -457,7 +466,12 @@ mod tests {
         for phase in [Phase::Connected, Phase::Ready] {
             assert_eq!(connected_since(phase, t), Some(1_700_000_000), "{phase:?}");
         }
-        for phase in [Phase::Connecting, Phase::Draining, Phase::Ended] {
+        for phase in [
+            Phase::AwaitingConsent,
+            Phase::Connecting,
+            Phase::Draining,
+            Phase::Ended,
+        ] {
             assert_eq!(connected_since(phase, t), None, "{phase:?}");
         }
         assert_eq!(connected_since(Phase::Connected, None), None);

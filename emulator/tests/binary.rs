@@ -68,6 +68,7 @@ async fn the_binarys_flags_open_tunnels_fail_handshakes_name_the_region_and_prin
                 )
                 .into(),
             scope: securetunnel_agent::services::Scope::WholeMap,
+            consent: securetunnel_agent::consent::Gate::always(),
         },
         endpoint: DataEndpoint::parse_override(&endpoint).unwrap(),
         tls: Some(client_config(&opts).unwrap()),

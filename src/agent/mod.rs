@@ -26,6 +26,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::bridge::{Bridge, BridgeConfig, BridgeEnd, DataEndpoint, Limits, Role, State, Stats};
 use crate::config::{Checked, Config};
+use crate::consent::Gate;
 use crate::mqtt::{MqttState, Notice, Notification};
 use crate::persist::{Moment, PersistedSession, SessionStore};
 use crate::persist_writer::PersistWriter;
@@ -86,6 +87,10 @@ pub struct Agent {
     upgrade: Option<Upgrader>,
     /// The report the MQTT client publishes to the thing's shadow (`[shadow] enabled`).
     shadow: Option<watch::Sender<crate::shadow::Report>>,
+    /// Site consent as every bridge asks it; `always` without `[consent]`.
+    consent: Gate,
+    /// Follows the consent file (`[consent] mode = "file"`); stops when dropped.
+    _consent_watch: Option<crate::consent::Watcher>,
 }
 
 /// What the loop waits on besides the agent's own state.
@@ -101,6 +106,8 @@ struct Inputs {
     /// With `[shadow] enabled` and tunnels live: the shadow report is refreshed (connection
     /// counts, phases).
     shadow_refresh: Option<Interval>,
+    /// Site consent's changes, for the status and the shadow (the bridges act on their own).
+    consent: Gate,
 }
 
 /// A session's bridge could not start; `file` is its session file, to forget.
@@ -146,6 +153,7 @@ impl Agent {
                 i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 i
             }),
+            consent: agent.consent.clone(),
         };
         let exit = agent.serve(&mut inputs, &cancel).await;
         // No stream may start from here on: the bridges stop in this same turn of the loop.
@@ -192,6 +200,9 @@ impl Agent {
                 // Only with tunnels: an idle agent does not wake for it, and the table's
                 // changes (the last tunnel gone) refresh it through `write_status`.
                 _ = tick(&mut i.shadow_refresh), if !self.live.is_empty() => self.update_shadow(),
+                () = i.consent.changed() => {
+                    self.write_status();
+                }
                 done = upgrade_checked(self.upgrade.as_mut()) => {
                     if let Some(u) = self.upgrade.as_mut() {
                         u.done(done);
@@ -364,6 +375,7 @@ impl Agent {
                     None => SharedServiceMap::from(ServiceMap::default()),
                 },
                 scope: Scope::Opened(key.services.clone()),
+                consent: self.consent.clone(),
             },
             endpoint,
             tls: Some(self.tunnel_tls.clone()),

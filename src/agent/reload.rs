@@ -30,6 +30,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         proxy,
         things: _,
         shadow,
+        consent,
     } = new;
     [
         ("thing_name", *thing_name != old.thing_name),
@@ -45,6 +46,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("proxy", *proxy != old.proxy),
         ("shadow", *shadow != old.shadow),
+        ("consent", *consent != old.consent),
     ]
     .into_iter()
     .filter_map(|(k, changed)| changed.then_some(k))

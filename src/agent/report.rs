@@ -43,6 +43,7 @@ impl Agent {
             .as_ref()
             .and_then(Upgrader::pending_since)
             .map(crate::status::unix);
+        snapshot.consent = consent_text(&self.consent);
         snapshot
     }
 
@@ -95,8 +96,18 @@ pub fn shadow_report(snapshot: &Snapshot) -> shadow::Report {
         })
         .collect();
     shadow::Report {
-        consent: "always".to_owned(),
+        consent: snapshot.consent.clone(),
         tunnels,
+    }
+}
+
+/// Rule (consent shown): "always", or "granted"/"withheld" with the services it covers
+/// when it covers only some.
+pub fn consent_text(gate: &crate::consent::Gate) -> String {
+    let state = crate::consent::state_name(gate);
+    match gate.services() {
+        [] => state.to_owned(),
+        some => format!("{state} for {}", some.join(", ")),
     }
 }
 
@@ -188,5 +199,17 @@ mod tests {
         );
         let doc = shadow::document(&report, 1);
         assert!(!doc.contains("0badf00d") && !doc.contains("ch-1"), "{doc}");
+    }
+
+    #[test]
+    fn consent_shows_the_services_it_covers_when_it_covers_only_some() {
+        use crate::consent::Gate;
+        assert_eq!(consent_text(&Gate::always()), "always");
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        assert_eq!(consent_text(&Gate::new(rx.clone(), &[])), "withheld");
+        let ssh = Gate::new(rx, &["SSH".to_owned(), "VNC".to_owned()]);
+        assert_eq!(consent_text(&ssh), "withheld for SSH, VNC");
+        tx.send_replace(true);
+        assert_eq!(consent_text(&ssh), "granted for SSH, VNC");
     }
 }

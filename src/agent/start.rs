@@ -62,6 +62,24 @@ fn open_store(cfg: &Config) -> Option<SessionStore> {
         .ok()
 }
 
+/// The gate every bridge asks, and the watch on the consent file behind it. A file that
+/// cannot be watched withholds consent (fail closed), with the reason.
+fn follow_consent(
+    settings: Option<&crate::consent::Settings>,
+) -> (crate::consent::Gate, Option<crate::consent::Watcher>) {
+    let Some(s) = settings else {
+        return (crate::consent::Gate::always(), None);
+    };
+    match crate::consent::Watcher::start(s.path.clone()) {
+        Ok(w) => (w.gate(&s.services), Some(w)),
+        Err(e) => {
+            error!(path = %s.path.display(), "cannot watch the site consent file: {e}; consent is withheld until the agent restarts (check fs.inotify.max_user_instances and the path's directories)");
+            let (_, withheld) = watch::channel(false);
+            (crate::consent::Gate::new(withheld, &s.services), None)
+        }
+    }
+}
+
 /// Why a persisted session is dropped at start (`Agent::resume_one`).
 #[derive(Debug, thiserror::Error)]
 pub(super) enum Dropped {
@@ -111,7 +129,10 @@ impl Agent {
         let mut table = SessionTable::new(limits.max_tunnels, limits.max_lifetime, cfg.rotation);
         table.set_thing_caps(thing_caps(&cfg));
         table.set_own_thing(&cfg.thing_name);
+        let (consent, consent_watch) = follow_consent(cfg.consent.as_ref());
         let agent = Agent {
+            consent,
+            _consent_watch: consent_watch,
             maps,
             downstream_tx,
             lifecycle: Lifecycle::new(table),

@@ -36,7 +36,11 @@ impl Link {
         let (accept_tx, mut accepts) = mpsc::channel(ACCEPT_QUEUE);
         let mut listener_tasks = JoinSet::new();
         let (services, format) = match role {
-            Role::Destination { services, scope } => (Some((services, scope)), Format::V3),
+            Role::Destination {
+                services,
+                scope,
+                consent,
+            } => (Some((services, scope, consent)), Format::V3),
             Role::Source { listeners, format } => {
                 listeners.log_addresses();
                 listeners.spawn(&mut listener_tasks, accept_tx);
@@ -49,6 +53,11 @@ impl Link {
             self.limits.reconnect_max_delay,
         );
         loop {
+            if let Some((_, scope, consent)) = &services
+                && let Some(end) = self.await_consent(scope, consent, &cancel, &retire).await
+            {
+                return Ok(end);
+            }
             self.state.send_modify(|s| {
                 s.phase = Phase::Connecting;
                 s.retry_at = None;
@@ -72,7 +81,9 @@ impl Link {
             let why = match connected {
                 Ok(c) => {
                     let role = match &services {
-                        Some((map, scope)) => relay::Role::Destination(map, scope),
+                        Some((map, scope, consent)) => {
+                            relay::Role::Destination(map, scope, consent)
+                        }
                         None => relay::Role::Source(format),
                     };
                     match self
@@ -97,6 +108,36 @@ impl Link {
             };
             if let Some(end) = self.back_off(why, &mut backoff, &cancel, &retire).await {
                 return Ok(end);
+            }
+        }
+    }
+
+    /// Before each connect: a tunnel whose services all need a site consent not given
+    /// waits for it (`consent::may_connect`), within the agent's limits for its token.
+    async fn await_consent(
+        &self,
+        scope: &Scope,
+        consent: &Gate,
+        cancel: &CancellationToken,
+        retire: &CancellationToken,
+    ) -> Option<BridgeEnd> {
+        let opened = scope.opened();
+        if consent.may_connect(opened) {
+            return None;
+        }
+        info!(services = ?opened, "awaiting site consent before connecting");
+        self.state.send_modify(|s| {
+            s.phase = Phase::AwaitingConsent;
+            s.retry_at = None;
+            s.connected_since = None;
+        });
+        let mut consent = consent.clone();
+        tokio::select! {
+            _ = cancel.cancelled() => Some(BridgeEnd::Cancelled),
+            _ = retire.cancelled() => Some(BridgeEnd::Retired),
+            () = consent.until_may_connect(opened) => {
+                info!("site consent given: connecting");
+                None
             }
         }
     }

@@ -29,6 +29,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::consent::Gate;
 use crate::protocol::{self, Format, Mode};
 use crate::secret::Secret;
 use crate::services::{Scope, SharedServiceMap};
@@ -143,6 +144,9 @@ pub enum Role {
         services: SharedServiceMap,
         /// The services this tunnel may reach (`Scope::admits`), asked before the map.
         scope: Scope,
+        /// Site consent: the tunnel connects and its streams are admitted only while it is
+        /// given (`consent::Gate`).
+        consent: Gate,
     },
     /// Accept local clients and open streams for them.
     Source {
@@ -363,6 +367,7 @@ mod tests {
             role: Role::Destination {
                 services: crate::services::ServiceMap::default().into(),
                 scope: Scope::WholeMap,
+                consent: crate::consent::Gate::always(),
             },
             endpoint: DataEndpoint::for_region("us-east-1"),
             tls: None,

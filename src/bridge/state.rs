@@ -81,6 +81,8 @@ impl Stats {
 /// Where the bridge is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// Not connecting: site consent is withheld for every service of the tunnel.
+    AwaitingConsent,
     /// Handshaking, or waiting to reconnect.
     Connecting,
     /// Websocket up, SERVICE_IDS not yet received.

@@ -147,6 +147,13 @@ impl<H> StreamTable<H> {
         self.services.get(service)?.conns.get(&conn)
     }
 
+    /// Every service with an active stream: (service, stream).
+    pub fn active_streams(&self) -> impl Iterator<Item = (&str, i32)> {
+        self.services
+            .iter()
+            .filter_map(|(s, ss)| ss.active.map(|a| (s.as_str(), a)))
+    }
+
     /// Every connection: (service, connection, handle).
     pub fn connections(&self) -> impl Iterator<Item = (&str, u32, &H)> {
         self.services

@@ -33,6 +33,7 @@ pub fn check_config(path: &Path, user: Option<&str>) -> ExitCode {
         let problem = crate::sandbox::file_problem(&path, &who, unit.as_ref());
         sockets.extend(problem.map(|p| format!("{key}: {p}")));
     }
+    sockets.extend(consent_warning(&cfg, unit.as_ref()));
     for (name, t) in &cfg.things {
         let thing = crate::sandbox::unix_socket_warnings(&t.services, &who, unit.as_ref());
         sockets.extend(thing.into_iter().map(|w| format!("thing {name}: {w}")));
@@ -82,6 +83,54 @@ fn shadow(cfg: &Config) -> String {
     )
 }
 
+/// `[consent]`: always, or the file, what it covers and whether it grants now.
+fn consent(cfg: &Config) -> String {
+    use crate::consent::{Reading, reading_of};
+    let Some(s) = &cfg.consent else {
+        return "always (no site consent asked)".to_owned();
+    };
+    let covers = match s.services.as_slice() {
+        [] => String::new(),
+        some => format!(" for {} (other services stay open)", some.join(", ")),
+    };
+    let now = match reading_of(&s.path) {
+        Reading::Present => "granted".to_owned(),
+        Reading::Absent => "withheld (no file)".to_owned(),
+        Reading::NoDirectory => "withheld (its directory does not exist)".to_owned(),
+        Reading::Symlink => "withheld (a symbolic link is never followed)".to_owned(),
+        Reading::NotAFile => "withheld (not a regular file)".to_owned(),
+        Reading::Unreadable(e) => format!("withheld ({e})"),
+    };
+    format!(
+        "tunnels served only while {} exists{covers}; now {now}",
+        s.path.display()
+    )
+}
+
+/// What would keep the consent file from ever granting under the service.
+fn consent_warning(cfg: &Config, unit: Option<&crate::sandbox::UnitSettings>) -> Option<String> {
+    use crate::consent::{DEFAULT_PATH, Reading, reading_of};
+    let s = cfg.consent.as_ref()?;
+    let path = s.path.display();
+    if let Some(setting) = unit.and_then(|u| crate::sandbox::hidden_by(&s.path, u)) {
+        return Some(format!(
+            "consent.path: {path} is hidden by the unit's {setting}: the agent would watch another directory than the one written to; put the file under /run, e.g. {DEFAULT_PATH}"
+        ));
+    }
+    match reading_of(&s.path) {
+        Reading::Symlink => Some(format!(
+            "consent.path: {path} is a symbolic link, which never grants: create a regular file (touch)"
+        )),
+        Reading::NotAFile => Some(format!(
+            "consent.path: {path} is not a regular file and never grants: remove it, then touch it to grant"
+        )),
+        Reading::NoDirectory if s.path != std::path::Path::new(DEFAULT_PATH) => Some(format!(
+            "consent.path: the directory of {path} does not exist: consent stays withheld until it is created and the file with it"
+        )),
+        _ => None,
+    }
+}
+
 /// The summary's lines, as (label, value).
 pub fn summary(cfg: &Config, id: &Identity) -> Vec<(&'static str, String)> {
     vec![
@@ -109,6 +158,7 @@ pub fn summary(cfg: &Config, id: &Identity) -> Vec<(&'static str, String)> {
         ("restarts", restarts(cfg)),
         ("rotation", format!("{:?}", cfg.rotation).to_lowercase()),
         ("shadow", shadow(cfg)),
+        ("site consent", consent(cfg)),
         ("state dir", cfg.state_dir.display().to_string()),
         (
             "upgrades",
@@ -253,5 +303,33 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("\"Action\":\"iot:Publish\""), "{line}");
+    }
+
+    #[test]
+    fn the_summary_says_what_consent_covers_and_whether_it_grants_now() {
+        let dir = std::env::temp_dir().join(format!("consent-summary-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let allow = dir.join("allow");
+        let text = format!(
+            "{MIN}[consent]\nmode = \"file\"\npath = \"{}\"\nservices = [\"SSH\"]\n",
+            allow.display()
+        );
+        let cfg = crate::config::parse(&text, Path::new("a.toml")).unwrap();
+        let line = super::consent(&cfg);
+        assert!(
+            line.contains("for SSH (other services stay open)"),
+            "{line}"
+        );
+        assert!(line.ends_with("now withheld (no file)"), "{line}");
+        std::fs::write(&allow, "").unwrap();
+        assert!(super::consent(&cfg).ends_with("now granted"));
+        assert_eq!(super::consent_warning(&cfg, None), None);
+        std::fs::remove_file(&allow).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", &allow).unwrap();
+        let w = super::consent_warning(&cfg, None).unwrap();
+        assert!(w.contains("symbolic link"), "{w}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let off = crate::config::parse(MIN, Path::new("a.toml")).unwrap();
+        assert!(super::consent(&off).starts_with("always"));
     }
 }

@@ -380,6 +380,7 @@ impl LocalProxyArgs {
                 Role::Destination {
                     services: services.into(),
                     scope: crate::services::Scope::WholeMap,
+                    consent: crate::consent::Gate::always(),
                 }
             }
             _ => {

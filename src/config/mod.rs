@@ -127,6 +127,8 @@ pub struct Config {
     pub things: std::collections::BTreeMap<String, ThingConfig>,
     /// `[shadow] enabled`: the tunnels' state in the thing's named shadow `securetunnel`.
     pub shadow: bool,
+    /// `[consent] mode = "file"`: tunnels only while its file exists; `None`: always.
+    pub consent: Option<crate::consent::Settings>,
 }
 
 impl Config {
@@ -236,6 +238,7 @@ pub fn default_runtime_dir(run_exists: bool) -> PathBuf {
     }
 }
 
+mod consent;
 mod device_key;
 mod files;
 mod resources;

@@ -30,6 +30,8 @@ pub(super) struct RawConfig {
     pub(super) proxy: Option<RawProxy>,
     #[serde(default)]
     pub(super) shadow: RawShadow,
+    #[serde(default)]
+    pub(super) consent: super::consent::RawConsent,
     /// Downstream things the gateway serves tunnels for: `[things.<name>.services]`.
     #[serde(default)]
     pub(super) things: BTreeMap<String, RawThing>,

@@ -344,3 +344,53 @@ fn the_shadow_is_off_unless_enabled_and_its_table_takes_no_other_key() {
     let e = parse_str(&format!("{MIN}\n[shadow]\nenable = true\n")).unwrap_err();
     assert!(e.to_string().contains("enable"), "{e}");
 }
+
+#[test]
+fn consent_is_always_unless_a_file_mode_names_its_path_and_services() {
+    assert_eq!(parse_str(MIN).unwrap().consent, None);
+    let c = parse_str(&format!("{MIN}\n[consent]\nmode = \"file\"\n")).unwrap();
+    let s = c.consent.unwrap();
+    assert_eq!(s.path, Path::new(crate::consent::DEFAULT_PATH));
+    assert!(s.services.is_empty());
+    let c = parse_str(&format!(
+        "{MIN}\n[consent]\nmode = \"file\"\npath = \"/run/keyswitch/on\"\nservices = [\"SSH\"]\n"
+    ))
+    .unwrap();
+    let s = c.consent.unwrap();
+    assert_eq!(
+        (s.path.to_str(), s.services),
+        (Some("/run/keyswitch/on"), vec!["SSH".to_owned()])
+    );
+}
+
+#[test]
+fn consent_keys_that_would_not_do_what_they_say_are_refused_by_name() {
+    let bad = |body: &str| {
+        parse_str(&format!("{MIN}\n[consent]\n{body}\n"))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = bad("mode = \"switch\"");
+    assert!(
+        e.contains("consent.mode") && e.contains("\"switch\""),
+        "{e}"
+    );
+    let e = bad("path = \"/run/x/allow\"");
+    assert!(
+        e.contains("consent.path") && e.contains("is set but consent.mode"),
+        "{e}"
+    );
+    let e = bad("mode = \"file\"\npath = \"allow\"");
+    assert!(
+        e.contains("consent.path") && e.contains("not an absolute path"),
+        "{e}"
+    );
+    // A misspelt service would leave the one meant open.
+    let e = bad("mode = \"file\"\nservices = [\"ssh\"]");
+    assert!(
+        e.contains("consent.services") && e.contains("\"ssh\"") && e.contains("SSH"),
+        "{e}"
+    );
+    let e = bad("mode = \"file\"\nservices = []");
+    assert!(e.contains("consent.services") && e.contains("empty"), "{e}");
+}

@@ -43,9 +43,12 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
     let proxy = check_proxy(raw.proxy.as_ref(), &mut errors);
     errors.extend(validate_things(&raw));
     check_paths(&raw, &mut errors);
+    let consent = super::consent::check_consent(&raw, &mut errors);
     match key {
         Some(key) if errors.is_empty() => {
-            Ok(build(raw, path, client_id, key, endpoint, resolve, proxy))
+            let mut cfg = build(raw, path, client_id, key, endpoint, resolve, proxy);
+            cfg.consent = consent;
+            Ok(cfg)
         }
         _ => Err(ConfigErrors(errors)),
     }
@@ -330,6 +333,7 @@ fn build(
         ),
         proxy,
         shadow: raw.shadow.enabled,
+        consent: None,
         things: raw
             .things
             .into_iter()

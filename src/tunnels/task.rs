@@ -165,6 +165,7 @@ mod tests {
             role: Role::Destination {
                 services: SharedServiceMap::from(ServiceMap::default()),
                 scope: Scope::Opened(vec!["SSH".into()]),
+                consent: crate::consent::Gate::always(),
             },
             endpoint: DataEndpoint::parse_override("ws://127.0.0.1:1").unwrap(),
             tls: None,

@@ -173,6 +173,7 @@ pub fn destination_with(
     let role = Role::Destination {
         services: services.into(),
         scope: securetunnel_agent::services::Scope::WholeMap,
+        consent: securetunnel_agent::consent::Gate::always(),
     };
     spawn_bridge(config(emu, &t.destination_access_token, role, limits))
 }

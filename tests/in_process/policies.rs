@@ -156,6 +156,7 @@ fn sharing_destination(
     let role = Role::Destination {
         services: ServiceMap::default().with("SVC", tcp(addr)).into(),
         scope: securetunnel_agent::services::Scope::WholeMap,
+        consent: securetunnel_agent::consent::Gate::always(),
     };
     let cfg = config(emu, &tokens.destination_access_token, role, limits);
     let bridge = Bridge::new(cfg).unwrap().with_budget(budget.clone());
@@ -280,6 +281,7 @@ async fn a_resolver_that_never_answers_holds_only_its_bound() {
     let role = Role::Destination {
         services: map.into(),
         scope: securetunnel_agent::services::Scope::WholeMap,
+        consent: securetunnel_agent::consent::Gate::always(),
     };
     let cfg = config(&emu, &tokens.destination_access_token, role, limits);
     let bridge = Bridge::new(cfg)

@@ -211,6 +211,7 @@ async fn a_second_destination_with_another_client_token_is_refused_and_the_first
         securetunnel_agent::bridge::Role::Destination {
             services: ServiceMap::default().into(),
             scope: securetunnel_agent::services::Scope::WholeMap,
+            consent: securetunnel_agent::consent::Gate::always(),
         },
         test_limits(),
     );
@@ -291,6 +292,7 @@ async fn a_server_that_does_not_echo_the_subprotocol_is_refused_and_retried() {
         role: Role::Destination {
             services: ServiceMap::default().into(),
             scope: securetunnel_agent::services::Scope::WholeMap,
+            consent: securetunnel_agent::consent::Gate::always(),
         },
         endpoint: DataEndpoint::parse_override(&format!("ws://{addr}")).unwrap(),
         tls: None,

@@ -196,6 +196,7 @@ async fn a_replacing_destination_closes_the_old_one_and_resets_the_sources_strea
     let role = || securetunnel_agent::bridge::Role::Destination {
         services: map.clone().into(),
         scope: securetunnel_agent::services::Scope::WholeMap,
+        consent: securetunnel_agent::consent::Gate::always(),
     };
     let mut cfg = config(&emu, &t.destination_access_token, role(), test_limits());
     cfg.client_token = Some(Secret::new(client_token.as_str()));

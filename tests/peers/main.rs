@@ -10,6 +10,7 @@ mod common;
 mod agent;
 mod check_config;
 mod cli;
+mod consent;
 mod demo;
 mod doctor;
 mod faults;

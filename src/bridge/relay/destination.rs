@@ -12,13 +12,19 @@ impl Session<'_> {
         service: &str,
         stream: i32,
     ) -> Result<LocalEndpoint, Refused> {
-        let Role::Destination(map, scope) = self.role else {
+        let Role::Destination(map, scope, consent) = self.role else {
             return Err(Refused::Unmapped);
         };
+        let named = scope.named(service, self.services()).unwrap_or(service);
         let (refused, why) = if !scope.admits(service, self.services()) {
             (
                 Refused::OutOfScope,
                 "the tunnel was not opened for this service",
+            )
+        } else if !consent.admits(named) {
+            (
+                Refused::NoConsent,
+                "site consent is withheld for this service",
             )
         } else if let Some(endpoint) = map.current().resolve(service, self.services()) {
             return Ok(endpoint.clone());
@@ -33,6 +39,34 @@ impl Session<'_> {
             );
         }
         Err(refused)
+    }
+
+    /// Site consent changed: the streams of the services it no longer admits are reset,
+    /// their local connections closed at once (what is queued for them is dropped).
+    pub(super) fn on_consent(&mut self, consent: &Gate) {
+        let revoked: Vec<(String, i32)> = self
+            .table
+            .active_streams()
+            .filter(|(service, _)| !consent.admits(service))
+            .map(|(service, stream)| (service.to_owned(), stream))
+            .collect();
+        let mut closed = 0;
+        for (service, stream) in &revoked {
+            let conns = self
+                .table
+                .reset_stream(service, *stream)
+                .unwrap_or_default();
+            closed += conns.len();
+            conns.into_iter().for_each(ConnHandle::reset);
+            self.send(Message::stream_reset(*stream, service));
+        }
+        if !revoked.is_empty() {
+            let services: Vec<&str> = revoked.iter().map(|(s, _)| s.as_str()).collect();
+            info!(
+                ?services,
+                closed, "site consent withdrawn: closing the connections of these services"
+            );
+        }
     }
 
     pub(super) fn services(&self) -> &[String] {
@@ -102,7 +136,7 @@ impl Session<'_> {
         }
         let endpoint = match self.endpoint_for(&service, stream) {
             Ok(endpoint) => endpoint,
-            Err(Refused::OutOfScope) => {
+            Err(Refused::OutOfScope | Refused::NoConsent) => {
                 drop(self.table.reset_stream(&service, stream));
                 self.send(Message::stream_reset(stream, &service));
                 return Ok(());

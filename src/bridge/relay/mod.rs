@@ -26,6 +26,7 @@ use super::source::Accepted;
 use super::streams::{Route, StreamTable};
 use super::ws::{Outbound, WsStream};
 use super::{Limits, Phase, State, Stats};
+use crate::consent::Gate;
 use crate::protocol::{
     self, Format, FrameCodec, FrameReader, Incoming, Message, MessageType, Mode, ProtocolError,
     Violation, connection_key,
@@ -52,11 +53,13 @@ enum Refused {
     OutOfScope,
     /// Not in the thing's service map.
     Unmapped,
+    /// Site consent is withheld for the service (`consent::admits`).
+    NoConsent,
 }
 
 /// What differs between the two ends.
 pub enum Role<'a> {
-    Destination(&'a SharedServiceMap, &'a Scope),
+    Destination(&'a SharedServiceMap, &'a Scope, &'a Gate),
     Source(Format),
 }
 
@@ -181,6 +184,11 @@ impl<'a> Session<'a> {
         // Frames of a received message not decoded yet: decoding pauses while the backlog
         // is full, so one message of tiny frames cannot queue a reply for each.
         let mut undecoded = false;
+        // Site consent: a change may close the connections of the services it covers.
+        let mut consent = match self.role {
+            Role::Destination(_, _, gate) => gate.clone(),
+            Role::Source(_) => Gate::always(),
+        };
         loop {
             let ready = accepting && self.tunnel_services.is_some();
             let room = self.backlog.len() < BACKLOG_LIMIT;
@@ -212,6 +220,7 @@ impl<'a> Session<'a> {
                     last_rx = Instant::now();
                 }
                 _ = sweep.tick() => self.sweep(),
+                () = consent.changed() => self.on_consent(&consent),
                 Some(exit) = self.tasks.join_next() => self.on_conn_exit(exit),
                 Some(accepted) = accepts.recv(), if ready => self.on_accept(accepted),
                 Some(service) = next_waiting(&self.waiting, self.table), if !self.waiting.is_empty() => {
@@ -448,7 +457,7 @@ impl<'a> Session<'a> {
         let ids = protocol::distinct_services(msg.available_service_ids);
         info!(services = ?ids, "tunnel services");
         match &self.role {
-            Role::Destination(map, _) => {
+            Role::Destination(map, ..) => {
                 let unmapped = map.current().unmapped(&ids);
                 if !unmapped.is_empty() {
                     warn!(services = ?unmapped, "services not in the service map: their streams will be refused");
