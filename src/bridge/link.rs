@@ -53,30 +53,10 @@ impl Link {
             self.limits.reconnect_max_delay,
         );
         loop {
-            if let Some((_, scope, consent)) = &services
-                && let Some(end) = self.await_consent(scope, consent, &cancel, &retire).await
-            {
-                return Ok(end);
-            }
-            self.state.send_modify(|s| {
-                s.phase = Phase::Connecting;
-                s.retry_at = None;
-                s.connected_since = None;
-            });
-            let params = ws::HandshakeParams {
-                endpoint: &self.endpoint,
-                mode,
-                tls: self.tls.as_ref(),
-                access_token: &self.access_token,
-                client_token: &self.client_token,
-                timeout: self.limits.handshake_timeout,
-            };
-            // A retired bridge never presents its replaced token again, not even in a
-            // handshake already under way.
-            let connected = tokio::select! {
-                _ = cancel.cancelled() => return Ok(BridgeEnd::Cancelled),
-                _ = retire.cancelled() => return Ok(BridgeEnd::Retired),
-                r = ws::connect(&params) => r,
+            let consent = services.as_ref().map(|(_, scope, gate)| (scope, gate));
+            let connected = match self.attempt(consent, mode, &cancel, &retire).await {
+                Ok(connected) => connected,
+                Err(end) => return Ok(end),
             };
             let why = match connected {
                 Ok(c) => {
@@ -109,6 +89,42 @@ impl Link {
             if let Some(end) = self.back_off(why, &mut backoff, &cancel, &retire).await {
                 return Ok(end);
             }
+        }
+    }
+
+    /// One handshake, after site consent when the tunnel must wait for it; `Err` when the
+    /// bridge ends first.
+    async fn attempt(
+        &self,
+        consent: Option<(&Scope, &Gate)>,
+        mode: Mode,
+        cancel: &CancellationToken,
+        retire: &CancellationToken,
+    ) -> Result<Result<ws::Connected, HandshakeError>, BridgeEnd> {
+        if let Some((scope, gate)) = consent
+            && let Some(end) = self.await_consent(scope, gate, cancel, retire).await
+        {
+            return Err(end);
+        }
+        self.state.send_modify(|s| {
+            s.phase = Phase::Connecting;
+            s.retry_at = None;
+            s.connected_since = None;
+        });
+        let params = ws::HandshakeParams {
+            endpoint: &self.endpoint,
+            mode,
+            tls: self.tls.as_ref(),
+            access_token: &self.access_token,
+            client_token: &self.client_token,
+            timeout: self.limits.handshake_timeout,
+        };
+        // A retired bridge never presents its replaced token again, not even in a
+        // handshake already under way.
+        tokio::select! {
+            _ = cancel.cancelled() => Err(BridgeEnd::Cancelled),
+            _ = retire.cancelled() => Err(BridgeEnd::Retired),
+            r = ws::connect(&params) => Ok(r),
         }
     }
 

@@ -1,22 +1,8 @@
 //! `[consent]`: site consent (see `crate::consent`), checked against the service maps.
 
-use std::path::PathBuf;
-
-use serde::Deserialize;
-
 use super::schema::RawConfig;
 use super::{ConfigError, err};
 use crate::consent::{DEFAULT_PATH, Settings};
-
-/// `[consent]` as written.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawConsent {
-    #[serde(default)]
-    mode: Option<String>,
-    path: Option<PathBuf>,
-    services: Option<Vec<String>>,
-}
 
 /// `None` for `mode = "always"` (the default).
 pub(super) fn check_consent(raw: &RawConfig, errors: &mut Vec<ConfigError>) -> Option<Settings> {

@@ -31,7 +31,7 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) shadow: RawShadow,
     #[serde(default)]
-    pub(super) consent: super::consent::RawConsent,
+    pub(super) consent: RawConsent,
     /// Downstream things the gateway serves tunnels for: `[things.<name>.services]`.
     #[serde(default)]
     pub(super) things: BTreeMap<String, RawThing>,
@@ -52,6 +52,16 @@ pub(super) struct RawThing {
 pub(super) struct RawShadow {
     #[serde(default)]
     pub(super) enabled: bool,
+}
+
+/// `[consent]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConsent {
+    #[serde(default)]
+    pub(super) mode: Option<String>,
+    pub(super) path: Option<PathBuf>,
+    pub(super) services: Option<Vec<String>>,
 }
 
 /// `[proxy]`: the URL may carry a password, so it is read as a secret.
