@@ -25,11 +25,13 @@
 #![warn(missing_docs)]
 
 mod agent;
+mod audit;
 pub mod backoff;
 pub mod bridge;
 pub mod cli;
 mod config;
 pub mod consent;
+mod dates;
 mod doctor;
 #[cfg(fuzzing)]
 #[allow(missing_docs)]

@@ -71,6 +71,17 @@ pub struct Snapshot {
     /// Site consent: "always", "granted" or "withheld" (with the services it covers).
     #[serde(default)]
     pub consent: String,
+    /// Audit events dropped since the start: the file's queue was full or a write failed;
+    /// the MQTT queue was full (the broker unreachable for long) or the topic refused.
+    #[serde(default)]
+    pub audit_dropped: AuditDropped,
+}
+
+/// Audit events dropped, per sink.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditDropped {
+    pub file: u64,
+    pub mqtt: u64,
 }
 
 /// An upgrade that failed its trial run.
@@ -180,6 +191,7 @@ impl Snapshot {
             upgrade_rolled_back: crate::upgrade_trial::rolled_back()
                 .map(|(sha256, why)| RolledBack { sha256, why }),
             consent: "always".to_owned(),
+            audit_dropped: AuditDropped::default(),
         }
     }
 
@@ -193,6 +205,12 @@ impl Snapshot {
         out.push('\n');
         if !self.consent.is_empty() && self.consent != "always" {
             out.push_str(&format!("Site consent: {}\n", self.consent));
+        }
+        let AuditDropped { file, mqtt } = self.audit_dropped;
+        if file + mqtt > 0 {
+            out.push_str(&format!(
+                "Audit events dropped: {file} from the file, {mqtt} from the MQTT topic\n"
+            ));
         }
         if let Some(r) = &self.upgrade_rolled_back {
             out.push_str(&format!(

@@ -8,6 +8,7 @@
 //! `start` opens the state and rejoins persisted sessions, `reload` handles SIGHUP, `report`
 //! writes status.json and systemd's STATUS=.
 
+mod audit;
 mod reload;
 mod report;
 mod start;
@@ -24,7 +25,8 @@ use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::bridge::{Bridge, BridgeConfig, BridgeEnd, DataEndpoint, Limits, Role, State, Stats};
+use crate::audit::Kind as AuditKind;
+use crate::bridge::{Bridge, BridgeConfig, DataEndpoint, Limits, Role, State, Stats};
 use crate::config::{Checked, Config};
 use crate::consent::Gate;
 use crate::mqtt::{MqttState, Notice, Notification};
@@ -35,7 +37,7 @@ use crate::services::{Scope, ServiceMap, SharedServiceMap};
 use crate::status::{StatusFile, StatusSocket};
 use crate::systemd;
 use crate::tunnels::{
-    CONNECT_WITHIN, Connected, Decision, Effect, Ends, Expiry, Lifecycle, SessionExit, SessionTask,
+    CONNECT_WITHIN, Connected, Decision, Effect, Ends, Lifecycle, SessionExit, SessionTask,
     TunnelKey,
 };
 use crate::upgrade::{Candidate, Step, Upgrader};
@@ -62,6 +64,10 @@ struct Live {
     retire: CancellationToken,
     state: watch::Receiver<State>,
     stats: Arc<Stats>,
+    /// The session's trail (its thing and token hash).
+    audit: crate::audit::TunnelTrail,
+    /// When its bridge started, for the audit's duration.
+    started: Instant,
 }
 
 pub struct Agent {
@@ -91,6 +97,8 @@ pub struct Agent {
     consent: Gate,
     /// Follows the consent file (`[consent] mode = "file"`); stops when dropped.
     _consent_watch: Option<crate::consent::Watcher>,
+    /// The audit trail: journal, file, MQTT queue.
+    audit: crate::audit::Trail,
 }
 
 /// What the loop waits on besides the agent's own state.
@@ -109,6 +117,9 @@ struct Inputs {
     /// Site consent's changes, for the status and the shadow (the bridges act on their own).
     consent: Gate,
 }
+
+/// The stop waits at most this long for the audit file to take the last events.
+const AUDIT_FLUSH: Duration = Duration::from_secs(1);
 
 /// A session's bridge could not start; `file` is its session file, to forget.
 struct NotStarted {
@@ -136,6 +147,7 @@ impl Agent {
             &checked,
             started.downstream,
             started.mqtt_state,
+            started.audit_events,
             &mqtt_cancel,
         );
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
@@ -201,6 +213,7 @@ impl Agent {
                 // changes (the last tunnel gone) refresh it through `write_status`.
                 _ = tick(&mut i.shadow_refresh), if !self.live.is_empty() => self.update_shadow(),
                 () = i.consent.changed() => {
+                    self.audit_consent();
                     self.write_status();
                 }
                 done = upgrade_checked(self.upgrade.as_mut()) => {
@@ -255,7 +268,8 @@ impl Agent {
     }
 
     async fn on_notification(&mut self, n: Notification) {
-        if !self.any_service_mapped(&n) {
+        if let Err(why) = self.any_service_mapped(&n) {
+            self.audit_notify(&n, AuditKind::NotifyRefused, Some(why));
             return;
         }
         let key = TunnelKey::new(&n.thing, &n.region, &n.services);
@@ -265,12 +279,16 @@ impl Agent {
         match decision {
             Decision::Duplicate => info!(token = %n.token, "duplicate notify ignored (same token)"),
             Decision::Stale => {
-                warn!(token = %n.token, "notify ignored: this token was already replaced by a newer one")
+                let why = "this token was already replaced by a newer one";
+                self.audit_notify(&n, AuditKind::NotifyRefused, Some(why));
+                warn!(token = %n.token, "notify ignored: {why}")
             }
             Decision::Refused(why) => {
+                self.audit_notify(&n, AuditKind::NotifyRefused, Some(&why.to_string()));
                 warn!(region = %n.region, services = ?n.services, "notify refused: {why}")
             }
             Decision::Start { id } => {
+                self.audit_notify(&n, AuditKind::NotifyAccepted, None);
                 self.start_new(id, &n, Vec::new()).await;
                 self.write_status();
                 info!(session = id, region = %n.region, services = ?n.services, token = %n.token, "session started");
@@ -283,6 +301,7 @@ impl Agent {
                     .live
                     .get(&old)
                     .is_some_and(|l| l.state.borrow().sessions > 0);
+                self.audit_rotation(&n, old);
                 let (effects, replaces) = self.lifecycle.retire(old, connected);
                 self.carry_out(effects).await;
                 self.start_new(id, &n, replaces).await;
@@ -293,11 +312,12 @@ impl Agent {
     }
 
     /// Rule (notify scope): a notify none of whose services the thing's map has is refused;
-    /// the unmapped ones of the others are refused stream by stream.
-    fn any_service_mapped(&self, n: &Notification) -> bool {
+    /// the unmapped ones of the others are refused stream by stream. `Err` says why.
+    fn any_service_mapped(&self, n: &Notification) -> Result<(), &'static str> {
         let Some((_, shared)) = self.maps.get(&n.thing) else {
-            warn!(thing = %n.thing, "notify refused: the thing is no longer configured");
-            return false;
+            let why = "the thing is no longer configured";
+            warn!(thing = %n.thing, "notify refused: {why}");
+            return Err(why);
         };
         let map = shared.current();
         let unmapped: Vec<&String> = n
@@ -306,13 +326,14 @@ impl Agent {
             .filter(|s| map.resolve(s, &n.services).is_none())
             .collect();
         if unmapped.len() == n.services.len() {
-            warn!(thing = %n.thing, services = ?n.services, "notify refused: none of the tunnel's services is in the thing's service map");
-            return false;
+            let why = "none of the tunnel's services is in the thing's service map";
+            warn!(thing = %n.thing, services = ?n.services, "notify refused: {why}");
+            return Err(why);
         }
         if !unmapped.is_empty() {
             warn!(unmapped = ?unmapped, "services not in the service map: their streams will be refused; the others are served");
         }
-        true
+        Ok(())
     }
 
     /// A new session from a notify: a fresh client token, persisted before it is used.
@@ -396,10 +417,12 @@ impl Agent {
         persisted: Option<PersistedSession>,
         ends: Ends,
     ) -> Result<(), NotStarted> {
+        let audit = self.audit.tunnel(&key.thing, token.to_string());
         let bridge = match Bridge::new(self.bridge_config(key, token, client_token)) {
             Ok(b) => b
                 .with_budget(self.budget.clone())
-                .with_lookups(self.lookups.clone()),
+                .with_lookups(self.lookups.clone())
+                .with_audit(audit.clone()),
             Err(e) => {
                 warn!(session = id, "cannot start the bridge: {e}");
                 self.lifecycle.abandon(id);
@@ -413,6 +436,8 @@ impl Agent {
             retire: retire.clone(),
             state: bridge.state(),
             stats: bridge.stats(),
+            audit,
+            started: Instant::now(),
         };
         self.live.insert(id, live);
         self.lifecycle
@@ -449,29 +474,23 @@ impl Agent {
             result,
             expired,
         } = exit;
-        self.live.remove(&id);
+        let live = self.live.remove(&id);
+        let retired = live.as_ref().is_some_and(|l| l.retire.is_cancelled());
+        let why = audit::end_reason(&result, expired, retired);
+        if let Some(l) = &live {
+            self.audit_end(l, expired, &why);
+        }
         let Some((entry, effects)) = self.lifecycle.ended(id) else {
             debug!(session = id, "replaced bridge stopped");
             return;
         };
         self.carry_out(effects).await;
-        let why = match &result {
-            Ok(BridgeEnd::ClosedByService { code, reason }) => {
-                format!("closed by the service (code {code}, {reason:?})")
-            }
-            Ok(_) if expired == Some(Expiry::Lifetime) => {
-                "the agent's maximum lifetime for this token ended".to_owned()
-            }
-            Ok(_) if expired == Some(Expiry::NeverConnected) => {
-                "it never connected within 12 h of its notify".to_owned()
-            }
-            Ok(BridgeEnd::Cancelled) | Ok(BridgeEnd::Retired) => "stopped".to_owned(),
-            Err(e) => format!("token rejected: {e}"),
-        };
         self.write_status();
         info!(session = id, region = %entry.key.region, services = ?entry.key.services, "session ended: {why}");
     }
+}
 
+impl Agent {
     /// The checked new binary, once it is due (`Upgrader::tick`).
     fn upgrade_due(&mut self) -> Option<Candidate> {
         let open: usize = self
@@ -523,6 +542,8 @@ impl Agent {
             warn!("bridges did not stop within {DRAIN:?}; aborting them");
             self.bridges.shutdown().await;
         }
+        // The connections' closing events are in the audit file before the process ends.
+        self.audit.flush(AUDIT_FLUSH).await;
         info!("agent stopped");
     }
 }

@@ -31,6 +31,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         things: _,
         shadow,
         consent,
+        audit,
     } = new;
     [
         ("thing_name", *thing_name != old.thing_name),
@@ -47,6 +48,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("proxy", *proxy != old.proxy),
         ("shadow", *shadow != old.shadow),
         ("consent", *consent != old.consent),
+        ("audit", *audit != old.audit),
     ]
     .into_iter()
     .filter_map(|(k, changed)| changed.then_some(k))

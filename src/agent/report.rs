@@ -44,6 +44,8 @@ impl Agent {
             .and_then(Upgrader::pending_since)
             .map(crate::status::unix);
         snapshot.consent = consent_text(&self.consent);
+        let (file, mqtt) = self.audit.dropped();
+        snapshot.audit_dropped = crate::status::AuditDropped { file, mqtt };
         snapshot
     }
 

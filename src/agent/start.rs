@@ -27,6 +27,8 @@ pub(super) struct Started {
     pub downstream: watch::Receiver<Vec<String>>,
     pub mqtt_state: watch::Sender<MqttState>,
     pub connected: mpsc::Receiver<Connected>,
+    /// Audit events for the MQTT client to publish (`audit.mqtt_topic`).
+    pub audit_events: Option<mpsc::Receiver<String>>,
 }
 
 /// SIGHUP for reloads; without it (which should not happen) the agent runs on.
@@ -130,7 +132,9 @@ impl Agent {
         table.set_thing_caps(thing_caps(&cfg));
         table.set_own_thing(&cfg.thing_name);
         let (consent, consent_watch) = follow_consent(cfg.consent.as_ref());
+        let (audit, audit_events) = super::audit::start(&cfg);
         let agent = Agent {
+            audit,
             consent,
             _consent_watch: consent_watch,
             maps,
@@ -157,6 +161,7 @@ impl Agent {
             downstream,
             mqtt_state,
             connected,
+            audit_events,
         };
         (agent, started)
     }
@@ -167,12 +172,14 @@ impl Agent {
         checked: &Checked,
         downstream: watch::Receiver<Vec<String>>,
         state: watch::Sender<MqttState>,
+        audit_events: Option<mpsc::Receiver<String>>,
         cancel: &CancellationToken,
     ) -> (mpsc::Receiver<Notice>, JoinHandle<()>) {
         let (tx, notifications) = mpsc::channel(mqtt::QUEUE);
         let cfg = &self.cfg;
         let shadow = self.shadow.as_ref().map(watch::Sender::subscribe);
-        let client = NotifyClient::new(cfg, checked.mqtt_tls.clone(), downstream, shadow);
+        let client = NotifyClient::new(cfg, checked.mqtt_tls.clone(), downstream, shadow)
+            .with_audit(cfg, self.audit.clone(), audit_events);
         let spread = cfg.mqtt.reconnect_spread;
         let run = client
             .run(tx, state, cancel.clone(), spread)

@@ -18,6 +18,8 @@ pub(super) struct Link {
     pub(super) upward: Arc<Semaphore>,
     /// Where host-name services resolve; the agent's bridges share one bound.
     pub(super) lookups: crate::lookup::Lookups,
+    /// The tunnel's audit trail (off for `local-proxy`).
+    pub(super) audit: TunnelTrail,
 }
 
 /// Accepted clients waiting for the session (source mode).
@@ -239,12 +241,22 @@ impl Link {
     ) -> SessionEnd {
         info!(channel_id = c.channel_id.as_deref().unwrap_or("-"), endpoint = %self.endpoint, "websocket connected");
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        let mut sessions = 0;
         self.state.send_modify(|s| {
             s.phase = Phase::Connected;
             s.sessions += 1;
             s.channel_id = c.channel_id.clone();
             s.connected_since = Some(SystemTime::now());
+            sessions = s.sessions;
         });
+        let audit = self.audit.with_channel(c.channel_id.as_deref());
+        if audit.is_on() {
+            let kind = match sessions {
+                1 => AuditKind::Connected,
+                _ => AuditKind::Reconnected,
+            };
+            audit.record(&audit.event(kind));
+        }
         let (sink, incoming) = c.ws.split();
         let limits = self.limits;
         let (out_tx, out_rx) = mpsc::channel(limits.outgoing_depth.max(1));
@@ -261,6 +273,7 @@ impl Link {
             budget: self.budget.clone(),
             upward: self.upward.clone(),
             lookups: self.lookups.clone(),
+            audit,
         };
         let mut session = Session::new(role, res, table, out_tx.clone());
         let end = session.run(incoming, &mut writer, accepts, cancel).await;

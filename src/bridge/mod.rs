@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::audit::{Kind as AuditKind, TunnelTrail};
 use crate::backoff::Backoff;
 use crate::consent::Gate;
 use crate::protocol::{self, Format, Mode};
@@ -247,6 +248,7 @@ impl Bridge {
                 limits: cfg.limits,
                 stats: Arc::default(),
                 state,
+                audit: TunnelTrail::default(),
             },
             retire: CancellationToken::new(),
         })
@@ -266,6 +268,12 @@ impl Bridge {
     /// `limits.buffer_budget`: the agent bounds what all its tunnels hold together.
     pub fn with_budget(mut self, budget: Budget) -> Self {
         self.link.budget = TunnelBudget::new(budget, true);
+        self
+    }
+
+    /// Records the tunnel's connects and its local connections in `audit`.
+    pub(crate) fn with_audit(mut self, audit: TunnelTrail) -> Self {
+        self.link.audit = audit;
         self
     }
 

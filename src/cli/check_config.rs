@@ -83,6 +83,27 @@ fn shadow(cfg: &Config) -> String {
     )
 }
 
+/// `[audit]`: where the trail goes, and the policy statement its topic needs.
+fn audit(cfg: &Config) -> String {
+    let mut sinks = vec!["journal (target audit)".to_owned()];
+    if let Some(b) = cfg.audit.file {
+        sinks.push(format!(
+            "{} ({} files of at most {} KiB)",
+            cfg.state_dir.join("audit.jsonl").display(),
+            b.files,
+            b.size / 1024
+        ));
+    }
+    if let Some(topic) = &cfg.audit.mqtt_topic {
+        sinks.push(format!(
+            "MQTT topic {topic} (QoS 1, at most {} events/s; the policy needs {})",
+            crate::audit::MQTT_RATE,
+            crate::audit::policy_statement(topic)
+        ));
+    }
+    sinks.join("; ")
+}
+
 /// `[consent]`: always, or the file, what it covers and whether it grants now.
 fn consent(cfg: &Config) -> String {
     use crate::consent::{Reading, reading_of};
@@ -159,6 +180,7 @@ pub fn summary(cfg: &Config, id: &Identity) -> Vec<(&'static str, String)> {
         ("rotation", format!("{:?}", cfg.rotation).to_lowercase()),
         ("shadow", shadow(cfg)),
         ("site consent", consent(cfg)),
+        ("audit trail", audit(cfg)),
         ("state dir", cfg.state_dir.display().to_string()),
         (
             "upgrades",
@@ -331,5 +353,20 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let off = crate::config::parse(MIN, Path::new("a.toml")).unwrap();
         assert!(super::consent(&off).starts_with("always"));
+    }
+
+    #[test]
+    fn the_summary_names_the_audit_sinks_and_the_statement_the_topic_needs() {
+        let cfg = crate::config::parse(MIN, Path::new("a.toml")).unwrap();
+        let line = super::audit(&cfg);
+        assert!(
+            line.contains("audit.jsonl (2 files of at most 1024 KiB)"),
+            "{line}"
+        );
+        let text = format!("{MIN}[audit]\nfile = false\nmqtt_topic = \"sites/gw-1/audit\"\n");
+        let cfg = crate::config::parse(&text, Path::new("a.toml")).unwrap();
+        let line = super::audit(&cfg);
+        assert!(!line.contains("audit.jsonl"), "{line}");
+        assert!(line.contains("topic/sites/gw-1/audit"), "{line}");
     }
 }

@@ -468,12 +468,14 @@ pub const QUIET_TARGETS: &[(&str, tracing::Level)] = &[
 pub fn log_filter(
     level: tracing::level_filters::LevelFilter,
 ) -> tracing_subscriber::filter::Targets {
+    use tracing::level_filters::LevelFilter;
     let mut targets = tracing_subscriber::filter::Targets::new().with_default(level);
     for (target, cap) in QUIET_TARGETS {
         let cap = tracing::level_filters::LevelFilter::from_level(*cap);
         targets = targets.with_target(*target, cap.min(level));
     }
-    targets
+    // The audit trail's journal lines are kept whatever the level.
+    targets.with_target(crate::audit::TARGET, level.max(LevelFilter::INFO))
 }
 
 /// tracing to stderr at the localproxy-style level.

@@ -129,6 +129,8 @@ pub struct Config {
     pub shadow: bool,
     /// `[consent] mode = "file"`: tunnels only while its file exists; `None`: always.
     pub consent: Option<crate::consent::Settings>,
+    /// `[audit]`: the trail's file and MQTT topic.
+    pub audit: crate::audit::Settings,
 }
 
 impl Config {
@@ -238,7 +240,7 @@ pub fn default_runtime_dir(run_exists: bool) -> PathBuf {
     }
 }
 
-mod consent;
+mod accountability;
 mod device_key;
 mod files;
 mod resources;

@@ -32,6 +32,8 @@ pub(super) struct RawConfig {
     pub(super) shadow: RawShadow,
     #[serde(default)]
     pub(super) consent: RawConsent,
+    #[serde(default)]
+    pub(super) audit: RawAudit,
     /// Downstream things the gateway serves tunnels for: `[things.<name>.services]`.
     #[serde(default)]
     pub(super) things: BTreeMap<String, RawThing>,
@@ -62,6 +64,16 @@ pub(super) struct RawConsent {
     pub(super) mode: Option<String>,
     pub(super) path: Option<PathBuf>,
     pub(super) services: Option<Vec<String>>,
+}
+
+/// `[audit]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    pub(super) file: Option<bool>,
+    pub(super) file_size_kib: Option<u64>,
+    pub(super) files: Option<u32>,
+    pub(super) mqtt_topic: Option<String>,
 }
 
 /// `[proxy]`: the URL may carry a password, so it is read as a secret.

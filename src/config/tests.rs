@@ -394,3 +394,43 @@ fn consent_keys_that_would_not_do_what_they_say_are_refused_by_name() {
     let e = bad("mode = \"file\"\nservices = []");
     assert!(e.contains("consent.services") && e.contains("empty"), "{e}");
 }
+
+#[test]
+fn the_audit_file_is_2_x_1_mib_unless_set_and_its_keys_are_checked_by_name() {
+    let a = parse_str(MIN).unwrap().audit;
+    assert_eq!(a.file.map(|b| (b.size, b.files)), Some((1024 * 1024, 2)));
+    assert_eq!(a.mqtt_topic, None);
+    let c = parse_str(&format!(
+        "{MIN}\n[audit]\nfile_size_kib = 64\nfiles = 3\nmqtt_topic = \"$aws/rules/audit/gw-1\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.audit.file.map(|b| (b.size, b.files)),
+        Some((64 * 1024, 3))
+    );
+    assert_eq!(c.audit.mqtt_topic.as_deref(), Some("$aws/rules/audit/gw-1"));
+    assert_eq!(
+        parse_str(&format!("{MIN}\n[audit]\nfile = false\n"))
+            .unwrap()
+            .audit
+            .file,
+        None
+    );
+    let bad = |body: &str| {
+        parse_str(&format!("{MIN}\n[audit]\n{body}\n"))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = bad("file_size_kib = 4");
+    assert!(
+        e.contains("audit.file_size_kib") && e.contains("16-65536"),
+        "{e}"
+    );
+    let e = bad("files = 0");
+    assert!(e.contains("audit.files"), "{e}");
+    let e = bad("mqtt_topic = \"audit/#\"");
+    assert!(
+        e.contains("audit.mqtt_topic") && e.contains("wildcard"),
+        "{e}"
+    );
+}

@@ -43,11 +43,13 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigErro
     let proxy = check_proxy(raw.proxy.as_ref(), &mut errors);
     errors.extend(validate_things(&raw));
     check_paths(&raw, &mut errors);
-    let consent = super::consent::check_consent(&raw, &mut errors);
+    let consent = super::accountability::check_consent(&raw, &mut errors);
+    let audit = super::accountability::check_audit(&raw, &mut errors);
     match key {
         Some(key) if errors.is_empty() => {
             let mut cfg = build(raw, path, client_id, key, endpoint, resolve, proxy);
             cfg.consent = consent;
+            cfg.audit = audit;
             Ok(cfg)
         }
         _ => Err(ConfigErrors(errors)),
@@ -334,6 +336,7 @@ fn build(
         proxy,
         shadow: raw.shadow.enabled,
         consent: None,
+        audit: Default::default(),
         things: raw
             .things
             .into_iter()

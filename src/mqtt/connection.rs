@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::audit_out::{self, AuditOut};
 use super::shadow_out::{self, ShadowOut};
 use super::subscriptions::Subscriptions;
 use super::{
@@ -48,13 +49,24 @@ pub(super) struct Connection {
     silence: Duration,
     /// The shadow document's pacing and source, when `[shadow] enabled`.
     shadow: Option<ShadowOut>,
+    /// Audit events to publish, when `audit.mqtt_topic` is set.
+    audit: Option<AuditOut>,
+    /// Who queued each publish not yet sent, in order: rumqttc reports only packet ids.
+    publishers: std::collections::VecDeque<Publisher>,
+}
+
+/// What published a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Publisher {
+    Shadow,
+    Audit,
 }
 
 impl Connection {
     /// The client and its event loop; `None` (after waiting for `cancel`) when the proxy
     /// front cannot start.
     pub(super) async fn start(
-        cfg: NotifyClient,
+        mut cfg: NotifyClient,
         out: mpsc::Sender<Notice>,
         state: watch::Sender<MqttState>,
         cancel: CancellationToken,
@@ -89,8 +101,11 @@ impl Connection {
             .shadow
             .clone()
             .map(|reports| ShadowOut::new(&cfg.thing, reports));
+        let audit = cfg.audit_out.take().map(|(t, rx)| AuditOut::new(t, rx));
         Some(Connection {
             shadow,
+            audit,
+            publishers: Default::default(),
             broker: format!("{}:{}", cfg.config.host, cfg.config.port),
             silence: silence_limit(cfg.config.keep_alive),
             policy: MqttReconnect::new(RECONNECT_BASE, RECONNECT_CAP, spread),
@@ -130,6 +145,14 @@ impl Connection {
             () = shadow_out::due(&mut self.shadow, connected) => {
                 if let Some(s) = &mut self.shadow {
                     s.publish(&self.client);
+                    self.publishers.push_back(Publisher::Shadow);
+                }
+                return true;
+            }
+            () = audit_out::due(&mut self.audit, connected) => {
+                if let Some(a) = &mut self.audit {
+                    a.publish(&self.client);
+                    self.publishers.push_back(Publisher::Audit);
                 }
                 return true;
             }
@@ -155,20 +178,30 @@ impl Connection {
             },
             Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(p).await,
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if let Some(s) = &mut self.shadow {
-                    s.sent(pkid);
-                }
+                self.on_sent(pkid);
                 true
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 if let Some(s) = &mut self.shadow {
                     s.acked(ack.pkid);
                 }
+                if let Some(a) = &mut self.audit {
+                    a.acked(ack.pkid);
+                }
                 true
             }
             Ok(_) => true,
             Err(why) => self.on_error(why).await,
         }
+    }
+
+    /// A publish went out: its packet id belongs to whoever queued it first.
+    fn on_sent(&mut self, pkid: u16) {
+        match self.publishers.pop_front() {
+            Some(Publisher::Shadow) => self.shadow.as_mut().map(|s| s.sent(pkid)),
+            Some(Publisher::Audit) => self.audit.as_mut().map(|a| a.sent(pkid)),
+            None => None,
+        };
     }
 
     /// What ended a poll; an unreadable (oversized) message starts a purge.
@@ -228,11 +261,15 @@ impl Connection {
         // Always resubscribe: a broker may have lost the persistent session. Requests of the
         // last connection still queued would be replayed ahead of these and break the
         // packet-id bookkeeping: drop them; the sets below are complete.
-        // A shadow document of the last connection is stale: this one owes a fresh one.
-        let shadow = self.shadow.as_ref();
+        // A shadow document of the last connection is stale: this one owes a fresh one. An
+        // audit event unacknowledged is sent again by `AuditOut` itself.
+        let (shadow, audit) = (self.shadow.as_ref(), self.audit.as_ref());
         self.events.pending.retain(|r| match r {
             rumqttc::Request::Subscribe(_) | rumqttc::Request::Unsubscribe(_) => false,
-            rumqttc::Request::Publish(p) => !shadow.is_some_and(|s| s.is_ours(&p.topic)),
+            rumqttc::Request::Publish(p) => {
+                !shadow.is_some_and(|s| s.is_ours(&p.topic))
+                    && !audit.is_some_and(|a| a.is_ours(&p.topic))
+            }
             _ => true,
         });
         match self.subs.after_connack(&self.client) {
@@ -303,7 +340,7 @@ impl Connection {
                 disconnect(&self.client, &mut self.events).await;
                 false
             }
-            () = hand_over(thing, &p.topic, &p.payload, ack, &self.out) => true,
+            () = hand_over(thing, &p.topic, &p.payload, ack, &self.out, &self.cfg.audit) => true,
         }
     }
 
@@ -320,6 +357,10 @@ impl Connection {
         if self.shadow.as_mut().is_some_and(|s| !s.connection_ended()) {
             self.shadow = None;
         }
+        if self.audit.as_mut().is_some_and(|a| !a.connection_ended()) {
+            self.audit = None;
+        }
+        self.publishers.clear();
         if self.purging {
             self.events.mqtt_options.set_clean_session(true);
             warn!(broker = %self.broker, "{why}: it cannot be read, and with a persistent session the broker would redeliver it on every reconnect; wiping the MQTT session to drop it (notifies queued behind it are lost)");
@@ -400,6 +441,7 @@ async fn hand_over(
     payload: &[u8],
     ack: Ack,
     out: &mpsc::Sender<Notice>,
+    audit: &crate::audit::Trail,
 ) {
     let Some(thing) = thing else {
         warn!(topic = ?topic, "message on an unexpected topic ignored");
@@ -418,6 +460,8 @@ async fn hand_over(
         }
         Err(refusal) => {
             warn!(bytes = payload.len(), "notify refused: {refusal}");
+            let e = crate::audit::Event::new(crate::audit::Kind::NotifyRefused, thing);
+            audit.record(&e.because(&refusal.to_string()));
             ack.send();
         }
     }

@@ -16,6 +16,7 @@ pub use crate::protocol::notify::Notification;
 use crate::proxy_front::ProxyFront;
 use subscriptions::{FILTERS_PER_SUBSCRIBE, MAX_UNSUBSCRIBE};
 
+mod audit_out;
 mod connection;
 mod shadow_out;
 mod subscriptions;
@@ -85,6 +86,10 @@ pub struct NotifyClient {
     proxy: Option<crate::proxy::HttpProxy>,
     /// The agent's shadow report, when `[shadow] enabled`.
     shadow: Option<watch::Receiver<crate::shadow::Report>>,
+    /// Where refused notifies are recorded.
+    audit: crate::audit::Trail,
+    /// `audit.mqtt_topic` and the agent's queue of events for it.
+    audit_out: Option<(String, mpsc::Receiver<String>)>,
 }
 
 /// Notifications waiting for the agent.
@@ -102,12 +107,14 @@ const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 const MQTT_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Requests waiting for rumqttc's event loop (subscribes, unsubscribes, acks), sized for the
 /// worst case after a CONNACK: every SUBSCRIBE batch, every remembered unsubscribe, an ack
-/// for each notify the agent may hold, and one shadow document (paced: one at a time). A
+/// for each notify the agent may hold, one shadow document and one audit event (each one at
+/// a time). A
 /// request that still finds no room ends the connection
 /// (`connection::Connection::drop_and_retry`): the next CONNACK queues everything again.
 pub const REQUEST_QUEUE: usize = MAX_UNSUBSCRIBE
     + (crate::config::MAX_DOWNSTREAM_THINGS + 1).div_ceil(FILTERS_PER_SUBSCRIBE)
     + QUEUE
+    + 1
     + 1
     + 2;
 /// Rule (policy hint): the IoT policy statements that let the gateway's certificate follow a
@@ -166,7 +173,22 @@ impl NotifyClient {
             downstream,
             proxy: proxy.and_then(|p| p.for_host(&cfg.mqtt.host)).cloned(),
             shadow,
+            audit: crate::audit::Trail::default(),
+            audit_out: None,
         }
+    }
+
+    /// Records refused notifies in `trail`, and publishes `events` to `cfg`'s
+    /// `audit.mqtt_topic` when it has one.
+    pub fn with_audit(
+        mut self,
+        cfg: &crate::config::Config,
+        trail: crate::audit::Trail,
+        events: Option<mpsc::Receiver<String>>,
+    ) -> Self {
+        self.audit = trail;
+        self.audit_out = cfg.audit.mqtt_topic.clone().zip(events);
+        self
     }
 
     /// Runs until `cancel`; valid notifications go to `out`, refusals are logged here.

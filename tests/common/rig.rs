@@ -503,6 +503,11 @@ impl AgentProc {
             .unwrap_or(0)
     }
 
+    /// A path in the agent's state directory.
+    pub fn state_path(&self, name: &str) -> PathBuf {
+        self.state_dir.join(name)
+    }
+
     pub fn status(&self) -> Value {
         let text = std::fs::read_to_string(self.state_dir.join("status.json")).unwrap();
         serde_json::from_str(&text).unwrap()

@@ -8,6 +8,7 @@
 mod common;
 
 mod agent;
+mod audit;
 mod check_config;
 mod cli;
 mod consent;

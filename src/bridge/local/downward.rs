@@ -169,7 +169,23 @@ impl Downward {
     }
 }
 
+/// Reads how many bytes a connection's socket took, after its task is gone too.
+#[derive(Debug, Clone)]
+pub struct Progress(Arc<Counters>);
+
+impl Progress {
+    /// Bytes written to the local socket so far.
+    pub fn written(&self) -> u64 {
+        self.0.written.load(Ordering::Relaxed)
+    }
+}
+
 impl DownwardTask {
+    /// The written-bytes counter, to read later.
+    pub fn progress(&self) -> Progress {
+        Progress(self.counters.clone())
+    }
+
     /// The socket is up: from now on the session may write through to it.
     pub fn attach(&self, stream: &Arc<LocalStream>) {
         self.sink.set(stream);

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -13,13 +13,16 @@ use tracing::{debug, info, warn};
 use super::log_rate::Kind;
 use super::ws::Outbound;
 use super::{Limits, Stats};
+use crate::audit::{End, EndCell, TunnelTrail};
 use crate::lookup::Lookups;
 use crate::protocol::{MAX_PAYLOAD, Message};
 use crate::services::LocalEndpoint;
 
+mod audit;
 mod downward;
 mod stream;
 
+use audit::ConnAudit;
 pub use downward::Downward;
 pub use stream::LocalStream;
 
@@ -87,6 +90,8 @@ pub struct ConnShared {
     pub stats: Arc<Stats>,
     /// Host names resolve here; a lookup in flight keeps the connection counted.
     pub lookups: Lookups,
+    /// The tunnel's trail, with the websocket's channel id.
+    pub audit: TunnelTrail,
 }
 
 #[derive(Debug)]
@@ -105,6 +110,8 @@ pub struct ConnHandle {
     closing: CancellationToken,
     /// `true` once the local socket is up: a consumer is only "stalled" after that.
     connected: watch::Receiver<bool>,
+    /// Why it was closed, for the audit trail.
+    end: Arc<EndCell>,
 }
 
 impl Drop for ConnHandle {
@@ -135,9 +142,21 @@ impl ConnHandle {
     }
 
     /// Resets the local connection: what is queued is dropped.
-    pub fn reset(self) {
+    pub fn reset(self, why: End) {
+        self.end.set(why);
         self.reset.cancel();
     }
+
+    /// Closes it after what is queued for it is delivered (as dropping it does), recording
+    /// why.
+    pub fn close(self, why: End) {
+        self.end.set(why);
+    }
+}
+
+/// Closes every connection of `handles` for the same reason.
+pub fn close_all(handles: impl IntoIterator<Item = ConnHandle>, why: End) {
+    handles.into_iter().for_each(|h| h.close(why));
 }
 
 /// Rule: the waits between local connect attempts: `connect_retry_delay`, doubling, at
@@ -175,6 +194,7 @@ pub struct ConnTask {
     reset: CancellationToken,
     connected: watch::Sender<bool>,
     open: Arc<OpenGuard>,
+    audit: ConnAudit,
 }
 
 /// A new connection: the handle the session keeps and the task it spawns. The connection
@@ -184,12 +204,15 @@ pub fn connection(ids: ConnIds, shared: ConnShared) -> (ConnHandle, ConnTask) {
     let (closing, reset) = (CancellationToken::new(), CancellationToken::new());
     let (connected_tx, connected) = watch::channel(false);
     let open = Arc::new(OpenGuard::new(shared.stats.clone(), &ids.service));
+    let end = Arc::new(EndCell::default());
+    let audit = ConnAudit::new(shared.audit.clone(), &ids, end.clone());
     let handle = ConnHandle {
         id: ids.id,
         down,
         reset: reset.clone(),
         closing: closing.clone(),
         connected,
+        end,
     };
     let task = ConnTask {
         ids,
@@ -199,6 +222,7 @@ pub fn connection(ids: ConnIds, shared: ConnShared) -> (ConnHandle, ConnTask) {
         reset,
         connected: connected_tx,
         open,
+        audit,
     };
     (handle, task)
 }
@@ -213,14 +237,22 @@ impl ConnTask {
                     // The session ended first: nothing was announced to the peer.
                     return self.exit(ExitCause::Flushed);
                 }
+                self.audit.opened(None, self.down.progress());
                 local
             }
             Open::Connect {
                 endpoint,
                 by_stream_start,
             } => match self.connect(&endpoint).await {
-                Some(s) => s,
-                None => return self.exit(ExitCause::ConnectFailed { by_stream_start }),
+                Some(s) => {
+                    self.audit
+                        .opened(Some(endpoint.to_string()), self.down.progress());
+                    s
+                }
+                None => {
+                    self.audit.failed(endpoint.to_string());
+                    return self.exit(ExitCause::ConnectFailed { by_stream_start });
+                }
             },
         };
         self.connected.send_replace(true);
@@ -288,6 +320,7 @@ impl ConnTask {
             &self.ids.service,
             self.ids.stream_id,
             self.ids.wire_conn,
+            &self.audit.up,
         );
         let down = self.down.pump(&stream);
         tokio::pin!(up, down);
@@ -298,8 +331,12 @@ impl ConnTask {
                 ExitCause::Flushed
             }
             r = &mut up => {
-                if let Err(e) = r {
-                    debug!(conn = self.ids.conn_id, "local read ended: {e}");
+                match r {
+                    Ok(()) => self.audit.end.set(End::ServiceClosed),
+                    Err(e) => {
+                        debug!(conn = self.ids.conn_id, "local read ended: {e}");
+                        self.audit.end.set(End::Reset);
+                    }
                 }
                 ExitCause::LocalClosed
             }
@@ -307,6 +344,7 @@ impl ConnTask {
                 Ok(()) => ExitCause::Flushed,
                 Err(e) => {
                     debug!(conn = self.ids.conn_id, "local write failed: {e}");
+                    self.audit.end.set(End::Reset);
                     ExitCause::LocalClosed
                 }
             },
@@ -329,6 +367,7 @@ async fn pump_up(
     service: &str,
     stream_id: i32,
     wire_conn: u32,
+    sent: &AtomicU64,
 ) -> io::Result<()> {
     let mut size = MIN_READ;
     loop {
@@ -346,6 +385,7 @@ async fn pump_up(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
+        sent.fetch_add(n as u64, Ordering::Relaxed);
         // Keep the share of the budget this chunk holds.
         drop(permit.split(size - n));
         let data = if keep_read_buffer(n, buf.capacity()) {

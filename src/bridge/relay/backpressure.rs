@@ -179,7 +179,7 @@ impl Session<'_> {
         let Some(handle) = self.table.remove_if(service, key, |h| h.id() == id) else {
             return;
         };
-        handle.reset();
+        handle.reset(End::Stall);
         self.stats.stall_resets.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.stats.logs.admit(Kind::Stall) {
             warn!(
@@ -189,7 +189,10 @@ impl Session<'_> {
             );
         }
         if wire == 0 {
-            drop(self.table.reset_stream(service, stream));
+            close_all(
+                self.table.reset_stream(service, stream).unwrap_or_default(),
+                End::Stall,
+            );
         }
         self.send(protocol::reset_on_local_close(stream, service, wire));
     }

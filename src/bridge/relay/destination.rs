@@ -31,6 +31,14 @@ impl Session<'_> {
         } else {
             (Refused::Unmapped, "the service is not in the service map")
         };
+        if self.audit.is_on() {
+            let e = Event {
+                service: Some(service.to_owned()),
+                stream: Some(stream),
+                ..self.audit.event(AuditKind::StreamRefused)
+            };
+            self.audit.record(&e.because(why));
+        }
         let n = self.stats.refused_streams.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
             warn!(
@@ -57,7 +65,7 @@ impl Session<'_> {
                 .reset_stream(service, *stream)
                 .unwrap_or_default();
             closed += conns.len();
-            conns.into_iter().for_each(ConnHandle::reset);
+            conns.into_iter().for_each(|c| c.reset(End::Consent));
             self.send(Message::stream_reset(*stream, service));
         }
         if !revoked.is_empty() {
@@ -130,7 +138,10 @@ impl Session<'_> {
             if let Some(suppressed) = self.stats.logs.admit(Kind::Replace) {
                 warn!(service = ?service, stream, conn, suppressed, "CONNECTION_START reuses a live connection id: resetting it");
             }
-            drop(self.table.reset_connection(&service, stream, conn));
+            close_all(
+                self.table.reset_connection(&service, stream, conn),
+                End::Reset,
+            );
             self.send(Message::connection_reset(stream, &service, conn));
             return Ok(());
         }
@@ -197,6 +208,7 @@ impl Session<'_> {
             limits: self.limits,
             stats: self.stats.clone(),
             lookups: self.lookups.clone(),
+            audit: self.audit.clone(),
         };
         let (handle, task) = connection(ids, shared);
         // Inherit the session's span so connection logs carry the tunnel and token.

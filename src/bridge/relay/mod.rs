@@ -19,13 +19,14 @@ use tracing::{Instrument, debug, info, trace, warn};
 use std::collections::{HashMap, VecDeque};
 
 use super::local::{
-    ConnExit, ConnHandle, ConnIds, ConnShared, ExitCause, LocalStream, Open, connection,
+    ConnExit, ConnHandle, ConnIds, ConnShared, ExitCause, LocalStream, Open, close_all, connection,
 };
 use super::log_rate::Kind;
 use super::source::Accepted;
 use super::streams::{Route, StreamTable};
 use super::ws::{Outbound, WsStream};
 use super::{Limits, Phase, State, Stats};
+use crate::audit::{End, Event, Kind as AuditKind, TunnelTrail};
 use crate::consent::Gate;
 use crate::protocol::{
     self, Format, FrameCodec, FrameReader, Incoming, Message, MessageType, Mode, ProtocolError,
@@ -72,6 +73,8 @@ pub struct Resources<'a> {
     pub budget: super::TunnelBudget,
     pub upward: Arc<Semaphore>,
     pub lookups: crate::lookup::Lookups,
+    /// The tunnel's trail, with this websocket's channel id.
+    pub audit: TunnelTrail,
 }
 
 pub struct Session<'a> {
@@ -102,6 +105,7 @@ pub struct Session<'a> {
     pong_seen: bool,
     /// Where host-name services resolve, bounded.
     lookups: crate::lookup::Lookups,
+    audit: TunnelTrail,
 }
 
 /// Control messages waiting for the writer before the websocket reader pauses.
@@ -145,6 +149,7 @@ impl<'a> Session<'a> {
             swept: Vec::new(),
             pong_seen: false,
             lookups: res.lookups,
+            audit: res.audit,
         }
     }
 
@@ -247,7 +252,7 @@ impl<'a> Session<'a> {
     /// Closes every local connection of the session: each first delivers what is already
     /// queued for its local socket (within `close_linger`); then the rest are aborted.
     pub async fn shutdown(&mut self) {
-        drop(self.table.reset_all());
+        close_all(self.table.reset_all(), End::TunnelEnded);
         let tasks = &mut self.tasks;
         let flushed = tokio::time::timeout(self.limits.close_linger, async {
             while tasks.join_next().await.is_some() {}
@@ -352,7 +357,8 @@ impl<'a> Session<'a> {
                 if let Some(suppressed) = self.stats.logs.admit(Kind::Violation) {
                     warn!(service = ?m.service_id, stream = m.stream_id, violations = n, suppressed, "bad message from the peer: {e}; resetting its stream");
                 }
-                drop(self.table.reset_stream(&m.service_id, m.stream_id));
+                let closed = self.table.reset_stream(&m.service_id, m.stream_id);
+                close_all(closed.unwrap_or_default(), End::Reset);
                 self.send(Message::stream_reset(m.stream_id, &m.service_id));
                 Ok(())
             }
@@ -418,6 +424,7 @@ impl<'a> Session<'a> {
                         suppressed, "stream reset by peer"
                     );
                 }
+                close_all(closed, End::ClientClosed);
             }
             None => trace!(service = ?msg.service_id, stream = msg.stream_id, "stale STREAM_RESET"),
         }
@@ -435,6 +442,7 @@ impl<'a> Session<'a> {
             service = ?msg.service_id, stream = msg.stream_id, conn,
             found = closed.is_some(), "connection reset by peer"
         );
+        close_all(closed, End::ClientClosed);
     }
 
     fn on_session_reset(&mut self) {
@@ -447,6 +455,7 @@ impl<'a> Session<'a> {
             closed = closed.len(),
             "session reset by the service: every stream closed"
         );
+        close_all(closed, End::Reset);
     }
 
     fn on_service_ids(&mut self, msg: Message) {

@@ -1,7 +1,9 @@
-//! `[consent]`: site consent (see `crate::consent`), checked against the service maps.
+//! `[consent]`: site consent (see `crate::consent`), checked against the service maps; and
+//! `[audit]`: the audit trail's sinks (see `crate::audit`).
 
 use super::schema::RawConfig;
 use super::{ConfigError, err};
+use crate::audit::{FileBound, Settings as AuditSettings};
 use crate::consent::{DEFAULT_PATH, Settings};
 
 /// `None` for `mode = "always"` (the default).
@@ -67,5 +69,42 @@ fn check_services(raw: &RawConfig, services: &[String], errors: &mut Vec<ConfigE
                 format!("use a name from the service maps: {}", named.join(", ")),
             ));
         }
+    }
+}
+
+/// `[audit]`: the file's bound (2 x 1 MiB unless set) and the optional MQTT topic.
+pub(super) fn check_audit(raw: &RawConfig, errors: &mut Vec<ConfigError>) -> AuditSettings {
+    let a = &raw.audit;
+    let size_kib = a.file_size_kib.unwrap_or(crate::audit::DEFAULT_FILE_KIB);
+    if !(16..=65_536).contains(&size_kib) {
+        errors.push(err(
+            "audit.file_size_kib",
+            format!("{size_kib} KiB is outside 16-65536"),
+            "use e.g. 1024 (the default); the trail holds at most audit.files times this",
+        ));
+    }
+    let files = a.files.unwrap_or(crate::audit::DEFAULT_FILES);
+    if !(1..=10).contains(&files) {
+        errors.push(err(
+            "audit.files",
+            format!("{files} is outside 1-10"),
+            "use e.g. 2 (the default): the current file and the one before",
+        ));
+    }
+    if let Some(topic) = &a.mqtt_topic
+        && let Some(problem) = crate::audit::topic_problem(topic)
+    {
+        errors.push(err(
+            "audit.mqtt_topic",
+            format!("{topic:?} cannot be published to: {problem}"),
+            "use a topic of your own, e.g. \"sites/<site>/audit\", or $aws/rules/<rule>/audit to reach an IoT rule directly",
+        ));
+    }
+    AuditSettings {
+        file: a.file.unwrap_or(true).then_some(FileBound {
+            size: size_kib * 1024,
+            files,
+        }),
+        mqtt_topic: a.mqtt_topic.clone(),
     }
 }
