@@ -559,4 +559,16 @@ mod tests {
         let t = vec!["SSH".to_string(), "VNC".to_string()];
         assert_eq!(map.unmapped(&t), vec!["VNC"]);
     }
+
+    #[test]
+    fn a_v1_stream_is_named_for_the_tunnels_one_service() {
+        let ssh = Scope::Opened(names(&["SSH"]));
+        assert_eq!(ssh.named("", &[]), Some("SSH"));
+        assert_eq!(ssh.named("", &names(&["VNC"])), Some("VNC"));
+        assert_eq!(ssh.named("HTTP", &[]), Some("HTTP"));
+        let two = Scope::Opened(names(&["SSH", "HTTP"]));
+        assert_eq!(two.named("", &[]), None);
+        assert_eq!(Scope::WholeMap.named("", &[]), None);
+        assert_eq!(Scope::WholeMap.opened(), &[] as &[String]);
+    }
 }

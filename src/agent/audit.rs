@@ -61,24 +61,6 @@ impl Agent {
         self.audit.record(&e);
     }
 
-    /// A session ended: closed or expired, with its totals.
-    pub(super) fn audit_end(&self, live: &Live, expired: Option<Expiry>, why: &str) {
-        let kind = match expired {
-            Some(_) => Kind::Expired,
-            None => Kind::Closed,
-        };
-        let stats = &live.stats;
-        let e = Event {
-            channel: live.state.borrow().channel_id.clone(),
-            connections: Some(stats.connections_opened.load(Ordering::Relaxed)),
-            bytes_from_tunnel: Some(stats.bytes_from_tunnel.load(Ordering::Relaxed)),
-            bytes_to_tunnel: Some(stats.bytes_to_tunnel.load(Ordering::Relaxed)),
-            duration_ms: Some(live.started.elapsed().as_millis() as u64),
-            ..live.audit.event(kind)
-        };
-        live.audit.record(&e.because(why));
-    }
-
     /// Site consent changed.
     pub(super) fn audit_consent(&self) {
         let Some(settings) = &self.cfg.consent else {
@@ -118,5 +100,47 @@ pub(super) fn end_reason(
         Ok(BridgeEnd::Cancelled) if retired => "replaced by a rotation".to_owned(),
         Ok(BridgeEnd::Cancelled) => "stopped".to_owned(),
         Err(e) => format!("token rejected: {e}"),
+    }
+}
+
+/// A session ended: closed or expired, with its totals.
+pub(super) fn record_end(live: &Live, expired: Option<Expiry>, why: &str) {
+    let kind = match expired {
+        Some(_) => Kind::Expired,
+        None => Kind::Closed,
+    };
+    let stats = &live.stats;
+    let e = Event {
+        channel: live.state.borrow().channel_id.clone(),
+        connections: Some(stats.connections_opened.load(Ordering::Relaxed)),
+        bytes_from_tunnel: Some(stats.bytes_from_tunnel.load(Ordering::Relaxed)),
+        bytes_to_tunnel: Some(stats.bytes_to_tunnel.load(Ordering::Relaxed)),
+        duration_ms: Some(live.started.elapsed().as_millis() as u64),
+        ..live.audit.event(kind)
+    };
+    live.audit.record(&e.because(why));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retired_bridge_stopped_by_its_successor_was_replaced_by_a_rotation() {
+        let stopped = Ok(BridgeEnd::Cancelled);
+        assert_eq!(end_reason(&stopped, None, true), "replaced by a rotation");
+        assert_eq!(end_reason(&stopped, None, false), "stopped");
+        let closed = Ok(BridgeEnd::ClosedByService {
+            code: 1000,
+            reason: "bye".into(),
+        });
+        assert_eq!(
+            end_reason(&closed, None, true),
+            "closed by the service (code 1000, \"bye\")"
+        );
+        assert_eq!(
+            end_reason(&stopped, Some(Expiry::Lifetime), false),
+            "the agent's maximum lifetime for this token ended"
+        );
     }
 }

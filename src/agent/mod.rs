@@ -478,7 +478,7 @@ impl Agent {
         let retired = live.as_ref().is_some_and(|l| l.retire.is_cancelled());
         let why = audit::end_reason(&result, expired, retired);
         if let Some(l) = &live {
-            self.audit_end(l, expired, &why);
+            audit::record_end(l, expired, &why);
         }
         let Some((entry, effects)) = self.lifecycle.ended(id) else {
             debug!(session = id, "replaced bridge stopped");
@@ -534,13 +534,22 @@ impl Agent {
             store.flush().await;
         }
         self.stop_bridges();
+        let (bridges, live) = (&mut self.bridges, &mut self.live);
         let drained = tokio::time::timeout(DRAIN, async {
-            while self.bridges.join_next().await.is_some() {}
+            while let Some(done) = bridges.join_next().await {
+                // Each tunnel's end with its totals, as at any other end.
+                if let Some(l) = done.ok().and_then(|exit| live.remove(&exit.id)) {
+                    audit::record_end(&l, None, "the agent stopped");
+                }
+            }
         })
         .await;
         if drained.is_err() {
             warn!("bridges did not stop within {DRAIN:?}; aborting them");
             self.bridges.shutdown().await;
+        }
+        for l in std::mem::take(&mut self.live).into_values() {
+            audit::record_end(&l, None, "the agent stopped");
         }
         // The connections' closing events are in the audit file before the process ends.
         self.audit.flush(AUDIT_FLUSH).await;

@@ -16,6 +16,8 @@ use super::{FILE_QUEUE, FileBound};
 
 /// The current file in the state directory; rotated ones are `audit.jsonl.1`, `.2`...
 pub const FILE_NAME: &str = "audit.jsonl";
+/// The most files `audit.files` may keep.
+pub const MAX_FILES: u32 = 10;
 
 enum Msg {
     Line(String),
@@ -145,6 +147,10 @@ impl Appender {
             rename_if_there(&self.path, &name(1))?;
         } else {
             std::fs::remove_file(&self.path).or_else(ignore_missing)?;
+        }
+        // Left by a run that kept more files.
+        for i in self.bound.files..=MAX_FILES {
+            std::fs::remove_file(name(i)).or_else(ignore_missing)?;
         }
         self.file = Some(open_append(&self.path)?);
         self.size = 0;

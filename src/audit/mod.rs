@@ -12,9 +12,9 @@ use tokio::sync::mpsc;
 
 mod file;
 
-pub use file::FileSink;
 #[cfg(test)]
 use file::must_rotate;
+pub use file::{FileSink, MAX_FILES};
 
 /// The tracing target of the journal's events.
 pub const TARGET: &str = "audit";
@@ -178,6 +178,9 @@ pub struct Event {
     /// Local connections a tunnel had, when it ends.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u64>,
+    /// Like events left out before this one (a flood the peer provoked), when any were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
     /// The token a rotation replaces (its hash).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replaces: Option<String>,
@@ -206,6 +209,7 @@ impl Event {
             duration_ms: None,
             ended: None,
             connections: None,
+            suppressed: None,
             replaces: None,
             reason: None,
         }
@@ -238,6 +242,7 @@ fn journal(e: &Event) {
         duration_ms = e.duration_ms,
         ended = e.ended.map(End::as_str),
         connections = e.connections,
+        suppressed = e.suppressed,
         replaces = e.replaces.as_deref(),
         reason = e.reason.as_deref(),
         "audit: {}",

@@ -130,12 +130,12 @@ fn consent(cfg: &Config) -> String {
 
 /// What would keep the consent file from ever granting under the service.
 fn consent_warning(cfg: &Config, unit: Option<&crate::sandbox::UnitSettings>) -> Option<String> {
-    use crate::consent::{DEFAULT_PATH, Reading, reading_of};
+    use crate::consent::{FILE_NAME, Reading, reading_of};
     let s = cfg.consent.as_ref()?;
     let path = s.path.display();
     if let Some(setting) = unit.and_then(|u| crate::sandbox::hidden_by(&s.path, u)) {
         return Some(format!(
-            "consent.path: {path} is hidden by the unit's {setting}: the agent would watch another directory than the one written to; put the file under /run, e.g. {DEFAULT_PATH}"
+            "consent.path: {path} is hidden by the unit's {setting}: the agent would watch another directory than the one written to; put the file under /run, e.g. /run/keyswitch/allow"
         ));
     }
     match reading_of(&s.path) {
@@ -145,7 +145,7 @@ fn consent_warning(cfg: &Config, unit: Option<&crate::sandbox::UnitSettings>) ->
         Reading::NotAFile => Some(format!(
             "consent.path: {path} is not a regular file and never grants: remove it, then touch it to grant"
         )),
-        Reading::NoDirectory if s.path != std::path::Path::new(DEFAULT_PATH) => Some(format!(
+        Reading::NoDirectory if s.path != cfg.runtime_dir.join(FILE_NAME) => Some(format!(
             "consent.path: the directory of {path} does not exist: consent stays withheld until it is created and the file with it"
         )),
         _ => None,

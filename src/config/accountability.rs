@@ -4,7 +4,7 @@
 use super::schema::RawConfig;
 use super::{ConfigError, err};
 use crate::audit::{FileBound, Settings as AuditSettings};
-use crate::consent::{DEFAULT_PATH, Settings};
+use crate::consent::{FILE_NAME, Settings};
 
 /// `None` for `mode = "always"` (the default).
 pub(super) fn check_consent(raw: &RawConfig, errors: &mut Vec<ConfigError>) -> Option<Settings> {
@@ -26,12 +26,16 @@ pub(super) fn check_consent(raw: &RawConfig, errors: &mut Vec<ConfigError>) -> O
             None
         }
         "file" => {
-            let path = c.path.clone().unwrap_or_else(|| DEFAULT_PATH.into());
+            let runtime = raw
+                .runtime_dir
+                .clone()
+                .unwrap_or_else(super::runtime_dir_here);
+            let path = c.path.clone().unwrap_or_else(|| runtime.join(FILE_NAME));
             if !path.is_absolute() || path.file_name().is_none() {
                 errors.push(err(
                     "consent.path",
                     format!("{} is not an absolute path to a file", path.display()),
-                    format!("use e.g. {DEFAULT_PATH}"),
+                    "use e.g. /run/securetunnel-agent/allow (the default: the runtime directory's allow)",
                 ));
             }
             let services = c.services.clone().unwrap_or_default();
@@ -84,7 +88,7 @@ pub(super) fn check_audit(raw: &RawConfig, errors: &mut Vec<ConfigError>) -> Aud
         ));
     }
     let files = a.files.unwrap_or(crate::audit::DEFAULT_FILES);
-    if !(1..=10).contains(&files) {
+    if !(1..=crate::audit::MAX_FILES).contains(&files) {
         errors.push(err(
             "audit.files",
             format!("{files} is outside 1-10"),

@@ -350,7 +350,7 @@ fn consent_is_always_unless_a_file_mode_names_its_path_and_services() {
     assert_eq!(parse_str(MIN).unwrap().consent, None);
     let c = parse_str(&format!("{MIN}\n[consent]\nmode = \"file\"\n")).unwrap();
     let s = c.consent.unwrap();
-    assert_eq!(s.path, Path::new(crate::consent::DEFAULT_PATH));
+    assert_eq!(s.path, c.runtime_dir.join("allow"));
     assert!(s.services.is_empty());
     let c = parse_str(&format!(
         "{MIN}\n[consent]\nmode = \"file\"\npath = \"/run/keyswitch/on\"\nservices = [\"SSH\"]\n"

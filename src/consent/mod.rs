@@ -12,8 +12,9 @@ mod watcher;
 
 pub use watcher::{Watcher, reading_of};
 
-/// The path watched when `consent.path` is not set: in the agent's runtime directory.
-pub const DEFAULT_PATH: &str = "/run/securetunnel-agent/allow";
+/// The file watched when `consent.path` is not set, in the agent's runtime directory
+/// (`/run/securetunnel-agent/allow` under systemd).
+pub const FILE_NAME: &str = "allow";
 
 /// `[consent] mode = "file"`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -139,29 +139,33 @@ impl Follow {
     }
 
     /// Watches the nearest existing directory on the way to the file, unless it already
-    /// is (`again`: the watched one moved or went away, watch afresh).
-    fn arm(&mut self, again: bool) -> io::Result<()> {
+    /// is (`again`: the watched one moved or went away, watch afresh). The new watch is set
+    /// before the old one goes and the way is looked at again after, so a directory created
+    /// meanwhile is seen: the loop ends once the nearest directory is the watched one.
+    fn arm(&mut self, mut again: bool) -> io::Result<()> {
         loop {
             let (dir, name) = nearest_existing(&self.path).ok_or_else(|| {
                 io::Error::new(io::ErrorKind::NotFound, "no directory on the way exists")
             })?;
-            if let Some((d, n, wd)) = &mut self.armed {
-                if !again && *d == dir {
-                    *n = name;
-                    return Ok(());
-                }
-                let _ = self.watches.remove(wd.clone());
-                self.armed = None;
+            if let Some((d, n, _)) = &mut self.armed
+                && !again
+                && *d == dir
+            {
+                *n = name;
+                return Ok(());
             }
-            match self.watches.add(&dir, MASK) {
-                Ok(wd) => {
-                    self.armed = Some((dir, name, wd));
-                    return Ok(());
-                }
+            let wd = match self.watches.add(&dir, MASK) {
+                Ok(wd) => wd,
                 // Removed between the look and the watch: look again.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
+            };
+            if let Some((_, _, old)) = self.armed.replace((dir, name, wd.clone()))
+                && old != wd
+            {
+                let _ = self.watches.remove(old);
             }
+            again = false;
         }
     }
 

@@ -94,14 +94,18 @@ impl AuditOut {
         tokio::time::sleep_until(self.next_at).await;
     }
 
-    /// Queues the event at hand; one that finds no room is tried again after the next gap.
-    pub(super) fn publish(&mut self, client: &AsyncClient) {
-        let Some(line) = &self.current else { return };
+    /// Queues the event at hand (`true`); one that finds no room is tried again after the
+    /// next gap.
+    pub(super) fn publish(&mut self, client: &AsyncClient) -> bool {
+        let Some(line) = &self.current else {
+            return false;
+        };
         self.next_at = Instant::now() + Duration::from_secs(1) / MQTT_RATE;
         match client.try_publish(&self.topic, QoS::AtLeastOnce, false, line.clone()) {
             Ok(()) => self.queued = true,
             Err(e) => debug!(topic = %self.topic, "audit event not queued: {e}"),
         }
+        self.queued
     }
 }
 

@@ -143,15 +143,17 @@ impl Connection {
                 Err(why) => Err(why),
             },
             () = shadow_out::due(&mut self.shadow, connected) => {
-                if let Some(s) = &mut self.shadow {
-                    s.publish(&self.client);
+                if let Some(s) = &mut self.shadow
+                    && s.publish(&self.client)
+                {
                     self.publishers.push_back(Publisher::Shadow);
                 }
                 return true;
             }
             () = audit_out::due(&mut self.audit, connected) => {
-                if let Some(a) = &mut self.audit {
-                    a.publish(&self.client);
+                if let Some(a) = &mut self.audit
+                    && a.publish(&self.client)
+                {
                     self.publishers.push_back(Publisher::Audit);
                 }
                 return true;

@@ -101,9 +101,9 @@ impl ShadowOut {
         }
     }
 
-    /// Queues the document; one that finds no room is owed again (the next try comes
-    /// `shadow::MIN_INTERVAL` later).
-    pub(super) fn publish(&mut self, client: &AsyncClient) {
+    /// Queues the document (`true`); one that finds no room is owed again (the next try
+    /// comes `shadow::MIN_INTERVAL` later).
+    pub(super) fn publish(&mut self, client: &AsyncClient) -> bool {
         let doc = document(&self.reports.borrow_and_update(), self.connected_since);
         self.pacer.sent(Instant::now());
         match client.try_publish(&self.topic, QoS::AtLeastOnce, false, doc) {
@@ -116,6 +116,7 @@ impl ShadowOut {
                 self.pacer.owe();
             }
         }
+        self.queued
     }
 }
 

@@ -84,8 +84,11 @@ fn assert_lifecycle(events: &[Value], t: &TunnelTokens, new_dest: &str, sink: &s
     let rotated = find(events, "rotated", &new);
     assert_eq!(rotated[0]["replaces"], old.as_str(), "{sink}");
     assert!(!find(events, "connected", &new).is_empty(), "{sink}");
+    // Stopped by the agent once the new token connected, or closed first by the service,
+    // which drops the older of two destinations.
     let ended = find(events, "closed", &old);
-    assert_eq!(ended[0]["reason"], "replaced by a rotation", "{sink}");
+    let reason = ended[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("replaced"), "{sink}: {reason}");
     let ended = find(events, "closed", &new);
     assert!(
         ended[0]["reason"]

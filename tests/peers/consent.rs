@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use crate::common::e2e::*;
 use crate::common::rig::{AgentProc, Rig, RigOptions};
 use crate::common::*;
-use securetunnel_agent::protocol::Mode;
+use securetunnel_agent::bridge::Phase;
+use securetunnel_agent::protocol::{Format, Mode};
 use securetunnel_emulator::testkit::{EchoService, echo_tcp};
 
 /// An agent for `thing` serving `services` from one echo service, with consent at `path`
@@ -134,10 +135,54 @@ async fn a_notify_while_consent_is_withheld_waits_and_connects_when_it_is_grante
     .await;
     let (_src, addrs) = ready_source(&rig.emu, &t, "SSH=0").await;
     transfer(&addrs, "SSH", 3).await;
-    // The lifetime starts at this first connect, as for any tunnel: nothing was extended.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_lifetime_ends_while_consent_is_withheld_never_connects() {
+    // A service minute of 2 s: the tunnel lives 2 s from OpenTunnel.
+    let rig = Rig::start(RigOptions {
+        minute: Duration::from_secs(2),
+        ..RigOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let allow = dir.path().join("allow");
+    let thing = "gw-consent-late";
+    let (mut agent, _echo, cfg) = consent_agent(&rig, thing, &["SSH"], &allow, &[]).await;
+    let t = open(&rig, thing, &["SSH"], 1).await;
+    agent
+        .expect("awaiting site consent before connecting")
+        .await;
+    let id = t.tunnel_id.clone();
+    until(&rig.emu, "the tunnel's lifetime ends", |e| e.is_closed(&id)).await;
+    // Consent after the lifetime: the wait did not extend it, the token is refused.
+    std::fs::write(&allow, "").unwrap();
+    agent.expect("session ended").await;
+    assert!(destination_connects(&rig, &id).is_empty());
     let status = status_json(&cfg).await;
-    let left = status["tunnels"][0]["expires_in_secs"].as_u64().unwrap();
-    assert!(left <= 12 * 3600, "{status}");
+    assert_eq!(status["tunnels"], serde_json::json!([]), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_stream_is_closed_when_consent_for_its_service_is_revoked() {
+    let rig = Rig::start(RigOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let allow = dir.path().join("allow");
+    std::fs::write(&allow, "").unwrap();
+    let thing = "gw-consent-v1";
+    // Consent covers SSH only: a V1 stream (no service id) is SSH's.
+    let (mut agent, _echo, _cfg) =
+        consent_agent(&rig, thing, &["SSH", "HTTP"], &allow, &["SSH"]).await;
+    let (t, _) = open_connected(&rig, thing, &["SSH"]).await;
+    let (mut src, addrs) = source(&rig.emu, &t, "0", Format::V1).await;
+    src.wait_phase(Phase::Ready).await;
+    let mut c = live_client(addrs.get("")).await;
+    std::fs::remove_file(&allow).unwrap();
+    assert!(
+        ends_within(&mut c, Duration::from_secs(1)).await,
+        "the V1 connection outlived the revoke"
+    );
+    agent.expect("site consent withdrawn: closing").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,7 +29,7 @@ impl ConnAudit {
     pub(super) fn new(trail: TunnelTrail, ids: &ConnIds, end: Arc<EndCell>) -> Self {
         ConnAudit {
             trail,
-            service: ids.service.clone(),
+            service: ids.named.clone(),
             stream: ids.stream_id,
             connection: ids.conn_id,
             endpoint: None,

@@ -77,6 +77,8 @@ pub struct ConnIds {
     pub conn_id: u32,
     /// The connection id the peer uses on the wire (0 for V1/V2 streams).
     pub wire_conn: u32,
+    /// The service's name, for the audit trail: a V1 stream's empty id resolved.
+    pub named: String,
 }
 
 /// What every connection of a session shares.
@@ -335,7 +337,10 @@ impl ConnTask {
                     Ok(()) => self.audit.end.set(End::ServiceClosed),
                     Err(e) => {
                         debug!(conn = self.ids.conn_id, "local read ended: {e}");
-                        self.audit.end.set(End::Reset);
+                        // The session's end names it (tunnel_ended), not the send it failed.
+                        if !self.shared.out.is_closed() {
+                            self.audit.end.set(End::Reset);
+                        }
                     }
                 }
                 ExitCause::LocalClosed

@@ -72,6 +72,8 @@ impl Session<'_> {
         let stall = self.limits.stall_timeout;
         // Data queued for a connection still connecting waits for one connect attempt.
         let connect_limit = self.limits.connect_timeout.saturating_add(stall);
+        // A revoke of site consent must not wait for the consumer.
+        let mut consent = self.consent_gate();
         loop {
             let Some(handle) = self.table.get(service, key) else {
                 return;
@@ -108,6 +110,11 @@ impl Session<'_> {
                 _ = down.closed() => return,
                 r = acquire => Some(r),
                 _ = deadline => None,
+                () = consent.changed() => {
+                    // Revoked: its connection is gone and the loop returns; else wait on.
+                    self.on_consent(&consent);
+                    continue;
+                }
             };
             match waited {
                 Some(Some((slot, permit))) => {

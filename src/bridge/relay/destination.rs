@@ -31,22 +31,30 @@ impl Session<'_> {
         } else {
             (Refused::Unmapped, "the service is not in the service map")
         };
+        self.stats.refused_streams.fetch_add(1, Ordering::Relaxed);
+        self.note_refusal(service, stream, &format!("refusing stream: {why}"));
+        Err(refused)
+    }
+
+    /// A refusal the peer can provoke at will: one log line and one audit event
+    /// (`stream_refused`) within the log's rate (`log_rate::Kind::Refusal`); those beyond it
+    /// are counted in the next one's `suppressed`, so a flood cannot rotate the trail away.
+    pub(super) fn note_refusal(&mut self, service: &str, stream: i32, what: &str) {
+        let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) else {
+            return;
+        };
+        let refused = self.stats.refused_streams.load(Ordering::Relaxed);
+        warn!(service = ?service, stream, tunnel_services = ?self.services(), refused, suppressed, "{what}");
         if self.audit.is_on() {
             let e = Event {
-                service: Some(service.to_owned()),
+                service: Some(self.named(service).to_owned()),
                 stream: Some(stream),
+                suppressed: (suppressed > 0).then_some(suppressed),
                 ..self.audit.event(AuditKind::StreamRefused)
             };
+            let why = what.strip_prefix("refusing stream: ").unwrap_or(what);
             self.audit.record(&e.because(why));
         }
-        let n = self.stats.refused_streams.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
-            warn!(
-                service = ?service, stream, tunnel_services = %scope, refused = n, suppressed,
-                "refusing stream: {why}"
-            );
-        }
-        Err(refused)
     }
 
     /// Site consent changed: the streams of the services it no longer admits are reset,
@@ -55,7 +63,7 @@ impl Session<'_> {
         let revoked: Vec<(String, i32)> = self
             .table
             .active_streams()
-            .filter(|(service, _)| !consent.admits(service))
+            .filter(|(service, _)| !consent.admits(self.named(service)))
             .map(|(service, stream)| (service.to_owned(), stream))
             .collect();
         let mut closed = 0;
@@ -69,7 +77,7 @@ impl Session<'_> {
             self.send(Message::stream_reset(*stream, service));
         }
         if !revoked.is_empty() {
-            let services: Vec<&str> = revoked.iter().map(|(s, _)| s.as_str()).collect();
+            let services: Vec<&str> = revoked.iter().map(|(s, _)| self.named(s)).collect();
             info!(
                 ?services,
                 closed, "site consent withdrawn: closing the connections of these services"
@@ -147,8 +155,13 @@ impl Session<'_> {
         }
         let endpoint = match self.endpoint_for(&service, stream) {
             Ok(endpoint) => endpoint,
-            Err(Refused::OutOfScope | Refused::NoConsent) => {
-                drop(self.table.reset_stream(&service, stream));
+            Err(why @ (Refused::OutOfScope | Refused::NoConsent)) => {
+                let end = match why {
+                    Refused::NoConsent => End::Consent,
+                    _ => End::Reset,
+                };
+                let closed = self.table.reset_stream(&service, stream);
+                closed.into_iter().flatten().for_each(|c| c.reset(end));
                 self.send(Message::stream_reset(stream, &service));
                 return Ok(());
             }
@@ -173,12 +186,10 @@ impl Session<'_> {
         let wire = self.table.wire_connection_id(&service, conn);
         let running = self.stats.open_connections.load(Ordering::Relaxed);
         if running >= self.limits.max_connections {
-            if let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) {
-                warn!(
-                    service = ?service, stream, conn, suppressed,
-                    "refusing connection: {running} connections already open on this tunnel (limits.max_connections_per_tunnel)"
-                );
-            }
+            let what = format!(
+                "refusing connection {conn}: {running} connections already open on this tunnel (limits.max_connections_per_tunnel)"
+            );
+            self.note_refusal(&service, stream, &what);
             let by_stream_start = match &open {
                 Open::Connect {
                     by_stream_start, ..
@@ -201,6 +212,7 @@ impl Session<'_> {
             stream_id: stream,
             conn_id: conn,
             wire_conn: wire,
+            named: self.named(&service).to_owned(),
         };
         let shared = ConnShared {
             out: self.out.clone(),

@@ -153,6 +153,24 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// The tunnel's site consent (`always` for a source).
+    fn consent_gate(&self) -> Gate {
+        match self.role {
+            Role::Destination(_, _, gate) => gate.clone(),
+            Role::Source(_) => Gate::always(),
+        }
+    }
+
+    /// The service a stream is for: its id, or a V1 stream's (empty id) one service.
+    fn named<'s>(&'s self, service: &'s str) -> &'s str {
+        match self.role {
+            Role::Destination(_, scope, _) => {
+                scope.named(service, self.services()).unwrap_or(service)
+            }
+            Role::Source(_) => service,
+        }
+    }
+
     fn mode(&self) -> Mode {
         match self.role {
             Role::Destination(..) => Mode::Destination,
@@ -190,10 +208,7 @@ impl<'a> Session<'a> {
         // is full, so one message of tiny frames cannot queue a reply for each.
         let mut undecoded = false;
         // Site consent: a change may close the connections of the services it covers.
-        let mut consent = match self.role {
-            Role::Destination(_, _, gate) => gate.clone(),
-            Role::Source(_) => Gate::always(),
-        };
+        let mut consent = self.consent_gate();
         loop {
             let ready = accepting && self.tunnel_services.is_some();
             let room = self.backlog.len() < BACKLOG_LIMIT;
@@ -491,6 +506,7 @@ impl<'a> Session<'a> {
             stream_id: stream,
             conn_id: conn,
             wire_conn: wire,
+            ..
         } = ids;
         if self
             .table
