@@ -79,7 +79,6 @@ impl Session<'_> {
                 return;
             };
             let (down, id) = (handle.down().clone(), handle.id());
-            let mut connected = handle.connected();
             let before = self.progress_snapshot();
             let budget = self.budget.clone();
             let acquire = async {
@@ -90,20 +89,7 @@ impl Session<'_> {
                 let slot = down.reserve().await?;
                 Some((slot, permit))
             };
-            // A connection still connecting is not a stalled consumer, unless it takes
-            // longer than any connect could.
-            let deadline = async {
-                let up = tokio::time::timeout(connect_limit, async {
-                    connected.wait_for(|up| *up).await.is_ok()
-                })
-                .await;
-                match up {
-                    Ok(true) => tokio::time::sleep(stall).await,
-                    // The task ended: `acquire` fails at once.
-                    Ok(false) => std::future::pending().await,
-                    Err(_) => {}
-                }
-            };
+            let deadline = stall_window(handle.connected(), connect_limit, stall);
             let waited = tokio::select! {
                 _ = cancel.cancelled() => return,
                 // The task ended (its exit is handled in `on_conn_exit`): nothing to wait for.
@@ -123,24 +109,38 @@ impl Session<'_> {
                 }
                 Some(None) => return,
                 None => {
-                    self.reset_idle_holders(&before);
-                    let Some(up) = self
-                        .table
-                        .get(service, key)
-                        .filter(|h| h.id() == id)
-                        .map(ConnHandle::is_connected)
-                    else {
-                        return;
-                    };
-                    if !up {
-                        self.reset_stalled(service, stream, key, id);
+                    if !self.after_window(&before, service, stream, key, id) {
                         return;
                     }
-                    // It wrote, or others freed the budget: wait again (holding on to a
-                    // queue permit is not needed; it is re-acquired).
                 }
             }
         }
+    }
+
+    /// A stall window passed without room: the idle holders are reset; `true` when this
+    /// connection is still there and up, so it is waited for again (it wrote, or others
+    /// freed the budget; a queue permit is re-acquired).
+    fn after_window(
+        &mut self,
+        before: &[(String, u32, u64, u64)],
+        service: &str,
+        stream: i32,
+        key: u32,
+        id: u64,
+    ) -> bool {
+        self.reset_idle_holders(before);
+        let Some(up) = self
+            .table
+            .get(service, key)
+            .filter(|h| h.id() == id)
+            .map(ConnHandle::is_connected)
+        else {
+            return false;
+        };
+        if !up {
+            self.reset_stalled(service, stream, key, id);
+        }
+        up
     }
 
     /// Under budget pressure (`Budget::scarce`), resets the connected holders that wrote
@@ -202,6 +202,25 @@ impl Session<'_> {
             );
         }
         self.send(protocol::reset_on_local_close(stream, service, wire));
+    }
+}
+
+/// Rule (stall window): a connection still connecting is not a stalled consumer, unless it
+/// takes longer than any connect could (`connect_limit`); once up, it has `stall` to make
+/// room. Pending for ever once its task ended (the room's wait then fails at once).
+async fn stall_window(
+    mut connected: tokio::sync::watch::Receiver<bool>,
+    connect_limit: std::time::Duration,
+    stall: std::time::Duration,
+) {
+    let up = tokio::time::timeout(connect_limit, async {
+        connected.wait_for(|up| *up).await.is_ok()
+    })
+    .await;
+    match up {
+        Ok(true) => tokio::time::sleep(stall).await,
+        Ok(false) => std::future::pending().await,
+        Err(_) => {}
     }
 }
 
