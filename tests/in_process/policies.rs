@@ -319,3 +319,59 @@ async fn a_resolver_that_never_answers_holds_only_its_bound() {
     assert_eq!(within("a blocking task runs", pool).await.unwrap(), 7);
     drop((live, answer));
 }
+
+/// Site consent withdrawn while the tunnel waits on a local service that stopped reading
+/// (backpressure, `stall`): the connection is reset within a second, not after the stall
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_reaches_a_tunnel_waiting_on_a_stalled_consumer() {
+    use securetunnel_agent::bridge::{Bridge, Phase, Role};
+    use securetunnel_agent::consent::Gate;
+    use securetunnel_emulator::testkit::{Behaviour, service_tcp};
+
+    let stuck = service_tcp("127.0.0.1:0", Behaviour::Stuck).await.unwrap();
+    let emu = emulator(false).await;
+    let limits = Limits {
+        stall_timeout: Duration::from_secs(60),
+        ..test_limits()
+    };
+    let tokens = emu.open_tunnel(&["SVC"], Duration::from_secs(3600));
+    let (granted, consent) = tokio::sync::watch::channel(true);
+    let role = Role::Destination {
+        services: ServiceMap::default()
+            .with("SVC", tcp(stuck.addr.unwrap()))
+            .into(),
+        scope: securetunnel_agent::services::Scope::WholeMap,
+        consent: Gate::new(consent, &[]),
+    };
+    let cfg = config(&emu, &tokens.destination_access_token, role, limits);
+    let mut dest = run_bridge(Bridge::new(cfg).unwrap());
+    let (mut src, addrs) = source(&emu, &tokens, "SVC=0", Format::V3).await;
+    dest.wait_phase(Phase::Ready).await;
+    src.wait_phase(Phase::Ready).await;
+    let c = TcpStream::connect(addrs.get("SVC")).await.unwrap();
+    let (mut rx, mut tx) = c.into_split();
+    let flood = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 << 10];
+        while tx.write_all(&chunk).await.is_ok() {}
+    });
+    within("the destination waits on the stuck consumer", async {
+        while get(&dest.stats.stalls) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    granted.send_replace(false);
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(rx.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the revoke waited on the consumer");
+    assert_eq!(
+        get(&dest.stats.stall_resets),
+        0,
+        "reset as a stall, not a revoke"
+    );
+    flood.abort();
+}
