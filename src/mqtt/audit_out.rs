@@ -10,21 +10,18 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::in_flight::InFlight;
 use crate::audit::{MQTT_RATE, policy_statement};
-use crate::shadow::Refusals;
 
 pub(super) struct AuditOut {
     topic: String,
     events: mpsc::Receiver<String>,
     /// The event being published: taken from the queue, not yet acknowledged.
     current: Option<String>,
-    /// Its packet id once sent.
-    in_flight: Option<u16>,
-    /// Queued in the client, its packet id not known yet.
-    queued: bool,
+    /// It, queued or unacknowledged.
+    flight: InFlight,
     /// The next publish may not start before this (the rate).
     next_at: Instant,
-    refusals: Refusals,
 }
 
 impl AuditOut {
@@ -33,10 +30,8 @@ impl AuditOut {
             topic,
             events,
             current: None,
-            in_flight: None,
-            queued: false,
+            flight: InFlight::default(),
             next_at: Instant::now(),
-            refusals: Refusals::default(),
         }
     }
 
@@ -47,17 +42,13 @@ impl AuditOut {
 
     /// The queued event went out as packet `pkid`.
     pub(super) fn sent(&mut self, pkid: u16) {
-        if std::mem::take(&mut self.queued) {
-            self.in_flight = Some(pkid);
-        }
+        self.flight.sent(pkid);
     }
 
     /// A PUBACK: the broker took the event; the next one may go.
     pub(super) fn acked(&mut self, pkid: u16) {
-        if self.in_flight == Some(pkid) {
-            self.in_flight = None;
+        if self.flight.acked(pkid) {
             self.current = None;
-            self.refusals.acked();
         }
     }
 
@@ -65,8 +56,7 @@ impl AuditOut {
     /// `false` once the policy plainly refuses the topic: the caller drops the sink (the
     /// agent then counts the events it cannot queue as dropped).
     pub(super) fn connection_ended(&mut self) -> bool {
-        let unacked = self.in_flight.take().is_some() || std::mem::take(&mut self.queued);
-        if !self.refusals.connection_ended(unacked) {
+        if !self.flight.refused_at_end() {
             return true;
         }
         warn!(
@@ -87,7 +77,7 @@ impl AuditOut {
                 None => std::future::pending().await,
             }
         }
-        if !connected || self.in_flight.is_some() || self.queued {
+        if !connected || self.flight.busy() {
             // The connection's other events change that; this is asked again after them.
             std::future::pending().await
         }
@@ -102,10 +92,15 @@ impl AuditOut {
         };
         self.next_at = Instant::now() + Duration::from_secs(1) / MQTT_RATE;
         match client.try_publish(&self.topic, QoS::AtLeastOnce, false, line.clone()) {
-            Ok(()) => self.queued = true,
-            Err(e) => debug!(topic = %self.topic, "audit event not queued: {e}"),
+            Ok(()) => {
+                self.flight.queued();
+                true
+            }
+            Err(e) => {
+                debug!(topic = %self.topic, "audit event not queued: {e}");
+                false
+            }
         }
-        self.queued
     }
 }
 
@@ -133,7 +128,7 @@ mod tests {
         let disconnected = tokio::time::timeout(Duration::from_secs(60), a.due(false)).await;
         assert!(disconnected.is_err(), "due while disconnected");
         a.due(true).await;
-        a.queued = true;
+        a.flight.queued();
         let busy = tokio::time::timeout(Duration::from_secs(60), a.due(true)).await;
         assert!(busy.is_err(), "due with one queued");
         a.sent(7);
@@ -155,11 +150,11 @@ mod tests {
     fn an_event_unacknowledged_when_the_connection_ends_is_sent_again() {
         let (_tx, mut a) = out();
         a.current = Some("e".into());
-        a.queued = true;
+        a.flight.queued();
         a.sent(3);
         assert!(a.connection_ended());
         assert_eq!(a.current.as_deref(), Some("e"));
-        assert_eq!((a.in_flight, a.queued), (None, false));
+        assert!(!a.flight.busy());
         a.acked(3);
         assert_eq!(
             a.current.as_deref(),
@@ -174,7 +169,7 @@ mod tests {
         let mut ended = Vec::new();
         for _ in 0..crate::shadow::REFUSALS {
             a.current = Some("e".into());
-            a.queued = true;
+            a.flight.queued();
             ended.push(a.connection_ended());
         }
         assert_eq!(ended.last(), Some(&false), "{ended:?}");

@@ -18,6 +18,7 @@ use subscriptions::{FILTERS_PER_SUBSCRIBE, MAX_UNSUBSCRIBE};
 
 mod audit_out;
 mod connection;
+mod in_flight;
 mod shadow_out;
 mod subscriptions;
 

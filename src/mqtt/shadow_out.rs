@@ -8,7 +8,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::shadow::{Pacer, Refusals, Report, document, policy_statement, topic};
+use super::in_flight::InFlight;
+use crate::shadow::{Pacer, Report, document, policy_statement, topic};
 
 pub(super) struct ShadowOut {
     thing: String,
@@ -17,11 +18,8 @@ pub(super) struct ShadowOut {
     pacer: Pacer,
     /// Unix time of the last CONNACK.
     connected_since: u64,
-    /// The packet id of the document sent and not yet acknowledged: one at a time.
-    in_flight: Option<u16>,
-    /// Queued and not yet sent (its packet id comes with the outgoing event).
-    queued: bool,
-    refusals: Refusals,
+    /// The document queued or unacknowledged: one at a time.
+    flight: InFlight,
 }
 
 impl ShadowOut {
@@ -32,9 +30,7 @@ impl ShadowOut {
             reports,
             pacer: Pacer::default(),
             connected_since: 0,
-            in_flight: None,
-            queued: false,
-            refusals: Refusals::default(),
+            flight: InFlight::default(),
         }
     }
 
@@ -45,25 +41,19 @@ impl ShadowOut {
 
     /// The queued document went out as packet `pkid`.
     pub(super) fn sent(&mut self, pkid: u16) {
-        if std::mem::take(&mut self.queued) {
-            self.in_flight = Some(pkid);
-        }
+        self.flight.sent(pkid);
     }
 
     /// A PUBACK: the broker took the document.
     pub(super) fn acked(&mut self, pkid: u16) {
-        if self.in_flight == Some(pkid) {
-            self.in_flight = None;
-            self.refusals.acked();
-        }
+        self.flight.acked(pkid);
     }
 
     /// The connection ended. A document still unacknowledged is not sent again (the next
     /// connection owes a fresh one); `false` once the policy plainly refuses the documents:
     /// the caller drops the shadow.
     pub(super) fn connection_ended(&mut self) -> bool {
-        let unacked = self.in_flight.take().is_some() || std::mem::take(&mut self.queued);
-        if !self.refusals.connection_ended(unacked) {
+        if !self.flight.refused_at_end() {
             return true;
         }
         warn!(
@@ -87,7 +77,7 @@ impl ShadowOut {
     /// gone.
     pub(super) async fn due(&mut self, connected: bool) {
         loop {
-            let idle = self.in_flight.is_none() && !self.queued;
+            let idle = !self.flight.busy();
             let due = self.pacer.due(Instant::now()).filter(|_| connected && idle);
             tokio::select! {
                 changed = self.reports.changed() => match changed {
@@ -108,15 +98,16 @@ impl ShadowOut {
         self.pacer.sent(Instant::now());
         match client.try_publish(&self.topic, QoS::AtLeastOnce, false, doc) {
             Ok(()) => {
-                self.queued = true;
+                self.flight.queued();
                 debug!(topic = %self.topic, "shadow document queued");
+                return true;
             }
             Err(e) => {
                 debug!(topic = %self.topic, "shadow document not queued: {e}");
                 self.pacer.owe();
             }
         }
-        self.queued
+        false
     }
 }
 
