@@ -1,6 +1,7 @@
-//! The trail's JSON Lines file in the state directory: appended by a thread of its own (the
-//! runtime never waits on the disk), rotated before it passes its bound, so the files never
-//! hold more than `files x size` bytes.
+//! The trail's JSON Lines file in the state directory: a task takes the queued lines in
+//! batches and appends each batch on tokio's blocking pool (the runtime never waits on the
+//! disk, and an idle agent keeps no thread for it), rotating before the file passes its
+//! bound, so the files never hold more than `files x size` bytes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -24,7 +25,10 @@ enum Msg {
     Flush(oneshot::Sender<()>),
 }
 
-/// The file's writer thread, fed through a bounded queue.
+/// Lines written per trip to the blocking pool at most.
+const BATCH: usize = 64;
+
+/// The file's writer, fed through a bounded queue.
 pub struct FileSink {
     tx: mpsc::Sender<Msg>,
     dropped: Arc<AtomicU64>,
@@ -37,24 +41,13 @@ pub fn must_rotate(size: u64, line: u64, bound: u64) -> bool {
 }
 
 impl FileSink {
-    /// Starts the writer of `dir/audit.jsonl`; it appends to what a previous run left.
+    /// Starts the writer of `dir/audit.jsonl` (on the runtime: a task); it appends to what
+    /// a previous run left.
     pub fn start(dir: &Path, bound: FileBound) -> io::Result<FileSink> {
-        let mut file = Appender::open(dir, bound)?;
-        let (tx, mut rx) = mpsc::channel(FILE_QUEUE);
+        let file = Appender::open(dir, bound)?;
+        let (tx, rx) = mpsc::channel(FILE_QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
-        let counted = dropped.clone();
-        std::thread::Builder::new()
-            .name("audit-file".into())
-            .spawn(move || {
-                while let Some(msg) = rx.blocking_recv() {
-                    match msg {
-                        Msg::Line(line) => file.append(&line, &counted),
-                        Msg::Flush(done) => {
-                            let _ = done.send(());
-                        }
-                    }
-                }
-            })?;
+        tokio::spawn(write_batches(file, rx, dropped.clone()));
         Ok(FileSink { tx, dropped })
     }
 
@@ -76,6 +69,36 @@ impl FileSink {
     /// Lines dropped: a full queue or a failed write.
     pub fn dropped(&self) -> Arc<AtomicU64> {
         self.dropped.clone()
+    }
+}
+
+/// Takes what is queued, up to `BATCH` at a time, and writes it off the runtime; a flush
+/// is answered once what was queued before it is written. Ends with the queue.
+async fn write_batches(file: Appender, mut rx: mpsc::Receiver<Msg>, dropped: Arc<AtomicU64>) {
+    let mut file = Some(file);
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let (mut lines, mut flushed) = (Vec::new(), Vec::new());
+        for msg in batch.drain(..) {
+            match msg {
+                Msg::Line(line) => lines.push(line),
+                Msg::Flush(done) => flushed.push(done),
+            }
+        }
+        let (Some(mut f), counted) = (file.take(), dropped.clone()) else {
+            return;
+        };
+        let written = tokio::task::spawn_blocking(move || {
+            lines.iter().for_each(|l| f.append(l, &counted));
+            f
+        });
+        match written.await {
+            Ok(f) => file = Some(f),
+            Err(_) => return,
+        }
+        flushed.into_iter().for_each(|done| {
+            let _ = done.send(());
+        });
     }
 }
 
