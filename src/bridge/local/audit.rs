@@ -29,7 +29,7 @@ impl ConnAudit {
     pub(super) fn new(trail: TunnelTrail, ids: &ConnIds, end: Arc<EndCell>) -> Self {
         ConnAudit {
             trail,
-            service: ids.named.clone(),
+            service: ids.named.clone(), // empty without a trail
             stream: ids.stream_id,
             connection: ids.conn_id,
             endpoint: None,

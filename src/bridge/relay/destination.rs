@@ -212,7 +212,11 @@ impl Session<'_> {
             stream_id: stream,
             conn_id: conn,
             wire_conn: wire,
-            named: self.named(&service).to_owned(),
+            // Only the audit trail uses it: nothing is held for it without one.
+            named: match self.audit.is_on() {
+                true => self.named(&service).to_owned(),
+                false => String::new(),
+            },
         };
         let shared = ConnShared {
             out: self.out.clone(),
