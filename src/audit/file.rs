@@ -109,6 +109,8 @@ struct Appender {
     bound: FileBound,
     /// A write failed and was said: the next failure is only counted.
     failing: bool,
+    /// A failed write left part of a line: the next line starts on a new one.
+    partial: bool,
 }
 
 impl Appender {
@@ -122,6 +124,7 @@ impl Appender {
             size,
             bound,
             failing: false,
+            partial: false,
         })
     }
 
@@ -130,6 +133,16 @@ impl Appender {
             Ok(()) => self.failing = false,
             Err(e) => {
                 dropped.fetch_add(1, Ordering::Relaxed);
+                // What reached the file (a full disk may take part of a line).
+                if let Some(len) = self
+                    .file
+                    .as_ref()
+                    .and_then(|f| f.metadata().ok())
+                    .map(|m| m.len())
+                {
+                    self.partial |= len > self.size;
+                    self.size = len;
+                }
                 if !std::mem::replace(&mut self.failing, true) {
                     warn!(path = %self.path.display(), "audit events not written: {e}; counted as dropped in the status until a write succeeds");
                 }
@@ -138,19 +151,22 @@ impl Appender {
     }
 
     fn write(&mut self, line: &str) -> io::Result<()> {
-        let len = line.len() as u64 + 1;
-        if self.file.is_none() || must_rotate(self.size, len, self.bound.size) {
+        if self.file.is_none() || must_rotate(self.size, line.len() as u64 + 1, self.bound.size) {
             self.rotate()?;
         }
         let file = self
             .file
             .as_mut()
             .ok_or_else(|| io::Error::other("no file"))?;
-        let mut buf = Vec::with_capacity(line.len() + 1);
+        let mut buf = Vec::with_capacity(line.len() + 2);
+        if self.partial {
+            buf.push(b'\n');
+        }
         buf.extend_from_slice(line.as_bytes());
         buf.push(b'\n');
         file.write_all(&buf)?;
-        self.size += len;
+        self.size += buf.len() as u64;
+        self.partial = false;
         Ok(())
     }
 
@@ -177,6 +193,7 @@ impl Appender {
         }
         self.file = Some(open_append(&self.path)?);
         self.size = 0;
+        self.partial = false;
         Ok(())
     }
 }
