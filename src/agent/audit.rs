@@ -12,7 +12,7 @@ use crate::audit::{Event, FileSink, Kind, Trail};
 use crate::bridge::{BridgeEnd, BridgeError};
 use crate::config::Config;
 use crate::mqtt::Notification;
-use crate::tunnels::Expiry;
+use crate::tunnels::{Expiry, SessionExit};
 
 /// The trail of `cfg`: the journal, the file in the state directory (unless off), and the
 /// queue the MQTT client publishes from (with `audit.mqtt_topic`).
@@ -104,6 +104,17 @@ pub(super) fn end_reason(
 }
 
 /// A session ended: closed or expired, with its totals.
+/// Rule (stop reason): at the agent's stop, a session the stop cancelled "the agent
+/// stopped"; one that had ended on its own just before keeps its own reason.
+pub(super) fn stop_reason(exit: &SessionExit, retired: bool) -> String {
+    match exit.result {
+        Ok(BridgeEnd::Cancelled) if !retired && exit.expired.is_none() => {
+            "the agent stopped".to_owned()
+        }
+        _ => end_reason(&exit.result, exit.expired, retired),
+    }
+}
+
 pub(super) fn record_end(live: &Live, expired: Option<Expiry>, why: &str) {
     let kind = match expired {
         Some(_) => Kind::Expired,
@@ -113,6 +124,7 @@ pub(super) fn record_end(live: &Live, expired: Option<Expiry>, why: &str) {
     let e = Event {
         channel: live.state.borrow().channel_id.clone(),
         connections: Some(stats.connections_opened.load(Ordering::Relaxed)),
+        refused: Some(stats.refused_streams.load(Ordering::Relaxed)),
         bytes_from_tunnel: Some(stats.bytes_from_tunnel.load(Ordering::Relaxed)),
         bytes_to_tunnel: Some(stats.bytes_to_tunnel.load(Ordering::Relaxed)),
         duration_ms: Some(live.started.elapsed().as_millis() as u64),
@@ -142,5 +154,27 @@ mod tests {
             end_reason(&stopped, Some(Expiry::Lifetime), false),
             "the agent's maximum lifetime for this token ended"
         );
+    }
+
+    #[test]
+    fn at_the_stop_a_session_that_ended_on_its_own_keeps_its_reason() {
+        let exit = |result, expired| SessionExit {
+            id: 1,
+            result,
+            expired,
+        };
+        let cancelled = exit(Ok(BridgeEnd::Cancelled), None);
+        assert_eq!(stop_reason(&cancelled, false), "the agent stopped");
+        assert_eq!(stop_reason(&cancelled, true), "replaced by a rotation");
+        let expired = exit(Ok(BridgeEnd::Cancelled), Some(Expiry::Lifetime));
+        assert!(stop_reason(&expired, false).contains("maximum lifetime"));
+        let closed = exit(
+            Ok(BridgeEnd::ClosedByService {
+                code: 1000,
+                reason: String::new(),
+            }),
+            None,
+        );
+        assert!(stop_reason(&closed, false).starts_with("closed by the service"));
     }
 }

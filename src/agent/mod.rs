@@ -538,8 +538,11 @@ impl Agent {
         let drained = tokio::time::timeout(DRAIN, async {
             while let Some(done) = bridges.join_next().await {
                 // Each tunnel's end with its totals, as at any other end.
-                if let Some(l) = done.ok().and_then(|exit| live.remove(&exit.id)) {
-                    audit::record_end(&l, None, "the agent stopped");
+                if let Ok(exit) = done
+                    && let Some(l) = live.remove(&exit.id)
+                {
+                    let why = audit::stop_reason(&exit, l.retire.is_cancelled());
+                    audit::record_end(&l, exit.expired, &why);
                 }
             }
         })

@@ -187,9 +187,9 @@ impl Appender {
         } else {
             std::fs::remove_file(&self.path).or_else(ignore_missing)?;
         }
-        // Left by a run that kept more files.
+        // Left by a run that kept more files; one that cannot go does not stop the trail.
         for i in self.bound.files..=MAX_FILES {
-            std::fs::remove_file(name(i)).or_else(ignore_missing)?;
+            let _ = std::fs::remove_file(name(i));
         }
         self.file = Some(open_append(&self.path)?);
         self.size = 0;

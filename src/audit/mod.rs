@@ -178,6 +178,9 @@ pub struct Event {
     /// Local connections a tunnel had, when it ends.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u64>,
+    /// Streams and connections refused over the tunnel's life, when it ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<u64>,
     /// Like events left out before this one (a flood the peer provoked), when any were.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
@@ -209,6 +212,7 @@ impl Event {
             duration_ms: None,
             ended: None,
             connections: None,
+            refused: None,
             suppressed: None,
             replaces: None,
             reason: None,
@@ -242,6 +246,7 @@ fn journal(e: &Event) {
         duration_ms = e.duration_ms,
         ended = e.ended.map(End::as_str),
         connections = e.connections,
+        refused = e.refused,
         suppressed = e.suppressed,
         replaces = e.replaces.as_deref(),
         reason = e.reason.as_deref(),

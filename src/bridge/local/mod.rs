@@ -337,10 +337,11 @@ impl ConnTask {
                     Ok(()) => self.audit.end.set(End::ServiceClosed),
                     Err(e) => {
                         debug!(conn = self.ids.conn_id, "local read ended: {e}");
-                        // The session's end names it (tunnel_ended), not the send it failed.
-                        if !self.shared.out.is_closed() {
-                            self.audit.end.set(End::Reset);
-                        }
+                        // A send that failed because the websocket is gone ends with the tunnel.
+                        self.audit.end.set(match self.shared.out.is_closed() {
+                            true => End::TunnelEnded,
+                            false => End::Reset,
+                        });
                     }
                 }
                 ExitCause::LocalClosed

@@ -32,19 +32,19 @@ impl Session<'_> {
             (Refused::Unmapped, "the service is not in the service map")
         };
         self.stats.refused_streams.fetch_add(1, Ordering::Relaxed);
-        self.note_refusal(service, stream, &format!("refusing stream: {why}"));
+        self.note_refusal(service, stream, "refusing stream", why);
         Err(refused)
     }
 
     /// A refusal the peer can provoke at will: one log line and one audit event
     /// (`stream_refused`) within the log's rate (`log_rate::Kind::Refusal`); those beyond it
     /// are counted in the next one's `suppressed`, so a flood cannot rotate the trail away.
-    pub(super) fn note_refusal(&mut self, service: &str, stream: i32, what: &str) {
+    pub(super) fn note_refusal(&mut self, service: &str, stream: i32, what: &str, why: &str) {
         let Some(suppressed) = self.stats.logs.admit(Kind::Refusal) else {
             return;
         };
         let refused = self.stats.refused_streams.load(Ordering::Relaxed);
-        warn!(service = ?service, stream, tunnel_services = ?self.services(), refused, suppressed, "{what}");
+        warn!(service = ?service, stream, tunnel_services = ?self.services(), refused, suppressed, "{what}: {why}");
         if self.audit.is_on() {
             let e = Event {
                 service: Some(self.named(service).to_owned()),
@@ -52,7 +52,6 @@ impl Session<'_> {
                 suppressed: (suppressed > 0).then_some(suppressed),
                 ..self.audit.event(AuditKind::StreamRefused)
             };
-            let why = what.strip_prefix("refusing stream: ").unwrap_or(what);
             self.audit.record(&e.because(why));
         }
     }
@@ -186,10 +185,15 @@ impl Session<'_> {
         let wire = self.table.wire_connection_id(&service, conn);
         let running = self.stats.open_connections.load(Ordering::Relaxed);
         if running >= self.limits.max_connections {
-            let what = format!(
-                "refusing connection {conn}: {running} connections already open on this tunnel (limits.max_connections_per_tunnel)"
+            let why = format!(
+                "{running} connections already open on this tunnel (limits.max_connections_per_tunnel)"
             );
-            self.note_refusal(&service, stream, &what);
+            self.note_refusal(
+                &service,
+                stream,
+                &format!("refusing connection {conn}"),
+                &why,
+            );
             let by_stream_start = match &open {
                 Open::Connect {
                     by_stream_start, ..
