@@ -120,6 +120,23 @@ impl End {
 }
 
 impl Kind {
+    #[cfg(test)]
+    const ALL: [Kind; 13] = [
+        Kind::NotifyAccepted,
+        Kind::NotifyRefused,
+        Kind::Rotated,
+        Kind::Connected,
+        Kind::Reconnected,
+        Kind::Closed,
+        Kind::Expired,
+        Kind::ConnectionOpened,
+        Kind::ConnectionFailed,
+        Kind::ConnectionClosed,
+        Kind::StreamRefused,
+        Kind::ConsentGranted,
+        Kind::ConsentWithdrawn,
+    ];
+
     /// The name the journal shows; the same as the JSON's (a unit test holds them equal).
     pub fn as_str(self) -> &'static str {
         KIND_NAMES[self as usize]

@@ -2,24 +2,7 @@ use super::*;
 
 #[test]
 fn every_kind_has_the_same_name_in_the_journal_and_the_json() {
-    use Kind::*;
-    let all = [
-        NotifyAccepted,
-        NotifyRefused,
-        Rotated,
-        Connected,
-        Reconnected,
-        Closed,
-        Expired,
-        ConnectionOpened,
-        ConnectionFailed,
-        ConnectionClosed,
-        StreamRefused,
-        ConsentGranted,
-        ConsentWithdrawn,
-    ];
-    assert_eq!(all.len(), KIND_NAMES.len());
-    for k in all {
+    for k in Kind::ALL {
         assert_eq!(serde_json::to_value(k).unwrap(), k.as_str(), "{k:?}");
     }
     for e in End::ALL {
